@@ -1,0 +1,136 @@
+"""Run the fp32 model over calibration data and fold every batch into Statistics.
+
+The tensors to observe are added as extra graph outputs. Memory is bounded: a
+probe run on one sample measures each tensor's size, and tensors are split into
+groups so that one batch of one group stays under `memory_budget` bytes; each
+group is one pass over the data. Nothing is kept between batches but statistics.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .data import SampleSource, batches
+from .errors import DataError, ModelError
+from .model_io import EXTERNAL_DATA_THRESHOLD
+from .statistics import Statistics
+
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+ProgressFactory = Callable[[int, str], "Progress"]
+
+
+class Progress:
+    """No-op progress; the CLI passes a tqdm-backed one."""
+
+    def update(self, n: int) -> None:  # noqa: D102
+        pass
+
+    def close(self) -> None:  # noqa: D102
+        pass
+
+
+def _no_progress(total: int, label: str) -> Progress:
+    return Progress()
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the model that also returns the named float tensors."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    existing = {o.name for o in augmented.graph.output}
+    graph_inputs = {i.name for i in augmented.graph.input}
+    for name in names:
+        if name not in existing and name not in graph_inputs:
+            augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return augmented
+
+
+def session_for(model: onnx.ModelProto, workdir: Path, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    path = workdir / f"model_{id(model)}.onnx"
+    large = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
+
+
+def run(session: ort.InferenceSession, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    try:
+        return session.run(names, feed)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"the model failed on the calibration data: {reason}") from None
+
+
+def collect_statistics(
+    model: onnx.ModelProto,
+    tensors: list[str],
+    source: SampleSource,
+    *,
+    batch_size: int = 1,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: ProgressFactory = _no_progress,
+) -> Statistics:
+    """Statistics of `tensors` (graph inputs or node outputs) over every sample of `source`."""
+    stats = Statistics(samples=len(source), source=source.description)
+    input_names = {i.name for i in model.graph.input}
+    from_feed = [t for t in tensors if t in input_names]
+    from_model = [t for t in tensors if t not in input_names]
+    with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
+        session = session_for(with_outputs(model, from_model), Path(tmp))
+        groups = _groups_within_budget(session, source, from_model, batch_size, memory_budget)
+        bar = progress(len(source) * max(1, len(groups)), "calibrating")
+        try:
+            for index, group in enumerate(groups or [[]]):
+                for feed, count in batches(source, batch_size):
+                    if index == 0:
+                        for name in from_feed:
+                            stats.update(name, feed[name])
+                    if group:
+                        for name, values in zip(group, run(session, feed, group), strict=True):
+                            stats.update(name, values)
+                            del values
+                    bar.update(count)
+        finally:
+            bar.close()
+    missing = [t for t in tensors if t not in stats.tensors]
+    if missing:
+        raise DataError(f"no statistics for {len(missing)} tensors (e.g. {missing[0]}); is the data empty?")
+    return stats
+
+
+def _groups_within_budget(
+    session: ort.InferenceSession, source: SampleSource, names: list[str], batch_size: int, budget: int
+) -> list[list[str]]:
+    """Split tensors so one batch of a group fits the memory budget (sizes from a one-sample probe)."""
+    if not names:
+        return []
+    probe = run(session, source.sample(0), names)
+    sizes = [a.nbytes * batch_size for a in probe]
+    del probe
+    if sum(sizes) <= budget:
+        return [names]
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, size in zip(names, sizes, strict=True):
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    print(f"onnxq: activations exceed the memory budget; calibrating in {len(groups)} passes", file=sys.stderr)
+    return groups

@@ -1,0 +1,263 @@
+"""The `onnxq` command: thin wrappers over the library functions in onnxq.pipeline."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .calibrate import Progress
+from .data import ImagePreprocessing
+from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, OnnxqError, UsageError
+from .model_io import atomic_write_bytes, check_output_path
+from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
+from .plan import QuantSettings
+from .ranges import DEFAULT_PERCENTILE, METHODS
+from .report import format_summary
+from .statistics import Statistics
+
+DEFAULT_METHOD = "percentile"
+
+
+class TqdmProgress(Progress):
+    def __init__(self, total: int, label: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=label, unit="sample", file=sys.stderr, leave=False)
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def progress_factory(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return lambda total, label: Progress()
+    return TqdmProgress
+
+
+def handle_errors(func):
+    """Turn expected failures into one line on stderr and a documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        verbose = kwargs.get("verbose", False)
+        try:
+            return func(*args, **kwargs)
+        except OnnxqError as exc:
+            click.echo(f"onnxq: error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("onnxq: interrupted; no output written", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("onnxq: error: out of memory (try --batch-size 1 or a smaller --memory-budget)", err=True)
+            sys.exit(EXIT_INTERNAL)
+        except Exception as exc:  # a bug: still one line unless -v
+            if verbose:
+                traceback.print_exc()
+            click.echo(f"onnxq: internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+def _parse_size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--image-size must look like 224x224 (width x height), got {value!r}") from None
+    if width <= 0 or height <= 0:
+        raise UsageError(f"--image-size must be positive, got {value!r}")
+    return width, height
+
+
+def _parse_floats(value: str, option: str) -> tuple[float, ...]:
+    try:
+        numbers = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated numbers, got {value!r}") from None
+    if len(numbers) == 1:
+        numbers = numbers * 3
+    return numbers
+
+
+def data_options(func):
+    """Options shared by every command that reads calibration data."""
+    decorators = [
+        click.option("--calib", type=click.Path(path_type=Path), help="Calibration data: folder of .npz/.npy, "
+                     "one stacked .npz/.npy, a folder of images, or ONNX test_data_set_N/ folders."),
+        click.option("--allow-random", is_flag=True, help="Calibrate on random normal data when no --calib is "
+                     "given (the report says so)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Samples per inference run (same-shaped samples are stacked on axis 0)."),
+        click.option("--max-samples", type=click.IntRange(min=1), help="Use at most this many calibration samples."),
+        click.option("--memory-budget", type=click.IntRange(min=16), default=2048, show_default=True,
+                     help="MB of exposed activations per inference run; above it calibration runs in several passes."),
+        click.option("--image-size", help="Images: resize to WIDTHxHEIGHT (default: the model's input size)."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Images: tensor layout "
+                     "(default: from the model's input shape)."),
+        click.option("--scale", "pixel_scale", type=float, default=1 / 255, show_default="1/255",
+                     help="Images: multiply pixel values (0..255) by this."),
+        click.option("--mean", default="0", show_default=True, help="Images: subtract per channel after scaling "
+                     "(one value or R,G,B)."),
+        click.option("--std", default="1", show_default=True, help="Images: then divide per channel."),
+        click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True,
+                     help="Images: channel order the model expects."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def verbosity_options(func):
+    func = click.option("-v", "--verbose", is_flag=True, help="More detail; tracebacks on internal errors.")(func)
+    return click.option("-q", "--quiet", is_flag=True, help="No summary and no progress bar on stderr.")(func)
+
+
+def _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout, pixel_scale,
+          mean, std, channel_order) -> DataOptions:
+    images = ImagePreprocessing(size=_parse_size(image_size), layout=layout, scale=pixel_scale,
+                                mean=_parse_floats(mean, "--mean"), std=_parse_floats(std, "--std"),
+                                channel_order=channel_order)
+    if any(s == 0 for s in images.std):
+        raise UsageError("--std values must be non-zero")
+    return DataOptions(calib=calib, eval_data=eval_data, allow_random=allow_random, batch_size=batch_size,
+                       max_samples=max_samples, images=images, memory_budget=memory_budget * 1024**2)
+
+
+EPILOG_QUANTIZE = """\b
+Examples:
+  onnxq quantize model.onnx -o model.int8.onnx --calib calibration_data/
+  onnxq quantize model.onnx -o model.int8.onnx --calib imgs/ --image-size 224x224 \\
+        --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+  onnxq quantize model.onnx -o m.int8.onnx --calib data/ --save-stats m.stats.npz
+  onnxq quantize model.onnx -o m.kl.onnx --load-stats m.stats.npz --method kl --eval-data eval/
+  onnxq quantize model.onnx -o m.int8.onnx --calib data/ --min-cosine 0.99 --json > report.json
+
+Exit codes: 0 ok, 2 usage, 3 bad model, 4 bad data, 5 cannot write output,
+6 a --min-cosine/--min-sqnr gate was missed (the model is still written), 1 internal error.
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxq")
+def main() -> None:
+    """Quantize fp32 ONNX models to int8 for onnxruntime's CPU kernels."""
+
+
+@main.command(epilog=EPILOG_QUANTIZE)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the int8 model.")
+@data_options
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data for the fidelity report "
+              "(default: the last 10% of --calib, at most 32 samples, not used for calibration).")
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+              help="Calibration method (see README).")
+@click.option("--percentile", type=float, default=DEFAULT_PERCENTILE, show_default=True,
+              help="Percentile for --method percentile.")
+@click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
+@click.option("--format", "output_format", type=click.Choice(["qdq"]), default="qdq", show_default=True,
+              help="Output form: QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels.")
+@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
+              help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
+@click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
+@click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse statistics saved by --save-stats or "
+              "`onnxq calibrate` (no inference pass).")
+@click.option("--save-stats", type=click.Path(path_type=Path), help="Save the calibration statistics.")
+@click.option("--save-plan", type=click.Path(path_type=Path), help="Save the per-tensor quantization plan (JSON).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
+@click.option("--min-cosine", type=float, help="Exit 6 if any output's cosine to fp32 is below this.")
+@click.option("--min-sqnr", type=float, help="Exit 6 if any output's SQNR (dB) is below this.")
+@verbosity_options
+@handle_errors
+def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
+                     pixel_scale, mean, std, channel_order, eval_data, method, percentile, symmetric, per_tensor,
+                     output_format, weight_range, exclude, load_stats, save_stats, save_plan, report_path, as_json,
+                     min_cosine, min_sqnr, quiet, verbose) -> None:
+    """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
+    del output_format  # one format for now; the option exists so scripts can pin it
+    data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
+                 pixel_scale, mean, std, channel_order)
+    for extra in (save_stats, save_plan, report_path):
+        if extra is not None:
+            check_output_path(extra, [model, output])
+    request = QuantizeRequest(
+        model=model, output=output, data=data, weight_range=weight_range, exclude=tuple(exclude),
+        settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric, per_channel=not per_tensor),
+        load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
+    )
+    result = quantize(request, progress=progress_factory(quiet))
+    text = json.dumps(result.report, indent=2, sort_keys=True)
+    if report_path is not None:
+        atomic_write_bytes(report_path, text.encode())
+    if as_json:
+        click.echo(text)
+    if not quiet:
+        click.echo(format_summary(result.report), err=True)
+    if not result.gates_passed:
+        click.echo("onnxq: a quality gate was missed (the model was written for inspection)", err=True)
+        sys.exit(EXIT_GATE_MISSED)
+
+
+main.add_command(quantize_command, name="quantize")
+
+
+@main.command(epilog="""\b
+Example:
+  onnxq calibrate model.onnx --calib data/ -o model.stats.npz
+  onnxq quantize model.onnx -o model.int8.onnx --load-stats model.stats.npz --method mse
+""")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Statistics file to write (.npz).")
+@data_options
+@verbosity_options
+@handle_errors
+def calibrate(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
+              pixel_scale, mean, std, channel_order, quiet, verbose) -> None:
+    """Collect activation statistics once; quantize later with any method via --load-stats."""
+    data = _data(calib, None, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
+                 pixel_scale, mean, std, channel_order)
+    stats = calibrate_only(model, output, data, progress=progress_factory(quiet))
+    if not quiet:
+        click.echo(f"onnxq: statistics of {len(stats.tensors)} tensors over {stats.samples} samples -> {output}",
+                   err=True)
+
+
+@main.command("merge-stats", epilog="""\b
+Example (calibration sharded over two machines):
+  onnxq calibrate model.onnx --calib part1/ -o a.npz    # machine 1
+  onnxq calibrate model.onnx --calib part2/ -o b.npz    # machine 2
+  onnxq merge-stats a.npz b.npz -o all.npz
+""")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Merged statistics file.")
+@verbosity_options
+@handle_errors
+def merge_stats(inputs, output, quiet, verbose) -> None:
+    """Merge statistics files into the statistics of the union of their data (exact; see README)."""
+    if len(inputs) < 2:
+        raise UsageError("merge-stats needs at least two statistics files")
+    check_output_path(output, list(inputs))
+    merged = Statistics.load(inputs[0])
+    for path in inputs[1:]:
+        merged = merged.merge(Statistics.load(path))
+    merged.save(output)
+    if not quiet:
+        click.echo(f"onnxq: merged {len(inputs)} files: {len(merged.tensors)} tensors, {merged.samples} samples "
+                   f"-> {output}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Errors that reach the user as one line and a documented exit code."""
+
+from __future__ import annotations
+
+# Exit codes, documented in the README. Keep them stable: CI scripts depend on them.
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_BAD_MODEL = 3
+EXIT_BAD_DATA = 4
+EXIT_OUTPUT = 5
+EXIT_GATE_MISSED = 6
+
+
+class OnnxqError(Exception):
+    """An expected failure with a message for the user and an exit code."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ModelError(OnnxqError):
+    """The model file is missing, unreadable, invalid or unsupported."""
+
+    exit_code = EXIT_BAD_MODEL
+
+
+class DataError(OnnxqError):
+    """Calibration or evaluation data is missing or does not fit the model."""
+
+    exit_code = EXIT_BAD_DATA
+
+
+class OutputError(OnnxqError):
+    """The output cannot be written where the user asked."""
+
+    exit_code = EXIT_OUTPUT
+
+
+class UsageError(OnnxqError):
+    """Options that contradict each other or are out of range."""
+
+    exit_code = EXIT_USAGE

@@ -1,0 +1,125 @@
+"""Compare the quantized model with the fp32 one on held-back samples.
+
+Metrics are accumulated per output while streaming, so evaluation memory does not
+grow with the number of samples:
+- cosine: over all samples flattened together, and the worst single sample;
+- SQNR (dB): 10·log10(Σ fp32² / Σ (fp32 − int8)²);
+- top-1 agreement: share of positions whose argmax over the last axis matches
+  (the classifier's "same class"; per time step for sequence outputs).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .calibrate import Progress, ProgressFactory, _no_progress, run, session_for
+from .data import SampleSource, batches
+
+
+@dataclass
+class OutputAgreement:
+    name: str
+    dot: float = 0.0
+    ref_energy: float = 0.0
+    test_energy: float = 0.0
+    noise_energy: float = 0.0
+    max_abs_error: float = 0.0
+    worst_sample_cosine: float = 1.0
+    argmax_total: int = 0
+    argmax_same: int = 0
+
+    def add(self, reference: np.ndarray, test: np.ndarray) -> None:
+        ref = reference.astype(np.float64)
+        out = test.astype(np.float64)
+        self.dot += float(np.vdot(ref, out))
+        self.ref_energy += float(np.vdot(ref, ref))
+        self.test_energy += float(np.vdot(out, out))
+        self.noise_energy += float(np.sum((ref - out) ** 2))
+        if ref.size:
+            self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(ref - out))))
+        for r, t in zip(ref.reshape(ref.shape[0], -1) if ref.ndim else [ref.reshape(-1)],
+                        out.reshape(out.shape[0], -1) if out.ndim else [out.reshape(-1)], strict=True):
+            self.worst_sample_cosine = min(self.worst_sample_cosine, _cosine(r, t))
+        if ref.ndim >= 2 and ref.shape[-1] > 1:
+            same = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
+            self.argmax_total += int(same.size)
+            self.argmax_same += int(same.sum())
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "cosine": _ratio_cosine(self.dot, self.ref_energy, self.test_energy),
+            "worst_sample_cosine": self.worst_sample_cosine,
+            "sqnr_db": _sqnr(self.ref_energy, self.noise_energy),
+            "max_abs_error": self.max_abs_error,
+            "top1_agreement": (self.argmax_same / self.argmax_total) if self.argmax_total else None,
+        }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return _ratio_cosine(float(np.vdot(a, b)), float(np.vdot(a, a)), float(np.vdot(b, b)))
+
+
+def _ratio_cosine(dot: float, aa: float, bb: float) -> float:
+    if aa == 0.0 and bb == 0.0:
+        return 1.0
+    if aa == 0.0 or bb == 0.0:
+        return 0.0
+    return dot / math.sqrt(aa * bb)
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+@dataclass
+class Fidelity:
+    samples: int
+    source: str
+    outputs: list[dict] = field(default_factory=list)
+
+    @property
+    def min_cosine(self) -> float:
+        return min((o["cosine"] for o in self.outputs), default=1.0)
+
+    @property
+    def min_sqnr(self) -> float:
+        return min((o["sqnr_db"] for o in self.outputs), default=math.inf)
+
+
+def compare_models(
+    reference: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    source: SampleSource,
+    *,
+    batch_size: int = 1,
+    progress: ProgressFactory = _no_progress,
+) -> Fidelity:
+    """Run both models on every sample of `source` and accumulate agreement per float output."""
+    names = [o.name for o in reference.graph.output
+             if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                 onnx.TensorProto.DOUBLE)]
+    agreement = {name: OutputAgreement(name) for name in names}
+    bar: Progress = progress(len(source), "evaluating")
+    with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:
+        ref_session = session_for(reference, Path(tmp))
+        test_session = session_for(quantized, Path(tmp))
+        try:
+            for feed, count in batches(source, batch_size):
+                for name, ref, test in zip(names, run(ref_session, feed, names), run(test_session, feed, names),
+                                           strict=True):
+                    agreement[name].add(ref, test)
+                bar.update(count)
+        finally:
+            bar.close()
+    return Fidelity(len(source), source.description, [agreement[n].summary() for n in names])

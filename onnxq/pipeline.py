@@ -1,0 +1,217 @@
+"""`quantize` end to end: prepare -> place -> statistics -> plan -> rewrite -> check -> report.
+
+Each stage's result can be saved and reused: statistics (--save-stats/--load-stats)
+and the plan (--save-plan) are files; the report says what every stage did and how long it took.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from . import __version__
+from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics
+from .cpu import default_weight_range, read_cpu_features
+from .data import ImagePreprocessing, SampleSource, model_input_specs, open_source, random_source, split_holdout
+from .errors import DataError, ModelError, UsageError
+from .evaluate import Fidelity, compare_models
+from .ir import import_graph
+from .model_io import check_output_path, load_model, model_digest, save_model, serialize
+from .placement import PlacementOptions, place, tensors_to_observe
+from .plan import QuantPlan, QuantSettings, build_plan
+from .prepare import prepare_model
+from .report import build_report
+from .rewrite_qdq import write_qdq
+from .statistics import Statistics
+
+RANDOM_SAMPLES = 16
+
+
+@dataclass
+class DataOptions:
+    calib: Path | None = None
+    eval_data: Path | None = None
+    allow_random: bool = False
+    batch_size: int = 1
+    max_samples: int | None = None
+    images: ImagePreprocessing | None = None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+
+
+@dataclass
+class QuantizeRequest:
+    model: Path
+    output: Path
+    settings: QuantSettings = field(default_factory=QuantSettings)
+    data: DataOptions = field(default_factory=DataOptions)
+    weight_range: str = "auto"  # "auto" picks by this CPU (see onnxq.cpu)
+    load_stats: Path | None = None
+    save_stats: Path | None = None
+    save_plan: Path | None = None
+    exclude: tuple[str, ...] = ()
+    min_cosine: float | None = None
+    min_sqnr: float | None = None
+
+
+@dataclass
+class QuantizeResult:
+    report: dict
+    plan: QuantPlan
+    fidelity: Fidelity | None
+
+    @property
+    def gates_passed(self) -> bool:
+        return all(g["passed"] for g in self.report["gates"])
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def resolve_settings(request: QuantizeRequest) -> tuple[QuantSettings, str]:
+    """Fill in the CPU-dependent weight range; returns the settings and why that range."""
+    settings = request.settings
+    if request.weight_range == "auto":
+        features = read_cpu_features()
+        chosen = default_weight_range(features)
+        why = ("x86 CPU without VNNI: uint8 x int8 products can saturate, weights limited to 7 bits"
+               if chosen == "reduced" else "CPU accumulates int8 products without saturation")
+    else:
+        chosen, why = request.weight_range, "set by --weight-range"
+    settings = QuantSettings(**{**settings.__dict__, "weight_range": chosen})
+    settings.validate()
+    return settings, why
+
+
+def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, SampleSource | None, list[str]]:
+    """Calibration and evaluation sources, following the rules in the README."""
+    options, notes = request.data, []
+    calib: SampleSource | None = None
+    if options.calib is not None:
+        calib = open_source(options.calib, specs, options.images)
+    elif options.allow_random:
+        calib = random_source(specs, RANDOM_SAMPLES)
+        notes.append("calibrated on RANDOM data (--allow-random): ranges and fidelity say little about real inputs")
+    elif request.load_stats is None:
+        raise UsageError("no calibration data: give --calib DATA (or --load-stats FILE, or --allow-random)")
+    held: SampleSource | None = None
+    if options.eval_data is not None:
+        held = open_source(options.eval_data, specs, options.images)
+    elif calib is not None and request.load_stats is None:
+        calib, held = split_holdout(calib)
+        if held is None:
+            notes.append("only one calibration sample: fidelity is measured on it, not on held-back data")
+            held = calib
+    elif calib is not None:
+        held = calib
+    if calib is not None and options.max_samples is not None:
+        calib = calib.subset(range(min(options.max_samples, len(calib))), f"{calib.description} (max {options.max_samples})")
+    return calib, held, notes
+
+
+def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
+    timer = StageTimer()
+    check_output_path(request.output, [request.model])
+    settings, weight_range_reason = resolve_settings(request)
+    with timer.stage("load"):
+        original = load_model(request.model)
+    with timer.stage("prepare"):
+        prepared = prepare_model(original)
+        digest = model_digest(prepared.model)
+    with timer.stage("place"):
+        graph = import_graph(prepared.model)
+        exclude = frozenset(request.exclude)
+        options = PlacementOptions(per_channel=settings.per_channel, fold_activations=not settings.symmetric,
+                                   exclude_nodes=exclude, exclude_op_types=exclude)
+        placement = place(graph, options)
+    specs = model_input_specs(original)
+    calib, held, notes = open_data(request, specs)
+    notes = prepared.notes + notes
+    with timer.stage("calibrate"):
+        stats = _statistics(request, prepared.model, placement.statistics_tensors, tensors_to_observe(graph),
+                            calib, digest, progress)
+    if request.save_stats is not None:
+        stats.save(request.save_stats)
+    with timer.stage("plan"):
+        plan = build_plan(graph, placement, stats, settings, digest)
+    if request.save_plan is not None:
+        plan.save(request.save_plan)
+    with timer.stage("rewrite"):
+        quantized = write_qdq(prepared.model, plan)
+    with timer.stage("check"):
+        _check(quantized)
+    fidelity = None
+    if held is not None:
+        with timer.stage("evaluate"):
+            fidelity = compare_models(original, quantized, held, batch_size=request.data.batch_size, progress=progress)
+    with timer.stage("write"):
+        save_model(quantized, request.output)
+    report = build_report(
+        request=request, version=__version__, original=original, quantized_bytes=len(serialize(quantized)),
+        plan=plan, stats=stats, calib=calib, held=held, fidelity=fidelity, notes=notes,
+        weight_range_reason=weight_range_reason, timings=timer.seconds,
+    )
+    return QuantizeResult(report, plan, fidelity)
+
+
+def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[str], observe: list[str],
+                calib: SampleSource | None, digest: str, progress: ProgressFactory) -> Statistics:
+    """Load statistics (checking they fit), or collect them for every tensor in `observe`."""
+    if request.load_stats is not None:
+        stats = Statistics.load(request.load_stats)
+        if stats.model_digest and stats.model_digest != digest:
+            raise DataError(f"{request.load_stats} was collected on a different model (digest {stats.model_digest}, "
+                            f"this model {digest})")
+        missing = [t for t in tensors if t not in stats.tensors]
+        if missing:
+            raise DataError(f"{request.load_stats} lacks statistics for {len(missing)} tensors (e.g. {missing[0]})")
+        return stats
+    assert calib is not None
+    stats = collect_statistics(model, observe, calib, batch_size=request.data.batch_size,
+                               memory_budget=request.data.memory_budget, progress=progress)
+    stats.model_digest = digest
+    return stats
+
+
+def _check(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:  # a bug in onnxq, not in the user's input
+        raise ModelError(f"internal error: the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def calibrate_only(model_path: Path, output: Path, data: DataOptions,
+                   progress: ProgressFactory = _no_progress) -> Statistics:
+    """Collect and save statistics for every tensor quantize may need (for --load-stats later)."""
+    check_output_path(output, [model_path])
+    original = load_model(model_path)
+    prepared = prepare_model(original)
+    tensors = tensors_to_observe(import_graph(prepared.model))
+    specs = model_input_specs(original)
+    if data.calib is None:
+        if not data.allow_random:
+            raise UsageError("no calibration data: give --calib DATA (or --allow-random)")
+        source = random_source(specs, RANDOM_SAMPLES)
+    else:
+        source = open_source(data.calib, specs, data.images)
+    if data.max_samples is not None:
+        source = source.subset(range(min(data.max_samples, len(source))), source.description)
+    stats = collect_statistics(prepared.model, tensors, source, batch_size=data.batch_size,
+                               memory_budget=data.memory_budget, progress=progress)
+    stats.model_digest = model_digest(prepared.model)
+    stats.save(output)
+    return stats

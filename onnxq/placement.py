@@ -1,0 +1,262 @@
+"""Which tensors get quantized, in which role, so that onnxruntime fuses int8 kernels.
+
+This stage looks only at the graph, never at data. Its result says:
+- activation tensors to quantize, grouped so pass-through ops share one scale;
+- weights (per-channel axis or per-tensor) and biases (int32, scale s_x * s_w);
+- a decision with a reason for every node, for the report.
+
+Every quantized tensor gets one QuantizeLinear->DequantizeLinear pair right after its
+producer, so every consumer reads the same dequantized value. A compute op (Conv,
+MatMul, ...) has its activation inputs and its output quantized: the DQ -> op -> Q
+pattern onnxruntime's CPU provider turns into QLinearConv, QLinearMatMul, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from .ir import constant_values, is_constant, is_empty, is_float32, node_label
+
+# Ops that run as int8 kernels: indices of activation inputs, and where weight and bias sit.
+COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool",
+               "Sigmoid", "LeakyRelu"}
+# Ops that move or select values without arithmetic: they share their input's scale.
+PASS_THROUGH_OPS = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice",
+                    "Split", "Resize"}
+# Activations folded into the producer's output range (onnxruntime drops them before Q).
+FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
+
+
+@dataclass
+class WeightTarget:
+    name: str
+    axis: int | None  # None: per-tensor
+
+
+@dataclass
+class BiasTarget:
+    name: str
+    input_name: str  # activation whose scale multiplies ...
+    weight_name: str  # ... this weight's scale
+
+
+@dataclass
+class NodeDecision:
+    name: str
+    op_type: str
+    status: str  # "int8", "folded", "shared-scale", "float"
+    reason: str = ""
+
+
+@dataclass
+class Placement:
+    # activation tensor -> the tensor whose statistics set its scale (itself unless shared)
+    activations: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, WeightTarget] = field(default_factory=dict)
+    biases: dict[str, BiasTarget] = field(default_factory=dict)
+    nodes: list[NodeDecision] = field(default_factory=list)
+
+    @property
+    def statistics_tensors(self) -> list[str]:
+        """Tensors whose statistics calibration must collect."""
+        return sorted(set(self.activations.values()))
+
+
+@dataclass
+class PlacementOptions:
+    per_channel: bool = True
+    fold_activations: bool = True  # off for symmetric activations: zero point 0 cannot absorb Relu
+    exclude_nodes: frozenset[str] = frozenset()
+    exclude_op_types: frozenset[str] = frozenset()
+
+
+def place(graph: gs.Graph, options: PlacementOptions) -> Placement:
+    placement = Placement()
+    anchors: list[str] = []
+    decisions: dict[int, NodeDecision] = {}
+    graph_outputs = {t.name for t in graph.outputs}
+
+    for node in graph.nodes:
+        reason = _why_not_compute(node, options)
+        if reason is not None:
+            continue
+        inputs, weights, biases = _compute_roles(node, options)
+        anchors.extend(inputs)
+        placement.weights.update({w.name: w for w in weights})
+        placement.biases.update({b.name: b for b in biases})
+        output = node.outputs[0]
+        folded = _foldable_consumer(output, graph_outputs) if options.fold_activations else None
+        if folded is not None and folded.name not in options.exclude_nodes:
+            decisions[id(folded)] = NodeDecision(node_label(folded), folded.op, "folded",
+                                                 f"absorbed by the quantized output of {node_label(node)}")
+            output = folded.outputs[0]
+        anchors.append(output.name)
+        decisions[id(node)] = NodeDecision(node_label(node), node.op, "int8")
+
+    roots = _share_through_pass_ops(graph, anchors, options, decisions)
+    placement.activations = roots
+    for node in graph.nodes:
+        if id(node) not in decisions:
+            decisions[id(node)] = NodeDecision(node_label(node), node.op, "float", _float_reason(node, options))
+        placement.nodes.append(decisions[id(node)])
+    return placement
+
+
+def _why_not_compute(node: gs.Node, options: PlacementOptions) -> str | None:
+    if node.op not in COMPUTE_OPS:
+        return "not an int8 op"
+    if node.name in options.exclude_nodes or node.op in options.exclude_op_types:
+        return "excluded by the user"
+    data_inputs = [t for t in node.inputs if not is_empty(t)]
+    if node.op in ("Conv", "Gemm"):
+        data_inputs = data_inputs[:2]
+    if not all(is_float32(t) for t in data_inputs) or not all(is_float32(t) for t in node.outputs[:1]):
+        return "inputs or output are not float32 (or their type is unknown)"
+    if node.op == "Conv":
+        weight = node.inputs[1]
+        if not is_constant(weight) or constant_values(weight).ndim < 3:
+            return "weight is not a constant"
+        if len(node.inputs) > 2 and not is_empty(node.inputs[2]) and not is_constant(node.inputs[2]):
+            return "bias is not a constant"
+    if node.op == "Gemm":
+        if len(node.inputs) > 2 and not is_empty(node.inputs[2]):
+            bias = node.inputs[2]
+            if not is_constant(bias) or constant_values(bias).ndim != 1:
+                return "bias is not a constant vector"
+        if node.attrs.get("transA", 0):
+            return "transposed A input"
+    if node.op in ("Add", "Mul") and any(is_constant(t) for t in node.inputs):
+        return "one operand is a constant (kept float for accuracy)"
+    if node.op in ("MatMul",) and any(is_constant(t) and constant_values(t).ndim != 2 for t in node.inputs):
+        return "constant operand is not a 2-D weight"
+    if node.op == "MaxPool" and len(node.outputs) > 1:
+        return "MaxPool with indices output"
+    return None
+
+
+def _compute_roles(node: gs.Node, options: PlacementOptions) -> tuple[list[str], list[WeightTarget], list[BiasTarget]]:
+    """Activation inputs, weights and biases of a compute node."""
+    op = node.op
+    if op == "Conv":
+        weight = WeightTarget(node.inputs[1].name, 0 if options.per_channel else None)
+        biases = _bias(node, 2, weight)
+        return [node.inputs[0].name], [weight], biases
+    if op == "Gemm":
+        axis = 0 if node.attrs.get("transB", 0) else 1
+        weight_tensor = node.inputs[1]
+        if not is_constant(weight_tensor):
+            return [node.inputs[0].name, weight_tensor.name], [], []
+        weight = WeightTarget(weight_tensor.name, axis if options.per_channel else None)
+        return [node.inputs[0].name], [weight], _bias(node, 2, weight)
+    if op == "MatMul":
+        activations, weights = [], []
+        for index, tensor in enumerate(node.inputs[:2]):
+            if is_constant(tensor):
+                axis = 1 if (index == 1 and options.per_channel) else None
+                weights.append(WeightTarget(tensor.name, axis))
+            else:
+                activations.append(tensor.name)
+        return activations, weights, []
+    if op in ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"):
+        return [node.inputs[0].name], [], []
+    return [t.name for t in node.inputs if not is_empty(t)], [], []
+
+
+def _bias(node: gs.Node, index: int, weight: WeightTarget) -> list[BiasTarget]:
+    if len(node.inputs) <= index or is_empty(node.inputs[index]):
+        return []
+    return [BiasTarget(node.inputs[index].name, node.inputs[0].name, weight.name)]
+
+
+def _foldable_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
+    if tensor.name in graph_outputs or len(tensor.outputs) != 1:
+        return None
+    consumer = tensor.outputs[0]
+    if consumer.op not in FOLDABLE_ACTIVATIONS:
+        return None
+    if consumer.op == "Clip" and any(not is_constant(t) for t in consumer.inputs[1:] if not is_empty(t)):
+        return None
+    if consumer.op == "Clip" and not _clip_lower_bound_is_zero(consumer):
+        return None
+    return consumer
+
+
+def _clip_lower_bound_is_zero(node: gs.Node) -> bool:
+    """Relu6-style Clip(0, hi): only then does the uint8 zero point absorb the clip."""
+    if len(node.inputs) < 2 or is_empty(node.inputs[1]):
+        return False
+    return float(constant_values(node.inputs[1])) == 0.0
+
+
+def _share_through_pass_ops(
+    graph: gs.Graph, anchors: list[str], options: PlacementOptions, decisions: dict[int, NodeDecision]
+) -> dict[str, str]:
+    """Group tensors joined by pass-through ops; each group takes its upstream tensor's scale."""
+    parent: dict[str, str] = {name: name for name in anchors}
+    order = {t: i for i, t in enumerate(_tensor_order(graph))}
+
+    def find(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            keep, drop = (ra, rb) if order.get(ra, 0) <= order.get(rb, 0) else (rb, ra)
+            parent[drop] = keep
+
+    pass_nodes = [n for n in graph.nodes if n.op in PASS_THROUGH_OPS and _is_shareable(n, options)]
+    changed = True
+    while changed:
+        changed = False
+        for node in pass_nodes:
+            members = [node.inputs[0].name, *(t.name for t in node.outputs)]
+            if not any(m in parent for m in members):
+                continue
+            for m in members:
+                if m not in parent:
+                    parent[m] = m
+                    changed = True
+                union(members[0], m)
+            if id(node) not in decisions:
+                decisions[id(node)] = NodeDecision(node_label(node), node.op, "shared-scale",
+                                                   "runs on int8 values with its input's scale")
+    return {name: find(name) for name in sorted(parent)}
+
+
+def _is_shareable(node: gs.Node, options: PlacementOptions) -> bool:
+    if node.name in options.exclude_nodes or node.op in options.exclude_op_types:
+        return False
+    if node.op == "MaxPool" and len(node.outputs) > 1:
+        return False
+    return is_float32(node.inputs[0]) and all(is_float32(t) for t in node.outputs)
+
+
+def _tensor_order(graph: gs.Graph) -> list[str]:
+    names = [t.name for t in graph.inputs]
+    for node in graph.nodes:
+        names.extend(t.name for t in node.outputs)
+    return names
+
+
+def _float_reason(node: gs.Node, options: PlacementOptions) -> str:
+    if node.op in PASS_THROUGH_OPS:
+        return "no quantized neighbour"
+    if node.op in FOLDABLE_ACTIVATIONS:
+        return "producer not quantized" if options.fold_activations else "symmetric activations"
+    return _why_not_compute(node, options) or "not an int8 op"
+
+
+def tensors_to_observe(graph: gs.Graph) -> list[str]:
+    """Statistics that cover every placement a later run may choose (any symmetry, no exclusions).
+
+    Collecting this superset once is what lets a user switch method, symmetry or
+    exclusions with --load-stats and no new inference pass.
+    """
+    folded = place(graph, PlacementOptions(fold_activations=True))
+    unfolded = place(graph, PlacementOptions(fold_activations=False))
+    return sorted(set(folded.statistics_tensors) | set(unfolded.statistics_tensors))

@@ -1,0 +1,187 @@
+"""The quantization plan: one plain, serialisable table of per-tensor parameters.
+
+Calibration fills it (from statistics), users and later passes may edit it, and
+the writers read only it. Saved as JSON so any result can be inspected and reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import qmath
+from .errors import DataError, UsageError
+from .ir import constant_values
+from .model_io import atomic_write_bytes
+from .placement import NodeDecision, Placement
+from .ranges import METHODS, compute_range
+from .statistics import BINS_PER_SIDE, Statistics, TensorStats
+
+PLAN_FORMAT = "onnxq-plan/1"
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    method: str = "percentile"
+    percentile: float = 99.99
+    symmetric: bool = False  # activations: False -> uint8 with zero point, True -> int8 zero point 0
+    per_channel: bool = True
+    weight_range: str = "full"  # "reduced": 7-bit weights for x86 CPUs without VNNI
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise UsageError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if self.weight_range not in ("full", "reduced"):
+            raise UsageError(f"weight range must be 'full' or 'reduced', got {self.weight_range!r}")
+
+    @property
+    def activation_qtype(self) -> qmath.QType:
+        return qmath.INT8 if self.symmetric else qmath.UINT8
+
+    @property
+    def weight_qtype(self) -> qmath.QType:
+        if self.weight_range == "reduced":
+            return qmath.QType("int8", np.dtype(np.int8), -64, 63, qmath.INT8.onnx_type)
+        return qmath.INT8
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    role: str  # "activation", "weight" or "bias"
+    qtype: str
+    scale: list[float]
+    zero_point: list[int]
+    axis: int | None = None
+    # activations only
+    source: str | None = None  # tensor whose statistics set the range (shared scale)
+    range: list[float] | None = None
+    clipped_fraction: float | None = None
+    # weights only
+    max_abs_error: float | None = None
+
+    def scale_array(self) -> np.ndarray:
+        values = np.asarray(self.scale, dtype=np.float32)
+        return values if self.axis is not None else values.reshape(())
+
+    def zero_point_array(self) -> np.ndarray:
+        values = np.asarray(self.zero_point).astype(qmath.qtype_by_name(self.qtype).dtype)
+        return values if self.axis is not None else values.reshape(())
+
+
+@dataclass
+class QuantPlan:
+    settings: QuantSettings
+    tensors: dict[str, TensorPlan] = field(default_factory=dict)
+    nodes: list[NodeDecision] = field(default_factory=list)
+    model_digest: str = ""
+
+    def by_role(self, role: str) -> list[TensorPlan]:
+        return [self.tensors[n] for n in sorted(self.tensors) if self.tensors[n].role == role]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": PLAN_FORMAT,
+                "model_digest": self.model_digest,
+                "settings": asdict(self.settings),
+                "tensors": [asdict(self.tensors[n]) for n in sorted(self.tensors)],
+                "nodes": [asdict(n) for n in self.nodes],
+            },
+            indent=1,
+            sort_keys=True,
+        )
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(Path(path), self.to_json().encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantPlan:
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.get("format") != PLAN_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            return cls(
+                settings=QuantSettings(**data["settings"]),
+                tensors={t["name"]: TensorPlan(**t) for t in data["tensors"]},
+                nodes=[NodeDecision(**n) for n in data["nodes"]],
+                model_digest=data["model_digest"],
+            )
+        except FileNotFoundError:
+            raise DataError(f"plan file not found: {path}") from None
+        except Exception as exc:
+            raise DataError(f"not an onnxq plan file: {path} ({exc})") from None
+
+
+def build_plan(
+    graph: gs.Graph, placement: Placement, stats: Statistics, settings: QuantSettings, model_digest: str = ""
+) -> QuantPlan:
+    """Compute every scale and zero point the placement asks for."""
+    settings.validate()
+    plan = QuantPlan(settings=settings, nodes=list(placement.nodes), model_digest=model_digest)
+    sources = sorted(set(placement.activations.values()))
+    shared = {source: _activation_plan(source, source, stats, settings) for source in sources}
+    for name, source in sorted(placement.activations.items()):
+        plan.tensors[name] = TensorPlan(**{**asdict(shared[source]), "name": name})
+    constants = graph.tensors()
+    for name, target in sorted(placement.weights.items()):
+        plan.tensors[name] = _weight_plan(name, constant_values(constants[name]), target.axis, settings)
+    for name, target in sorted(placement.biases.items()):
+        plan.tensors[name] = _bias_plan(name, constant_values(constants[name]),
+                                        plan.tensors[target.input_name], plan.tensors[target.weight_name])
+    return plan
+
+
+def _activation_plan(name: str, source: str, stats: Statistics, settings: QuantSettings) -> TensorPlan:
+    tensor_stats = stats.tensors.get(source)
+    if tensor_stats is None:
+        raise DataError(f"the statistics have no entry for tensor {source!r}; were they collected on this model?")
+    qtype = settings.activation_qtype
+    lo, hi = compute_range(tensor_stats, settings.method, symmetric=settings.symmetric,
+                           levels=qtype.qmax - qtype.qmin, percentile=settings.percentile)
+    params = qmath.symmetric_params if settings.symmetric else qmath.asymmetric_params
+    scale, zero_point = params(np.float64(lo), np.float64(hi), qtype)
+    return TensorPlan(
+        name=name, role="activation", qtype=qtype.name, scale=[float(scale)], zero_point=[int(zero_point)],
+        source=source, range=[float(lo), float(hi)], clipped_fraction=clipped_fraction(tensor_stats, lo, hi),
+    )
+
+
+def _weight_plan(name: str, values: np.ndarray, axis: int | None, settings: QuantSettings) -> TensorPlan:
+    qtype = settings.weight_qtype
+    values = values.astype(np.float32)
+    if axis is not None and values.ndim > axis and values.shape[axis] > 1:
+        lo, hi = qmath.channel_minmax(values, axis)
+    else:
+        axis = None
+        lo, hi = np.float64(values.min(initial=0.0)), np.float64(values.max(initial=0.0))
+    scale, zero_point = qmath.symmetric_params(lo, hi, qtype)
+    restored = qmath.dequantize(qmath.quantize(values, scale, zero_point, qtype, axis), scale, zero_point, axis)
+    error = float(np.max(np.abs(restored - values), initial=0.0))
+    return TensorPlan(name=name, role="weight", qtype="int8", scale=np.atleast_1d(scale).tolist(),
+                      zero_point=np.atleast_1d(zero_point).astype(int).tolist(), axis=axis, max_abs_error=error)
+
+
+def _bias_plan(name: str, values: np.ndarray, input_plan: TensorPlan, weight_plan: TensorPlan) -> TensorPlan:
+    weight_scale = np.asarray(weight_plan.scale, dtype=np.float32)
+    if weight_plan.axis is None:
+        weight_scale = np.full(values.shape, weight_scale[0], dtype=np.float32)
+    _, scale = qmath.quantize_bias(values, input_plan.scale[0], weight_scale)
+    return TensorPlan(name=name, role="bias", qtype="int32", scale=np.asarray(scale).reshape(-1).tolist(),
+                      zero_point=[0] * int(np.asarray(scale).size), axis=0)
+
+
+def clipped_fraction(stats: TensorStats, lo: float, hi: float) -> float:
+    """Share of calibration values outside [lo, hi] (to one histogram bin)."""
+    total = stats.counts.sum()
+    if total == 0 or stats.width_exp is None:
+        return 0.0
+    centres = (np.arange(2 * BINS_PER_SIDE) - BINS_PER_SIDE + 0.5) * stats.width
+    outside = stats.counts[(centres < lo) | (centres > hi)].sum()
+    return float(outside / total)

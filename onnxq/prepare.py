@@ -1,0 +1,128 @@
+"""Make an exported fp32 model ready to quantize, without changing what it computes.
+
+- initializers also listed as graph inputs (older exporters) become plain constants;
+- opsets below 13 are converted to 13 (per-channel QuantizeLinear needs it);
+- onnxruntime's provider-independent (basic) optimisations run once: Constant nodes
+  become initializers, constants fold, BatchNormalization folds into Conv, no-ops go;
+- shapes and types are inferred so every later stage knows which tensors are float.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+from onnx import version_converter
+
+from .errors import ModelError
+from .model_io import EXTERNAL_DATA_THRESHOLD
+
+MIN_OPSET = 13
+
+
+@dataclass
+class PreparedModel:
+    model: onnx.ModelProto
+    notes: list[str] = field(default_factory=list)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 0
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> list[str]:
+    """Remove graph inputs that are really weights; returns their names."""
+    initializers = {t.name for t in model.graph.initializer}
+    dropped = [i.name for i in model.graph.input if i.name in initializers]
+    if dropped:
+        kept = [i for i in model.graph.input if i.name not in initializers]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    return dropped
+
+
+def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"model uses opset {default_opset(model)}; converting it to opset {MIN_OPSET} "
+            f"(needed for per-channel quantization) failed: {reason}"
+        ) from None
+
+
+def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Run onnxruntime's basic graph optimisations and read the result back."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-prepare-") as tmp:
+        source = Path(tmp) / "source.onnx"
+        target = Path(tmp) / "optimized.onnx"
+        large = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+        onnx.save_model(model, str(source), save_as_external_data=large, location="source.data")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(target)
+        options.log_severity_level = 3
+        if large:
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "optimized.data"
+            )
+        try:
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
+        optimized = onnx.load(str(target))
+    _keep_used_opsets(optimized)
+    del optimized.metadata_props[:]
+    optimized.metadata_props.extend(model.metadata_props)
+    return optimized
+
+
+def _keep_used_opsets(model: onnx.ModelProto) -> None:
+    """onnxruntime lists every domain it knows; keep the ones the graph uses."""
+    used = {"", "ai.onnx"} | {node.domain for node in _all_nodes(model.graph)}
+    kept = [entry for entry in model.opset_import if entry.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_nodes(sub)
+
+
+def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        return model  # inference is a help, not a requirement: unknown tensors simply stay float
+
+
+def prepare_model(model: onnx.ModelProto) -> PreparedModel:
+    """The fp32 model that statistics, plan and rewrite all refer to."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    notes: list[str] = []
+    dropped = drop_initializer_inputs(work)
+    if dropped:
+        notes.append(f"{len(dropped)} initializers were also listed as graph inputs; treated as constants")
+    opset = default_opset(work)
+    if opset < MIN_OPSET:
+        work = upgrade_opset(work)
+        notes.append(f"opset {opset} converted to {MIN_OPSET}")
+    work = optimize_basic(work)
+    work = infer_types(work)
+    return PreparedModel(work, notes)

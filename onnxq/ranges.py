@@ -1,0 +1,202 @@
+"""Calibration methods: turn a tensor's statistics into a clip range [lo, hi].
+
+All methods read the same TensorStats, so switching method never needs a new
+inference pass. Definitions (also in the README):
+
+- global:     [min, max] over the whole calibration set.
+- max:        per-batch min and max, each averaged over batches.
+- percentile: symmetric: ±P-th percentile of |x|; asymmetric: the (100-P)-th and
+              P-th percentiles of x. Interpolated linearly inside a histogram bin.
+- mse:        the range minimising the expected squared error of quantize-dequantize
+              over the histogram (rounding error scale²/12 inside, clipping error outside).
+- kl:         the threshold minimising KL(P || Q) between the histogram clipped at the
+              threshold and its quantized version (TensorRT's entropy calibration).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .statistics import BINS_PER_SIDE, TensorStats
+
+METHODS = ("global", "max", "percentile", "mse", "kl")
+DEFAULT_PERCENTILE = 99.99
+_CANDIDATES = 256
+_KL_CANDIDATES = 128
+
+
+def compute_range(
+    stats: TensorStats,
+    method: str,
+    *,
+    symmetric: bool,
+    levels: int,
+    percentile: float = DEFAULT_PERCENTILE,
+) -> tuple[float, float]:
+    """Clip range for one tensor. `levels` is the number of quantization steps (255 for 8 bits)."""
+    if stats.batches == 0:
+        raise ValueError("no statistics collected for this tensor")
+    if stats.width_exp is None or (stats.min == 0.0 and stats.max == 0.0):
+        return 0.0, 0.0
+    if method == "global":
+        lo, hi = stats.min, stats.max
+    elif method == "max":
+        lo, hi = stats.mean_batch_min, stats.mean_batch_max
+    elif method == "percentile":
+        lo, hi = _percentile_range(stats, percentile, symmetric)
+    elif method == "mse":
+        lo, hi = _mse_range(stats, symmetric, levels)
+    elif method == "kl":
+        lo, hi = _kl_range(stats, symmetric, levels)
+    else:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    lo, hi = max(float(lo), stats.min), min(float(hi), stats.max)
+    if symmetric:
+        bound = max(abs(lo), abs(hi))
+        return -bound, bound
+    return lo, hi
+
+
+def _abs_histogram(stats: TensorStats) -> np.ndarray:
+    """Counts of |x|: bin k covers [k*w, (k+1)*w) (negative side folded onto positive)."""
+    neg = stats.counts[:BINS_PER_SIDE][::-1]
+    pos = stats.counts[BINS_PER_SIDE:]
+    return (neg + pos).astype(np.float64)
+
+
+def _quantile_from_counts(counts: np.ndarray, width: float, fraction: float) -> float:
+    """Value below which `fraction` of the mass lies, for bins [k*w, (k+1)*w)."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    cumulative = np.cumsum(counts)
+    target = fraction * total
+    k = int(np.searchsorted(cumulative, target, side="left"))
+    k = min(k, len(counts) - 1)
+    before = cumulative[k - 1] if k > 0 else 0.0
+    inside = counts[k]
+    offset = (target - before) / inside if inside > 0 else 0.0
+    return (k + float(np.clip(offset, 0.0, 1.0))) * width
+
+
+def _percentile_range(stats: TensorStats, percentile: float, symmetric: bool) -> tuple[float, float]:
+    fraction = percentile / 100.0
+    w = stats.width
+    if symmetric:
+        bound = _quantile_from_counts(_abs_histogram(stats), w, fraction)
+        return -bound, bound
+    pos = stats.counts[BINS_PER_SIDE:].astype(np.float64)
+    neg = stats.counts[:BINS_PER_SIDE][::-1].astype(np.float64)
+    total = pos.sum() + neg.sum()
+    tail = (1.0 - fraction) * total
+    # Upper tail: the value with `tail` of all the mass above it.
+    hi = _quantile_from_counts(pos, w, 1.0 - tail / pos.sum()) if pos.sum() > tail else 0.0
+    lo = -_quantile_from_counts(neg, w, 1.0 - tail / neg.sum()) if neg.sum() > tail else 0.0
+    return lo, hi
+
+
+def _centres_and_counts(stats: TensorStats) -> tuple[np.ndarray, np.ndarray]:
+    nonzero = np.nonzero(stats.counts)[0]
+    centres = (nonzero - BINS_PER_SIDE + 0.5) * stats.width
+    # Keep the extremes exact: the outermost bins' centres are clamped to the true min/max.
+    centres = np.clip(centres, stats.min, stats.max)
+    return centres, stats.counts[nonzero].astype(np.float64)
+
+
+class _ErrorModel:
+    """Expected squared quantize-dequantize error of candidate ranges, in O(bins + candidates).
+
+    Inside the range each value's rounding error averages scale²/12; outside, a value
+    is clipped and its error is its distance to the range end, squared. Prefix sums of
+    n, n·c and n·c² over sorted bin centres c give the clipping terms in closed form.
+    """
+
+    def __init__(self, centres: np.ndarray, counts: np.ndarray) -> None:
+        order = np.argsort(centres, kind="stable")
+        self.centres = centres[order]
+        counts = counts[order]
+        zero = np.zeros(1)
+        self.p0 = np.concatenate([zero, np.cumsum(counts)])
+        self.p1 = np.concatenate([zero, np.cumsum(counts * self.centres)])
+        self.p2 = np.concatenate([zero, np.cumsum(counts * self.centres**2)])
+
+    def __call__(self, lo: np.ndarray, hi: np.ndarray, levels: int) -> np.ndarray:
+        lo = np.minimum(lo, 0.0)
+        hi = np.maximum(hi, 0.0)
+        below = np.searchsorted(self.centres, lo, side="left")
+        upto = np.searchsorted(self.centres, hi, side="right")
+        p0, p1, p2 = self.p0, self.p1, self.p2
+        err_below = lo**2 * p0[below] - 2 * lo * p1[below] + p2[below]
+        err_above = (p2[-1] - p2[upto]) - 2 * hi * (p1[-1] - p1[upto]) + hi**2 * (p0[-1] - p0[upto])
+        inside = p0[upto] - p0[below]
+        scale = (hi - lo) / levels
+        return np.clip(err_below, 0, None) + np.clip(err_above, 0, None) + inside * scale**2 / 12.0
+
+
+def _mse_range(stats: TensorStats, symmetric: bool, levels: int) -> tuple[float, float]:
+    centres, counts = _centres_and_counts(stats)
+    shrink = np.linspace(1.0 / _CANDIDATES, 1.0, _CANDIDATES)
+    if symmetric:
+        error = _ErrorModel(np.abs(centres), counts)
+        candidates = shrink * max(abs(stats.min), abs(stats.max))
+        best = float(candidates[int(np.argmin(error(-candidates, candidates, levels)))])
+        return -best, best
+    error = _ErrorModel(centres, counts)
+    lo0, hi0 = min(stats.min, 0.0), max(stats.max, 0.0)
+    best = float(shrink[int(np.argmin(error(shrink * lo0, shrink * hi0, levels)))])
+    lo, hi = best * lo0, best * hi0
+    # One round of coordinate refinement: each end on its own, the other fixed.
+    if hi0 > 0:
+        his = shrink * hi0
+        hi = float(his[int(np.argmin(error(np.full_like(his, lo), his, levels)))])
+    if lo0 < 0:
+        los = shrink * lo0
+        lo = float(los[int(np.argmin(error(los, np.full_like(los, hi), levels)))])
+    return lo, hi
+
+
+def _kl_threshold(hist: np.ndarray, width: float, levels: int) -> float:
+    """TensorRT-style entropy calibration on a one-sided histogram (bins [k*w, (k+1)*w))."""
+    last = int(np.max(np.nonzero(hist)[0])) + 1 if hist.any() else 0
+    if last <= levels:
+        return last * width
+    hist = hist[:last]
+    step = max(1, (last - levels) // _KL_CANDIDATES)
+    best_i, best_kl = last, np.inf
+    for i in range(levels, last + 1, step):
+        kl = _kl_divergence_at(hist, i, levels)
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return best_i * width
+
+
+def _kl_divergence_at(hist: np.ndarray, i: int, levels: int) -> float:
+    reference = hist[:i].copy()
+    reference[i - 1] += hist[i:].sum()  # outliers clipped into the last bin
+    # Quantize the first i bins into `levels` groups; spread each group's mass over its nonzero bins.
+    group = (np.arange(i) * levels) // i
+    nonzero = (hist[:i] > 0).astype(np.float64)
+    group_mass = np.bincount(group, weights=hist[:i], minlength=levels)
+    group_nonzero = np.bincount(group, weights=nonzero, minlength=levels)
+    per_bin = np.divide(group_mass, group_nonzero, out=np.zeros(levels), where=group_nonzero > 0)
+    expanded = per_bin[group] * nonzero
+    p = reference / reference.sum()
+    q_total = expanded.sum()
+    if q_total == 0:
+        return np.inf
+    q = expanded / q_total
+    mask = p > 0
+    # Bins where P has mass but Q has none get a tiny epsilon (TensorRT smooths the same way).
+    q_safe = np.where(q[mask] > 0, q[mask], 1e-12)
+    return float(np.sum(p[mask] * np.log(p[mask] / q_safe)))
+
+
+def _kl_range(stats: TensorStats, symmetric: bool, levels: int) -> tuple[float, float]:
+    w = stats.width
+    if symmetric or (stats.min < 0 < stats.max):
+        # Two-sided data: one threshold for |x| using half of the levels per side.
+        bound = _kl_threshold(_abs_histogram(stats), w, max(1, levels // 2))
+        return -bound, bound
+    if stats.min >= 0:
+        return 0.0, _kl_threshold(stats.counts[BINS_PER_SIDE:].astype(np.float64), w, levels)
+    return -_kl_threshold(stats.counts[:BINS_PER_SIDE][::-1].astype(np.float64), w, levels), 0.0

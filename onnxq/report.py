@@ -1,0 +1,151 @@
+"""The quantize report: a JSON-ready dict with everything, and a short text summary."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import onnx
+
+if TYPE_CHECKING:
+    from .data import SampleSource
+    from .evaluate import Fidelity
+    from .pipeline import QuantizeRequest
+    from .plan import QuantPlan
+    from .statistics import Statistics
+
+QUANTIZED_STATUSES = ("int8", "folded", "shared-scale")
+
+
+def build_report(*, request: QuantizeRequest, version: str, original: onnx.ModelProto, quantized_bytes: int,
+                 plan: QuantPlan, stats: Statistics, calib: SampleSource | None, held: SampleSource | None,
+                 fidelity: Fidelity | None, notes: list[str], weight_range_reason: str,
+                 timings: dict[str, float]) -> dict:
+    original_bytes = original.ByteSize()
+    nodes = _node_summary(plan)
+    report = {
+        "onnxq_version": version,
+        "model": str(request.model),
+        "output": str(request.output),
+        "settings": {**plan.settings.__dict__, "weight_range_reason": weight_range_reason,
+                     "exclude": list(request.exclude)},
+        "data": {
+            "calibration": _describe(calib, stats.samples if request.load_stats else None),
+            "statistics_file": str(request.load_stats) if request.load_stats else None,
+            "evaluation": _describe(held),
+            "batch_size": request.data.batch_size,
+        },
+        "nodes": nodes,
+        "size": {"fp32_bytes": original_bytes, "int8_bytes": quantized_bytes,
+                 "ratio": round(original_bytes / quantized_bytes, 3) if quantized_bytes else None},
+        "fidelity": None if fidelity is None else {"samples": fidelity.samples, "source": fidelity.source,
+                                                   "outputs": fidelity.outputs},
+        "tensors": [_tensor_row(t) for t in plan.tensors.values()],
+        "float_nodes": [{"name": n.name, "op_type": n.op_type, "reason": n.reason}
+                        for n in plan.nodes if n.status == "float"],
+        "notes": notes,
+        "timings_s": timings,
+    }
+    report["gates"] = _gates(request, fidelity)
+    return _json_safe(report)
+
+
+def _describe(source: SampleSource | None, samples: int | None = None) -> dict | None:
+    if source is None:
+        return None if samples is None else {"samples": samples}
+    info = {"source": source.description, "kind": source.kind, "samples": len(source)}
+    prep = getattr(source, "preprocessing", None)
+    if prep is not None:
+        info["preprocessing"] = prep.describe()
+    return info
+
+
+def _node_summary(plan: QuantPlan) -> dict:
+    by_op: dict[str, Counter] = {}
+    for node in plan.nodes:
+        by_op.setdefault(node.op_type, Counter())[node.status] += 1
+    quantized = sum(1 for n in plan.nodes if n.status in QUANTIZED_STATUSES)
+    return {
+        "total": len(plan.nodes),
+        "quantized": quantized,
+        "float": len(plan.nodes) - quantized,
+        "by_op_type": {op: dict(sorted(c.items())) for op, c in sorted(by_op.items())},
+    }
+
+
+def _tensor_row(entry) -> dict:
+    row = {"name": entry.name, "role": entry.role, "qtype": entry.qtype, "axis": entry.axis}
+    if entry.role == "activation":
+        row.update(range=entry.range, scale=entry.scale[0], zero_point=entry.zero_point[0],
+                   clipped_fraction=entry.clipped_fraction, shares_scale_with=entry.source)
+    elif entry.role == "weight":
+        row.update(channels=len(entry.scale), max_abs_error=entry.max_abs_error)
+    return row
+
+
+def _gates(request: QuantizeRequest, fidelity: Fidelity | None) -> list[dict]:
+    gates = []
+    for name, bound, value in (("min_cosine", request.min_cosine, fidelity and fidelity.min_cosine),
+                               ("min_sqnr_db", request.min_sqnr, fidelity and fidelity.min_sqnr)):
+        if bound is None:
+            continue
+        passed = value is not None and value >= bound
+        gates.append({"gate": name, "required": bound, "measured": value, "passed": bool(passed)})
+    return gates
+
+
+def _json_safe(value):
+    """JSON has no inf/nan: write them as strings a reader can still parse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def format_summary(report: dict) -> str:
+    """A few human lines for stderr."""
+    nodes, size = report["nodes"], report["size"]
+    lines = [f"onnxq {report['onnxq_version']}: {report['model']} -> {report['output']}"]
+    settings = report["settings"]
+    lines.append(f"  method {settings['method']}"
+                 + (f" (percentile {settings['percentile']})" if settings["method"] == "percentile" else "")
+                 + f", activations {'int8 symmetric' if settings['symmetric'] else 'uint8 asymmetric'}"
+                 + f", weights int8 {'per-channel' if settings['per_channel'] else 'per-tensor'}"
+                 + f" ({settings['weight_range']} range: {settings['weight_range_reason']})")
+    calib = report["data"]["calibration"]
+    if calib:
+        lines.append(f"  calibration: {calib['samples']} samples from {calib.get('source', report['data']['statistics_file'])}")
+    lines.append(f"  nodes: {nodes['quantized']} of {nodes['total']} quantized, {nodes['float']} kept float")
+    ops = []
+    for op, counts in nodes["by_op_type"].items():
+        quantized = sum(v for k, v in counts.items() if k in QUANTIZED_STATUSES)
+        ops.append(f"{op} {quantized}/{sum(counts.values())}")
+    lines.append("    " + ", ".join(ops))
+    lines.append(f"  size: {size['fp32_bytes'] / 1e6:.2f} MB -> {size['int8_bytes'] / 1e6:.2f} MB ({size['ratio']}x smaller)")
+    fidelity = report["fidelity"]
+    if fidelity:
+        lines.append(f"  fidelity on {fidelity['samples']} samples ({fidelity['source']}):")
+        for out in fidelity["outputs"]:
+            top1 = f", top-1 agreement {out['top1_agreement']:.2%}" if out["top1_agreement"] is not None else ""
+            lines.append(f"    {out['name']}: cosine {_num(out['cosine'], 5)} (worst sample {_num(out['worst_sample_cosine'], 5)}), "
+                         f"SQNR {_num(out['sqnr_db'], 1)} dB{top1}")
+    else:
+        lines.append("  fidelity: not measured (no evaluation data)")
+    for gate in report["gates"]:
+        verdict = "passed" if gate["passed"] else "MISSED"
+        lines.append(f"  gate {gate['gate']} >= {gate['required']}: {verdict} (measured {_num(gate['measured'], 4)})")
+    for note in report["notes"]:
+        lines.append(f"  note: {note}")
+    total = sum(report["timings_s"].values())
+    lines.append(f"  time: {total:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()) + ")")
+    return "\n".join(lines)
+
+
+def _num(value, digits: int) -> str:
+    if isinstance(value, str) or value is None:
+        return str(value)
+    return f"{value:.{digits}f}"

@@ -1,0 +1,115 @@
+"""Write the QDQ model: the plan's parameters as QuantizeLinear/DequantizeLinear pairs.
+
+Activations: the producer's output is renamed and a Q->DQ pair restores the original
+name, so consumers, graph outputs and subgraphs that read the tensor need no change.
+Weights and biases: stored as int8 / int32 initializers behind a DequantizeLinear.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import qmath
+from .ir import constant_values, export_model, import_graph
+from .plan import QuantPlan, TensorPlan
+
+
+class NameAllocator:
+    """Fresh, deterministic names that do not clash with anything in the model."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.used: set[str] = set()
+        for sub in _graphs(graph):
+            self.used.update(sub.tensors().keys())
+            self.used.update(n.name for n in sub.nodes if n.name)
+
+    def new(self, base: str) -> str:
+        name, index = base, 1
+        while name in self.used:
+            name = f"{base}_{index}"
+            index += 1
+        self.used.add(name)
+        return name
+
+
+def _graphs(graph: gs.Graph):
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from _graphs(value)
+            elif isinstance(value, list):
+                for item in value:
+                    if isinstance(item, gs.Graph):
+                        yield from _graphs(item)
+
+
+def write_qdq(prepared: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    graph = import_graph(prepared)
+    names = NameAllocator(graph)
+    tensors = graph.tensors()
+    for entry in plan.by_role("activation"):
+        _quantize_activation(graph, tensors[entry.name], entry, names)
+    for entry in plan.by_role("weight") + plan.by_role("bias"):
+        _quantize_constant(graph, tensors[entry.name], entry, names)
+    model = export_model(graph, prepared)
+    model.producer_name = "onnxq"
+    return model
+
+
+def _params(entry: TensorPlan, base: str, names: NameAllocator, with_zero_point: bool = True) -> list[gs.Tensor]:
+    params: list[gs.Tensor] = [gs.Constant(names.new(f"{base}_scale"), entry.scale_array())]
+    if with_zero_point:
+        params.append(gs.Constant(names.new(f"{base}_zero_point"), entry.zero_point_array()))
+    return params
+
+
+def _axis_attrs(entry: TensorPlan) -> dict:
+    return {"axis": entry.axis} if entry.axis is not None else {}
+
+
+def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, entry: TensorPlan, names: NameAllocator) -> None:
+    params = _params(entry, tensor.name, names)
+    qtype = qmath.qtype_by_name(entry.qtype)
+    quantized = gs.Variable(names.new(f"{tensor.name}_quantized"), dtype=qtype.dtype, shape=tensor.shape)
+    if tensor.inputs:  # produced by a node: rename its output, restore the name after Q/DQ
+        producer = tensor.inputs[0]
+        raw = gs.Variable(names.new(f"{tensor.name}_float"), dtype=tensor.dtype, shape=tensor.shape)
+        producer.outputs[producer.outputs.index(tensor)] = raw
+        source, restored = raw, tensor
+    else:  # a graph input keeps its name: consumers move to the dequantized copy
+        restored = gs.Variable(names.new(f"{tensor.name}_dequantized"), dtype=tensor.dtype, shape=tensor.shape)
+        for consumer in list(tensor.outputs):
+            _replace_input(consumer, tensor, restored)
+        source = tensor
+    graph.nodes.append(gs.Node("QuantizeLinear", names.new(f"{tensor.name}_QuantizeLinear"),
+                               inputs=[source, *params], outputs=[quantized]))
+    graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{tensor.name}_DequantizeLinear"),
+                               inputs=[quantized, *params], outputs=[restored]))
+
+
+def _quantize_constant(graph: gs.Graph, constant: gs.Constant, entry: TensorPlan, names: NameAllocator) -> None:
+    values = constant_values(constant).astype(np.float32)
+    scale = np.asarray(entry.scale, dtype=np.float32)
+    if entry.role == "bias":
+        integers = np.clip(np.rint(values.astype(np.float64) / scale.reshape(values.shape).astype(np.float64)),
+                           qmath.INT32.qmin, qmath.INT32.qmax).astype(np.int32)
+        params = _params(entry, constant.name, names, with_zero_point=False)
+    else:
+        qtype = qmath.qtype_by_name(entry.qtype)
+        integers = qmath.quantize(values, entry.scale_array(), entry.zero_point_array(), qtype, entry.axis)
+        params = _params(entry, constant.name, names)
+    stored = gs.Constant(names.new(f"{constant.name}_quantized"), integers)
+    restored = gs.Variable(names.new(f"{constant.name}_dequantized"), dtype=np.float32, shape=list(values.shape))
+    for consumer in list(constant.outputs):
+        _replace_input(consumer, constant, restored)
+    graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{constant.name}_DequantizeLinear"),
+                               inputs=[stored, *params], outputs=[restored], attrs=_axis_attrs(entry)))
+
+
+def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    for index, tensor in enumerate(node.inputs):
+        if tensor is old:
+            node.inputs[index] = new

@@ -1,0 +1,243 @@
+"""Streaming activation statistics: fold batches in, save, load and merge.
+
+Each tensor keeps its global min/max, the sum of per-batch extremes, and a
+histogram of values on a grid symmetric around zero whose bin width is a power
+of two. When a batch exceeds the covered range the width doubles (adjacent bins
+are summed), so nothing collected is lost and memory stays constant.
+
+Merge guarantee: because bin edges are multiples of a power-of-two width,
+re-binning a finer histogram onto a coarser grid is exact. Merging two
+statistics therefore gives bit-for-bit the histogram one pass over the union of
+the data would give (same width, same counts); min/max, batch counts and the
+sums of per-batch extremes merge exactly (the sums up to float64 rounding).
+The width is always the smallest power of two that covers max(|x|), so the
+histogram resolves at least BINS_PER_SIDE/2 bins between 0 and max(|x|).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+BINS_PER_SIDE = 4096
+STATS_FORMAT = "onnxq-stats/1"
+
+
+@dataclass
+class TensorStats:
+    """Everything the calibration methods need about one tensor."""
+
+    min: float = math.inf
+    max: float = -math.inf
+    batches: int = 0
+    count: int = 0
+    sum_batch_min: float = 0.0
+    sum_batch_max: float = 0.0
+    # Bin i covers [(i - BINS_PER_SIDE) * width, (i - BINS_PER_SIDE + 1) * width).
+    width_exp: int | None = None
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(2 * BINS_PER_SIDE, dtype=np.int64))
+
+    @property
+    def width(self) -> float:
+        return math.ldexp(1.0, self.width_exp) if self.width_exp is not None else 0.0
+
+    @property
+    def edges(self) -> np.ndarray:
+        """Bin edges (2 * BINS_PER_SIDE + 1 values)."""
+        return (np.arange(-BINS_PER_SIDE, BINS_PER_SIDE + 1, dtype=np.float64)) * self.width
+
+    def update(self, values: np.ndarray) -> None:
+        """Fold one batch of a tensor's values in."""
+        x = np.asarray(values)
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        x = x.reshape(-1)
+        if x.size == 0:
+            return
+        batch_min = float(x.min())
+        batch_max = float(x.max())
+        if not (math.isfinite(batch_min) and math.isfinite(batch_max)):
+            raise DataError("calibration produced NaN or Inf inside the model; check the data and the model")
+        self.min = min(self.min, batch_min)
+        self.max = max(self.max, batch_max)
+        self.batches += 1
+        self.count += int(x.size)
+        self.sum_batch_min += batch_min
+        self.sum_batch_max += batch_max
+        self._grow_to(max(abs(batch_min), abs(batch_max)))
+        if self.width_exp is None:  # all values so far are exactly zero
+            self.counts[BINS_PER_SIDE] += x.size
+            return
+        scaled = np.floor(x * np.float32(math.ldexp(1.0, -self.width_exp)))
+        index = scaled.astype(np.int64)
+        index += BINS_PER_SIDE
+        np.clip(index, 0, 2 * BINS_PER_SIDE - 1, out=index)
+        self.counts += np.bincount(index, minlength=2 * BINS_PER_SIDE)
+
+    def _grow_to(self, bound: float) -> None:
+        """Coarsen the grid until [-bound, bound] is covered."""
+        if bound == 0.0:
+            return
+        needed = required_width_exp(bound)
+        if self.width_exp is None:
+            self.width_exp = needed
+        elif needed > self.width_exp:
+            self.counts = rebin(self.counts, needed - self.width_exp)
+            self.width_exp = needed
+
+    def merge(self, other: TensorStats) -> TensorStats:
+        """Statistics of the union of the data behind self and other."""
+        merged = TensorStats(
+            min=min(self.min, other.min),
+            max=max(self.max, other.max),
+            batches=self.batches + other.batches,
+            count=self.count + other.count,
+            sum_batch_min=self.sum_batch_min + other.sum_batch_min,
+            sum_batch_max=self.sum_batch_max + other.sum_batch_max,
+        )
+        exps = [e for e in (self.width_exp, other.width_exp) if e is not None]
+        merged.width_exp = max(exps) if exps else None
+        merged.counts = _counts_at(self, merged.width_exp) + _counts_at(other, merged.width_exp)
+        return merged
+
+    @property
+    def mean_batch_min(self) -> float:
+        return self.sum_batch_min / self.batches if self.batches else 0.0
+
+    @property
+    def mean_batch_max(self) -> float:
+        return self.sum_batch_max / self.batches if self.batches else 0.0
+
+
+def required_width_exp(bound: float) -> int:
+    """Smallest e with BINS_PER_SIDE * 2**e > bound, so the largest value still has a bin."""
+    # frexp gives 2**(exp - 1) <= bound < 2**exp, hence e = exp - log2(BINS_PER_SIDE) is minimal.
+    return math.frexp(bound)[1] - int(math.log2(BINS_PER_SIDE))
+
+
+def rebin(counts: np.ndarray, doublings: int) -> np.ndarray:
+    """Re-bin a centred histogram onto a grid 2**doublings times coarser, exactly."""
+    if doublings <= 0:
+        return counts
+    factor = 2 ** min(doublings, int(math.log2(BINS_PER_SIDE)) + 1)
+    neg = counts[:BINS_PER_SIDE][::-1]  # bin k covers [-(k+1)w, -kw)
+    pos = counts[BINS_PER_SIDE:]  # bin k covers [kw, (k+1)w)
+    out = np.zeros_like(counts)
+    if factor > BINS_PER_SIDE:
+        out[BINS_PER_SIDE - 1] = neg.sum()
+        out[BINS_PER_SIDE] = pos.sum()
+        return out
+    new_neg = neg.reshape(-1, factor).sum(axis=1)
+    new_pos = pos.reshape(-1, factor).sum(axis=1)
+    out[BINS_PER_SIDE - len(new_neg) : BINS_PER_SIDE] = new_neg[::-1]
+    out[BINS_PER_SIDE : BINS_PER_SIDE + len(new_pos)] = new_pos
+    return out
+
+
+def _counts_at(stats: TensorStats, width_exp: int | None) -> np.ndarray:
+    if stats.width_exp is None or width_exp is None:
+        # Only exact zeros were seen: they sit in the bin starting at 0 on any grid.
+        return stats.counts.copy()
+    return rebin(stats.counts, width_exp - stats.width_exp)
+
+
+@dataclass
+class Statistics:
+    """Per-tensor statistics for one model and one calibration set."""
+
+    tensors: dict[str, TensorStats] = field(default_factory=dict)
+    samples: int = 0
+    model_digest: str = ""
+    source: str = ""
+
+    def update(self, name: str, values: np.ndarray) -> None:
+        self.tensors.setdefault(name, TensorStats()).update(values)
+
+    def merge(self, other: Statistics) -> Statistics:
+        if self.model_digest and other.model_digest and self.model_digest != other.model_digest:
+            raise DataError("statistics come from different models; merge needs the same model")
+        merged = Statistics(
+            samples=self.samples + other.samples,
+            model_digest=self.model_digest or other.model_digest,
+            source=" + ".join(s for s in (self.source, other.source) if s),
+        )
+        for name in sorted(set(self.tensors) | set(other.tensors)):
+            mine, theirs = self.tensors.get(name), other.tensors.get(name)
+            if mine is None or theirs is None:
+                raise DataError(f"tensor {name!r} is in only one of the statistics files; cannot merge")
+            merged.tensors[name] = mine.merge(theirs)
+        return merged
+
+    def save(self, path: str | Path) -> None:
+        """Write a single .npz: a JSON header plus one histogram array per tensor."""
+        from .model_io import atomic_write_bytes
+
+        names = sorted(self.tensors)
+        header = {
+            "format": STATS_FORMAT,
+            "bins_per_side": BINS_PER_SIDE,
+            "samples": self.samples,
+            "model_digest": self.model_digest,
+            "source": self.source,
+            "tensors": [
+                {
+                    "name": n,
+                    "min": _finite_or_none(self.tensors[n].min),
+                    "max": _finite_or_none(self.tensors[n].max),
+                    "batches": self.tensors[n].batches,
+                    "count": self.tensors[n].count,
+                    "sum_batch_min": self.tensors[n].sum_batch_min,
+                    "sum_batch_max": self.tensors[n].sum_batch_max,
+                    "width_exp": self.tensors[n].width_exp,
+                }
+                for n in names
+            ],
+        }
+        arrays = {"header": np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)}
+        arrays["counts"] = (
+            np.stack([self.tensors[n].counts for n in names])
+            if names
+            else np.zeros((0, 2 * BINS_PER_SIDE), np.int64)
+        )
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        atomic_write_bytes(Path(path), buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Statistics:
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(bytes(data["header"]).decode())
+                counts = np.array(data["counts"])
+        except FileNotFoundError:
+            raise DataError(f"statistics file not found: {path}") from None
+        except Exception as exc:  # corrupt zip, missing keys, bad JSON
+            raise DataError(f"not an onnxq statistics file: {path} ({type(exc).__name__})") from None
+        if header.get("format") != STATS_FORMAT or header.get("bins_per_side") != BINS_PER_SIDE:
+            raise DataError(f"{path}: unsupported statistics format {header.get('format')!r}")
+        stats = cls(samples=header["samples"], model_digest=header["model_digest"], source=header["source"])
+        for row, entry in zip(counts, header["tensors"], strict=True):
+            stats.tensors[entry["name"]] = TensorStats(
+                min=entry["min"] if entry["min"] is not None else math.inf,
+                max=entry["max"] if entry["max"] is not None else -math.inf,
+                batches=entry["batches"],
+                count=entry["count"],
+                sum_batch_min=entry["sum_batch_min"],
+                sum_batch_max=entry["sum_batch_max"],
+                width_exp=entry["width_exp"],
+                counts=row.astype(np.int64),
+            )
+        return stats
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
