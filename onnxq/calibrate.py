@@ -30,10 +30,10 @@ ProgressFactory = Callable[[int, str], "Progress"]
 class Progress:
     """No-op progress; the CLI passes a tqdm-backed one."""
 
-    def update(self, n: int) -> None:  # noqa: D102
+    def update(self, n: int) -> None:
         pass
 
-    def close(self) -> None:  # noqa: D102
+    def close(self) -> None:
         pass
 
 

@@ -21,7 +21,7 @@ from .ranges import DEFAULT_PERCENTILE, METHODS
 from .report import format_summary
 from .statistics import Statistics
 
-DEFAULT_METHOD = "percentile"
+DEFAULT_METHOD = "max"
 
 
 class TqdmProgress(Progress):

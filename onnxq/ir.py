@@ -56,3 +56,33 @@ def is_empty(tensor: gs.Tensor) -> bool:
 
 def node_label(node: gs.Node) -> str:
     return node.name or f"{node.op}({', '.join(t.name for t in node.outputs)})"
+
+
+class NameAllocator:
+    """Fresh, deterministic names that do not clash with anything in the model."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.used: set[str] = set()
+        for sub in _graphs(graph):
+            self.used.update(sub.tensors().keys())
+            self.used.update(n.name for n in sub.nodes if n.name)
+
+    def new(self, base: str) -> str:
+        name, index = base, 1
+        while name in self.used:
+            name = f"{base}_{index}"
+            index += 1
+        self.used.add(name)
+        return name
+
+
+def _graphs(graph: gs.Graph):
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from _graphs(value)
+            elif isinstance(value, list):
+                for item in value:
+                    if isinstance(item, gs.Graph):
+                        yield from _graphs(item)

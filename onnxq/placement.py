@@ -72,36 +72,71 @@ class PlacementOptions:
     exclude_op_types: frozenset[str] = frozenset()
 
 
+# Heavy ops are worth a quantize/dequantize of their inputs; light ops only when their
+# inputs are quantized anyway (else they add error and conversions for little speed).
+HEAVY_OPS = {"Conv", "MatMul", "Gemm"}
+# Ops onnxruntime runs in int8 with a float output when no QuantizeLinear follows.
+FLOAT_OUTPUT_OPS = {"MatMul", "Gemm"}
+
+
 def place(graph: gs.Graph, options: PlacementOptions) -> Placement:
     placement = Placement()
-    anchors: list[str] = []
+    anchors: set[str] = set()
     decisions: dict[int, NodeDecision] = {}
     graph_outputs = {t.name for t in graph.outputs}
 
-    for node in graph.nodes:
-        reason = _why_not_compute(node, options)
-        if reason is not None:
-            continue
+    def accept(node: gs.Node) -> None:
         inputs, weights, biases = _compute_roles(node, options)
-        anchors.extend(inputs)
+        anchors.update(inputs)
         placement.weights.update({w.name: w for w in weights})
         placement.biases.update({b.name: b for b in biases})
         output = node.outputs[0]
+        if node.op in FLOAT_OUTPUT_OPS:
+            # MatMulIntegerToFloat / QGemm give float output from int8 inputs: quantizing the
+            # output would only add error, unless a quantized consumer needs it (it then anchors it).
+            decisions[id(node)] = NodeDecision(node_label(node), node.op, "int8")
+            return
         folded = _foldable_consumer(output, graph_outputs) if options.fold_activations else None
         if folded is not None and folded.name not in options.exclude_nodes:
             decisions[id(folded)] = NodeDecision(node_label(folded), folded.op, "folded",
                                                  f"absorbed by the quantized output of {node_label(node)}")
             output = folded.outputs[0]
-        anchors.append(output.name)
+        anchors.add(output.name)
         decisions[id(node)] = NodeDecision(node_label(node), node.op, "int8")
 
-    roots = _share_through_pass_ops(graph, anchors, options, decisions)
+    for node in graph.nodes:
+        if node.op in HEAVY_OPS and _why_not_compute(node, options) is None:
+            accept(node)
+    for node in graph.nodes:  # topological order: inputs are settled before their consumers
+        if node.op in PASS_THROUGH_OPS and node.inputs[0].name in anchors and _is_shareable(node, options):
+            anchors.update(t.name for t in node.outputs)
+        elif node.op in COMPUTE_OPS - HEAVY_OPS and _why_not_compute(node, options) is None:
+            if all(name in anchors for name in _compute_roles(node, options)[0]):
+                accept(node)
+
+    roots = _share_through_pass_ops(graph, sorted(anchors), options, decisions)
     placement.activations = roots
     for node in graph.nodes:
         if id(node) not in decisions:
             decisions[id(node)] = NodeDecision(node_label(node), node.op, "float", _float_reason(node, options))
         placement.nodes.append(decisions[id(node)])
+    placement.nodes.extend(_subgraph_decisions(graph))
     return placement
+
+
+def _subgraph_decisions(graph: gs.Graph) -> list[NodeDecision]:
+    """Nodes inside If/Loop/Scan bodies stay float: their activations cannot be observed as graph outputs."""
+    decisions = []
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            subgraphs = value if isinstance(value, list) else [value]
+            for sub in subgraphs:
+                if isinstance(sub, gs.Graph):
+                    for inner in sub.nodes:
+                        decisions.append(NodeDecision(node_label(inner), inner.op, "float",
+                                                      f"inside the {node.op} subgraph of {node_label(node)}"))
+                    decisions.extend(_subgraph_decisions(sub))
+    return decisions
 
 
 def _why_not_compute(node: gs.Node, options: PlacementOptions) -> str | None:
@@ -246,6 +281,8 @@ def _tensor_order(graph: gs.Graph) -> list[str]:
 def _float_reason(node: gs.Node, options: PlacementOptions) -> str:
     if node.op in PASS_THROUGH_OPS:
         return "no quantized neighbour"
+    if node.op in COMPUTE_OPS - HEAVY_OPS and _why_not_compute(node, options) is None:
+        return "inputs come from float ops (quantizing would add error and conversions)"
     if node.op in FOLDABLE_ACTIVATIONS:
         return "producer not quantized" if options.fold_activations else "symmetric activations"
     return _why_not_compute(node, options) or "not an int8 op"
@@ -254,9 +291,11 @@ def _float_reason(node: gs.Node, options: PlacementOptions) -> str:
 def tensors_to_observe(graph: gs.Graph) -> list[str]:
     """Statistics that cover every placement a later run may choose (any symmetry, no exclusions).
 
-    Collecting this superset once is what lets a user switch method, symmetry or
-    exclusions with --load-stats and no new inference pass.
+    Every activation is observed, not only the roots of shared-scale groups, because
+    excluding a node can split a group and give it another root. Collecting this
+    superset once lets a user switch method, symmetry or exclusions with
+    --load-stats and no new inference pass.
     """
     folded = place(graph, PlacementOptions(fold_activations=True))
     unfolded = place(graph, PlacementOptions(fold_activations=False))
-    return sorted(set(folded.statistics_tensors) | set(unfolded.statistics_tensors))
+    return sorted(set(folded.activations) | set(unfolded.activations))

@@ -26,7 +26,7 @@ PLAN_FORMAT = "onnxq-plan/1"
 
 @dataclass(frozen=True)
 class QuantSettings:
-    method: str = "percentile"
+    method: str = "max"
     percentile: float = 99.99
     symmetric: bool = False  # activations: False -> uint8 with zero point, True -> int8 zero point 0
     per_channel: bool = True

@@ -4,6 +4,7 @@
 - opsets below 13 are converted to 13 (per-channel QuantizeLinear needs it);
 - onnxruntime's provider-independent (basic) optimisations run once: Constant nodes
   become initializers, constants fold, BatchNormalization folds into Conv, no-ops go;
+- constant per-channel Mul/Add right after a Conv fold into it (onnxq.simplify);
 - shapes and types are inferred so every later stage knows which tensors are float.
 """
 
@@ -19,6 +20,7 @@ from onnx import version_converter
 
 from .errors import ModelError
 from .model_io import EXTERNAL_DATA_THRESHOLD
+from .simplify import fold_affine_into_conv
 
 MIN_OPSET = 13
 
@@ -124,5 +126,8 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
         work = upgrade_opset(work)
         notes.append(f"opset {opset} converted to {MIN_OPSET}")
     work = optimize_basic(work)
+    work, folded = fold_affine_into_conv(work)
+    if folded:
+        notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
     work = infer_types(work)
     return PreparedModel(work, notes)

@@ -23,6 +23,8 @@ METHODS = ("global", "max", "percentile", "mse", "kl")
 DEFAULT_PERCENTILE = 99.99
 _CANDIDATES = 256
 _KL_CANDIDATES = 128
+KL_BINS = 2048
+KL_LEVELS = 128
 
 
 def compute_range(
@@ -47,7 +49,7 @@ def compute_range(
     elif method == "mse":
         lo, hi = _mse_range(stats, symmetric, levels)
     elif method == "kl":
-        lo, hi = _kl_range(stats, symmetric, levels)
+        lo, hi = _kl_range(stats, symmetric)
     else:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
     lo, hi = max(float(lo), stats.min), min(float(hi), stats.max)
@@ -155,19 +157,32 @@ def _mse_range(stats: TensorStats, symmetric: bool, levels: int) -> tuple[float,
     return lo, hi
 
 
-def _kl_threshold(hist: np.ndarray, width: float, levels: int) -> float:
-    """TensorRT-style entropy calibration on a one-sided histogram (bins [k*w, (k+1)*w))."""
+def _kl_threshold(hist: np.ndarray, width: float) -> float:
+    """TensorRT-style entropy calibration on a one-sided histogram (bins [k*w, (k+1)*w)).
+
+    As in TensorRT, the histogram is first brought to at most KL_BINS bins (here by
+    summing neighbours, which is exact on our power-of-two grid) and thresholds are
+    searched from KL_LEVELS bins upward: the quantized reference has KL_LEVELS levels.
+    """
     last = int(np.max(np.nonzero(hist)[0])) + 1 if hist.any() else 0
-    if last <= levels:
-        return last * width
     hist = hist[:last]
-    step = max(1, (last - levels) // _KL_CANDIDATES)
-    best_i, best_kl = last, np.inf
-    for i in range(levels, last + 1, step):
-        kl = _kl_divergence_at(hist, i, levels)
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return best_i * width
+    factor = 1
+    while last > KL_BINS * factor:
+        factor *= 2
+    if factor > 1:
+        padded = np.zeros(-(-last // factor) * factor)
+        padded[:last] = hist
+        hist = padded.reshape(-1, factor).sum(axis=1)
+        width *= factor
+    bins = len(hist)
+    if bins <= KL_LEVELS:
+        return bins * width
+    step = max(1, (bins - KL_LEVELS) // _KL_CANDIDATES)
+    candidates = list(range(KL_LEVELS, bins + 1, step))
+    if candidates[-1] != bins:
+        candidates.append(bins)
+    divergences = [_kl_divergence_at(hist, i, KL_LEVELS) for i in candidates]
+    return candidates[int(np.argmin(divergences))] * width
 
 
 def _kl_divergence_at(hist: np.ndarray, i: int, levels: int) -> float:
@@ -191,12 +206,16 @@ def _kl_divergence_at(hist: np.ndarray, i: int, levels: int) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / q_safe)))
 
 
-def _kl_range(stats: TensorStats, symmetric: bool, levels: int) -> tuple[float, float]:
+def _kl_range(stats: TensorStats, symmetric: bool) -> tuple[float, float]:
+    """Exact zeros (ReLU outputs, padding) are left out: zero is exact in every scheme,
+    and a spike at 0 would otherwise drag the threshold down."""
     w = stats.width
+    pos = stats.counts[BINS_PER_SIDE:].astype(np.float64)
+    neg = stats.counts[:BINS_PER_SIDE][::-1].astype(np.float64)
+    pos[0] -= stats.zeros
     if symmetric or (stats.min < 0 < stats.max):
-        # Two-sided data: one threshold for |x| using half of the levels per side.
-        bound = _kl_threshold(_abs_histogram(stats), w, max(1, levels // 2))
+        bound = _kl_threshold(pos + neg, w)
         return -bound, bound
     if stats.min >= 0:
-        return 0.0, _kl_threshold(stats.counts[BINS_PER_SIDE:].astype(np.float64), w, levels)
-    return -_kl_threshold(stats.counts[:BINS_PER_SIDE][::-1].astype(np.float64), w, levels), 0.0
+        return 0.0, _kl_threshold(pos, w)
+    return -_kl_threshold(neg, w), 0.0

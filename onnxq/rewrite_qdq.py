@@ -12,38 +12,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import qmath
-from .ir import constant_values, export_model, import_graph
+from .ir import NameAllocator, constant_values, export_model, import_graph
 from .plan import QuantPlan, TensorPlan
-
-
-class NameAllocator:
-    """Fresh, deterministic names that do not clash with anything in the model."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self.used: set[str] = set()
-        for sub in _graphs(graph):
-            self.used.update(sub.tensors().keys())
-            self.used.update(n.name for n in sub.nodes if n.name)
-
-    def new(self, base: str) -> str:
-        name, index = base, 1
-        while name in self.used:
-            name = f"{base}_{index}"
-            index += 1
-        self.used.add(name)
-        return name
-
-
-def _graphs(graph: gs.Graph):
-    yield graph
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            if isinstance(value, gs.Graph):
-                yield from _graphs(value)
-            elif isinstance(value, list):
-                for item in value:
-                    if isinstance(item, gs.Graph):
-                        yield from _graphs(item)
 
 
 def write_qdq(prepared: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:

@@ -37,6 +37,7 @@ class TensorStats:
     max: float = -math.inf
     batches: int = 0
     count: int = 0
+    zeros: int = 0
     sum_batch_min: float = 0.0
     sum_batch_max: float = 0.0
     # Bin i covers [(i - BINS_PER_SIDE) * width, (i - BINS_PER_SIDE + 1) * width).
@@ -68,6 +69,7 @@ class TensorStats:
         self.max = max(self.max, batch_max)
         self.batches += 1
         self.count += int(x.size)
+        self.zeros += int(x.size - np.count_nonzero(x))
         self.sum_batch_min += batch_min
         self.sum_batch_max += batch_max
         self._grow_to(max(abs(batch_min), abs(batch_max)))
@@ -98,6 +100,7 @@ class TensorStats:
             max=max(self.max, other.max),
             batches=self.batches + other.batches,
             count=self.count + other.count,
+            zeros=self.zeros + other.zeros,
             sum_batch_min=self.sum_batch_min + other.sum_batch_min,
             sum_batch_max=self.sum_batch_max + other.sum_batch_max,
         )
@@ -192,6 +195,7 @@ class Statistics:
                     "max": _finite_or_none(self.tensors[n].max),
                     "batches": self.tensors[n].batches,
                     "count": self.tensors[n].count,
+                    "zeros": self.tensors[n].zeros,
                     "sum_batch_min": self.tensors[n].sum_batch_min,
                     "sum_batch_max": self.tensors[n].sum_batch_max,
                     "width_exp": self.tensors[n].width_exp,
@@ -231,6 +235,7 @@ class Statistics:
                 max=entry["max"] if entry["max"] is not None else -math.inf,
                 batches=entry["batches"],
                 count=entry["count"],
+                zeros=entry["zeros"],
                 sum_batch_min=entry["sum_batch_min"],
                 sum_batch_max=entry["sum_batch_max"],
                 width_exp=entry["width_exp"],
