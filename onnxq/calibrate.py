@@ -57,7 +57,7 @@ def session_for(model: onnx.ModelProto, workdir: Path, threads: int = 0) -> ort.
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors reach the user as onnxq's one line
     path = workdir / f"model_{id(model)}.onnx"
     large = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
     onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data")

@@ -88,6 +88,8 @@ def _parse_floats(value: str, option: str) -> tuple[float, ...]:
         raise UsageError(f"{option} takes comma-separated numbers, got {value!r}") from None
     if len(numbers) == 1:
         numbers = numbers * 3
+    if len(numbers) != 3:
+        raise UsageError(f"{option} takes one value or three (R,G,B), got {len(numbers)}: {value!r}")
     return numbers
 
 
@@ -190,9 +192,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
     del output_format  # one format for now; the option exists so scripts can pin it
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
-    for extra in (save_stats, save_plan, report_path):
-        if extra is not None:
-            check_output_path(extra, [model, output])
+    if report_path is not None:
+        check_output_path(report_path, [model, output])
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=weight_range, exclude=tuple(exclude),
         settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric, per_channel=not per_tensor),

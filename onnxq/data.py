@@ -68,9 +68,11 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 class SampleSource:
     """An ordered, re-iterable collection of single samples (each a complete feed)."""
 
-    def __init__(self, description: str, count: int, loader, kind: str) -> None:
+    def __init__(self, description: str, count: int, loader, kind: str,
+                 preprocessing: ImagePreprocessing | None = None) -> None:
         self.description = description
         self.kind = kind
+        self.preprocessing = preprocessing  # images only: how pixels became tensors (for the report)
         self._count = count
         self._loader = loader  # index -> Feed
 
@@ -82,7 +84,8 @@ class SampleSource:
 
     def subset(self, indices: Sequence[int], description: str) -> SampleSource:
         indices = list(indices)
-        return SampleSource(description, len(indices), lambda i: self._loader(indices[i]), self.kind)
+        return SampleSource(description, len(indices), lambda i: self._loader(indices[i]), self.kind,
+                            self.preprocessing)
 
 
 def open_source(
@@ -205,7 +208,7 @@ def _image_folder(files: list[Path], specs: list[InputSpec], prep: ImagePreproce
         return {spec.name: _load_image(files[i], resolved, channels, spec.dtype)}
 
     source = _validated(SampleSource(str(root), len(files), load, "images"), specs)
-    source.preprocessing = resolved  # type: ignore[attr-defined]
+    source.preprocessing = resolved
     return source
 
 
@@ -297,7 +300,9 @@ def random_source(specs: list[InputSpec], count: int, seed: int = 0) -> SampleSo
     return SampleSource(f"random normal data ({count} samples)", count, load, "random")
 
 
-def split_holdout(source: SampleSource, fraction: float = 0.1, limit: int = 32) -> tuple[SampleSource, SampleSource | None]:
+def split_holdout(
+    source: SampleSource, fraction: float = 0.1, limit: int = 32
+) -> tuple[SampleSource, SampleSource | None]:
     """Hold back the last samples (in sorted order) for evaluation; none if there are too few."""
     n = len(source)
     if n < 2:

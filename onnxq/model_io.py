@@ -42,12 +42,16 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """Stable identity of a model's graph, used to check that statistics fit a model."""
+    """Stable identity of a model's graph and weights, used to check that statistics fit a model.
+
+    Nodes (with their attributes) and initializers are hashed whole: a model with the same
+    topology but other weights, strides or pads has other activations, so other statistics.
+    """
     digest = hashlib.sha256()
     for node in model.graph.node:
-        digest.update(node.op_type.encode())
-        digest.update("\0".join(node.input).encode())
-        digest.update("\0".join(node.output).encode())
+        digest.update(node.SerializeToString(deterministic=True))
+    for initializer in model.graph.initializer:
+        digest.update(initializer.SerializeToString(deterministic=True))
     for tensor in (*model.graph.input, *model.graph.output):
         digest.update(tensor.name.encode())
     return digest.hexdigest()[:16]
@@ -60,6 +64,8 @@ def check_output_path(output: Path, inputs: list[Path]) -> None:
         if path.exists() and resolved == path.resolve():
             raise OutputError(f"output path {output} is the input model; choose another name")
     folder = resolved.parent
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output folder is a file, not a folder: {folder}")
     if not folder.is_dir():
         raise OutputError(f"output folder does not exist: {folder}")
     if not os.access(folder, os.W_OK):

@@ -17,7 +17,15 @@ import onnx
 from . import __version__
 from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics
 from .cpu import default_weight_range, read_cpu_features
-from .data import ImagePreprocessing, SampleSource, model_input_specs, open_source, random_source, split_holdout
+from .data import (
+    ImagePreprocessing,
+    InputSpec,
+    SampleSource,
+    model_input_specs,
+    open_source,
+    random_source,
+    split_holdout,
+)
 from .errors import DataError, ModelError, UsageError
 from .evaluate import Fidelity, compare_models
 from .ir import import_graph
@@ -119,13 +127,29 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
     elif calib is not None:
         held = calib
     if calib is not None and options.max_samples is not None:
-        calib = calib.subset(range(min(options.max_samples, len(calib))), f"{calib.description} (max {options.max_samples})")
+        kept = range(min(options.max_samples, len(calib)))
+        calib = calib.subset(kept, f"{calib.description} (max {options.max_samples})")
+    if calib is not None or held is not None:
+        check_batch_size(options.batch_size, specs)
     return calib, held, notes
+
+
+def check_batch_size(batch_size: int, specs: list[InputSpec]) -> None:
+    """Stacking samples on axis 0 needs a dynamic first dimension: say so before any inference runs."""
+    if batch_size <= 1 or any(spec.shape == () for spec in specs):  # scalar inputs: batches never stack
+        return
+    for spec in specs:
+        if spec.shape and spec.shape[0] is not None:
+            raise UsageError(f"--batch-size {batch_size} stacks samples on axis 0, but input {spec.name} has a "
+                             f"fixed first dimension of {spec.shape[0]}; use --batch-size 1 for this model")
 
 
 def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
     timer = StageTimer()
     check_output_path(request.output, [request.model])
+    for extra in (request.save_stats, request.save_plan):
+        if extra is not None:
+            check_output_path(extra, [request.model, request.output])
     settings, weight_range_reason = resolve_settings(request)
     with timer.stage("load"):
         original = load_model(request.model)
@@ -191,7 +215,8 @@ def _check(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:  # a bug in onnxq, not in the user's input
-        raise ModelError(f"internal error: the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"internal error: the quantized model fails onnx.checker: {reason}") from None
 
 
 def calibrate_only(model_path: Path, output: Path, data: DataOptions,
@@ -202,6 +227,7 @@ def calibrate_only(model_path: Path, output: Path, data: DataOptions,
     prepared = prepare_model(original)
     tensors = tensors_to_observe(import_graph(prepared.model))
     specs = model_input_specs(original)
+    check_batch_size(data.batch_size, specs)
     if data.calib is None:
         if not data.allow_random:
             raise UsageError("no calibration data: give --calib DATA (or --allow-random)")

@@ -110,9 +110,9 @@ def place(graph: gs.Graph, options: PlacementOptions) -> Placement:
     for node in graph.nodes:  # topological order: inputs are settled before their consumers
         if node.op in PASS_THROUGH_OPS and node.inputs[0].name in anchors and _is_shareable(node, options):
             anchors.update(t.name for t in node.outputs)
-        elif node.op in COMPUTE_OPS - HEAVY_OPS and _why_not_compute(node, options) is None:
-            if all(name in anchors for name in _compute_roles(node, options)[0]):
-                accept(node)
+        elif (node.op in COMPUTE_OPS - HEAVY_OPS and _why_not_compute(node, options) is None
+              and all(name in anchors for name in _compute_roles(node, options)[0])):
+            accept(node)
 
     roots = _share_through_pass_ops(graph, sorted(anchors), options, decisions)
     placement.activations = roots
@@ -284,7 +284,12 @@ def _float_reason(node: gs.Node, options: PlacementOptions) -> str:
     if node.op in COMPUTE_OPS - HEAVY_OPS and _why_not_compute(node, options) is None:
         return "inputs come from float ops (quantizing would add error and conversions)"
     if node.op in FOLDABLE_ACTIVATIONS:
-        return "producer not quantized" if options.fold_activations else "symmetric activations"
+        if not options.fold_activations:
+            return "symmetric activations: a zero point of 0 cannot absorb it"
+        producer = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        if producer is not None and producer.op in FLOAT_OUTPUT_OPS:
+            return f"follows {producer.op}, whose int8 kernel gives a float output"
+        return "producer not quantized"
     return _why_not_compute(node, options) or "not an int8 op"
 
 

@@ -178,10 +178,17 @@ def _bias_plan(name: str, values: np.ndarray, input_plan: TensorPlan, weight_pla
 
 
 def clipped_fraction(stats: TensorStats, lo: float, hi: float) -> float:
-    """Share of calibration values outside [lo, hi] (to one histogram bin)."""
+    """Share of calibration values outside [lo, hi].
+
+    Exact (0) when the range covers [min, max]; otherwise bins wholly outside count
+    fully and the bin that straddles a bound counts in proportion (values are taken
+    as spread evenly inside a bin).
+    """
     total = stats.counts.sum()
-    if total == 0 or stats.width_exp is None:
+    if total == 0 or stats.width_exp is None or (lo <= stats.min and hi >= stats.max):
         return 0.0
-    centres = (np.arange(2 * BINS_PER_SIDE) - BINS_PER_SIDE + 0.5) * stats.width
-    outside = stats.counts[(centres < lo) | (centres > hi)].sum()
-    return float(outside / total)
+    width = stats.width
+    left = (np.arange(2 * BINS_PER_SIDE) - BINS_PER_SIDE) * width
+    above = np.clip((left + width - hi) / width, 0.0, 1.0) if hi < stats.max else 0.0
+    below = np.clip((lo - left) / width, 0.0, 1.0) if lo > stats.min else 0.0
+    return float(np.sum(stats.counts * (above + below)) / total)

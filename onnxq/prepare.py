@@ -70,7 +70,7 @@ def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(target)
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors reach the user as onnxq's one line
         if large:
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", "optimized.data"

@@ -52,7 +52,9 @@ def compute_range(
         lo, hi = _kl_range(stats, symmetric)
     else:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
-    lo, hi = max(float(lo), stats.min), min(float(hi), stats.max)
+    # Clip both ends into [min, max]; clipping is monotone, so lo <= hi survives it (clamping
+    # each end on one side only let a histogram estimate below min give hi < lo).
+    lo, hi = (min(max(float(v), stats.min), stats.max) for v in (lo, hi))
     if symmetric:
         bound = max(abs(lo), abs(hi))
         return -bound, bound

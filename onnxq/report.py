@@ -118,20 +118,23 @@ def format_summary(report: dict) -> str:
                  + f" ({settings['weight_range']} range: {settings['weight_range_reason']})")
     calib = report["data"]["calibration"]
     if calib:
-        lines.append(f"  calibration: {calib['samples']} samples from {calib.get('source', report['data']['statistics_file'])}")
+        origin = calib.get("source", report["data"]["statistics_file"])
+        lines.append(f"  calibration: {calib['samples']} samples from {origin}")
     lines.append(f"  nodes: {nodes['quantized']} of {nodes['total']} quantized, {nodes['float']} kept float")
     ops = []
     for op, counts in nodes["by_op_type"].items():
         quantized = sum(v for k, v in counts.items() if k in QUANTIZED_STATUSES)
         ops.append(f"{op} {quantized}/{sum(counts.values())}")
     lines.append("    " + ", ".join(ops))
-    lines.append(f"  size: {size['fp32_bytes'] / 1e6:.2f} MB -> {size['int8_bytes'] / 1e6:.2f} MB ({size['ratio']}x smaller)")
+    lines.append(f"  size: {size['fp32_bytes'] / 1e6:.2f} MB -> {size['int8_bytes'] / 1e6:.2f} MB "
+                 f"({size['ratio']}x smaller)")
     fidelity = report["fidelity"]
     if fidelity:
         lines.append(f"  fidelity on {fidelity['samples']} samples ({fidelity['source']}):")
         for out in fidelity["outputs"]:
             top1 = f", top-1 agreement {out['top1_agreement']:.2%}" if out["top1_agreement"] is not None else ""
-            lines.append(f"    {out['name']}: cosine {_num(out['cosine'], 5)} (worst sample {_num(out['worst_sample_cosine'], 5)}), "
+            lines.append(f"    {out['name']}: cosine {_num(out['cosine'], 5)} "
+                         f"(worst sample {_num(out['worst_sample_cosine'], 5)}), "
                          f"SQNR {_num(out['sqnr_db'], 1)} dB{top1}")
     else:
         lines.append("  fidelity: not measured (no evaluation data)")

@@ -1,0 +1,37 @@
+# Everything installs into a local virtual environment; `make demo` and `make test` need nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.onnxq-installed
+OUT ?= out
+
+DEMO_MODEL := demo/ppocr_v4_rec.onnx
+DEMO_CALIB := calibration_data/ocr_lines/calib
+DEMO_EVAL := calibration_data/ocr_lines/eval
+DEMO_PREP := --image-size 320x48 --mean 0.5 --std 0.5
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p $(OUT)
+	$(BIN)/onnxq quantize $(DEMO_MODEL) -o $(OUT)/ppocr_v4_rec.int8.onnx \
+		--calib $(DEMO_CALIB) --eval-data $(DEMO_EVAL) $(DEMO_PREP) --report $(OUT)/demo-report.json
+	$(BIN)/python -m demo.ocr_check $(DEMO_MODEL) $(OUT)/ppocr_v4_rec.int8.onnx $(DEMO_EVAL)
+
+lint: $(STAMP)
+	$(BIN)/ruff check onnxq tests demo
+
+test: lint
+	$(BIN)/pytest
+
+# A Makefile rule that quantizes any model next to it (see README).
+%.int8.onnx: %.onnx $(STAMP)
+	$(BIN)/onnxq quantize $< -o $@ --calib $(CALIB) -q
+
+clean:
+	rm -rf $(OUT) .pytest_cache .ruff_cache
