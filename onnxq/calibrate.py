@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from .data import SampleSource, batches
 from .errors import DataError, ModelError
-from .model_io import EXTERNAL_DATA_THRESHOLD
+from .model_io import needs_external_data
 from .statistics import Statistics
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -59,7 +59,7 @@ def session_for(model: onnx.ModelProto, workdir: Path, threads: int = 0) -> ort.
     options.intra_op_num_threads = threads
     options.log_severity_level = 4  # errors reach the user as onnxq's one line
     path = workdir / f"model_{id(model)}.onnx"
-    large = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    large = needs_external_data(model)
     onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -13,6 +13,13 @@ from .errors import ModelError, OutputError
 
 # protobuf cannot serialise a single message over 2 GiB; above this we use external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Tensors smaller than this stay inside the .onnx file when data goes external.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """True when the model is too large to be one protobuf message (over 2 GiB)."""
+    return model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -34,7 +41,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path} does not contain an ONNX graph (empty or not an ONNX file)")
     try:
-        onnx.checker.check_model(model, full_check=False)
+        # The checker cannot take a proto over 2 GiB in memory; it reads such a model from its path.
+        onnx.checker.check_model(str(path) if needs_external_data(model) else model, full_check=False)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path} is not a valid ONNX model: {reason}") from None
@@ -102,7 +110,7 @@ def serialize(model: onnx.ModelProto) -> bytes:
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:
     """Save atomically; models over 2 GiB get their tensors in `<name>.data` beside them."""
     path = Path(path)
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if not needs_external_data(model):
         atomic_write_bytes(path, serialize(model))
         return
     _save_with_external_data(model, path)
@@ -115,6 +123,7 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        os.replace(Path(staging) / data_name, path.parent / data_name)
+                        location=data_name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
+        if (Path(staging) / data_name).exists():  # absent when every tensor is tiny
+            os.replace(Path(staging) / data_name, path.parent / data_name)
         os.replace(staged, path)

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import version_converter
 
 from .errors import ModelError
-from .model_io import EXTERNAL_DATA_THRESHOLD
+from .model_io import needs_external_data
 from .simplify import fold_affine_into_conv
 
 MIN_OPSET = 13
@@ -65,7 +65,7 @@ def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory(prefix="onnxq-prepare-") as tmp:
         source = Path(tmp) / "source.onnx"
         target = Path(tmp) / "optimized.onnx"
-        large = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+        large = needs_external_data(model)
         onnx.save_model(model, str(source), save_as_external_data=large, location="source.data")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
