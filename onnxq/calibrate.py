@@ -8,6 +8,7 @@ group is one pass over the data. Nothing is kept between batches but statistics.
 
 from __future__ import annotations
 
+import copy
 import sys
 import tempfile
 from collections.abc import Callable
@@ -84,12 +85,19 @@ def collect_statistics(
     batch_size: int = 1,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: ProgressFactory = _no_progress,
+    aliases: dict[str, str] | None = None,
 ) -> Statistics:
-    """Statistics of `tensors` (graph inputs or node outputs) over every sample of `source`."""
+    """Statistics of `tensors` (graph inputs or node outputs) over every sample of `source`.
+
+    `aliases` maps tensors holding exactly another tensor's values to that tensor: their
+    statistics are copied rather than collected.
+    """
+    aliases = aliases or {}
     stats = Statistics(samples=len(source), source=source.description)
     input_names = {i.name for i in model.graph.input}
-    from_feed = [t for t in tensors if t in input_names]
-    from_model = [t for t in tensors if t not in input_names]
+    observed = [t for t in tensors if t not in aliases]
+    from_feed = [t for t in observed if t in input_names]
+    from_model = [t for t in observed if t not in input_names]
     with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
         session = session_for(with_outputs(model, from_model), Path(tmp))
         groups = _groups_within_budget(session, source, from_model, batch_size, memory_budget)
@@ -107,6 +115,9 @@ def collect_statistics(
                     bar.update(count)
         finally:
             bar.close()
+    for alias, original in sorted(aliases.items()):
+        if alias in tensors and original in stats.tensors:
+            stats.tensors[alias] = copy.deepcopy(stats.tensors[original])
     missing = [t for t in tensors if t not in stats.tensors]
     if missing:
         raise DataError(f"no statistics for {len(missing)} tensors (e.g. {missing[0]}); is the data empty?")

@@ -260,5 +260,20 @@ def merge_stats(inputs, output, quiet, verbose) -> None:
                    f"-> {output}", err=True)
 
 
+def run() -> None:
+    """Console entry point: click's own usage errors become one line too."""
+    try:
+        result = main.main(prog_name="onnxq", standalone_mode=False)
+    except click.ClickException as exc:
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context is not None else "onnxq"
+        click.echo(f"onnxq: error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("onnxq: interrupted; no output written", err=True)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()

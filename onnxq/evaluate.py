@@ -5,7 +5,8 @@ grow with the number of samples:
 - cosine: over all samples flattened together, and the worst single sample;
 - SQNR (dB): 10·log10(Σ fp32² / Σ (fp32 − int8)²);
 - top-1 agreement: share of positions whose argmax over the last axis matches
-  (the classifier's "same class"; per time step for sequence outputs).
+  for [N, classes] and [N, steps, classes] outputs (the classifier's "same class";
+  per time step for sequences); not for images or feature maps.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class OutputAgreement:
         for r, t in zip(ref.reshape(ref.shape[0], -1) if ref.ndim else [ref.reshape(-1)],
                         out.reshape(out.shape[0], -1) if out.ndim else [out.reshape(-1)], strict=True):
             self.worst_sample_cosine = min(self.worst_sample_cosine, _cosine(r, t))
-        if ref.ndim >= 2 and ref.shape[-1] > 1:
+        if ref.ndim in (2, 3) and ref.shape[-1] > 1:  # [N, classes] or [N, steps, classes]
             same = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
             self.argmax_total += int(same.size)
             self.argmax_same += int(same.sum())

@@ -29,9 +29,9 @@ from .data import (
 )
 from .errors import DataError, ModelError, UsageError
 from .evaluate import Fidelity, compare_models
-from .ir import import_graph
+from .ir import Graph, import_graph
 from .model_io import check_output_path, load_model, model_digest, needs_external_data, save_model
-from .placement import PlacementOptions, place, tensors_to_observe
+from .placement import PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import prepare_model
 from .report import build_report
@@ -167,8 +167,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
     calib, held, notes = open_data(request, specs)
     notes = prepared.notes + notes
     with timer.stage("calibrate"):
-        stats = _statistics(request, prepared.model, placement.statistics_tensors, tensors_to_observe(graph),
-                            calib, digest, progress)
+        stats = _statistics(request, prepared.model, placement.statistics_tensors, graph, calib, digest, progress)
     if request.save_stats is not None:
         stats.save(request.save_stats)
     with timer.stage("plan"):
@@ -193,9 +192,9 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
     return QuantizeResult(report, plan, fidelity)
 
 
-def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[str], observe: list[str],
+def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[str], graph: Graph,
                 calib: SampleSource | None, digest: str, progress: ProgressFactory) -> Statistics:
-    """Load statistics (checking they fit), or collect them for every tensor in `observe`."""
+    """Load statistics (checking they fit), or collect them for every tensor any setting may need."""
     if request.load_stats is not None:
         stats = Statistics.load(request.load_stats)
         if stats.model_digest and stats.model_digest != digest:
@@ -206,8 +205,10 @@ def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[
             raise DataError(f"{request.load_stats} lacks statistics for {len(missing)} tensors (e.g. {missing[0]})")
         return stats
     assert calib is not None
+    observe = tensors_to_observe(graph)
     stats = collect_statistics(model, observe, calib, batch_size=request.data.batch_size,
-                               memory_budget=request.data.memory_budget, progress=progress)
+                               memory_budget=request.data.memory_budget, progress=progress,
+                               aliases=value_aliases(graph, observe))
     stats.model_digest = digest
     return stats
 
@@ -233,7 +234,8 @@ def calibrate_only(model_path: Path, output: Path, data: DataOptions,
     check_output_path(output, [model_path])
     original = load_model(model_path)
     prepared = prepare_model(original)
-    tensors = tensors_to_observe(import_graph(prepared.model))
+    graph = import_graph(prepared.model)
+    tensors = tensors_to_observe(graph)
     specs = model_input_specs(original)
     check_batch_size(data.batch_size, specs)
     if data.calib is None:
@@ -245,7 +247,8 @@ def calibrate_only(model_path: Path, output: Path, data: DataOptions,
     if data.max_samples is not None:
         source = source.subset(range(min(data.max_samples, len(source))), source.description)
     stats = collect_statistics(prepared.model, tensors, source, batch_size=data.batch_size,
-                               memory_budget=data.memory_budget, progress=progress)
+                               memory_budget=data.memory_budget, progress=progress,
+                               aliases=value_aliases(graph, tensors))
     stats.model_digest = model_digest(prepared.model)
     stats.save(output)
     return stats

@@ -6,9 +6,12 @@ This stage looks only at the graph, never at data. Its result says:
 - a decision with a reason for every node, for the report.
 
 Every quantized tensor gets one QuantizeLinear->DequantizeLinear pair right after its
-producer, so every consumer reads the same dequantized value. A compute op (Conv,
-MatMul, ...) has its activation inputs and its output quantized: the DQ -> op -> Q
-pattern onnxruntime's CPU provider turns into QLinearConv, QLinearMatMul, ...
+producer, so every consumer reads the same dequantized value. Heavy ops (Conv, MatMul,
+Gemm) always get their activation inputs quantized; Conv also its output (the DQ -> Conv
+-> Q pattern becomes QLinearConv), MatMul and Gemm only when a quantized consumer needs
+it (otherwise onnxruntime runs MatMulIntegerToFloat / QGemm with a float output). Light
+ops (Add, Mul, Concat, pooling, Sigmoid, LeakyRelu) run in int8 only when all their
+inputs are quantized anyway.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from .ir import constant_values, is_constant, is_empty, is_float32, node_label
 
-# Ops that run as int8 kernels: indices of activation inputs, and where weight and bias sit.
+# Ops onnxruntime's CPU provider runs as int8 kernels when wrapped in DQ -> op -> Q.
 COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool",
                "Sigmoid", "LeakyRelu"}
 # Ops that move or select values without arithmetic: they share their input's scale.
@@ -162,12 +165,12 @@ def _why_not_compute(node: gs.Node, options: PlacementOptions) -> str | None:
                 return "bias is not a constant vector"
         if node.attrs.get("transA", 0):
             return "transposed A input"
+        if node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
+            return "alpha or beta other than 1 (onnxruntime has no int8 kernel for it)"
     if node.op in ("Add", "Mul") and any(is_constant(t) for t in node.inputs):
         return "one operand is a constant (kept float for accuracy)"
     if node.op in ("MatMul",) and any(is_constant(t) and constant_values(t).ndim != 2 for t in node.inputs):
         return "constant operand is not a 2-D weight"
-    if node.op == "MaxPool" and len(node.outputs) > 1:
-        return "MaxPool with indices output"
     return None
 
 
@@ -304,3 +307,24 @@ def tensors_to_observe(graph: gs.Graph) -> list[str]:
     folded = place(graph, PlacementOptions(fold_activations=True))
     unfolded = place(graph, PlacementOptions(fold_activations=False))
     return sorted(set(folded.activations) | set(unfolded.activations))
+
+
+# Ops whose output holds exactly the input's values (only the shape or order changes).
+VALUE_PRESERVING_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def value_aliases(graph: gs.Graph, tensors: list[str]) -> dict[str, str]:
+    """Observed tensors whose statistics equal another observed tensor's: alias -> source.
+
+    Their statistics are copied instead of collected, which saves an exposed output and
+    a histogram update per batch.
+    """
+    wanted = set(tensors)
+    aliases: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op not in VALUE_PRESERVING_OPS or not node.inputs or not node.outputs:
+            continue
+        source, result = node.inputs[0].name, node.outputs[0].name
+        if result in wanted and source in wanted:
+            aliases[result] = aliases.get(source, source)
+    return aliases

@@ -329,3 +329,20 @@ def test_runtime_failure_in_onnxruntime_is_one_line(ws: Workspace, cause: str) -
     assert os.listdir(ws.out) == []
     code = expected or (result.returncode if result.returncode in (EXIT_BAD_MODEL, EXIT_BAD_DATA) else -1)
     assert_clean_failure(result.returncode, result.stdout, result.stderr, code, [])
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["quantize", "MODEL"], ["Missing option", "--output", "onnxq quantize --help"]),
+        (["quantize", "MODEL", "-o", "OUT", "--method", "best"], ["--method", "'best'"]),
+        (["quantize", "MODEL", "-o", "OUT", "--batch-size", "0"], ["--batch-size"]),
+        (["frobnicate"], ["No such command", "onnxq --help"]),
+    ],
+)
+def test_usage_errors_are_one_line(ws: Workspace, args: list[str], words: list[str]) -> None:
+    """click's own usage errors follow the same one-line convention, exit code 2."""
+    args = [str(ws.model) if a == "MODEL" else str(ws.out / "q.onnx") if a == "OUT" else a for a in args]
+    result = run_cli(*args)
+    assert_clean_failure(result.returncode, result.stdout, result.stderr, 2, words)
+    assert os.listdir(ws.out) == []

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_relu_model, cosine, image_batch, quantize_simple, run
 
 import onnxq.model_io
-from tests.conftest import conv_relu_model, cosine, image_batch, quantize_simple, run
 
 
 def test_external_data_model_in_and_out(tmp_path: Path, conv_calib: Path, monkeypatch: pytest.MonkeyPatch) -> None:

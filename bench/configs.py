@@ -1,0 +1,44 @@
+"""The configurations benchmarked per model: fp32, onnxq (default and each method), the peers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ONNXQ_METHODS = ("global", "max", "percentile", "mse", "kl")
+ORT_METHODS = ("MinMax", "Entropy", "Percentile")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row of a model's table."""
+
+    id: str
+    tool: str  # fp32 | onnxq | ort | nncf
+    label: str  # human-readable settings
+    args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def full(dynamic: bool) -> list[Config]:
+    """Every configuration of the full suite (``dynamic``: quantize_dynamic applies to the model)."""
+    cfgs = [Config("fp32", "fp32", "fp32 reference"),
+            Config("onnxq-default", "onnxq", "onnxq defaults (max, uint8 asym act, per-channel)")]
+    cfgs += [Config(f"onnxq-{m}", "onnxq", f"onnxq --method {m} (--load-stats)", ("--method", m))
+             for m in ONNXQ_METHODS]
+    cfgs.append(Config("onnxq-max-sym", "onnxq", "onnxq --method max --symmetric (--load-stats)",
+                       ("--method", "max", "--symmetric")))
+    for fmt, short in (("QDQ", "qdq"), ("QOperator", "qop")):
+        cfgs += [Config(f"ort-{short}-{m.lower()}", "ort", f"ORT static {fmt} {m} per-channel",
+                        ("static", "--format", fmt, "--method", m)) for m in ORT_METHODS]
+    cfgs.append(Config("ort-qdq-minmax-rr", "ort", "ORT static QDQ MinMax per-channel reduce_range",
+                       ("static", "--format", "QDQ", "--method", "MinMax", "--reduce-range")))
+    cfgs.append(Config("ort-dynamic", "ort", "ORT quantize_dynamic per-channel" if dynamic
+                       else "ORT quantize_dynamic: n/a (no MatMul/LSTM; Conv-only model)",
+                       ("dynamic",) if dynamic else ()))
+    cfgs.append(Config("nncf-default", "nncf", "nncf.quantize defaults"))
+    return cfgs
+
+
+def quick() -> list[Config]:
+    """bench-quick: fp32, onnxq default and one onnxruntime peer."""
+    by_id = {c.id: c for c in full(dynamic=False)}
+    return [by_id["fp32"], by_id["onnxq-default"], by_id["ort-qdq-minmax"]]

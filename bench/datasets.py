@@ -1,0 +1,276 @@
+"""Real inputs for each model, written as folders of .npz feeds (one complete feed per file).
+
+Every set is split into calibration and evaluation parts by source: different documents
+for the text lines, different photos for the detectors, different texts (and voices) for
+speech. Layout: ``CACHE/data/<model>-<n_calib>-<n_eval>/{calib,eval}/NNNN.npz`` plus
+``meta.json`` with labels and whatever the task metric needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import wave
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.models import CACHE, REPO, fetch_wheel
+
+OCR_LINES = REPO / "calibration_data" / "ocr_lines"
+PHOTO_EXT = (".png", ".jpg", ".jpeg")
+SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
+                  "hubble_deep_field", "moon", "motorcycle_left", "page", "retina", "rocket", "text")
+VAD_SR = 16000
+VAD_CHUNK = 512
+VAD_CONTEXT = 64
+
+
+@dataclass
+class DataSet:
+    """Calibration and evaluation feeds of one model."""
+
+    calib: Path
+    eval: Path
+    meta: dict
+
+    @property
+    def n_calib(self) -> int:
+        """Number of calibration feeds."""
+        return len(list(self.calib.glob("*.npz")))
+
+    @property
+    def n_eval(self) -> int:
+        """Number of evaluation feeds."""
+        return len(list(self.eval.glob("*.npz")))
+
+
+def load_feeds(folder: Path) -> list[dict[str, np.ndarray]]:
+    """All feeds of a folder of .npz files, in sorted order."""
+    feeds = []
+    for f in sorted(folder.glob("*.npz")):
+        with np.load(f) as data:
+            feeds.append({k: data[k] for k in data.files})
+    return feeds
+
+
+def _write(folder: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, feed in enumerate(feeds):
+        np.savez(folder / f"{i:04d}.npz", **feed)
+
+
+def _ocr_lines(split: str, n: int) -> list[tuple[Path, str]]:
+    rows = [line.split("\t", 1) for line in (OCR_LINES / split / "labels.tsv").read_text().splitlines() if line]
+    return [(OCR_LINES / split / name, text) for name, text in rows[:n]]
+
+
+def _rec_feed(path: Path) -> dict[str, np.ndarray]:
+    from demo.ocr import preprocess
+
+    return {"x": preprocess(path)}
+
+
+def _cls_feed(path: Path, rotate: bool) -> dict[str, np.ndarray]:
+    """rapidocr's classifier input: BGR, height 48, width capped at 192, (x/255-0.5)/0.5."""
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    if rotate:
+        rgb = rgb.rotate(180)
+    width = min(192, int(np.ceil(48 * rgb.width / rgb.height)))
+    rgb = rgb.resize((width, 48), Image.Resampling.BILINEAR)
+    x = (np.asarray(rgb, dtype=np.float32)[:, :, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    out = np.zeros((1, 3, 48, 192), dtype=np.float32)
+    out[0, :, :, :width] = x
+    return {"x": out}
+
+
+def build_ocr(task: str, dst: Path, n_calib: int, n_eval: int) -> dict:
+    """Text lines for the recogniser (labels = text) or classifier (every 2nd line rotated 180°)."""
+    meta: dict = {"source": "calibration_data/ocr_lines (calib: pydoc topics; eval: LICENSE, this.py, heapq)"}
+    for split, n in (("calib", n_calib), ("eval", n_eval)):
+        lines = _ocr_lines(split, n)
+        if task == "ocr-rec":
+            feeds = [_rec_feed(p) for p, _ in lines]
+            meta[f"{split}_labels"] = [t for _, t in lines]
+        else:
+            feeds = [_cls_feed(p, i % 2 == 1) for i, (p, _) in enumerate(lines)]
+            meta[f"{split}_labels"] = [i % 2 for i in range(len(lines))]  # 0 = upright, 1 = 180°
+        _write(dst / split, feeds)
+    return meta
+
+
+def _opencv_doc_photos(cache: Path) -> list[Path]:
+    """Real photos from Debian's opencv-doc package (downloaded, unpacked, never installed)."""
+    root = cache / "opencv-doc"
+    if not (root / "x").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run(["apt-get", "download", "opencv-doc"], cwd=root, check=True, capture_output=True)
+            deb = next(root.glob("opencv-doc_*.deb"))
+            subprocess.run(["dpkg", "-x", str(deb), str(root / "x")], check=True)
+        except (subprocess.CalledProcessError, StopIteration, FileNotFoundError):
+            return []
+    ex = root / "x" / "usr" / "share" / "doc" / "opencv-doc" / "examples"
+    keep = [p for sub in ("data", "text") for p in sorted((ex / sub).glob("*"))
+            if p.suffix.lower() in PHOTO_EXT and p.stat().st_size > 20_000 and "mask" not in p.name]
+    return keep
+
+
+def _wheel_photos(cache: Path) -> list[Path]:
+    """scikit-image's and scikit-learn's bundled photos, unpacked from their wheels."""
+    out = cache / "photos"
+    found: list[Path] = []
+    for req, prefix, names in (("scikit-image", "skimage/data/", SKIMAGE_PHOTOS),
+                               ("scikit-learn", "sklearn/datasets/images/", ("china", "flower"))):
+        members: list[str] = []
+        wheel = fetch_wheel(req, cache)
+        with zipfile.ZipFile(wheel) as zf:
+            for m in zf.namelist():
+                stem = Path(m).stem
+                if m.startswith(prefix) and Path(m).suffix in PHOTO_EXT and stem in names:
+                    dest = out / f"{req}-{Path(m).name}"
+                    if not dest.exists():
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        dest.write_bytes(zf.read(m))
+                    members.append(m)
+                    found.append(dest)
+    return sorted(found)
+
+
+def source_key(path: Path) -> str:
+    """Scene a photo shows: pairs such as aero1/aero3, motorcycle_left/_right share one key."""
+    stem = path.stem.split("-", 1)[-1].lower()
+    stem = re.sub(r"^(ela|leuven)_?.*", r"\1", stem)  # ela_original/_modified, leuvenA/B
+    return re.sub(r"(_left|_right|(?<=\D)\d|l|r)$", "", stem)
+
+
+def photos(cache: Path = CACHE) -> tuple[list[Path], list[Path]]:
+    """All photos split by source scene: alternate scenes calibrate / evaluate, never both."""
+    allp = [p for p in _wheel_photos(cache) + _opencv_doc_photos(cache)
+            if not re.search(r"gt|disp|mask|^left\d|^right\d", p.stem.lower())]
+    groups: dict[str, list[Path]] = {}
+    for p in sorted(allp, key=lambda p: p.name):
+        groups.setdefault(source_key(p), []).append(p)
+    keys = sorted(groups)
+    calib = [p for k in keys[0::2] for p in groups[k]]
+    evals = [p for k in keys[1::2] for p in groups[k]]
+    return calib, evals
+
+
+def letterbox(path: Path, size: int, *, bgr: bool, mean: float, std: float) -> np.ndarray:
+    """Resize the longer side to ``size``, pad bottom/right with black, normalise: [1,3,size,size]."""
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    scale = size / max(rgb.size)
+    w, h = max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(rgb.resize((w, h), Image.Resampling.BILINEAR), (0, 0))
+    x = np.asarray(canvas, dtype=np.float32) / 255.0
+    if bgr:
+        x = x[:, :, ::-1]
+    return ((x - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def build_photos(task: str, dst: Path, n_calib: int, n_eval: int) -> dict:
+    """Photos for the text detector (640², BGR, ±1) or NudeNet (320², RGB, 0..1)."""
+    calib, evals = photos()
+    size, bgr, mean, std = (640, True, 0.5, 0.5) if task == "text-det" else (320, False, 0.0, 1.0)
+    meta: dict = {"size": size}
+    for split, files, n in (("calib", calib, n_calib), ("eval", evals, n_eval)):
+        files = [files[i] for i in np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int)]
+        _write(dst / split, [{"images" if task == "yolo-det" else "x":
+                              letterbox(p, size, bgr=bgr, mean=mean, std=std)} for p in files])
+        meta[f"{split}_sources"] = [p.name for p in files]
+    return meta
+
+
+def _speak(text: str, voice: str, speed: int, out: Path) -> np.ndarray:
+    """Render ``text`` with espeak-ng and return 16 kHz float32 mono audio."""
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(out), text],
+                   check=True, capture_output=True)
+    with wave.open(str(out)) as w:
+        rate = w.getframerate()
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
+    t = np.arange(0, len(pcm) / rate, 1 / VAD_SR)
+    return np.interp(t, np.arange(len(pcm)) / rate, pcm).astype(np.float32)
+
+
+def _speech_track(texts: list[str], voices: list[str], seed: int, tmp: Path) -> np.ndarray:
+    """Utterances separated by 0.3–1.2 s pauses, with light background noise."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for i in range(0, len(texts), 3):
+        parts.append(np.zeros(int(rng.uniform(0.3, 1.2) * VAD_SR), np.float32))
+        voice = voices[(i // 3) % len(voices)]
+        parts.append(0.8 * _speak(" ".join(texts[i:i + 3]), voice, int(rng.integers(130, 190)), tmp / "s.wav"))
+    track = np.concatenate(parts)
+    return (track + rng.normal(0, 0.003, track.shape)).astype(np.float32)
+
+
+def vad_sequence(session, audio: np.ndarray) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """Run a silero session over ``audio`` the way silero's wrapper does.
+
+    Returns every chunk's feed (with the state the model itself carried) and the speech probabilities.
+    """
+    names = {i.name for i in session.get_inputs()}
+    state = np.zeros((2, 1, 128), np.float32)
+    context = np.zeros((1, VAD_CONTEXT), np.float32)
+    feeds, probs = [], []
+    for i in range(0, len(audio) - VAD_CHUNK + 1, VAD_CHUNK):
+        x = np.concatenate([context, audio[None, i:i + VAD_CHUNK]], axis=1)
+        feed = {"input": x, "state": state}
+        if "sr" in names:
+            feed["sr"] = np.array(VAD_SR, dtype=np.int64)
+        out, state = session.run(None, feed)
+        feeds.append(feed)
+        probs.append(float(out[0, 0]))
+        context = x[:, -VAD_CONTEXT:]
+    return feeds, np.array(probs, np.float32)
+
+
+def build_vad(model: Path, dst: Path, n_calib: int, n_eval: int) -> dict:
+    """Speech from espeak-ng: calib from pydoc-topic lines, eval from licence/Zen/heapq lines."""
+    import onnxruntime as ort
+
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is missing: apt-get install espeak-ng")
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    dst.mkdir(parents=True, exist_ok=True)
+    meta: dict = {"sample_rate": VAD_SR, "chunk": VAD_CHUNK}
+    for split, voices, seed in (("calib", ["en-us", "en"], 1), ("eval", ["en-gb-x-rp", "en-us+f3"], 2)):
+        texts = [t for _, t in _ocr_lines(split, 48)]
+        audio = _speech_track(texts, voices, seed, dst)
+        feeds, probs = vad_sequence(session, audio)
+        n = n_calib if split == "calib" else n_eval
+        pick = np.linspace(0, len(feeds) - 1, min(n, len(feeds))).round().astype(int)
+        _write(dst / split, [feeds[i] for i in pick])
+        np.save(dst / f"{split}_audio.npy", audio)
+        meta[f"{split}_seconds"] = round(len(audio) / VAD_SR, 1)
+        meta[f"{split}_speech_fraction_fp32"] = float((probs > 0.5).mean())
+    (dst / "s.wav").unlink(missing_ok=True)
+    return meta
+
+
+def build(name: str, task: str, model: Path, n_calib: int, n_eval: int, cache: Path = CACHE) -> DataSet:
+    """Build (or reuse) the feeds of one model."""
+    dst = cache / "data" / f"{name}-{n_calib}-{n_eval}"
+    meta_file = dst / "meta.json"
+    if not meta_file.exists():
+        if dst.exists():
+            shutil.rmtree(dst)
+        if task in ("ocr-rec", "ocr-cls"):
+            meta = build_ocr(task, dst, n_calib, n_eval)
+        elif task in ("text-det", "yolo-det"):
+            meta = build_photos(task, dst, n_calib, n_eval)
+        elif task == "vad":
+            meta = build_vad(model, dst, n_calib, n_eval)
+        else:
+            raise ValueError(f"unknown task {task}")
+        meta_file.write_text(json.dumps(meta, indent=1))
+    return DataSet(dst / "calib", dst / "eval", json.loads(meta_file.read_text()))

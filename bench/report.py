@@ -1,0 +1,162 @@
+"""Machine description and BENCHMARKS.md generation from bench/results/*.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from functools import cache
+from pathlib import Path
+
+from bench import runners
+
+
+@cache
+def machine() -> dict:
+    """CPU model, int8-relevant flags, cores, library versions."""
+    import onnxruntime
+
+    import onnxq
+
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    nncf = None
+    if runners.NNCF_PYTHON.exists():
+        out = subprocess.run([str(runners.NNCF_PYTHON), "-c", "import nncf; print(nncf.__version__)"],
+                             capture_output=True, text=True)
+        nncf = out.stdout.strip() or None
+    return {"cpu": model, "cores": os.cpu_count(),
+            "int8_flags": sorted(f for f in flags if "vnni" in f or f.startswith("amx") or f.startswith("avx512")),
+            "avx2": "avx2" in flags, "vnni": any("vnni" in f for f in flags),
+            "amx": any(f.startswith("amx") for f in flags),
+            "onnxruntime": onnxruntime.__version__, "onnxq": onnxq.__version__, "nncf": nncf,
+            "python": platform.python_version()}
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _metric(row: dict, key: str) -> float | None:
+    return row.get("task", {}).get(key)
+
+
+def model_table(res: dict) -> str:
+    """One markdown table: a row per configuration."""
+    key = res["primary_metric"]
+    head = (f"| config | status | {key} | SQNR dB | cosine | speedup 1t | speedup {res['machine']['cores']}t "
+            "| ms 1t | size ÷ | quant s | peak RSS MB | calib ratio |")
+    lines = [head, "|" + "---|" * 12]
+    for r in res["rows"]:
+        fid = r.get("fidelity", {})
+        sp, lat = r.get("speedup", {}), r.get("latency_ms", {})
+        quant = r.get("quant_wall_excl_eval_s", r.get("quant_wall_s"))
+        status = r["status"]
+        if status not in ("ok",) and r.get("error"):
+            status += f": {_short_error(r['error'])}"
+        lines.append(f"| {r['id']} | {status} | {_fmt(_metric(r, key), '.4f')} | {_fmt(fid.get('sqnr_db'), '.1f')} "
+                     f"| {_fmt(fid.get('cosine'), '.4f')} | {_fmt(sp.get('1'), '.2f')} | {_fmt(sp.get('all'), '.2f')} "
+                     f"| {_fmt(lat.get('1'), '.2f')} | {_fmt(r.get('size_ratio'), '.2f')} | {_fmt(quant, '.1f')} "
+                     f"| {_fmt(r.get('peak_rss_mb'), '.0f')} | {_fmt(r.get('calib_ratio'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def _short_error(text: str) -> str:
+    """Last meaningful log line, shortened and made table-safe."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("^")]
+    last = lines[-1] if lines else ""
+    return last.replace("|", "/")[:140]
+
+
+def best(rows: list[dict], tool: str, key: str) -> dict | None:
+    """Best working row of ``tool`` by task metric, then by all-thread speedup."""
+    ok = [r for r in rows if r["tool"] == tool and r["status"] == "ok" and _metric(r, key) is not None]
+    return max(ok, key=lambda r: (_metric(r, key), r.get("speedup", {}).get("all") or 0), default=None)
+
+
+def _cell(r: dict | None, key: str, name: bool = False) -> str:
+    """Task metric of a row (with its id when ``name``), or its status when it did not work."""
+    if r is None:
+        return "—"
+    if r["status"] != "ok":
+        return r["status"]
+    val = _fmt(_metric(r, key), ".4f")
+    return f"{val} ({r['id']})" if name else val
+
+
+def _trio(rows: tuple[dict | None, ...], field: str, spec: str) -> str:
+    """``field`` of each row (speedups: the 1-thread one), joined by slashes."""
+    vals = []
+    for r in rows:
+        v = (r or {}).get(field)
+        vals.append(_fmt(v.get("1") if isinstance(v, dict) else v, spec))
+    return " / ".join(vals)
+
+
+def headline(results: list[dict]) -> str:
+    """Per model: onnxq default vs best ORT config vs NNCF."""
+    lines = ["| model | metric | fp32 | onnxq default | best ORT config | NNCF | speedup 1t (onnxq / ORT / NNCF) "
+             "| peak RSS MB (onnxq / ORT / NNCF) |", "|" + "---|" * 8]
+    for res in results:
+        key = res["primary_metric"]
+        if res.get("error"):
+            lines.append(f"| {res['model']} | {key} | benchmark failed (see below) |" + " |" * 5)
+            continue
+        rows = {r["id"]: r for r in res["rows"]}
+        oq, ort, nn = rows.get("onnxq-default"), best(res["rows"], "ort", key), best(res["rows"], "nncf", key)
+        nn_row = nn or rows.get("nncf-default")
+
+        trio = (oq, ort, nn_row)
+        lines.append(f"| {res['model']} | {key} | {_cell(rows.get('fp32'), key)} | {_cell(oq, key)} "
+                     f"| {_cell(ort, key, True)} | {_cell(nn_row, key)} | {_trio(trio, 'speedup', '.2f')} "
+                     f"| {_trio(trio, 'peak_rss_mb', '.0f')} |")
+    return "\n".join(lines)
+
+
+def write_markdown(results_dir: Path, path: Path) -> None:
+    """Write BENCHMARKS.md from every <model>.json in ``results_dir``."""
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    m = results[0]["machine"] if results else machine()
+    commands = sorted({r.get("command", "") for r in results})
+    out = ["# onnxq benchmarks", "",
+           "Generated by `bench/report.py` from `bench/results/*.json`; do not edit by hand.", "",
+           f"- Machine: {m['cpu']}, {m['cores']} cores; AVX2: {m['avx2']}; VNNI: {m['vnni']}; AMX: {m['amx']}; "
+           f"int8-relevant flags: {', '.join(m['int8_flags']) or 'none'}",
+           f"- onnxruntime {m['onnxruntime']}, onnxq {m['onnxq']}, NNCF {m['nncf'] or 'not installed'}, "
+           f"Python {m['python']}",
+           "- Made by: " + "; ".join(f"`{c}`" for c in commands) + " (`make bench` runs `python -m bench.run`)", "",
+           "## Headline", "", headline(results), "",
+           "Best ORT config = the onnxruntime.quantization row with the best task metric (ties: faster). "
+           "Speedup = fp32 median latency ÷ int8 median latency at batch 1, interleaved runs.", "",
+           "## How to read the tables", "",
+           "- Task metric on held-back data (split from calibration by source). ocr-rec: character accuracy vs "
+           "ground truth (greedy CTC); ocr-cls: 0°/180° accuracy; detectors: F1 of boxes vs fp32 boxes at IoU 0.5; "
+           "VAD: speech/non-speech decision agreement with fp32 (each model carries its own state).",
+           "- SQNR/cosine: first output vs fp32 over all evaluation samples.",
+           "- quant s: wall time of the quantizing child process (onnxq: without its built-in fidelity "
+           "evaluation on --eval-data; ORT: includes quant_pre_process); peak RSS: that process's ru_maxrss.",
+           "- calib ratio: onnxq's calibration time ÷ one plain fp32 onnxruntime pass over the same data "
+           "(floor 1.0). onnxq-default: its calibrate stage; the --load-stats rows reuse one `onnxq calibrate` "
+           "run (its ratio is in the JSON under onnxq_calibrate).",
+           "- A crash, timeout or memory-limit kill is a row with that status and the last log line.", ""]
+    for res in results:
+        if res.get("error"):
+            out += [f"## {res['model']} ({res['task']})", "", "The benchmark of this model failed:", "",
+                    "```", res["error"].strip()[-1500:], "```", ""]
+            continue
+        d = res["data"]
+        out += [f"## {res['model']} ({res['task']})", "",
+                f"Source: `{res['source']['requirement']}` → `{res['source']['member']}` "
+                f"({res['source']['size_bytes'] / 1e6:.2f} MB, {res['source']['licence']}). "
+                f"Data: {d['n_calib']} calibration / {d['n_eval']} evaluation samples. "
+                f"fp32 pass over calibration data: {res['fp32_calib_pass_s']:.2f} s.", "",
+                model_table(res), ""]
+    path.write_text("\n".join(out))
