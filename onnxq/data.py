@@ -319,6 +319,8 @@ def batches(source: SampleSource, batch_size: int, limit: int | None = None) -> 
     pending: list[Feed] = []
 
     def flush() -> tuple[Feed, int]:
+        if len(pending) == 1:  # nothing to stack (and scalars cannot be stacked)
+            return pending.pop(), 1
         merged = {name: np.concatenate([f[name] for f in pending], axis=0) for name in pending[0]}
         count = len(pending)
         pending.clear()

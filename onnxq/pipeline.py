@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .errors import DataError, ModelError, UsageError
 from .evaluate import Fidelity, compare_models
 from .ir import Graph, import_graph
 from .model_io import check_output_path, load_model, model_digest, needs_external_data, save_model
-from .placement import PlacementOptions, place, tensors_to_observe, value_aliases
+from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import prepare_model
 from .report import build_report
@@ -163,6 +164,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         options = PlacementOptions(per_channel=settings.per_channel, fold_activations=not settings.symmetric,
                                    exclude_nodes=exclude, exclude_op_types=exclude)
         placement = place(graph, options)
+    _require_something_to_quantize(placement)
     specs = model_input_specs(original)
     calib, held, notes = open_data(request, specs)
     notes = prepared.notes + notes
@@ -190,6 +192,16 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         weight_range_reason=weight_range_reason, timings=timer.seconds,
     )
     return QuantizeResult(report, plan, fidelity)
+
+
+def _require_something_to_quantize(placement: Placement) -> None:
+    """Writing an int8 model with no int8 node would only be slower and larger: say why instead."""
+    if any(node.status == "int8" for node in placement.nodes):
+        return
+    reasons = Counter(node.reason for node in placement.nodes if node.op_type in HEAVY_OPS)
+    detail = "; ".join(f"{count} Conv/MatMul/Gemm: {reason}" for reason, count in reasons.most_common(2))
+    raise ModelError("nothing to quantize: no node can run in int8" + (f" ({detail})" if detail else
+                     " (the model has no Conv, MatMul or Gemm outside control-flow subgraphs)"))
 
 
 def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[str], graph: Graph,
