@@ -61,11 +61,17 @@ def compute_range(
     return lo, hi
 
 
+def _sides(stats: TensorStats) -> tuple[np.ndarray, np.ndarray]:
+    """(negative, positive) counts as float64; bin k covers |x| in [k*w, (k+1)*w) on each side."""
+    neg = stats.counts[:BINS_PER_SIDE][::-1].astype(np.float64)
+    pos = stats.counts[BINS_PER_SIDE:].astype(np.float64)
+    return neg, pos
+
+
 def _abs_histogram(stats: TensorStats) -> np.ndarray:
-    """Counts of |x|: bin k covers [k*w, (k+1)*w) (negative side folded onto positive)."""
-    neg = stats.counts[:BINS_PER_SIDE][::-1]
-    pos = stats.counts[BINS_PER_SIDE:]
-    return (neg + pos).astype(np.float64)
+    """Counts of |x| (negative side folded onto positive)."""
+    neg, pos = _sides(stats)
+    return neg + pos
 
 
 def _quantile_from_counts(counts: np.ndarray, width: float, fraction: float) -> float:
@@ -89,8 +95,7 @@ def _percentile_range(stats: TensorStats, percentile: float, symmetric: bool) ->
     if symmetric:
         bound = _quantile_from_counts(_abs_histogram(stats), w, fraction)
         return -bound, bound
-    pos = stats.counts[BINS_PER_SIDE:].astype(np.float64)
-    neg = stats.counts[:BINS_PER_SIDE][::-1].astype(np.float64)
+    neg, pos = _sides(stats)
     total = pos.sum() + neg.sum()
     tail = (1.0 - fraction) * total
     # Upper tail: the value with `tail` of all the mass above it.
@@ -212,8 +217,7 @@ def _kl_range(stats: TensorStats, symmetric: bool) -> tuple[float, float]:
     """Exact zeros (ReLU outputs, padding) are left out: zero is exact in every scheme,
     and a spike at 0 would otherwise drag the threshold down."""
     w = stats.width
-    pos = stats.counts[BINS_PER_SIDE:].astype(np.float64)
-    neg = stats.counts[:BINS_PER_SIDE][::-1].astype(np.float64)
+    neg, pos = _sides(stats)
     pos[0] -= stats.zeros
     if symmetric or (stats.min < 0 < stats.max):
         bound = _kl_threshold(pos + neg, w)
