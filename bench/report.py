@@ -139,8 +139,12 @@ def write_markdown(results_dir: Path, path: Path) -> None:
            "## How to read the tables", "",
            "- Task metric on held-back data (split from calibration by source). ocr-rec: character accuracy vs "
            "ground truth (greedy CTC); ocr-cls: 0°/180° accuracy; detectors: F1 of boxes vs fp32 boxes at IoU 0.5; "
-           "VAD: speech/non-speech decision agreement with fp32 (each model carries its own state).",
-           "- SQNR/cosine: first output vs fp32 over all evaluation samples.",
+           "VAD: speech/non-speech decision agreement with fp32 (each model carries its own state); sentence "
+           "encoder: cosine of each sentence embedding (mean of the token embeddings under the attention mask, "
+           "L2-normalised) to fp32's, averaged over the evaluation sentences (worst one in the JSON).",
+           "- SQNR/cosine: first output vs fp32 over all evaluation samples. The sentence encoder's feeds are padded "
+           "to 64 tokens and these columns include the padded positions, which pooling ignores; its JSON has "
+           "task.token_sqnr_db over real tokens only.",
            "- quant s: wall time of the quantizing child process (onnxq: without its built-in fidelity "
            "evaluation on --eval-data; ORT: includes quant_pre_process); peak RSS: that process's ru_maxrss.",
            "- calib ratio: onnxq's calibration time ÷ one plain fp32 onnxruntime pass over the same data "

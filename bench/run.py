@@ -24,7 +24,7 @@ RESULTS = models.REPO / "bench" / "results"
 MARKDOWN = models.REPO / "BENCHMARKS.md"
 DEFAULT_SAMPLES = {"ppocr-rec": (64, 48), "ppocr-cls": (64, 48), "ppocr-det": (24, 24),
                    "nudenet-320n": (32, 32), "silero-vad": (256, 256),
-                   "silero-vad-sr16k": (256, 256)}
+                   "silero-vad-sr16k": (256, 256), "minilm-l6": (64, 64)}
 
 
 def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats: Path | None,
@@ -44,7 +44,7 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
     elif cfg.tool == "nncf":
         if not runners.NNCF_PYTHON.exists():
             return out, {"status": "skipped", "error": "bench/.venv-nncf is missing (make bench creates it)"}
-        cmd = runners.nncf_cmd(model, out, data.calib)
+        cmd = runners.nncf_cmd(model, out, data.calib, *cfg.args)
     else:
         raise ValueError(cfg.tool)
     res = runners.run_child(cmd, log=work / f"{cfg.id}.log", timeout_s=timeout_s, rss_limit_mb=rss_limit_mb)
@@ -68,7 +68,8 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
 
 
 def task_metrics(spec: models.ModelSpec, path: Path, ref: list[np.ndarray], got: list[np.ndarray],
-                 data: datasets.DataSet, ref_probs: np.ndarray | None) -> tuple[dict, np.ndarray | None]:
+                 data: datasets.DataSet, ref_probs: np.ndarray | None,
+                 eval_feeds: list[dict[str, np.ndarray]]) -> tuple[dict, np.ndarray | None]:
     """The model's task metric for one model file."""
     if spec.task == "ocr-rec":
         return metrics.rec_metrics(path, ref, got, data.meta["eval_labels"]), None
@@ -76,6 +77,8 @@ def task_metrics(spec: models.ModelSpec, path: Path, ref: list[np.ndarray], got:
         return metrics.cls_metrics(ref, got, data.meta["eval_labels"]), None
     if spec.task in ("text-det", "yolo-det"):
         return metrics.det_metrics(spec.task, ref, got), None
+    if spec.task == "sentence-emb":
+        return metrics.embedding_metrics(ref, got, [f["attention_mask"] for f in eval_feeds]), None
     audio = np.load(data.eval.parent / "eval_audio.npy")
     _, probs = datasets.vad_sequence(metrics.session(path), audio)
     return metrics.vad_metrics(probs if ref_probs is None else ref_probs, probs), probs
@@ -122,7 +125,7 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
             try:
                 got = ref if cfg.tool == "fp32" else metrics.run_all(metrics.session(path), eval_feeds)
                 row["fidelity"] = metrics.fidelity(ref, got)
-                row["task"], probs = task_metrics(spec, path, ref, got, data, ref_probs)
+                row["task"], probs = task_metrics(spec, path, ref, got, data, ref_probs, eval_feeds)
                 if cfg.tool == "fp32":
                     ref_probs = probs
                 row["size_bytes"] = path.stat().st_size
@@ -205,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown model(s): {', '.join(unknown)}")
     samples = {n: (a.n_calib or DEFAULT_SAMPLES[n][0], a.n_eval or DEFAULT_SAMPLES[n][1]) for n in names}
-    run(names, lambda spec: configs.full(spec.dynamic), samples, results, a.markdown or MARKDOWN, command.strip(),
-        a.rss_limit_mb)
+    run(names, lambda spec: configs.full(spec.dynamic, spec.transformer), samples, results, a.markdown or MARKDOWN,
+        command.strip(), a.rss_limit_mb)
     return 0
 
 

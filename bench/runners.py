@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ONNXQ = REPO / ".venv" / "bin" / "onnxq"
 NNCF_PYTHON = REPO / "bench" / ".venv-nncf" / "bin" / "python"
+EXPORT_PYTHON = REPO / "bench" / ".venv-export" / "bin" / "python"
 
 
 @dataclass
@@ -113,3 +114,10 @@ def peer_cmd(*args: str | Path) -> list[str]:
 def nncf_cmd(*args: str | Path) -> list[str]:
     """The NNCF child script in bench/.venv-nncf."""
     return [str(NNCF_PYTHON), str(REPO / "bench" / "nncf_child.py"), *map(str, args)]
+
+
+def export_cmd(*args: str | Path) -> list[str]:
+    """The torch export / tokenizer child script in bench/.venv-export (raises when that venv is missing)."""
+    if not EXPORT_PYTHON.exists():
+        raise RuntimeError("bench/.venv-export is missing (make bench-deps creates it)")
+    return [str(EXPORT_PYTHON), str(REPO / "bench" / "export_child.py"), *map(str, args)]

@@ -33,7 +33,7 @@ WIDTH = 320
 HEIGHT = 48
 SEED = 20240611
 N_CALIB = 64
-N_EVAL = 48
+N_EVAL = 200
 MIN_CHARS = 15
 MAX_CHARS = 35
 RIGHT_MARGIN = 6
@@ -97,6 +97,30 @@ def _heapq_text() -> str:
     return f"{heapq.__doc__}\n\n{heapq.__about__}"
 
 
+# Standard-library modules whose docstrings (module, classes, functions) are read as prose.
+DOCSTRING_MODULES = ("argparse", "calendar", "csv", "dataclasses", "decimal", "difflib", "email.message",
+                     "fractions", "functools", "http.client", "logging", "pathlib", "random", "shutil",
+                     "statistics", "subprocess", "tempfile", "textwrap", "threading", "typing", "unittest",
+                     "urllib.request", "zipfile")
+
+
+def _module_docstrings() -> str:
+    """Return the docstrings of DOCSTRING_MODULES and their public members, in a fixed order."""
+    import importlib
+    import inspect
+
+    texts = []
+    for name in DOCSTRING_MODULES:
+        module = importlib.import_module(name)
+        texts.append(inspect.getdoc(module) or "")
+        for member_name in sorted(vars(module)):
+            member = getattr(module, member_name)
+            if member_name.startswith("_") or getattr(member, "__module__", None) != module.__name__:
+                continue
+            texts.append(inspect.getdoc(member) or "")
+    return "\n\n".join(texts)
+
+
 CALIB_SOURCES = (
     Source("pydoc_data/topics.py (Python reference manual topics)", _pydoc_topics),
 )
@@ -104,6 +128,7 @@ EVAL_SOURCES = (
     Source("LICENSE.txt (CPython history and licence)", _stdlib_file("LICENSE.txt")),
     Source("this.py (The Zen of Python)", _zen_of_python),
     Source("heapq module docstring and __about__", _heapq_text),
+    Source("docstrings of 23 standard-library modules (DOCSTRING_MODULES)", _module_docstrings),
 )
 
 

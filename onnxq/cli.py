@@ -17,11 +17,9 @@ from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, OnnxqError, UsageError
 from .model_io import atomic_write_bytes, check_output_path
 from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from .plan import QuantSettings
-from .ranges import DEFAULT_PERCENTILE, METHODS
+from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from .report import format_summary
 from .statistics import Statistics
-
-DEFAULT_METHOD = "max"
 
 
 class TqdmProgress(Progress):
@@ -174,6 +172,11 @@ def main() -> None:
 @click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
               help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
 @click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
+@click.option("--speed-guard/--no-speed-guard", default=True, show_default=True,
+              help="Time the model on this CPU and keep in float each kind of layer (e.g. depthwise convs) "
+                   "whose int8 form does not make it faster.")
+@click.option("--speed-profile", type=click.Path(path_type=Path), help="Speed guard timings to reuse and extend "
+              "(default: a per-machine cache in ~/.cache/onnxq); pin one in CI for identical output everywhere.")
 @click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse statistics saved by --save-stats or "
               "`onnxq calibrate` (no inference pass).")
 @click.option("--save-stats", type=click.Path(path_type=Path), help="Save the calibration statistics.")
@@ -186,8 +189,8 @@ def main() -> None:
 @handle_errors
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                      pixel_scale, mean, std, channel_order, eval_data, method, percentile, symmetric, per_tensor,
-                     output_format, weight_range, exclude, load_stats, save_stats, save_plan, report_path, as_json,
-                     min_cosine, min_sqnr, quiet, verbose) -> None:
+                     output_format, weight_range, exclude, speed_guard, speed_profile, load_stats, save_stats,
+                     save_plan, report_path, as_json, min_cosine, min_sqnr, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
     del output_format  # one format for now; the option exists so scripts can pin it
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
@@ -196,6 +199,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
         check_output_path(report_path, [model, output])
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=weight_range, exclude=tuple(exclude),
+        speed_guard=speed_guard, speed_profile=speed_profile,
         settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric, per_channel=not per_tensor),
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
     )

@@ -6,12 +6,14 @@ and the plan (--save-plan) are files; the report says what every stage did and h
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -37,6 +39,7 @@ from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import prepare_model
 from .report import build_report
 from .rewrite_qdq import write_qdq
+from .speed_guard import GuardResult, default_profile_path, guard_groups, machine_key, run_speed_guard
 from .statistics import Statistics
 
 RANDOM_SAMPLES = 16
@@ -64,6 +67,8 @@ class QuantizeRequest:
     save_stats: Path | None = None
     save_plan: Path | None = None
     exclude: tuple[str, ...] = ()
+    speed_guard: bool = True
+    speed_profile: Path | None = None  # None: the per-machine cache (see onnxq.speed_guard)
     min_cosine: float | None = None
     min_sqnr: float | None = None
 
@@ -172,6 +177,19 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         stats = _statistics(request, prepared.model, placement.statistics_tensors, graph, calib, digest, progress)
     if request.save_stats is not None:
         stats.save(request.save_stats)
+    guard = None
+    if request.speed_guard:
+        feed = _timing_feed(held, calib)
+        if feed is None:
+            notes.append("speed guard skipped: no sample to time the model with (give --calib or --eval-data)")
+        else:
+            with timer.stage("speed guard"):
+                guard = _speed_guard(request, prepared.model, graph, options, placement, stats, settings, digest,
+                                     feed, progress)
+            if guard.keep_float:
+                options = replace(options, keep_float=guard.keep_float)
+                placement = place(graph, options)
+                _require_something_to_quantize(placement)
     with timer.stage("plan"):
         plan = build_plan(graph, placement, stats, settings, digest)
     if request.save_plan is not None:
@@ -190,6 +208,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         request=request, version=__version__, original=original, quantized_bytes=quantized.ByteSize(),
         plan=plan, stats=stats, calib=calib, held=held, fidelity=fidelity, notes=notes,
         weight_range_reason=weight_range_reason, timings=timer.seconds,
+        speed_guard=guard.to_report() if guard is not None else {"enabled": False},
     )
     return QuantizeResult(report, plan, fidelity)
 
@@ -200,8 +219,32 @@ def _require_something_to_quantize(placement: Placement) -> None:
         return
     reasons = Counter(node.reason for node in placement.nodes if node.op_type in HEAVY_OPS)
     detail = "; ".join(f"{count} Conv/MatMul/Gemm: {reason}" for reason, count in reasons.most_common(2))
-    raise ModelError("nothing to quantize: no node can run in int8" + (f" ({detail})" if detail else
+    hint = "; --no-speed-guard quantizes anyway" if any(r.startswith("speed guard") for r in reasons) else ""
+    raise ModelError("nothing to quantize: no node can run in int8" + (f" ({detail}{hint})" if detail else
                      " (the model has no Conv, MatMul or Gemm outside control-flow subgraphs)"))
+
+
+def _timing_feed(held: SampleSource | None, calib: SampleSource | None) -> dict | None:
+    """One real sample, batch 1, to time the model with."""
+    source = held if held is not None and len(held) else calib
+    return source.sample(0) if source is not None and len(source) else None
+
+
+def _speed_guard(request: QuantizeRequest, prepared: onnx.ModelProto, graph: Graph, options: PlacementOptions,
+                 placement: Placement, stats: Statistics, settings: QuantSettings, digest: str, feed: dict,
+                 progress: ProgressFactory) -> GuardResult:
+    """Time the model with each kind of int8 layer against the same layers in float (see onnxq.speed_guard)."""
+
+    def build(float_nodes: frozenset[str]) -> onnx.ModelProto:
+        trial = place(graph, replace(options, keep_float=dict.fromkeys(float_nodes, "speed guard trial")))
+        return write_qdq(prepared, build_plan(graph, trial, stats, settings, digest))
+
+    key = json.dumps([digest, settings.symmetric, settings.per_channel, settings.weight_range,
+                      sorted(request.exclude)])
+    model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = request.speed_profile or default_profile_path(machine_key())
+    return run_speed_guard(guard_groups(graph, placement), build, feed, path, model_key, progress,
+                           pinned=request.speed_profile is not None)
 
 
 def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[str], graph: Graph,

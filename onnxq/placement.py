@@ -73,6 +73,7 @@ class PlacementOptions:
     fold_activations: bool = True  # off for symmetric activations: zero point 0 cannot absorb Relu
     exclude_nodes: frozenset[str] = frozenset()
     exclude_op_types: frozenset[str] = frozenset()
+    keep_float: dict[str, str] = field(default_factory=dict)  # node label -> why (e.g. the speed guard)
 
 
 # Heavy ops are worth a quantize/dequantize of their inputs; light ops only when their
@@ -147,6 +148,8 @@ def _why_not_compute(node: gs.Node, options: PlacementOptions) -> str | None:
         return "not an int8 op"
     if node.name in options.exclude_nodes or node.op in options.exclude_op_types:
         return "excluded by the user"
+    if node_label(node) in options.keep_float:
+        return options.keep_float[node_label(node)]
     data_inputs = [t for t in node.inputs if not is_empty(t)]
     if node.op in ("Conv", "Gemm"):
         data_inputs = data_inputs[:2]

@@ -18,7 +18,7 @@ from .errors import DataError, UsageError
 from .ir import constant_values
 from .model_io import atomic_write_bytes
 from .placement import NodeDecision, Placement
-from .ranges import METHODS, compute_range
+from .ranges import DEFAULT_METHOD, METHODS, compute_range
 from .statistics import BINS_PER_SIDE, Statistics, TensorStats
 
 PLAN_FORMAT = "onnxq-plan/1"
@@ -26,7 +26,7 @@ PLAN_FORMAT = "onnxq-plan/1"
 
 @dataclass(frozen=True)
 class QuantSettings:
-    method: str = "max"
+    method: str = DEFAULT_METHOD
     percentile: float = 99.99
     symmetric: bool = False  # activations: False -> uint8 with zero point, True -> int8 zero point 0
     per_channel: bool = True

@@ -20,6 +20,8 @@ import numpy as np
 from .statistics import BINS_PER_SIDE, TensorStats
 
 METHODS = ("global", "max", "percentile", "mse", "kl")
+# The only method that never collapsed a bench model (README: "Choosing a method").
+DEFAULT_METHOD = "global"
 DEFAULT_PERCENTILE = 99.99
 _CANDIDATES = 256
 _KL_CANDIDATES = 128

@@ -21,7 +21,7 @@ QUANTIZED_STATUSES = ("int8", "folded", "shared-scale")
 def build_report(*, request: QuantizeRequest, version: str, original: onnx.ModelProto, quantized_bytes: int,
                  plan: QuantPlan, stats: Statistics, calib: SampleSource | None, held: SampleSource | None,
                  fidelity: Fidelity | None, notes: list[str], weight_range_reason: str,
-                 timings: dict[str, float]) -> dict:
+                 timings: dict[str, float], speed_guard: dict) -> dict:
     original_bytes = original.ByteSize()
     nodes = _node_summary(plan)
     report = {
@@ -44,6 +44,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
         "tensors": [_tensor_row(t) for t in plan.tensors.values()],
         "float_nodes": [{"name": n.name, "op_type": n.op_type, "reason": n.reason}
                         for n in plan.nodes if n.status == "float"],
+        "speed_guard": speed_guard,
         "notes": notes,
         "timings_s": timings,
     }
@@ -138,6 +139,12 @@ def format_summary(report: dict) -> str:
                          f"SQNR {_num(out['sqnr_db'], 1)} dB{top1}")
     else:
         lines.append("  fidelity: not measured (no evaluation data)")
+    guard = report.get("speed_guard") or {}
+    if guard.get("enabled"):
+        kept = [t for t in guard["trials"] if t["decision"] == "float"]
+        lines.append("  speed guard: " + ("; ".join(
+            f"kept {t['layers']} {t['kind']} float (model {t['float_ms']:.2f} ms vs {t['int8_ms']:.2f} ms in int8)"
+            for t in kept) if kept else f"all {len(guard['trials'])} kinds of layer are faster in int8"))
     for gate in report["gates"]:
         verdict = "passed" if gate["passed"] else "MISSED"
         lines.append(f"  gate {gate['gate']} >= {gate['required']}: {verdict} (measured {_num(gate['measured'], 4)})")

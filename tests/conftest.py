@@ -301,3 +301,18 @@ def out_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "out"
     folder.mkdir()
     return folder
+
+
+@pytest.fixture(autouse=True)
+def speed_guard_off_unless_asked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Timing decisions depend on the machine: tests keep every int8 layer unless marked `speed_guard`.
+
+    The per-machine timing cache goes to a temporary folder, never the user's home.
+    """
+    monkeypatch.setenv("ONNXQ_CACHE_DIR", str(tmp_path_factory.mktemp("onnxq-cache")))
+    if request.node.get_closest_marker("speed_guard") is None:
+        from onnxq import pipeline
+        from onnxq.speed_guard import GuardResult
+
+        monkeypatch.setattr(pipeline, "run_speed_guard", lambda *args, **kwargs: GuardResult(profile="(tests)"))

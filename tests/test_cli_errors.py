@@ -301,7 +301,8 @@ def test_write_failure_leaves_no_temporary_file(ws: Workspace, monkeypatch: pyte
 
 def test_success_for_contrast(ws: Workspace) -> None:
     """The same command with good input succeeds: the failures above come from the bad input."""
-    result = run_cli("quantize", ws.model, "-o", ws.out / "q.onnx", "--calib", ws.calib, "-q")
+    # Without the speed guard: on this tiny model float may well be faster, which it reports as an error.
+    result = run_cli("quantize", ws.model, "-o", ws.out / "q.onnx", "--calib", ws.calib, "-q", "--no-speed-guard")
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and os.listdir(ws.out) == ["q.onnx"]
     onnx.checker.check_model(onnx.load(str(ws.out / "q.onnx")))

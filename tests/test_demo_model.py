@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import onnx
@@ -17,20 +18,35 @@ LINES = ROOT / "calibration_data" / "ocr_lines"
 PREPROCESSING = ImagePreprocessing(size=(320, 48), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
+EVAL_LINES = 60  # of the 200 held-back lines: keeps the test quick
+
+
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def eval_lines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("eval")
+    rows = (LINES / "eval" / "labels.tsv").read_text().splitlines()[:EVAL_LINES]
+    for row in rows:
+        name = row.split("\t", 1)[0]
+        shutil.copy(LINES / "eval" / name, folder / name)
+    (folder / "labels.tsv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory, eval_lines: Path) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo") / "rec.int8.onnx"
     request = QuantizeRequest(
         model=MODEL, output=out,
-        data=DataOptions(calib=LINES / "calib", eval_data=LINES / "eval", images=PREPROCESSING, max_samples=24),
+        data=DataOptions(calib=LINES / "calib", eval_data=eval_lines, images=PREPROCESSING, max_samples=24),
+        speed_guard=False,  # every layer int8: the numerics under test do not depend on this machine's timings
     )
     return out, quantize(request).report
 
 
-def test_bundled_model_reads_the_same_text(quantized: tuple[Path, dict]) -> None:
+def test_bundled_model_reads_the_same_text(quantized: tuple[Path, dict], eval_lines: Path) -> None:
     path, _ = quantized
-    result = compare(MODEL, path, LINES / "eval")
-    # Measured 46/48 with all 64 calibration lines; 24 lines keep the test quick.
+    result = compare(MODEL, path, eval_lines)
+    # make demo (all 64 calibration lines, 200 held-back lines) measures 95-97 %; 24 lines keep the test quick.
     assert result["same_text_fraction"] >= 0.9, result["differences"]
     assert result["int8_char_accuracy"] >= result["fp32_char_accuracy"] - 0.005
 

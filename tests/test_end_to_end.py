@@ -432,7 +432,8 @@ def test_report_json(tmp_path: Path, conv_model_path: Path, conv_calib: Path) ->
     lo, hi = activations["x"]["range"]
     assert lo == pytest.approx(float(values.min()), abs=1e-6) and hi == pytest.approx(float(values.max()), abs=1e-6)
     # "max" averages per-sample extremes: it clips, and the report says how much (to one histogram bin)
-    code, out, err = _cli(["quantize", conv_model_path, "-o", output, "--calib", conv_calib, "--json", "-q"])
+    code, out, err = _cli(["quantize", conv_model_path, "-o", output, "--calib", conv_calib, "--json", "-q",
+                           "--method", "max"])
     assert code == 0, err
     row = next(r for r in json.loads(out)["tensors"] if r["name"] == "x")
     lo, hi = row["range"]

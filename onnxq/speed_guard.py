@@ -1,0 +1,243 @@
+"""Speed guard: keep a kind of layer in float where its int8 form does not make the model faster.
+
+int8 is not always faster: depthwise convolutions, tiny convolutions and layers where
+quantize/dequantize and layout changes outweigh the arithmetic often run slower in
+onnxruntime's int8 kernels than in its float ones, and which ones depends on the CPU.
+Timing a layer alone misleads (it misses the layout transforms onnxruntime inserts
+between int8 and float kernels), so the guard times the whole model, batch 1, one
+thread: for each kind of layer (depthwise 3x3 convs, 1x1 convs, MatMuls, ...) the
+model with that kind in int8 against the model with it in float.
+
+A kind goes back to float only when that takes at most FLOAT_MIN_GAIN of the int8
+time: a tie (within the noise of a shared machine) stays int8, the smaller file.
+Timings are kept in a profile per CPU and onnxruntime version (cached, or pinned with
+--speed-profile), so the same inputs give the same decisions, and the same output
+bytes, on a machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from .calibrate import ProgressFactory, _no_progress
+from .errors import DataError, OutputError
+from .ir import constant_values, is_constant, node_label
+from .model_io import needs_external_data
+from .placement import Placement
+
+GUARDED_OPS = ("Conv", "MatMul", "Gemm")
+FLOAT_MIN_GAIN = 0.97
+PROFILE_FORMAT = "onnxq-speed-profile/1"
+MIN_ROUNDS = 7
+MAX_ROUNDS = 41
+ROUND_BUDGET_S = 2.0  # per kind, after MIN_ROUNDS: stable medians, bounded time on big models
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    float_ms: float
+    int8_ms: float
+
+    @property
+    def float_is_faster(self) -> bool:
+        return self.float_ms <= FLOAT_MIN_GAIN * self.int8_ms
+
+    @property
+    def speedup(self) -> float:
+        return self.float_ms / self.int8_ms if self.int8_ms > 0 else float("inf")
+
+
+@dataclass
+class SpeedProfile:
+    """Measured layer timings for one machine: signature -> LayerTiming."""
+
+    machine: str
+    timings: dict[str, LayerTiming] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        from .model_io import atomic_write_bytes
+
+        body = {"format": PROFILE_FORMAT, "machine": self.machine,
+                "timings": {k: [v.float_ms, v.int8_ms] for k, v in sorted(self.timings.items())}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: Path, machine: str) -> SpeedProfile:
+        """The profile at `path`, or an empty one for `machine` when there is none yet."""
+        if not path.exists():
+            return cls(machine)
+        try:
+            body = json.loads(path.read_text())
+            if body.get("format") != PROFILE_FORMAT:
+                raise ValueError(f"format {body.get('format')!r}")
+            timings = {k: LayerTiming(float(v[0]), float(v[1])) for k, v in body["timings"].items()}
+            return cls(str(body["machine"]), timings)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise DataError(f"not an onnxq speed profile: {path} ({exc})") from None
+
+
+def machine_key() -> str:
+    """What the timings depend on: CPU model, its int8-relevant flags, onnxruntime version."""
+    cpu, flags = platform.machine(), ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu == platform.machine():
+                cpu = f"{platform.machine()} {value.strip()}"
+            if key.strip() in ("flags", "Features") and not flags:
+                wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+                flags = ",".join(f for f in value.split() if f in wanted)
+    return f"{cpu} [{flags}] onnxruntime {ort.__version__}"
+
+
+def default_profile_path(machine: str) -> Path:
+    """Per-machine cache file: $ONNXQ_CACHE_DIR, else $XDG_CACHE_HOME/onnxq, else ~/.cache/onnxq."""
+    root = os.environ.get("ONNXQ_CACHE_DIR")
+    if root is None:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnxq")
+    digest = hashlib.sha256(machine.encode()).hexdigest()[:16]
+    return Path(root) / f"speed-profile-{digest}.json"
+
+
+def layer_kind(node: gs.Node) -> str:
+    """Layers of one kind share int8 kernels, so they are timed and decided together."""
+    if node.op != "Conv":
+        return node.op
+    weight = constant_values(node.inputs[1])
+    group = int(node.attrs.get("group", 1))
+    kernel = "x".join(str(d) for d in weight.shape[2:])
+    if group > 1 and weight.shape[1] == 1:
+        return f"Conv depthwise {kernel}"
+    return f"Conv grouped {kernel}" if group > 1 else f"Conv {kernel}"
+
+
+def guard_groups(graph: gs.Graph, placement: Placement) -> dict[str, list[str]]:
+    """int8 Conv/MatMul/Gemm nodes with a constant weight, by kind: what the guard may keep float."""
+    int8 = {d.name for d in placement.nodes if d.status == "int8"}
+    groups: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        if node.op in GUARDED_OPS and node_label(node) in int8 and len(node.inputs) > 1 and is_constant(node.inputs[1]):
+            groups.setdefault(layer_kind(node), []).append(node_label(node))
+    return dict(sorted(groups.items()))
+
+
+def compare_latency(current: onnx.ModelProto, trial: onnx.ModelProto, feed: dict[str, np.ndarray],
+                    threads: int = 1) -> tuple[float, float]:
+    """Median batch-1 latency (ms) of both models, runs interleaved so machine noise hits both alike."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-guard-") as tmp:
+        sessions = [_session(m, Path(tmp) / f"{i}.onnx", threads) for i, m in enumerate((current, trial))]
+        for session in sessions:  # warm-up: first runs allocate and pack weights
+            session.run(None, feed)
+            session.run(None, feed)
+        samples: list[list[float]] = [[], []]
+        start = time.perf_counter()
+        for round_index in range(MAX_ROUNDS):
+            for which, session in enumerate(sessions):
+                t0 = time.perf_counter()
+                session.run(None, feed)
+                samples[which].append(time.perf_counter() - t0)
+            if round_index + 1 >= MIN_ROUNDS and time.perf_counter() - start > ROUND_BUDGET_S:
+                break
+    current_ms, trial_ms = (round(float(np.median(s)) * 1e3, 4) for s in samples)
+    return current_ms, trial_ms
+
+
+def _session(model: onnx.ModelProto, path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 4
+    large = needs_external_data(model)
+    onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class GuardResult:
+    keep_float: dict[str, str] = field(default_factory=dict)  # node name -> why
+    trials: list[dict] = field(default_factory=list)  # one row per kind of layer, for the report
+    timed_now: int = 0  # trials measured in this run (the rest came from the profile)
+    profile: str = ""
+
+    def to_report(self) -> dict:
+        return {"enabled": True, "profile": self.profile, "trials_timed_now": self.timed_now,
+                "kept_float": dict(sorted(self.keep_float.items())), "trials": self.trials}
+
+
+def run_speed_guard(
+    groups: dict[str, list[str]],
+    build: Callable[[frozenset[str]], onnx.ModelProto],
+    feed: dict[str, np.ndarray],
+    profile_path: Path,
+    model_key: str,
+    progress: ProgressFactory = _no_progress,
+    *,
+    pinned: bool = False,
+    compare: Callable[[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]], tuple[float, float]] = compare_latency,
+) -> GuardResult:
+    """Keep each kind of layer in float where the whole model runs faster that way.
+
+    `build(float_nodes)` writes the int8 model with those nodes kept float. Kinds are tried
+    in turn against the best model so far; a kind goes float only when the model with it in
+    float takes at most FLOAT_MIN_GAIN of the time with it in int8. `model_key` names the
+    model and settings in the profile; `pinned`: the user named the profile file, so
+    failing to write it is an error rather than a cache miss. `compare(current, trial, feed)`
+    returns both latencies in ms (tests pass a fake).
+    """
+    profile = SpeedProfile.load(profile_path, machine_key())
+    result = GuardResult(profile=str(profile_path))
+    kept_float: set[str] = set()
+    current: onnx.ModelProto | None = None
+    bar = progress(len(groups), "speed guard")
+    try:
+        for kind, nodes in groups.items():
+            key = json.dumps([model_key, kind, sorted(kept_float)])
+            if key not in profile.timings:
+                current = current if current is not None else build(frozenset(kept_float))
+                trial = build(frozenset(kept_float | set(nodes)))
+                int8_ms, float_ms = compare(current, trial, feed)
+                profile.timings[key] = LayerTiming(float_ms=float_ms, int8_ms=int8_ms)
+                result.timed_now += 1
+            timing = profile.timings[key]
+            decision = "float" if timing.float_is_faster else "int8"
+            why = (f"model {timing.int8_ms:.2f} ms with these {len(nodes)} layers in int8, "
+                   f"{timing.float_ms:.2f} ms in float")
+            result.trials.append({"kind": kind, "layers": len(nodes), "decision": decision,
+                                  "int8_ms": timing.int8_ms, "float_ms": timing.float_ms})
+            if decision == "float":
+                kept_float.update(nodes)
+                current = None
+                result.keep_float.update({n: f"speed guard ({kind}): float is faster on this CPU; {why}"
+                                          for n in nodes})
+            bar.update(1)
+    finally:
+        bar.close()
+    if result.timed_now:
+        if pinned:
+            profile.save(profile_path)
+        else:
+            _save_quietly(profile, profile_path)
+    return result
+
+
+def _save_quietly(profile: SpeedProfile, path: Path) -> None:
+    """A cache that cannot be written only costs time next run; never fail the quantization for it."""
+    with contextlib.suppress(OutputError, OSError):
+        profile.save(path)
