@@ -12,9 +12,12 @@ import click
 
 from . import __version__
 from .calibrate import Progress
-from .data import ImagePreprocessing
-from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, OnnxqError, UsageError
-from .model_io import atomic_write_bytes, check_output_path
+from .data import ImagePreprocessing, model_input_specs, open_source
+from .doctor import format_diagnosis, this_machine
+from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError
+from .inspect_model import format_inspection, inspect_model
+from .latency import all_threads, compare_fp32_int8, format_comparison
+from .model_io import atomic_write_bytes, check_output_path, load_model
 from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from .plan import QuantSettings
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
@@ -103,6 +106,15 @@ def data_options(func):
         click.option("--max-samples", type=click.IntRange(min=1), help="Use at most this many calibration samples."),
         click.option("--memory-budget", type=click.IntRange(min=16), default=2048, show_default=True,
                      help="MB of exposed activations per inference run; above it calibration runs in several passes."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return image_options(func)
+
+
+def image_options(func):
+    """How a folder of images becomes tensors (every command that reads data)."""
+    decorators = [
         click.option("--image-size", help="Images: resize to WIDTHxHEIGHT (default: the model's input size)."),
         click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Images: tensor layout "
                      "(default: from the model's input shape)."),
@@ -124,13 +136,18 @@ def verbosity_options(func):
     return click.option("-q", "--quiet", is_flag=True, help="No summary and no progress bar on stderr.")(func)
 
 
-def _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout, pixel_scale,
-          mean, std, channel_order) -> DataOptions:
+def _images(image_size, layout, pixel_scale, mean, std, channel_order) -> ImagePreprocessing:
     images = ImagePreprocessing(size=_parse_size(image_size), layout=layout, scale=pixel_scale,
                                 mean=_parse_floats(mean, "--mean"), std=_parse_floats(std, "--std"),
                                 channel_order=channel_order)
     if any(s == 0 for s in images.std):
         raise UsageError("--std values must be non-zero")
+    return images
+
+
+def _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout, pixel_scale,
+          mean, std, channel_order) -> DataOptions:
+    images = _images(image_size, layout, pixel_scale, mean, std, channel_order)
     return DataOptions(calib=calib, eval_data=eval_data, allow_random=allow_random, batch_size=batch_size,
                        max_samples=max_samples, images=images, memory_budget=memory_budget * 1024**2)
 
@@ -177,6 +194,8 @@ def main() -> None:
                    "whose int8 form does not make it faster.")
 @click.option("--speed-profile", type=click.Path(path_type=Path), help="Speed guard timings to reuse and extend "
               "(default: a per-machine cache in ~/.cache/onnxq); pin one in CI for identical output everywhere.")
+@click.option("--target-cpu", type=click.Path(path_type=Path), help="Quantize for another CPU: a copy of its "
+              "/proc/cpuinfo or its `onnxq doctor --json` output (sets --weight-range auto's choice).")
 @click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse statistics saved by --save-stats or "
               "`onnxq calibrate` (no inference pass).")
 @click.option("--save-stats", type=click.Path(path_type=Path), help="Save the calibration statistics.")
@@ -189,8 +208,8 @@ def main() -> None:
 @handle_errors
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                      pixel_scale, mean, std, channel_order, eval_data, method, percentile, symmetric, per_tensor,
-                     output_format, weight_range, exclude, speed_guard, speed_profile, load_stats, save_stats,
-                     save_plan, report_path, as_json, min_cosine, min_sqnr, quiet, verbose) -> None:
+                     output_format, weight_range, exclude, speed_guard, speed_profile, target_cpu, load_stats,
+                     save_stats, save_plan, report_path, as_json, min_cosine, min_sqnr, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
     del output_format  # one format for now; the option exists so scripts can pin it
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
@@ -199,7 +218,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
         check_output_path(report_path, [model, output])
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=weight_range, exclude=tuple(exclude),
-        speed_guard=speed_guard, speed_profile=speed_profile,
+        speed_guard=speed_guard, speed_profile=speed_profile, target_cpu=target_cpu,
         settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric, per_channel=not per_tensor),
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
     )
@@ -262,6 +281,78 @@ def merge_stats(inputs, output, quiet, verbose) -> None:
     if not quiet:
         click.echo(f"onnxq: merged {len(inputs)} files: {len(merged.tensors)} tensors, {merged.samples} samples "
                    f"-> {output}", err=True)
+
+
+@main.command(epilog="""\b
+Examples:
+  onnxq inspect model.onnx              # ops, inputs, what would run in int8
+  onnxq inspect model.int8.onnx --json  # ... and what onnxruntime fused into int8 kernels
+""")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout.")
+@verbosity_options
+@handle_errors
+def inspect(model, as_json, quiet, verbose) -> None:
+    """Show a model's ops; for an int8 model, which Q/DQ onnxruntime fused and which it did not."""
+    info = inspect_model(model)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+    elif not quiet:
+        click.echo(format_inspection(info))
+
+
+@main.command("bench", epilog="""\b
+Examples:
+  onnxq bench model.onnx model.int8.onnx --data calib/
+  onnxq bench model.onnx model.int8.onnx --data imgs/ --image-size 224x224 --batch 16 --json
+""")
+@click.argument("fp32", type=click.Path(path_type=Path))
+@click.argument("int8", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="A real input (first sample of any --calib form); "
+              "default: random values, for models with static input shapes.")
+@image_options
+@click.option("--batch", "batch", type=click.IntRange(min=2), default=8, show_default=True,
+              help="The larger batch timed besides batch 1 (the sample repeated on axis 0).")
+@click.option("--threads", type=click.IntRange(min=1), multiple=True,
+              help="Thread counts to time (repeatable; default: 1 and all this process may use).")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout.")
+@verbosity_options
+@handle_errors
+def bench_command(fp32, int8, data, image_size, layout, pixel_scale, mean, std, channel_order, batch, threads,
+                  as_json, quiet, verbose) -> None:
+    """Latency of FP32 and INT8 side by side: batch 1 and --batch, one thread and all, medians and p90."""
+    source = None
+    if data is not None:
+        images = _images(image_size, layout, pixel_scale, mean, std, channel_order)
+        source = open_source(data, model_input_specs(load_model(fp32)), images)
+        if not len(source):
+            raise DataError(f"no samples in {data}")
+    thread_counts = tuple(sorted(set(threads))) or tuple(sorted({1, all_threads()}))
+    result = compare_fp32_int8(fp32, int8, source, (1, batch), thread_counts)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    elif not quiet:
+        click.echo(format_comparison(result))
+
+
+@main.command(epilog="""\b
+Examples:
+  onnxq doctor                       # this machine
+  onnxq doctor --json > target.json  # on the deployment machine, then on the CI machine:
+  onnxq quantize model.onnx -o model.int8.onnx --calib data/ --target-cpu target.json
+""")
+@click.option("--cpuinfo", type=click.Path(path_type=Path), help="Describe the CPU in this /proc/cpuinfo copy "
+              "(or `onnxq doctor --json` output) instead of this machine's.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout.")
+@verbosity_options
+@handle_errors
+def doctor(cpuinfo, as_json, quiet, verbose) -> None:
+    """This CPU's int8 features, the onnxruntime build, and what they mean for quantize's defaults."""
+    info = this_machine(cpuinfo)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+    elif not quiet:
+        click.echo(format_diagnosis(info))
 
 
 def run() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from . import __version__
-from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics, session_for
+from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics
 from .cpu import default_weight_range, read_cpu_features
 from .data import (
     ImagePreprocessing,
@@ -30,8 +29,10 @@ from .data import (
     random_source,
     split_holdout,
 )
+from .doctor import read_target_cpu
 from .errors import DataError, ModelError, UsageError
 from .evaluate import Fidelity, compare_models
+from .fusion import FusionReport, check_fusion
 from .ir import Graph, import_graph
 from .model_io import check_output_path, load_model, model_digest, needs_external_data, save_model
 from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
@@ -69,6 +70,7 @@ class QuantizeRequest:
     exclude: tuple[str, ...] = ()
     speed_guard: bool = True
     speed_profile: Path | None = None  # None: the per-machine cache (see onnxq.speed_guard)
+    target_cpu: Path | None = None  # the deployment CPU's /proc/cpuinfo or `onnxq doctor --json`
     min_cosine: float | None = None
     min_sqnr: float | None = None
 
@@ -101,10 +103,11 @@ def resolve_settings(request: QuantizeRequest) -> tuple[QuantSettings, str]:
     """Fill in the CPU-dependent weight range; returns the settings and why that range."""
     settings = request.settings
     if request.weight_range == "auto":
-        features = read_cpu_features()
+        features = read_target_cpu(request.target_cpu)[0] if request.target_cpu else read_cpu_features()
         chosen = default_weight_range(features)
-        why = ("x86 CPU without VNNI: uint8 x int8 products can saturate, weights limited to 7 bits"
-               if chosen == "reduced" else "CPU accumulates int8 products without saturation")
+        which = "target CPU" if request.target_cpu else "CPU"
+        why = (f"x86 {which} without VNNI: uint8 x int8 products can saturate, weights limited to 7 bits"
+               if chosen == "reduced" else f"{which} accumulates int8 products without saturation")
     else:
         chosen, why = request.weight_range, "set by --weight-range"
     settings = QuantSettings(**{**settings.__dict__, "weight_range": chosen})
@@ -180,7 +183,10 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
     guard = None
     if request.speed_guard:
         feed = _timing_feed(held, calib)
-        if feed is None:
+        if request.target_cpu is not None and request.speed_profile is None:
+            notes.append("speed guard skipped: timings on this machine say nothing about the --target-cpu; "
+                         "give a --speed-profile made on the target")
+        elif feed is None:
             notes.append("speed guard skipped: no sample to time the model with (give --calib or --eval-data)")
         else:
             with timer.stage("speed guard"):
@@ -197,7 +203,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
     with timer.stage("rewrite"):
         quantized = write_qdq(prepared.model, plan)
     with timer.stage("check"):
-        _check(quantized)
+        fusion = _check(quantized)
     fidelity = None
     if held is not None:
         with timer.stage("evaluate"):
@@ -208,7 +214,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         request=request, version=__version__, original=original, quantized_bytes=quantized.ByteSize(),
         plan=plan, stats=stats, calib=calib, held=held, fidelity=fidelity, notes=notes,
         weight_range_reason=weight_range_reason, timings=timer.seconds,
-        speed_guard=guard.to_report() if guard is not None else {"enabled": False},
+        speed_guard=guard.to_report() if guard is not None else {"enabled": False}, fusion=fusion.to_dict(),
     )
     return QuantizeResult(report, plan, fidelity)
 
@@ -268,19 +274,21 @@ def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[
     return stats
 
 
-def _check(model: onnx.ModelProto) -> None:
-    """The written model must pass onnx.checker and load in onnxruntime (failures are onnxq bugs)."""
+def _check(model: onnx.ModelProto) -> FusionReport:
+    """The written model must pass onnx.checker and load in onnxruntime (failures are onnxq bugs).
+
+    Loading it is also the fusion check: what onnxruntime runs in int8 after optimizing it.
+    """
     try:
         if not needs_external_data(model):  # a larger one is checked by onnxruntime loading it
             onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"internal error: the quantized model fails onnx.checker: {reason}") from None
-    with tempfile.TemporaryDirectory(prefix="onnxq-check-") as tmp:
-        try:
-            session_for(model, Path(tmp))
-        except ModelError as exc:
-            raise ModelError(f"internal error: the quantized model does not load: {exc.message}") from None
+    try:
+        return check_fusion(model)
+    except ModelError as exc:
+        raise ModelError(f"internal error: the quantized model does not load: {exc.message}") from None
 
 
 def calibrate_only(model_path: Path, output: Path, data: DataOptions,

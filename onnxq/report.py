@@ -21,7 +21,7 @@ QUANTIZED_STATUSES = ("int8", "folded", "shared-scale")
 def build_report(*, request: QuantizeRequest, version: str, original: onnx.ModelProto, quantized_bytes: int,
                  plan: QuantPlan, stats: Statistics, calib: SampleSource | None, held: SampleSource | None,
                  fidelity: Fidelity | None, notes: list[str], weight_range_reason: str,
-                 timings: dict[str, float], speed_guard: dict) -> dict:
+                 timings: dict[str, float], speed_guard: dict, fusion: dict) -> dict:
     original_bytes = original.ByteSize()
     nodes = _node_summary(plan)
     report = {
@@ -45,6 +45,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
         "float_nodes": [{"name": n.name, "op_type": n.op_type, "reason": n.reason}
                         for n in plan.nodes if n.status == "float"],
         "speed_guard": speed_guard,
+        "fusion": fusion,
         "notes": notes,
         "timings_s": timings,
     }
@@ -139,6 +140,10 @@ def format_summary(report: dict) -> str:
                          f"SQNR {_num(out['sqnr_db'], 1)} dB{top1}")
     else:
         lines.append("  fidelity: not measured (no evaluation data)")
+    fusion = report.get("fusion")
+    if fusion:
+        kernels = ", ".join(f"{op} {n}" for op, n in fusion["int8_kernels"].items()) or "none"
+        lines.append(f"  onnxruntime int8 kernels: {kernels}; avoidable unfused Q/DQ: {fusion['avoidable']}")
     guard = report.get("speed_guard") or {}
     if guard.get("enabled"):
         kept = [t for t in guard["trials"] if t["decision"] == "float"]

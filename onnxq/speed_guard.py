@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ import onnxruntime as ort
 from .calibrate import ProgressFactory, _no_progress
 from .errors import DataError, OutputError
 from .ir import constant_values, is_constant, node_label
-from .model_io import needs_external_data
+from .latency import interleaved_runs, session
 from .placement import Placement
 
 GUARDED_OPS = ("Conv", "MatMul", "Gemm")
@@ -141,32 +140,11 @@ def compare_latency(current: onnx.ModelProto, trial: onnx.ModelProto, feed: dict
                     threads: int = 1) -> tuple[float, float]:
     """Median batch-1 latency (ms) of both models, runs interleaved so machine noise hits both alike."""
     with tempfile.TemporaryDirectory(prefix="onnxq-guard-") as tmp:
-        sessions = [_session(m, Path(tmp) / f"{i}.onnx", threads) for i, m in enumerate((current, trial))]
-        for session in sessions:  # warm-up: first runs allocate and pack weights
-            session.run(None, feed)
-            session.run(None, feed)
-        samples: list[list[float]] = [[], []]
-        start = time.perf_counter()
-        for round_index in range(MAX_ROUNDS):
-            for which, session in enumerate(sessions):
-                t0 = time.perf_counter()
-                session.run(None, feed)
-                samples[which].append(time.perf_counter() - t0)
-            if round_index + 1 >= MIN_ROUNDS and time.perf_counter() - start > ROUND_BUDGET_S:
-                break
+        sessions = [session(m, threads, Path(tmp)) for m in (current, trial)]
+        samples = interleaved_runs(sessions, feed, min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS,
+                                   budget_s=ROUND_BUDGET_S)
     current_ms, trial_ms = (round(float(np.median(s)) * 1e3, 4) for s in samples)
     return current_ms, trial_ms
-
-
-def _session(model: onnx.ModelProto, path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 4
-    large = needs_external_data(model)
-    onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass

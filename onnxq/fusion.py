@@ -1,0 +1,121 @@
+"""Fusion check: what onnxruntime actually runs in int8 after it optimizes a QDQ model.
+
+A QDQ model is only fast when onnxruntime fuses DequantizeLinear -> op -> QuantizeLinear
+into an int8 kernel. This module loads the model with every graph optimization on, reads
+back the optimized graph onnxruntime saves, and sorts what is left:
+
+- int8 kernels: QLinearConv, MatMulIntegerToFloat, QGemm, QLinearAdd, ...;
+- weights still dequantized at run time: a DequantizeLinear of a constant feeding a float op
+  (a layer meant to be int8 that runs in float: avoidable);
+- unfused pairs: a QuantizeLinear whose output only feeds DequantizeLinear nodes, so the
+  tensor is rounded for nothing (avoidable);
+- borders: a DequantizeLinear into a float op or a QuantizeLinear after one, the
+  conversions at the edges of float regions (expected wherever a region stays float).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from .errors import ModelError
+from .model_io import needs_external_data
+
+QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+def is_integer_kernel(op_type: str) -> bool:
+    """onnxruntime's int8 kernels (standard and com.microsoft) by name."""
+    return (op_type.startswith(("QLinear", "DynamicQuantize", "MatMulInteger", "ConvInteger", "QGemm",
+                                "QAttention", "QOrdered", "MatMulNBits")) or op_type == "QEmbedLayerNormalization")
+
+
+@dataclass
+class FusionReport:
+    int8_kernels: dict[str, int] = field(default_factory=dict)
+    float_ops: dict[str, int] = field(default_factory=dict)
+    dequantized_weights: list[dict] = field(default_factory=list)  # avoidable: int8 weight, float op
+    unfused_pairs: list[dict] = field(default_factory=list)  # avoidable: Q -> DQ with nothing int8 around
+    borders: dict[str, int] = field(default_factory=dict)  # expected at float regions' edges
+
+    @property
+    def avoidable(self) -> int:
+        return len(self.dequantized_weights) + len(self.unfused_pairs)
+
+    def to_dict(self) -> dict:
+        return {"int8_kernels": self.int8_kernels, "float_ops": self.float_ops,
+                "dequantized_weights": self.dequantized_weights, "unfused_pairs": self.unfused_pairs,
+                "borders": self.borders, "avoidable": self.avoidable}
+
+    def summary(self) -> str:
+        kernels = ", ".join(f"{op} {n}" for op, n in self.int8_kernels.items()) or "none"
+        return (f"onnxruntime runs int8 kernels: {kernels}; avoidable unfused: "
+                f"{len(self.dequantized_weights)} layers with int8 weights in float, "
+                f"{len(self.unfused_pairs)} Q/DQ pairs; float-region borders: "
+                f"{self.borders.get('dequantize', 0)} DQ, {self.borders.get('quantize', 0)} Q")
+
+
+def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph onnxruntime's CPU provider runs, after all its optimizations."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as tmp:
+        source, target = Path(tmp) / "model.onnx", Path(tmp) / "optimized.onnx"
+        large = needs_external_data(model)
+        onnx.save_model(model, str(source), save_as_external_data=large, location="model.onnx.data")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(target)
+        options.log_severity_level = 4
+        if large:
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        try:
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
+        return onnx.load(str(target))
+
+
+def check_fusion(model: onnx.ModelProto) -> FusionReport:
+    """Sort what onnxruntime left of the model's Q/DQ nodes (see the module docstring)."""
+    graph = optimized_graph(model).graph
+    constants = {t.name for t in graph.initializer}
+    constants.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    report = FusionReport()
+    kernels, floats, borders = Counter(), Counter(), Counter()
+    for node in graph.node:
+        if is_integer_kernel(node.op_type):
+            kernels[node.op_type] += 1
+        elif node.op_type not in QUANTIZE_OPS:
+            floats[node.op_type] += 1
+        if node.op_type == "DequantizeLinear":
+            users = consumers.get(node.output[0], [])
+            if node.input[0] in constants:
+                report.dequantized_weights.extend(
+                    {"weight": node.input[0], "op": user.op_type, "node": user.name} for user in users
+                    if user.op_type not in QUANTIZE_OPS)
+            elif node.input[0] not in producer or producer[node.input[0]].op_type != "QuantizeLinear":
+                borders["dequantize"] += 1
+        if node.op_type == "QuantizeLinear":
+            users = consumers.get(node.output[0], [])
+            if users and all(u.op_type == "DequantizeLinear" for u in users):
+                source = producer.get(node.input[0])
+                report.unfused_pairs.append({"tensor": node.input[0], "producer": source.op_type if source else "input",
+                                             "consumers": sorted({c.op_type for u in users
+                                                                  for c in consumers.get(u.output[0], [])})})
+            else:
+                borders["quantize"] += 1
+    report.int8_kernels = dict(sorted(kernels.items()))
+    report.float_ops = dict(sorted(floats.items()))
+    report.borders = dict(sorted(borders.items()))
+    return report
