@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from .calibrate import ProgressFactory, _no_progress
+from .cpu import read_cpu_features
+from .doctor import INT8_FEATURES, cpu_model_name
 from .errors import DataError, OutputError
 from .ir import constant_values, is_constant, node_label
 from .latency import interleaved_runs, session
@@ -62,7 +63,7 @@ class LayerTiming:
 
 @dataclass
 class SpeedProfile:
-    """Measured layer timings for one machine: signature -> LayerTiming."""
+    """Measured trials for one machine: trial key (model, settings, kind) -> LayerTiming."""
 
     machine: str
     timings: dict[str, LayerTiming] = field(default_factory=dict)
@@ -92,17 +93,11 @@ class SpeedProfile:
 
 def machine_key() -> str:
     """What the timings depend on: CPU model, its int8-relevant flags, onnxruntime version."""
-    cpu, flags = platform.machine(), ""
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu == platform.machine():
-                cpu = f"{platform.machine()} {value.strip()}"
-            if key.strip() in ("flags", "Features") and not flags:
-                wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
-                flags = ",".join(f for f in value.split() if f in wanted)
-    return f"{cpu} [{flags}] onnxruntime {ort.__version__}"
+    text = cpuinfo.read_text(errors="replace") if cpuinfo.exists() else ""
+    features = read_cpu_features(text)
+    flags = ",".join(sorted(flag for flag in features.flags if flag in INT8_FEATURES))
+    return f"{features.arch} {cpu_model_name(text)} [{flags}] onnxruntime {ort.__version__}"
 
 
 def default_profile_path(machine: str) -> Path:

@@ -191,7 +191,12 @@ def test_no_speed_guard_times_nothing(tmp_path: Path, separable, monkeypatch: py
 
 def test_real_timing_keeps_float_exactly_what_it_decided(tmp_path: Path, separable) -> None:
     model, calib = separable
-    result = quantize_simple(model, tmp_path / "q.onnx", calib)
+    try:
+        result = quantize_simple(model, tmp_path / "q.onnx", calib)
+    except ModelError as exc:  # this tiny model may well be faster in float everywhere: then say so, write nothing
+        assert "speed guard" in exc.message and "--no-speed-guard" in exc.message
+        assert not (tmp_path / "q.onnx").exists()
+        return
     guard = result.report["speed_guard"]
     assert [t["kind"] for t in guard["trials"]] == ["Conv 1x1", "Conv depthwise 3x3", "MatMul"]
     for trial in guard["trials"]:
