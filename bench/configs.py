@@ -29,6 +29,10 @@ def full(dynamic: bool, transformer: bool = False) -> list[Config]:
              for m in ONNXQ_METHODS]
     cfgs.append(Config("onnxq-max-sym", "onnxq", "onnxq --method max --symmetric (--load-stats)",
                        ("--method", "max", "--symmetric")))
+    cfgs.append(Config("onnxq-qop", "onnxq", "onnxq defaults --format qoperator (--load-stats)",
+                       ("--format", "qoperator")))
+    cfgs.append(Config("onnxq-no-guard", "onnxq", "onnxq defaults --no-speed-guard: every layer int8 (--load-stats)",
+                       ("--no-speed-guard",)))
     for fmt, short in (("QDQ", "qdq"), ("QOperator", "qop")):
         cfgs += [Config(f"ort-{short}-{m.lower()}", "ort", f"ORT static {fmt} {m} per-channel",
                         ("static", "--format", fmt, "--method", m)) for m in ORT_METHODS]

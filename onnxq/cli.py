@@ -184,8 +184,9 @@ def main() -> None:
               help="Percentile for --method percentile.")
 @click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
-@click.option("--format", "output_format", type=click.Choice(["qdq"]), default="qdq", show_default=True,
-              help="Output form: QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels.")
+@click.option("--format", "output_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
+              help="qdq: QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels; qoperator: "
+                   "integer operators (QLinearConv, MatMulIntegerToFloat, QGemm, ...), same parameters.")
 @click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
               help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
 @click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
@@ -211,14 +212,13 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                      output_format, weight_range, exclude, speed_guard, speed_profile, target_cpu, load_stats,
                      save_stats, save_plan, report_path, as_json, min_cosine, min_sqnr, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
-    del output_format  # one format for now; the option exists so scripts can pin it
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
     if report_path is not None:
         check_output_path(report_path, [model, output])
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=weight_range, exclude=tuple(exclude),
-        speed_guard=speed_guard, speed_profile=speed_profile, target_cpu=target_cpu,
+        speed_guard=speed_guard, speed_profile=speed_profile, target_cpu=target_cpu, output_format=output_format,
         settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric, per_channel=not per_tensor),
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
     )

@@ -40,6 +40,7 @@ from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import prepare_model
 from .report import build_report
 from .rewrite_qdq import write_qdq
+from .rewrite_qop import write_qoperator
 from .speed_guard import GuardResult, default_profile_path, guard_groups, machine_key, run_speed_guard
 from .statistics import Statistics
 
@@ -71,6 +72,7 @@ class QuantizeRequest:
     speed_guard: bool = True
     speed_profile: Path | None = None  # None: the per-machine cache (see onnxq.speed_guard)
     target_cpu: Path | None = None  # the deployment CPU's /proc/cpuinfo or `onnxq doctor --json`
+    output_format: str = "qdq"  # or "qoperator": integer operators (onnxq.rewrite_qop)
     min_cosine: float | None = None
     min_sqnr: float | None = None
 
@@ -202,6 +204,8 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         plan.save(request.save_plan)
     with timer.stage("rewrite"):
         quantized = write_qdq(prepared.model, plan)
+        if request.output_format == "qoperator":
+            quantized = write_qoperator(quantized)
     with timer.stage("check"):
         fusion = _check(quantized)
     fidelity = None

@@ -29,7 +29,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
         "model": str(request.model),
         "output": str(request.output),
         "settings": {**plan.settings.__dict__, "weight_range_reason": weight_range_reason,
-                     "exclude": list(request.exclude)},
+                     "exclude": list(request.exclude), "format": request.output_format},
         "data": {
             "calibration": _describe(calib, stats.samples if request.load_stats else None),
             "statistics_file": str(request.load_stats) if request.load_stats else None,
