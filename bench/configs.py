@@ -33,6 +33,12 @@ def full(dynamic: bool, transformer: bool = False) -> list[Config]:
                        ("--format", "qoperator")))
     cfgs.append(Config("onnxq-no-guard", "onnxq", "onnxq defaults --no-speed-guard: every layer int8 (--load-stats)",
                        ("--no-speed-guard",)))
+    cfgs.append(Config("onnxq-weight-only", "onnxq", "onnxq --mode weight-only (int8 weights, float compute)",
+                       ("--mode", "weight-only")))
+    if dynamic:
+        cfgs.append(Config("onnxq-dynamic", "onnxq", "onnxq --mode dynamic (MatMul/Gemm)", ("--mode", "dynamic")))
+        cfgs.append(Config("onnxq-int4", "onnxq", "onnxq --mode weight-only --weight-bits 4 (MatMulNBits)",
+                           ("--mode", "weight-only", "--weight-bits", "4")))
     for fmt, short in (("QDQ", "qdq"), ("QOperator", "qop")):
         cfgs += [Config(f"ort-{short}-{m.lower()}", "ort", f"ORT static {fmt} {m} per-channel",
                         ("static", "--format", fmt, "--method", m)) for m in ORT_METHODS]

@@ -34,7 +34,10 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
     out.unlink(missing_ok=True)
     report_file = work / f"{cfg.id}.report.json"
     if cfg.tool == "onnxq":
-        src = ("--load-stats", stats) if stats and cfg.args else ("--calib", data.calib)
+        if "--mode" in cfg.args:  # dynamic / weight-only: no calibration at all
+            src: tuple = ()
+        else:
+            src = ("--load-stats", stats) if stats and cfg.args else ("--calib", data.calib)
         cmd = runners.onnxq_cmd("quantize", model, "-o", out, *src, "--eval-data", data.eval,
                                 "--report", report_file, "-q", *cfg.args)
     elif cfg.tool == "ort":

@@ -14,6 +14,7 @@ from . import __version__
 from .calibrate import Progress
 from .data import ImagePreprocessing, model_input_specs, open_source
 from .doctor import format_diagnosis, this_machine
+from .dynamic import WeightOnlyOptions
 from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError
 from .inspect_model import format_inspection, inspect_model
 from .latency import all_threads, compare_fp32_int8, format_comparison
@@ -160,6 +161,8 @@ Examples:
   onnxq quantize model.onnx -o m.int8.onnx --calib data/ --save-stats m.stats.npz
   onnxq quantize model.onnx -o m.kl.onnx --load-stats m.stats.npz --method kl --eval-data eval/
   onnxq quantize model.onnx -o m.int8.onnx --calib data/ --min-cosine 0.99 --json > report.json
+  onnxq quantize encoder.onnx -o encoder.dyn.onnx --mode dynamic --eval-data sentences/
+  onnxq quantize llm.onnx -o llm.int4.onnx --mode weight-only --weight-bits 4 --block-size 32
 
 Exit codes: 0 ok, 2 usage, 3 bad model, 4 bad data, 5 cannot write output,
 6 a --min-cosine/--min-sqnr gate was missed (the model is still written), 1 internal error.
@@ -178,6 +181,14 @@ def main() -> None:
 @data_options
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data for the fidelity report "
               "(default: the last 10% of --calib, at most 32 samples, not used for calibration).")
+@click.option("--mode", type=click.Choice(["static", "dynamic", "weight-only"]), default="static", show_default=True,
+              help="static: activation ranges from calibration; dynamic: MatMul/Gemm activations quantized at run "
+                   "time (no calibration); weight-only: integer weights, float compute (no calibration).")
+@click.option("--weight-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="--mode weight-only: 8 = int8 per channel; 4 = MatMul weights as block-wise int4 (MatMulNBits).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="--weight-bits 4: weights per block.")
+@click.option("--weight-zero-points", is_flag=True, help="--weight-bits 4: a zero point per block (default: "
+              "symmetric).")
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
               help="Calibration method (see README).")
 @click.option("--percentile", type=float, default=DEFAULT_PERCENTILE, show_default=True,
@@ -208,7 +219,8 @@ def main() -> None:
 @verbosity_options
 @handle_errors
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
-                     pixel_scale, mean, std, channel_order, eval_data, method, percentile, symmetric, per_tensor,
+                     pixel_scale, mean, std, channel_order, eval_data, mode, weight_bits, block_size,
+                     weight_zero_points, method, percentile, symmetric, per_tensor,
                      output_format, weight_range, exclude, speed_guard, speed_profile, target_cpu, load_stats,
                      save_stats, save_plan, report_path, as_json, min_cosine, min_sqnr, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
@@ -219,6 +231,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=weight_range, exclude=tuple(exclude),
         speed_guard=speed_guard, speed_profile=speed_profile, target_cpu=target_cpu, output_format=output_format,
+        mode=mode, weight_only=WeightOnlyOptions(bits=int(weight_bits), block_size=block_size,
+                                                 symmetric=not weight_zero_points),
         settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric, per_channel=not per_tensor),
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
     )

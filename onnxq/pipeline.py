@@ -30,6 +30,7 @@ from .data import (
     split_holdout,
 )
 from .doctor import read_target_cpu
+from .dynamic import WeightOnlyOptions, rewrite_dynamic, rewrite_weight_only
 from .errors import DataError, ModelError, UsageError
 from .evaluate import Fidelity, compare_models
 from .fusion import FusionReport, check_fusion
@@ -73,6 +74,8 @@ class QuantizeRequest:
     speed_profile: Path | None = None  # None: the per-machine cache (see onnxq.speed_guard)
     target_cpu: Path | None = None  # the deployment CPU's /proc/cpuinfo or `onnxq doctor --json`
     output_format: str = "qdq"  # or "qoperator": integer operators (onnxq.rewrite_qop)
+    mode: str = "static"  # or "dynamic" / "weight-only" (onnxq.dynamic; no calibration)
+    weight_only: WeightOnlyOptions = field(default_factory=WeightOnlyOptions)
     min_cosine: float | None = None
     min_sqnr: float | None = None
 
@@ -157,6 +160,8 @@ def check_batch_size(batch_size: int, specs: list[InputSpec]) -> None:
 
 
 def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
+    if request.mode != "static":
+        return quantize_without_calibration(request, progress)
     timer = StageTimer()
     check_output_path(request.output, [request.model])
     for extra in (request.save_stats, request.save_plan):
@@ -219,6 +224,58 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         plan=plan, stats=stats, calib=calib, held=held, fidelity=fidelity, notes=notes,
         weight_range_reason=weight_range_reason, timings=timer.seconds,
         speed_guard=guard.to_report() if guard is not None else {"enabled": False}, fusion=fusion.to_dict(),
+    )
+    return QuantizeResult(report, plan, fidelity)
+
+
+def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFactory = _no_progress
+                                 ) -> QuantizeResult:
+    """--mode dynamic or weight-only: weights are quantized ahead, activations (if at all) at run time."""
+    if request.mode not in ("dynamic", "weight-only"):
+        raise UsageError(f"unknown mode {request.mode!r}; choose static, dynamic or weight-only")
+    if request.output_format != "qdq" or request.load_stats or request.save_stats or request.save_plan:
+        raise UsageError(f"--mode {request.mode} takes no --format qoperator, --load-stats, --save-stats or "
+                         "--save-plan (it needs no calibration)")
+    timer = StageTimer()
+    check_output_path(request.output, [request.model])
+    settings, weight_range_reason = resolve_settings(request)
+    if request.mode == "weight-only":  # float compute: no int8 products, nothing can saturate
+        settings = QuantSettings(**{**settings.__dict__, "weight_range": "full"})
+        weight_range_reason = "weight-only: float compute, full 8-bit weights"
+    request.weight_only.validate()
+    with timer.stage("load"):
+        original = load_model(request.model)
+    with timer.stage("prepare"):
+        prepared = prepare_model(original)
+    held_path = request.data.eval_data or request.data.calib
+    held = open_source(held_path, model_input_specs(original), request.data.images) if held_path else None
+    with timer.stage("rewrite"):
+        if request.mode == "dynamic":
+            quantized, decisions = rewrite_dynamic(prepared.model, settings.weight_qtype, settings.per_channel)
+        else:
+            quantized, decisions = rewrite_weight_only(prepared.model, request.weight_only, settings.weight_qtype)
+    if not any(d.status in ("int8", "int4") for d in decisions):
+        reasons = Counter(f"{d.op_type}: {d.reason}" for d in decisions)
+        detail = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no Conv, MatMul or Gemm"
+        raise ModelError(f"nothing to quantize in --mode {request.mode} ({detail})")
+    with timer.stage("check"):
+        fusion = _check(quantized)
+    fidelity = None
+    if held is not None:
+        with timer.stage("evaluate"):
+            fidelity = compare_models(original, quantized, held, batch_size=request.data.batch_size, progress=progress)
+    with timer.stage("write"):
+        save_model(quantized, request.output)
+    plan = QuantPlan(settings=settings, nodes=decisions)
+    fusion_view = fusion.to_dict()
+    if request.mode == "weight-only":  # int8 weights feeding float ops are this mode's intended form
+        fusion_view["expected_dequantized_weights"] = fusion_view.pop("dequantized_weights")
+        fusion_view["avoidable"] = len(fusion.unfused_pairs)
+    report = build_report(
+        request=request, version=__version__, original=original, quantized_bytes=quantized.ByteSize(), plan=plan,
+        stats=Statistics(), calib=None, held=held, fidelity=fidelity, notes=list(prepared.notes),
+        weight_range_reason=weight_range_reason, timings=timer.seconds, speed_guard={"enabled": False},
+        fusion=fusion_view,
     )
     return QuantizeResult(report, plan, fidelity)
 

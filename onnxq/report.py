@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .plan import QuantPlan
     from .statistics import Statistics
 
-QUANTIZED_STATUSES = ("int8", "folded", "shared-scale")
+QUANTIZED_STATUSES = ("int8", "int4", "folded", "shared-scale")
 
 
 def build_report(*, request: QuantizeRequest, version: str, original: onnx.ModelProto, quantized_bytes: int,
@@ -29,7 +29,8 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
         "model": str(request.model),
         "output": str(request.output),
         "settings": {**plan.settings.__dict__, "weight_range_reason": weight_range_reason,
-                     "exclude": list(request.exclude), "format": request.output_format},
+                     "exclude": list(request.exclude), "format": request.output_format,
+                     "mode": request.mode},
         "data": {
             "calibration": _describe(calib, stats.samples if request.load_stats else None),
             "statistics_file": str(request.load_stats) if request.load_stats else None,
@@ -113,11 +114,12 @@ def format_summary(report: dict) -> str:
     nodes, size = report["nodes"], report["size"]
     lines = [f"onnxq {report['onnxq_version']}: {report['model']} -> {report['output']}"]
     settings = report["settings"]
-    lines.append(f"  method {settings['method']}"
-                 + (f" (percentile {settings['percentile']})" if settings["method"] == "percentile" else "")
-                 + f", activations {'int8 symmetric' if settings['symmetric'] else 'uint8 asymmetric'}"
-                 + f", weights int8 {'per-channel' if settings['per_channel'] else 'per-tensor'}"
-                 + f" ({settings['weight_range']} range: {settings['weight_range_reason']})")
+    if settings.get("mode", "static") != "static":
+        lines.append(f"  mode {settings['mode']}: " + ("MatMul/Gemm weights int8, activations quantized at run time"
+                                                       if settings["mode"] == "dynamic" else
+                                                       "integer weights, float compute"))
+    else:
+        lines.append(_static_settings_line(settings))
     calib = report["data"]["calibration"]
     if calib:
         origin = calib.get("source", report["data"]["statistics_file"])
@@ -158,6 +160,14 @@ def format_summary(report: dict) -> str:
     total = sum(report["timings_s"].values())
     lines.append(f"  time: {total:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()) + ")")
     return "\n".join(lines)
+
+
+def _static_settings_line(settings: dict) -> str:
+    return (f"  method {settings['method']}"
+            + (f" (percentile {settings['percentile']})" if settings["method"] == "percentile" else "")
+            + f", activations {'int8 symmetric' if settings['symmetric'] else 'uint8 asymmetric'}"
+            + f", weights int8 {'per-channel' if settings['per_channel'] else 'per-tensor'}"
+            + f" ({settings['weight_range']} range: {settings['weight_range_reason']})")
 
 
 def _num(value, digits: int) -> str:

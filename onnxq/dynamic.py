@@ -1,0 +1,247 @@
+"""Dynamic and weight-only quantization: no calibration data needed.
+
+- dynamic: every MatMul and Gemm with a constant 2-D weight becomes com.microsoft
+  DynamicQuantizeMatMul: int8 weights (per column by default), the activation quantized to
+  uint8 at run time from its own min/max. Also inside If/Loop/Scan bodies. Convolutions stay
+  float: onnxruntime's CPU provider has no dynamic int8 convolution it can run for these
+  types (ConvInteger with int8 weights fails with NOT_IMPLEMENTED), so onnxq never emits one.
+- weight-only: integer weights, float compute. 8 bits: int8 per output channel behind a
+  DequantizeLinear (Conv, MatMul, Gemm). 4 bits: MatMul weights as com.microsoft MatMulNBits,
+  block-wise along K (symmetric, or with zero points).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import qmath
+from .errors import UsageError
+from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_float32, node_label
+from .placement import NodeDecision
+
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class WeightOnlyOptions:
+    bits: int = 8  # 8: int8 per channel (all weights); 4: MatMulNBits for MatMul weights
+    block_size: int = 32
+    symmetric: bool = True  # 4 bits: False stores a zero point per block
+
+    def validate(self) -> None:
+        if self.bits not in (4, 8):
+            raise UsageError(f"--weight-bits must be 4 or 8, got {self.bits}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise UsageError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
+
+
+def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    yield from all_graphs(sub)
+
+
+def _finish(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    for sub in all_graphs(graph):
+        sub.cleanup(remove_unused_graph_inputs=False)
+    model = export_model(graph, like)
+    uses_ms = any(n.domain == MS for n in _all_nodes(model.graph))
+    if uses_ms and not any(o.domain == MS for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS, 1))
+    model.producer_name = "onnxq"
+    return model
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _all_nodes(sub)
+
+
+def _replace(graph: gs.Graph, old: gs.Node, new: gs.Node) -> None:
+    old.inputs.clear()
+    old.outputs.clear()
+    graph.nodes.append(new)
+
+
+def _matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
+    """(weight as [K, N], bias or None) of a MatMul/Gemm that can run as a quantized matmul, else why not."""
+    if len(node.inputs) < 2 or not is_constant(node.inputs[1]) or not is_float32(node.inputs[1]):
+        return "weight is not a float constant"
+    weight = constant_values(node.inputs[1]).astype(np.float32)
+    if weight.ndim != 2:
+        return "weight is not 2-D"
+    if node.op == "MatMul":
+        return weight, None
+    if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
+        return "Gemm with transA, alpha or beta"
+    if node.attrs.get("transB", 0):
+        weight = np.ascontiguousarray(weight.T)
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    if bias is not None and (not is_constant(bias) or constant_values(bias).shape != (weight.shape[1],)):
+        return "Gemm bias is not a constant vector"
+    return weight, bias
+
+
+def quantize_columns(weight: np.ndarray, qtype: qmath.QType, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights for a [K, N] matrix: one scale per column (or one in all)."""
+    if per_channel:
+        lo, hi = qmath.channel_minmax(weight, 1)
+    else:
+        lo, hi = np.float64(weight.min(initial=0.0)), np.float64(weight.max(initial=0.0))
+    scale, zero = qmath.symmetric_params(lo, hi, qtype)
+    q = qmath.quantize(weight, scale, zero, qtype, 1 if per_channel else None)
+    return q.astype(np.int8), np.asarray(scale, np.float32)
+
+
+def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: bool
+                    ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+    graph = import_graph(model)
+    names = NameAllocator(graph)
+    decisions = []
+    for sub in all_graphs(graph):
+        for node in list(sub.nodes):
+            if node.op not in ("MatMul", "Gemm"):
+                continue
+            found = _matmul_weight(node)
+            if isinstance(found, str):
+                decisions.append(NodeDecision(node_label(node), node.op, "float", found))
+                continue
+            weight, bias = found
+            q, scale = quantize_columns(weight, qtype, per_channel)
+            base = node_label(node)
+            params = [gs.Constant(names.new(f"{base}_weight_quantized"), q),
+                      gs.Constant(names.new(f"{base}_weight_scale"), scale),
+                      gs.Constant(names.new(f"{base}_weight_zero_point"), np.zeros(scale.shape, np.int8))]
+            inputs = [node.inputs[0], *params] + ([bias] if bias is not None else [])
+            new = gs.Node("DynamicQuantizeMatMul", node.name, {}, inputs, list(node.outputs), domain=MS)
+            _replace(sub, node, new)
+            decisions.append(NodeDecision(base, node.op, "int8", "DynamicQuantizeMatMul"))
+    for sub in all_graphs(graph):
+        for node in sub.nodes:
+            if node.op in ("Conv", "LSTM", "GRU") and node.name not in {d.name for d in decisions}:
+                decisions.append(NodeDecision(node_label(node), node.op, "float",
+                                              "no dynamic int8 kernel onnxruntime's CPU provider runs for it"))
+    return _finish(graph, model), decisions
+
+
+def rewrite_weight_only(model: onnx.ModelProto, options: WeightOnlyOptions, qtype: qmath.QType
+                        ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+    graph = import_graph(model)
+    names = NameAllocator(graph)
+    decisions = []
+    for sub in all_graphs(graph):
+        for node in list(sub.nodes):
+            if node.op not in ("Conv", "MatMul", "Gemm"):
+                continue
+            if options.bits == 4:
+                decisions.append(_int4_matmul(sub, node, names, options))
+            else:
+                decisions.append(_int8_weight(sub, node, names, qtype))
+    return _finish(graph, model), decisions
+
+
+def _int8_weight(graph: gs.Graph, node: gs.Node, names: NameAllocator, qtype: qmath.QType) -> NodeDecision:
+    label = node_label(node)
+    if len(node.inputs) < 2 or not is_constant(node.inputs[1]) or not is_float32(node.inputs[1]):
+        return NodeDecision(label, node.op, "float", "weight is not a float constant")
+    values = constant_values(node.inputs[1]).astype(np.float32)
+    axis = 0 if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) else 1
+    if values.ndim < 2:
+        return NodeDecision(label, node.op, "float", "weight has fewer than 2 dimensions")
+    lo, hi = qmath.channel_minmax(values, axis)
+    scale, zero = qmath.symmetric_params(lo, hi, qtype)
+    q = qmath.quantize(values, scale, zero, qtype, axis).astype(np.int8)
+    base = node.inputs[1].name
+    restored = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(values.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{base}_DequantizeLinear"), {"axis": axis},
+                               [gs.Constant(names.new(f"{base}_quantized"), q),
+                                gs.Constant(names.new(f"{base}_scale"), np.asarray(scale, np.float32)),
+                                gs.Constant(names.new(f"{base}_zero_point"), np.zeros(np.shape(scale), np.int8))],
+                               [restored]))
+    node.inputs[1] = restored
+    return NodeDecision(label, node.op, "int8", "int8 weights, float compute")
+
+
+def pack_int4(weight: np.ndarray, block_size: int, symmetric: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """MatMulNBits layout of a [K, N] weight: (packed [N, blocks, block_size/2] uint8, scales [N*blocks],
+    packed zero points or None).
+
+    Each column is cut into blocks of `block_size` along K (the last block zero-padded);
+    values are unsigned 4-bit q = round(w / scale) + zero_point, two per byte, low nibble first.
+    Symmetric: zero point 8 and scale = max|w| / 7 (q in 1..15); else scale = (max - min) / 15.
+    """
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), np.float32)
+    padded[:k] = weight
+    cols = padded.T.reshape(n, blocks, block_size).astype(np.float64)
+    if symmetric:
+        scale = np.abs(cols).max(axis=2) / 7.0
+        zero = np.full((n, blocks), 8.0)
+    else:
+        lo = np.minimum(cols.min(axis=2), 0.0)
+        hi = np.maximum(cols.max(axis=2), 0.0)
+        scale = (hi - lo) / 15.0
+        zero = np.clip(np.round(-lo / np.where(scale > 0, scale, 1.0)), 0, 15)
+    scale = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.round(cols / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    zeros = None
+    if not symmetric:
+        z = zero.astype(np.uint8)
+        if blocks % 2:
+            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+        zeros = (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
+    return packed, scale.astype(np.float32).reshape(-1), zeros
+
+
+def unpack_int4(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, k: int) -> np.ndarray:
+    """The [K, N] float weight MatMulNBits computes with (the reference for tests and reports)."""
+    n, blocks, half = packed.shape
+    q = np.empty((n, blocks, half * 2), np.float64)
+    q[..., 0::2] = packed & 0x0F
+    q[..., 1::2] = packed >> 4
+    if zeros is None:
+        zero = np.full((n, blocks), 8.0)
+    else:
+        z = zeros.reshape(n, -1)
+        unpacked = np.empty((n, z.shape[1] * 2))
+        unpacked[:, 0::2] = z & 0x0F
+        unpacked[:, 1::2] = z >> 4
+        zero = unpacked[:, :blocks]
+    values = (q - zero[..., None]) * scales.reshape(n, blocks)[..., None]
+    return values.reshape(n, -1)[:, :k].T.astype(np.float32)
+
+
+def _int4_matmul(graph: gs.Graph, node: gs.Node, names: NameAllocator, options: WeightOnlyOptions) -> NodeDecision:
+    label = node_label(node)
+    if node.op != "MatMul":
+        return NodeDecision(label, node.op, "float", "4-bit weights are for MatMul (MatMulNBits)")
+    found = _matmul_weight(node)
+    if isinstance(found, str):
+        return NodeDecision(label, node.op, "float", found)
+    weight, _ = found
+    k, n = weight.shape
+    packed, scales, zeros = pack_int4(weight, options.block_size, options.symmetric)
+    base = node.inputs[1].name
+    inputs = [node.inputs[0], gs.Constant(names.new(f"{base}_int4"), packed),
+              gs.Constant(names.new(f"{base}_scales"), scales)]
+    if zeros is not None:
+        inputs.append(gs.Constant(names.new(f"{base}_zero_points"), zeros))
+    attrs = {"K": k, "N": n, "bits": 4, "block_size": options.block_size}
+    _replace(graph, node, gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=MS))
+    return NodeDecision(label, node.op, "int4", f"4-bit weights, blocks of {options.block_size} (MatMulNBits)")
