@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,9 +21,11 @@ from .inspect_model import format_inspection, inspect_model
 from .latency import all_threads, compare_fp32_int8, format_comparison
 from .model_io import atomic_write_bytes, check_output_path, load_model
 from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
+from .pipeline import sensitivity as run_sensitivity
 from .plan import QuantSettings
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from .report import format_summary
+from .sensitivity import Target
 from .statistics import Statistics
 
 
@@ -214,6 +217,11 @@ def main() -> None:
 @click.option("--save-plan", type=click.Path(path_type=Path), help="Save the per-tensor quantization plan (JSON).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
+@click.option("--target-sqnr", type=float, help="Accuracy target (dB, every output, held-back samples): keep the "
+              "most sensitive layers in float, as few as possible, until it holds; exit 6 if it cannot.")
+@click.option("--target-cosine", type=float, help="Accuracy target as a minimum cosine (as --target-sqnr).")
+@click.option("--max-fallbacks", type=click.IntRange(min=0), help="At most this many layers back to float for the "
+              "target (default: as many as needed).")
 @click.option("--min-cosine", type=float, help="Exit 6 if any output's cosine to fp32 is below this.")
 @click.option("--min-sqnr", type=float, help="Exit 6 if any output's SQNR (dB) is below this.")
 @verbosity_options
@@ -222,7 +230,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                      pixel_scale, mean, std, channel_order, eval_data, mode, weight_bits, block_size,
                      weight_zero_points, method, percentile, symmetric, per_tensor,
                      output_format, weight_range, exclude, speed_guard, speed_profile, target_cpu, load_stats,
-                     save_stats, save_plan, report_path, as_json, min_cosine, min_sqnr, quiet, verbose) -> None:
+                     save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine, max_fallbacks,
+                     min_cosine, min_sqnr, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
@@ -231,6 +240,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=weight_range, exclude=tuple(exclude),
         speed_guard=speed_guard, speed_profile=speed_profile, target_cpu=target_cpu, output_format=output_format,
+        target=Target(target_sqnr, target_cosine) if target_sqnr is not None or target_cosine is not None else None,
+        max_fallbacks=max_fallbacks,
         mode=mode, weight_only=WeightOnlyOptions(bits=int(weight_bits), block_size=block_size,
                                                  symmetric=not weight_zero_points),
         settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric, per_channel=not per_tensor),
@@ -313,6 +324,52 @@ def inspect(model, as_json, quiet, verbose) -> None:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
     elif not quiet:
         click.echo(format_inspection(info))
+
+
+@main.command("sensitivity", epilog="""\b
+Examples:
+  onnxq sensitivity model.onnx --calib data/ -o sens.json --plot sens.png
+  onnxq calibrate model.onnx --calib data/ -o m.stats.npz
+  onnxq sensitivity model.onnx --load-stats m.stats.npz --eval-data holdout/ -o sens.json
+""")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the ranking as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG bar chart of the ranking.")
+@data_options
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Samples to measure on (default: the last 10% "
+              "of --calib).")
+@click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics (no calibration pass).")
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True)
+@click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0.")
+@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Held-back samples each variant is measured on.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Rows in the printed table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON on stdout.")
+@verbosity_options
+@handle_errors
+def sensitivity_command(model, output, plot, calib, allow_random, batch_size, max_samples, memory_budget, image_size,
+                        layout, pixel_scale, mean, std, channel_order, eval_data, load_stats, method, symmetric,
+                        weight_range, samples, top, as_json, quiet, verbose) -> None:
+    """Rank MODEL's int8 layers by measured sensitivity: output SQNR with only that layer int8 and with all
+    but that layer int8."""
+    data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
+                 pixel_scale, mean, std, channel_order)
+    for path in (output, plot):
+        if path is not None:
+            check_output_path(path, [model])
+    request = QuantizeRequest(model=model, output=Path(os.devnull), data=data, load_stats=load_stats,
+                              weight_range=weight_range, sensitivity_samples=samples, speed_guard=False,
+                              settings=QuantSettings(method=method, symmetric=symmetric))
+    result = run_sensitivity(request, progress=progress_factory(quiet))
+    if output is not None:
+        result.save_json(output)
+    if plot is not None:
+        result.save_png(plot)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(result.table(top))
 
 
 @main.command("bench", epilog="""\b

@@ -124,3 +124,30 @@ def compare_models(
         finally:
             bar.close()
     return Fidelity(len(source), source.description, [agreement[n].summary() for n in names])
+
+
+class CachedReference:
+    """fp32 outputs on a few samples, kept in memory, to score many candidate models quickly.
+
+    Used by the sensitivity analysis and the accuracy-target search, which score dozens of
+    variants of one model on the same samples.
+    """
+
+    def __init__(self, reference: onnx.ModelProto, source: SampleSource, limit: int) -> None:
+        self.names = [o.name for o in reference.graph.output
+                      if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                          onnx.TensorProto.DOUBLE)]
+        self.feeds = [source.sample(i) for i in range(min(limit, len(source)))]
+        self.source = source.description
+        with tempfile.TemporaryDirectory(prefix="onnxq-ref-") as tmp:
+            session = session_for(reference, Path(tmp))
+            self.outputs = [run(session, feed, self.names) for feed in self.feeds]
+
+    def fidelity_of(self, model: onnx.ModelProto) -> Fidelity:
+        agreement = {name: OutputAgreement(name) for name in self.names}
+        with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:
+            session = session_for(model, Path(tmp))
+            for feed, reference in zip(self.feeds, self.outputs, strict=True):
+                for name, ref, test in zip(self.names, reference, run(session, feed, self.names), strict=True):
+                    agreement[name].add(ref, test)
+        return Fidelity(len(self.feeds), self.source, [agreement[n].summary() for n in self.names])

@@ -32,20 +32,29 @@ from .data import (
 from .doctor import read_target_cpu
 from .dynamic import WeightOnlyOptions, rewrite_dynamic, rewrite_weight_only
 from .errors import DataError, ModelError, UsageError
-from .evaluate import Fidelity, compare_models
+from .evaluate import CachedReference, Fidelity, compare_models
 from .fusion import FusionReport, check_fusion
 from .ir import Graph, import_graph
 from .model_io import check_output_path, load_model, model_digest, needs_external_data, save_model
 from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import prepare_model
-from .report import build_report
+from .report import build_report, json_safe
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
-from .speed_guard import GuardResult, default_profile_path, guard_groups, machine_key, run_speed_guard
+from .sensitivity import SearchResult, SensitivityResult, Target, measure_sensitivity, search_fallbacks
+from .speed_guard import (
+    GuardResult,
+    compare_latency,
+    default_profile_path,
+    guard_groups,
+    machine_key,
+    run_speed_guard,
+)
 from .statistics import Statistics
 
 RANDOM_SAMPLES = 16
+TARGET_SAMPLES = 32  # held-back samples the target search measures on
 
 
 @dataclass
@@ -74,6 +83,9 @@ class QuantizeRequest:
     speed_profile: Path | None = None  # None: the per-machine cache (see onnxq.speed_guard)
     target_cpu: Path | None = None  # the deployment CPU's /proc/cpuinfo or `onnxq doctor --json`
     output_format: str = "qdq"  # or "qoperator": integer operators (onnxq.rewrite_qop)
+    target: Target | None = None  # accuracy target: fall back to float until it holds (onnxq.sensitivity)
+    max_fallbacks: int | None = None
+    sensitivity_samples: int = 16
     mode: str = "static"  # or "dynamic" / "weight-only" (onnxq.dynamic; no calibration)
     weight_only: WeightOnlyOptions = field(default_factory=WeightOnlyOptions)
     min_cosine: float | None = None
@@ -159,11 +171,48 @@ def check_batch_size(batch_size: int, specs: list[InputSpec]) -> None:
                              f"fixed first dimension of {spec.shape[0]}; use --batch-size 1 for this model")
 
 
-def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
-    if request.mode != "static":
-        return quantize_without_calibration(request, progress)
+@dataclass
+class Calibrated:
+    """Everything up to the statistics: what the speed guard, the target search and the plan build on."""
+
+    request: QuantizeRequest
+    settings: QuantSettings
+    weight_range_reason: str
+    original: onnx.ModelProto
+    prepared: onnx.ModelProto
+    digest: str
+    graph: Graph
+    options: PlacementOptions
+    placement: Placement
+    stats: Statistics
+    calib: SampleSource | None
+    held: SampleSource | None
+    notes: list[str]
+    timer: StageTimer
+
+    def keep_float(self, nodes: dict[str, str]) -> None:
+        """Place again with these nodes (label -> why) kept in float, on top of earlier ones."""
+        self.options = replace(self.options, keep_float={**self.options.keep_float, **nodes})
+        self.placement = place(self.graph, self.options)
+        _require_something_to_quantize(self.placement)
+
+    def build(self, float_nodes: frozenset[str]) -> onnx.ModelProto:
+        """The QDQ model with `float_nodes` also kept in float (for trials; nothing is kept)."""
+        trial = replace(self.options, keep_float={**self.options.keep_float,
+                                                  **dict.fromkeys(float_nodes, "trial")})
+        return write_qdq(self.prepared, build_plan(self.graph, place(self.graph, trial), self.stats, self.settings,
+                                                   self.digest))
+
+    def int8_layers(self) -> dict[str, str]:
+        """Conv/MatMul/Gemm nodes currently int8: label -> op type."""
+        return {d.name: d.op_type for d in self.placement.nodes if d.status == "int8" and d.op_type in HEAVY_OPS}
+
+
+def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progress, *,
+               writes_model: bool = True) -> Calibrated:
     timer = StageTimer()
-    check_output_path(request.output, [request.model])
+    if writes_model:
+        check_output_path(request.output, [request.model])
     for extra in (request.save_stats, request.save_plan):
         if extra is not None:
             check_output_path(extra, [request.model, request.output])
@@ -182,50 +231,122 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
     _require_something_to_quantize(placement)
     specs = model_input_specs(original)
     calib, held, notes = open_data(request, specs)
-    notes = prepared.notes + notes
     with timer.stage("calibrate"):
         stats = _statistics(request, prepared.model, placement.statistics_tensors, graph, calib, digest, progress)
     if request.save_stats is not None:
         stats.save(request.save_stats)
-    guard = None
-    if request.speed_guard:
-        feed = _timing_feed(held, calib)
-        if request.target_cpu is not None and request.speed_profile is None:
-            notes.append("speed guard skipped: timings on this machine say nothing about the --target-cpu; "
-                         "give a --speed-profile made on the target")
-        elif feed is None:
-            notes.append("speed guard skipped: no sample to time the model with (give --calib or --eval-data)")
-        else:
-            with timer.stage("speed guard"):
-                guard = _speed_guard(request, prepared.model, graph, options, placement, stats, settings, digest,
-                                     feed, progress)
-            if guard.keep_float:
-                options = replace(options, keep_float=guard.keep_float)
-                placement = place(graph, options)
-                _require_something_to_quantize(placement)
+    return Calibrated(request, settings, weight_range_reason, original, prepared.model, digest, graph, options,
+                      placement, stats, calib, held, prepared.notes + notes, timer)
+
+
+def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
+    if request.mode != "static":
+        return quantize_without_calibration(request, progress)
+    if request.target is not None and request.data.eval_data is None and request.data.calib is None:
+        raise UsageError("an accuracy target needs samples to measure it on: give --eval-data or --calib")
+    c = calibrated(request, progress)
+    guard = _apply_speed_guard(c, progress)
+    target_report = _apply_accuracy_target(c, progress) if request.target is not None else None
+    timer = c.timer
     with timer.stage("plan"):
-        plan = build_plan(graph, placement, stats, settings, digest)
+        plan = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
     if request.save_plan is not None:
         plan.save(request.save_plan)
     with timer.stage("rewrite"):
-        quantized = write_qdq(prepared.model, plan)
+        quantized = write_qdq(c.prepared, plan)
         if request.output_format == "qoperator":
             quantized = write_qoperator(quantized)
     with timer.stage("check"):
         fusion = _check(quantized)
     fidelity = None
-    if held is not None:
+    if c.held is not None:
         with timer.stage("evaluate"):
-            fidelity = compare_models(original, quantized, held, batch_size=request.data.batch_size, progress=progress)
+            fidelity = compare_models(c.original, quantized, c.held, batch_size=request.data.batch_size,
+                                      progress=progress)
     with timer.stage("write"):
         save_model(quantized, request.output)
     report = build_report(
-        request=request, version=__version__, original=original, quantized_bytes=quantized.ByteSize(),
-        plan=plan, stats=stats, calib=calib, held=held, fidelity=fidelity, notes=notes,
-        weight_range_reason=weight_range_reason, timings=timer.seconds,
+        request=request, version=__version__, original=c.original, quantized_bytes=quantized.ByteSize(),
+        plan=plan, stats=c.stats, calib=c.calib, held=c.held, fidelity=fidelity, notes=c.notes,
+        weight_range_reason=c.weight_range_reason, timings=timer.seconds,
         speed_guard=guard.to_report() if guard is not None else {"enabled": False}, fusion=fusion.to_dict(),
     )
+    if target_report is not None:
+        report["accuracy_target"] = json_safe(target_report)
+        for key, gate in (("min_sqnr_db", "target_sqnr_db"), ("min_cosine", "target_cosine")):
+            required = target_report["target"][key]
+            if required is not None:
+                measured = target_report["final"][key]
+                report["gates"].append({"gate": gate, "required": required, "measured": measured,
+                                        "passed": bool(measured >= required)})
     return QuantizeResult(report, plan, fidelity)
+
+
+def _apply_speed_guard(c: Calibrated, progress: ProgressFactory) -> GuardResult | None:
+    request = c.request
+    if not request.speed_guard:
+        return None
+    feed = _timing_feed(c.held, c.calib)
+    if request.target_cpu is not None and request.speed_profile is None:
+        c.notes.append("speed guard skipped: timings on this machine say nothing about the --target-cpu; "
+                       "give a --speed-profile made on the target")
+        return None
+    if feed is None:
+        c.notes.append("speed guard skipped: no sample to time the model with (give --calib or --eval-data)")
+        return None
+    with c.timer.stage("speed guard"):
+        key = json.dumps([c.digest, c.settings.symmetric, c.settings.per_channel, c.settings.weight_range,
+                          sorted(request.exclude)])
+        model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
+        path = request.speed_profile or default_profile_path(machine_key())
+        guard = run_speed_guard(guard_groups(c.graph, c.placement), c.build, feed, path, model_key, progress,
+                                pinned=request.speed_profile is not None)
+    if guard.keep_float:
+        c.keep_float(guard.keep_float)
+    return guard
+
+
+def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
+    """Keep the most sensitive int8 layers in float until the target holds (see onnxq.sensitivity)."""
+    request = c.request
+    target = request.target
+    assert target is not None and c.held is not None
+    with c.timer.stage("accuracy target"):
+        reference = CachedReference(c.original, c.held, TARGET_SAMPLES)
+        start = reference.fidelity_of(c.build(frozenset()))
+        result = SearchResult([], True, [])
+        ranking: list[str] = []
+        if not target.met_by(start):
+            candidates = c.int8_layers()
+            ranking = measure_sensitivity(c.build, candidates, reference, progress, only_this=False).ranked_nodes()
+            limit = request.max_fallbacks if request.max_fallbacks is not None else len(ranking)
+            result = search_fallbacks(c.build, ranking, target, reference, limit, progress)
+        if result.float_nodes:
+            c.keep_float({node: f"accuracy target: kept float (sensitivity rank {ranking.index(node) + 1})"
+                          for node in result.float_nodes})
+        final = reference.fidelity_of(c.build(frozenset()))
+    feed = _timing_feed(c.held, c.calib)
+    speed = None
+    if result.float_nodes and feed is not None:
+        all_int8 = replace(c.options, keep_float={k: v for k, v in c.options.keep_float.items()
+                                                  if k not in result.float_nodes})
+        before = write_qdq(c.prepared, build_plan(c.graph, place(c.graph, all_int8), c.stats, c.settings, c.digest))
+        before_ms, after_ms = compare_latency(before, c.build(frozenset()), feed)
+        speed = {"before_ms": before_ms, "after_ms": after_ms, "cost": round(after_ms / before_ms, 3)}
+    return {"target": {"min_sqnr_db": target.min_sqnr_db, "min_cosine": target.min_cosine},
+            "met": target.met_by(final), "samples": len(reference.feeds),
+            "start": {"min_sqnr_db": start.min_sqnr, "min_cosine": start.min_cosine},
+            "final": {"min_sqnr_db": final.min_sqnr, "min_cosine": final.min_cosine},
+            "float_nodes": result.float_nodes, "steps": result.steps, "speed": speed}
+
+
+def sensitivity(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> SensitivityResult:
+    """Rank the int8 layers of `request.model` by measured sensitivity (no model is written)."""
+    if request.data.eval_data is None and request.data.calib is None:
+        raise UsageError("sensitivity needs samples to measure on: give --eval-data or --calib")
+    c = calibrated(request, progress, writes_model=False)
+    reference = CachedReference(c.original, c.held, request.sensitivity_samples)
+    return measure_sensitivity(c.build, c.int8_layers(), reference, progress)
 
 
 def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFactory = _no_progress
@@ -295,23 +416,6 @@ def _timing_feed(held: SampleSource | None, calib: SampleSource | None) -> dict 
     """One real sample, batch 1, to time the model with."""
     source = held if held is not None and len(held) else calib
     return source.sample(0) if source is not None and len(source) else None
-
-
-def _speed_guard(request: QuantizeRequest, prepared: onnx.ModelProto, graph: Graph, options: PlacementOptions,
-                 placement: Placement, stats: Statistics, settings: QuantSettings, digest: str, feed: dict,
-                 progress: ProgressFactory) -> GuardResult:
-    """Time the model with each kind of int8 layer against the same layers in float (see onnxq.speed_guard)."""
-
-    def build(float_nodes: frozenset[str]) -> onnx.ModelProto:
-        trial = place(graph, replace(options, keep_float=dict.fromkeys(float_nodes, "speed guard trial")))
-        return write_qdq(prepared, build_plan(graph, trial, stats, settings, digest))
-
-    key = json.dumps([digest, settings.symmetric, settings.per_channel, settings.weight_range,
-                      sorted(request.exclude)])
-    model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = request.speed_profile or default_profile_path(machine_key())
-    return run_speed_guard(guard_groups(graph, placement), build, feed, path, model_key, progress,
-                           pinned=request.speed_profile is not None)
 
 
 def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[str], graph: Graph,

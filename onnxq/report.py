@@ -51,7 +51,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
         "timings_s": timings,
     }
     report["gates"] = _gates(request, fidelity)
-    return _json_safe(report)
+    return json_safe(report)
 
 
 def _describe(source: SampleSource | None, samples: int | None = None) -> dict | None:
@@ -98,14 +98,14 @@ def _gates(request: QuantizeRequest, fidelity: Fidelity | None) -> list[dict]:
     return gates
 
 
-def _json_safe(value):
+def json_safe(value):
     """JSON has no inf/nan: write them as strings a reader can still parse."""
     if isinstance(value, float) and not math.isfinite(value):
         return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -152,6 +152,13 @@ def format_summary(report: dict) -> str:
         lines.append("  speed guard: " + ("; ".join(
             f"kept {t['layers']} {t['kind']} float (model {t['float_ms']:.2f} ms vs {t['int8_ms']:.2f} ms in int8)"
             for t in kept) if kept else f"all {len(guard['trials'])} kinds of layer are faster in int8"))
+    target = report.get("accuracy_target")
+    if target:
+        speed = target["speed"]
+        cost = f", {speed['cost']:.2f}x the all-int8 latency" if speed else ""
+        lines.append(f"  accuracy target {'met' if target['met'] else 'NOT met'}: {len(target['float_nodes'])} layers "
+                     f"kept float (SQNR {_num(target['start']['min_sqnr_db'], 1)} -> "
+                     f"{_num(target['final']['min_sqnr_db'], 1)} dB on {target['samples']} samples{cost})")
     for gate in report["gates"]:
         verdict = "passed" if gate["passed"] else "MISSED"
         lines.append(f"  gate {gate['gate']} >= {gate['required']}: {verdict} (measured {_num(gate['measured'], 4)})")

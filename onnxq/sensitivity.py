@@ -1,0 +1,174 @@
+"""Per-layer sensitivity and the accuracy-target search (mixed precision: int8 where it holds, float where not).
+
+Sensitivity is measured, not guessed: on held-back samples, the output SQNR against fp32
+of the model with *only* that layer in int8, and of the model with *all but* that layer
+in int8. Layers are ranked by how much keeping them in float recovers ("all but" SQNR
+minus the all-int8 SQNR).
+
+The target search starts from the all-int8 model and keeps the highest-ranked layers in
+float, one at a time, re-measuring the whole model each time, until the target (minimum
+SQNR or cosine over the outputs) holds; it stops early once the target is met, so the
+fallbacks are as few as this greedy order allows. It always returns the best model seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from .calibrate import ProgressFactory, _no_progress
+from .evaluate import CachedReference, Fidelity
+
+Build = Callable[[frozenset[str]], onnx.ModelProto]  # float nodes -> quantized model
+
+
+@dataclass
+class LayerSensitivity:
+    node: str
+    op: str
+    only_this_sqnr_db: float  # this layer int8, every other candidate float
+    all_but_this_sqnr_db: float  # every candidate int8 but this one
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "op": self.op, "only_this_sqnr_db": _finite(self.only_this_sqnr_db),
+                "all_but_this_sqnr_db": _finite(self.all_but_this_sqnr_db)}
+
+
+@dataclass
+class SensitivityResult:
+    all_int8_sqnr_db: float
+    samples: int
+    layers: list[LayerSensitivity] = field(default_factory=list)  # most sensitive first
+
+    def ranked_nodes(self) -> list[str]:
+        return [layer.node for layer in self.layers]
+
+    def to_dict(self) -> dict:
+        return {"all_int8_sqnr_db": _finite(self.all_int8_sqnr_db), "samples": self.samples,
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    def save_json(self, path: Path) -> None:
+        from .model_io import atomic_write_bytes
+
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+    def save_png(self, path: Path, top: int = 40) -> None:
+        """Bar chart of the SQNR recovered by keeping each layer in float (most sensitive first)."""
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from .model_io import atomic_write_bytes
+
+        shown = self.layers[:top]
+        fig, ax = plt.subplots(figsize=(10, 0.28 * len(shown) + 1.5))
+        gains = [layer.all_but_this_sqnr_db - self.all_int8_sqnr_db for layer in shown]
+        ax.barh([f"{layer.node} ({layer.op})" for layer in shown][::-1], gains[::-1], color="#4472c4")
+        ax.set_xlabel("output SQNR recovered by keeping the layer in float (dB)")
+        ax.set_title(f"onnxq sensitivity: all-int8 SQNR {self.all_int8_sqnr_db:.1f} dB, {self.samples} samples")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def table(self, top: int = 20) -> str:
+        lines = [f"all layers int8: SQNR {self.all_int8_sqnr_db:.2f} dB on {self.samples} samples",
+                 f"{'rank':>4}  {'recovered dB':>12}  {'only-this dB':>12}  node"]
+        for rank, layer in enumerate(self.layers[:top], 1):
+            lines.append(f"{rank:>4}  {layer.all_but_this_sqnr_db - self.all_int8_sqnr_db:>12.2f}  "
+                         f"{layer.only_this_sqnr_db:>12.2f}  {layer.node} ({layer.op})")
+        return "\n".join(lines)
+
+
+def _finite(value: float) -> float | str | None:
+    if math.isnan(value):
+        return None
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def measure_sensitivity(build: Build, candidates: dict[str, str], reference: CachedReference,
+                        progress: ProgressFactory = _no_progress, *, only_this: bool = True) -> SensitivityResult:
+    """`candidates`: node -> op type of every int8 layer to rank. `only_this=False` skips the
+    only-this-layer models (the ranking needs just the all-but ones): half the work."""
+    names = sorted(candidates)
+    bar = progress((2 if only_this else 1) * len(names) + 1, "sensitivity")
+    try:
+        baseline = reference.fidelity_of(build(frozenset())).min_sqnr
+        bar.update(1)
+        layers = []
+        for name in names:
+            only = math.nan
+            if only_this:
+                only = reference.fidelity_of(build(frozenset(n for n in names if n != name))).min_sqnr
+                bar.update(1)
+            all_but = reference.fidelity_of(build(frozenset([name]))).min_sqnr
+            bar.update(1)
+            layers.append(LayerSensitivity(name, candidates[name], only, all_but))
+    finally:
+        bar.close()
+    layers.sort(key=lambda layer: (-layer.all_but_this_sqnr_db, layer.node))
+    return SensitivityResult(baseline, len(reference.feeds), layers)
+
+
+@dataclass
+class Target:
+    min_sqnr_db: float | None = None
+    min_cosine: float | None = None
+
+    def met_by(self, fidelity: Fidelity) -> bool:
+        return ((self.min_sqnr_db is None or fidelity.min_sqnr >= self.min_sqnr_db)
+                and (self.min_cosine is None or fidelity.min_cosine >= self.min_cosine))
+
+    def score(self, fidelity: Fidelity) -> float:
+        """Higher is better: the worst margin to the target (dB and cosine put on one scale)."""
+        margins = []
+        if self.min_sqnr_db is not None:
+            margins.append(fidelity.min_sqnr - self.min_sqnr_db)
+        if self.min_cosine is not None:  # 1 - cosine ~ noise/signal/2: compare in dB
+            margins.append(_cosine_db(fidelity.min_cosine) - _cosine_db(self.min_cosine))
+        return min(margins) if margins else 0.0
+
+
+def _cosine_db(cosine: float) -> float:
+    return -10.0 * math.log10(max(1.0 - cosine, 1e-12))
+
+
+@dataclass
+class SearchResult:
+    float_nodes: list[str]  # in the order they fell back
+    met: bool
+    steps: list[dict] = field(default_factory=list)  # one per model measured
+
+
+def search_fallbacks(build: Build, ranked: list[str], target: Target, reference: CachedReference,
+                     max_fallbacks: int, progress: ProgressFactory = _no_progress) -> SearchResult:
+    """Keep ranked layers in float one by one until `target` holds; the best model's float nodes."""
+    chosen: list[str] = []
+    best: tuple[float, list[str]] | None = None
+    steps = []
+    bar = progress(min(len(ranked), max_fallbacks) + 1, "target search")
+    try:
+        for step in range(min(len(ranked), max_fallbacks) + 1):
+            if step:
+                chosen.append(ranked[step - 1])
+            fidelity = reference.fidelity_of(build(frozenset(chosen)))
+            bar.update(1)
+            steps.append({"float_nodes": len(chosen), "added": chosen[-1] if chosen else None,
+                          "min_sqnr_db": _finite(fidelity.min_sqnr), "min_cosine": fidelity.min_cosine})
+            if best is None or target.score(fidelity) > best[0]:
+                best = (target.score(fidelity), list(chosen))
+            if target.met_by(fidelity):
+                return SearchResult(list(chosen), True, steps)
+    finally:
+        bar.close()
+    assert best is not None
+    return SearchResult(best[1], False, steps)
