@@ -318,7 +318,7 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
         ranking: list[str] = []
         if not target.met_by(start):
             candidates = c.int8_layers()
-            ranking = measure_sensitivity(c.build, candidates, reference, progress, only_this=False).ranked_nodes()
+            ranking = measure_sensitivity(c.build, candidates, reference, progress, all_but=False).ranked_nodes()
             limit = request.max_fallbacks if request.max_fallbacks is not None else len(ranking)
             result = search_fallbacks(c.build, ranking, target, reference, limit, progress)
         if result.float_nodes:
