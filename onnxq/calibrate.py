@@ -54,14 +54,17 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return augmented
 
 
-def session_for(model: onnx.ModelProto, workdir: Path, threads: int = 0) -> ort.InferenceSession:
+def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`) or on disk."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors reach the user as onnxq's one line
-    path = workdir / f"model_{id(model)}.onnx"
-    large = needs_external_data(model)
-    onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    path = model if isinstance(model, Path) else workdir / f"model_{id(model)}.onnx"
+    if isinstance(model, onnx.ModelProto):
+        large = needs_external_data(model)
+        onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

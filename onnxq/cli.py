@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -320,10 +321,7 @@ Examples:
 def inspect(model, as_json, quiet, verbose) -> None:
     """Show a model's ops; for an int8 model, which Q/DQ onnxruntime fused and which it did not."""
     info = inspect_model(model)
-    if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True))
-    elif not quiet:
-        click.echo(format_inspection(info))
+    _emit(info, as_json, quiet, format_inspection)
 
 
 @main.command("sensitivity", epilog="""\b
@@ -400,10 +398,7 @@ def bench_command(fp32, int8, data, image_size, layout, pixel_scale, mean, std, 
             raise DataError(f"no samples in {data}")
     thread_counts = tuple(sorted(set(threads))) or tuple(sorted({1, all_threads()}))
     result = compare_fp32_int8(fp32, int8, source, (1, batch), thread_counts)
-    if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True))
-    elif not quiet:
-        click.echo(format_comparison(result))
+    _emit(result, as_json, quiet, format_comparison)
 
 
 @main.command(epilog="""\b
@@ -419,11 +414,15 @@ Examples:
 @handle_errors
 def doctor(cpuinfo, as_json, quiet, verbose) -> None:
     """This CPU's int8 features, the onnxruntime build, and what they mean for quantize's defaults."""
-    info = this_machine(cpuinfo)
+    _emit(this_machine(cpuinfo), as_json, quiet, format_diagnosis)
+
+
+def _emit(result: dict, as_json: bool, quiet: bool, as_text: Callable[[dict], str]) -> None:
+    """A command's result: JSON on stdout with --json, else text unless -q."""
     if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
     elif not quiet:
-        click.echo(format_diagnosis(info))
+        click.echo(as_text(result))
 
 
 def run() -> None:

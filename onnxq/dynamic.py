@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +20,18 @@ import onnx_graphsurgeon as gs
 
 from . import qmath
 from .errors import UsageError
-from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_float32, node_label
+from .ir import (
+    NameAllocator,
+    all_graphs,
+    constant_values,
+    export_model,
+    import_domain,
+    import_graph,
+    is_constant,
+    is_float32,
+    node_label,
+    replace_nodes,
+)
 from .placement import NodeDecision
 
 MS = "com.microsoft"
@@ -40,40 +50,13 @@ class WeightOnlyOptions:
             raise UsageError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
 
 
-def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
-    yield graph
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, list) else [value]:
-                if isinstance(sub, gs.Graph):
-                    yield from all_graphs(sub)
-
-
 def _finish(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     for sub in all_graphs(graph):
         sub.cleanup(remove_unused_graph_inputs=False)
     model = export_model(graph, like)
-    uses_ms = any(n.domain == MS for n in _all_nodes(model.graph))
-    if uses_ms and not any(o.domain == MS for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(MS, 1))
+    import_domain(model, MS)
     model.producer_name = "onnxq"
     return model
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
-
-
-def _replace(graph: gs.Graph, old: gs.Node, new: gs.Node) -> None:
-    old.inputs.clear()
-    old.outputs.clear()
-    graph.nodes.append(new)
 
 
 def _matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
@@ -97,12 +80,7 @@ def _matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
 
 def quantize_columns(weight: np.ndarray, qtype: qmath.QType, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 weights for a [K, N] matrix: one scale per column (or one in all)."""
-    if per_channel:
-        lo, hi = qmath.channel_minmax(weight, 1)
-    else:
-        lo, hi = np.float64(weight.min(initial=0.0)), np.float64(weight.max(initial=0.0))
-    scale, zero = qmath.symmetric_params(lo, hi, qtype)
-    q = qmath.quantize(weight, scale, zero, qtype, 1 if per_channel else None)
+    q, scale, _ = qmath.symmetric_weights(weight, qtype, 1 if per_channel else None)
     return q.astype(np.int8), np.asarray(scale, np.float32)
 
 
@@ -127,11 +105,11 @@ def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: boo
                       gs.Constant(names.new(f"{base}_weight_zero_point"), np.zeros(scale.shape, np.int8))]
             inputs = [node.inputs[0], *params] + ([bias] if bias is not None else [])
             new = gs.Node("DynamicQuantizeMatMul", node.name, {}, inputs, list(node.outputs), domain=MS)
-            _replace(sub, node, new)
+            replace_nodes(sub, [node], new)
             decisions.append(NodeDecision(base, node.op, "int8", "DynamicQuantizeMatMul"))
     for sub in all_graphs(graph):
         for node in sub.nodes:
-            if node.op in ("Conv", "LSTM", "GRU") and node.name not in {d.name for d in decisions}:
+            if node.op in ("Conv", "LSTM", "GRU"):
                 decisions.append(NodeDecision(node_label(node), node.op, "float",
                                               "no dynamic int8 kernel onnxruntime's CPU provider runs for it"))
     return _finish(graph, model), decisions
@@ -161,9 +139,8 @@ def _int8_weight(graph: gs.Graph, node: gs.Node, names: NameAllocator, qtype: qm
     axis = 0 if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) else 1
     if values.ndim < 2:
         return NodeDecision(label, node.op, "float", "weight has fewer than 2 dimensions")
-    lo, hi = qmath.channel_minmax(values, axis)
-    scale, zero = qmath.symmetric_params(lo, hi, qtype)
-    q = qmath.quantize(values, scale, zero, qtype, axis).astype(np.int8)
+    q, scale, _ = qmath.symmetric_weights(values, qtype, axis)
+    q = q.astype(np.int8)
     base = node.inputs[1].name
     restored = gs.Variable(names.new(f"{base}_dequantized"), dtype=np.float32, shape=list(values.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{base}_DequantizeLinear"), {"axis": axis},
@@ -243,5 +220,5 @@ def _int4_matmul(graph: gs.Graph, node: gs.Node, names: NameAllocator, options: 
     if zeros is not None:
         inputs.append(gs.Constant(names.new(f"{base}_zero_points"), zeros))
     attrs = {"K": k, "N": n, "bits": 4, "block_size": options.block_size}
-    _replace(graph, node, gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=MS))
+    replace_nodes(graph, [node], gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=MS))
     return NodeDecision(label, node.op, "int4", f"4-bit weights, blocks of {options.block_size} (MatMulNBits)")

@@ -5,6 +5,8 @@ Passes ask questions of tensors and nodes here instead of walking protobuf.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -63,7 +65,7 @@ class NameAllocator:
 
     def __init__(self, graph: gs.Graph) -> None:
         self.used: set[str] = set()
-        for sub in _graphs(graph):
+        for sub in all_graphs(graph):
             self.used.update(sub.tensors().keys())
             self.used.update(n.name for n in sub.nodes if n.name)
 
@@ -76,13 +78,37 @@ class NameAllocator:
         return name
 
 
-def _graphs(graph: gs.Graph):
+def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and every If/Loop/Scan body inside it, depth first."""
     yield graph
     for node in graph.nodes:
         for value in node.attrs.values():
-            if isinstance(value, gs.Graph):
-                yield from _graphs(value)
-            elif isinstance(value, list):
-                for item in value:
-                    if isinstance(item, gs.Graph):
-                        yield from _graphs(item)
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    yield from all_graphs(sub)
+
+
+def replace_nodes(graph: gs.Graph, removed: list[gs.Node], new: gs.Node) -> None:
+    """Put `new` in place of `removed` (which `new` already took its tensors from); cleanup drops them."""
+    for old in removed:
+        old.inputs.clear()
+        old.outputs.clear()
+    graph.nodes.append(new)
+
+
+def import_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
+    """Declare `domain` in the model's opset imports when any node (also in a subgraph) uses it."""
+    if any(o.domain == domain for o in model.opset_import):
+        return
+    if any(node.domain == domain for node in _all_nodes(model.graph)):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _all_nodes(sub)

@@ -13,30 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
+from .calibrate import session_for
 from .data import InputSpec, SampleSource, model_input_specs
-from .errors import DataError, ModelError, UsageError
-from .model_io import load_model, needs_external_data
-
-
-def session(model: onnx.ModelProto | Path, threads: int, workdir: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 4
-    if isinstance(model, onnx.ModelProto):
-        path = workdir / f"model_{id(model)}.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=needs_external_data(model),
-                        location=f"{path.name}.data")
-        model = path
-    try:
-        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"onnxruntime cannot load {model}: {reason}") from None
+from .errors import DataError, UsageError
+from .model_io import load_model
 
 
 def interleaved_runs(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *, warmup: int = 2,
@@ -114,7 +96,7 @@ def compare_fp32_int8(fp32: Path, int8: Path, source: SampleSource | None, batch
     rows, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="onnxq-bench-") as tmp:
         for threads in thread_counts:
-            sessions = [session(fp32, threads, Path(tmp)), session(int8, threads, Path(tmp))]
+            sessions = [session_for(fp32, Path(tmp), threads), session_for(int8, Path(tmp), threads)]
             for batch in batches:
                 batch_feed = batched(feed, specs, batch)
                 if batch_feed is None:

@@ -313,7 +313,8 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
     assert target is not None and c.held is not None
     with c.timer.stage("accuracy target"):
         reference = CachedReference(c.original, c.held, TARGET_SAMPLES)
-        start = reference.fidelity_of(c.build(frozenset()))
+        all_int8 = c.build(frozenset())
+        start = reference.fidelity_of(all_int8)
         result = SearchResult([], True, [])
         ranking: list[str] = []
         if not target.met_by(start):
@@ -324,14 +325,12 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
         if result.float_nodes:
             c.keep_float({node: f"accuracy target: kept float (sensitivity rank {ranking.index(node) + 1})"
                           for node in result.float_nodes})
-        final = reference.fidelity_of(c.build(frozenset()))
+        chosen = c.build(frozenset()) if result.float_nodes else all_int8
+        final = reference.fidelity_of(chosen)
     feed = _timing_feed(c.held, c.calib)
     speed = None
     if result.float_nodes and feed is not None:
-        all_int8 = replace(c.options, keep_float={k: v for k, v in c.options.keep_float.items()
-                                                  if k not in result.float_nodes})
-        before = write_qdq(c.prepared, build_plan(c.graph, place(c.graph, all_int8), c.stats, c.settings, c.digest))
-        before_ms, after_ms = compare_latency(before, c.build(frozenset()), feed)
+        before_ms, after_ms = compare_latency(all_int8, chosen, feed)
         speed = {"before_ms": before_ms, "after_ms": after_ms, "cost": round(after_ms / before_ms, 3)}
     return {"target": {"min_sqnr_db": target.min_sqnr_db, "min_cosine": target.min_cosine},
             "met": target.met_by(final), "samples": len(reference.feeds),

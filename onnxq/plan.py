@@ -156,13 +156,10 @@ def _activation_plan(name: str, source: str, stats: Statistics, settings: QuantS
 def _weight_plan(name: str, values: np.ndarray, axis: int | None, settings: QuantSettings) -> TensorPlan:
     qtype = settings.weight_qtype
     values = values.astype(np.float32)
-    if axis is not None and values.ndim > axis and values.shape[axis] > 1:
-        lo, hi = qmath.channel_minmax(values, axis)
-    else:
+    if axis is None or values.ndim <= axis or values.shape[axis] <= 1:
         axis = None
-        lo, hi = np.float64(values.min(initial=0.0)), np.float64(values.max(initial=0.0))
-    scale, zero_point = qmath.symmetric_params(lo, hi, qtype)
-    restored = qmath.dequantize(qmath.quantize(values, scale, zero_point, qtype, axis), scale, zero_point, axis)
+    q, scale, zero_point = qmath.symmetric_weights(values, qtype, axis)
+    restored = qmath.dequantize(q, scale, zero_point, axis)
     error = float(np.max(np.abs(restored - values), initial=0.0))
     return TensorPlan(name=name, role="weight", qtype="int8", scale=np.atleast_1d(scale).tolist(),
                       zero_point=np.atleast_1d(zero_point).astype(int).tolist(), axis=axis, max_abs_error=error)

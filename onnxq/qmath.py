@@ -127,6 +127,18 @@ def channel_minmax(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return moved.min(axis=1), moved.max(axis=1)
 
 
+def symmetric_weights(w: np.ndarray, qtype: QType, axis: int | None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric (zero point 0) quantization of a weight, per channel along `axis` or per tensor (None)."""
+    w = np.asarray(w, dtype=np.float32)
+    if axis is not None:
+        lo, hi = channel_minmax(w, axis)
+    else:
+        lo, hi = np.float64(w.min(initial=0.0)), np.float64(w.max(initial=0.0))
+    scale, zero_point = symmetric_params(lo, hi, qtype)
+    return quantize(w, scale, zero_point, qtype, axis), scale, zero_point
+
+
 def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bias as int32 with scale input_scale * weight_scale (what int8 Conv/Gemm kernels expect)."""
     scale = (np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32)).astype(np.float32)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .ir import export_model, import_graph, is_constant
+from .ir import export_model, import_domain, import_graph, is_constant, replace_nodes
 
 MS = "com.microsoft"
 PASS_THROUGH = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Resize"}
@@ -46,8 +46,7 @@ def write_qoperator(qdq_model: onnx.ModelProto) -> onnx.ModelProto:
     for node in list(graph.nodes):
         rewriter.visit(node)
     model = export_model(graph, qdq_model)
-    if any(n.domain == MS for n in model.graph.node) and not any(o.domain == MS for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(MS, 1))
+    import_domain(model, MS)
     model.producer_name = "onnxq"
     return model
 
@@ -106,10 +105,7 @@ class _Rewriter:
         return zero.dtype == np.uint8 and int(zero) == 0
 
     def _replace(self, removed: list[gs.Node], new: gs.Node) -> None:
-        for old in removed:
-            old.outputs.clear()
-            old.inputs.clear()
-        self.graph.nodes.append(new)
+        replace_nodes(self.graph, removed, new)
 
     # -------------------------------------------------------------- patterns
 

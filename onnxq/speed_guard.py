@@ -31,12 +31,12 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from .calibrate import ProgressFactory, _no_progress
+from .calibrate import ProgressFactory, _no_progress, session_for
 from .cpu import read_cpu_features
 from .doctor import INT8_FEATURES, cpu_model_name
 from .errors import DataError, OutputError
 from .ir import constant_values, is_constant, node_label
-from .latency import interleaved_runs, session
+from .latency import interleaved_runs
 from .placement import Placement
 
 GUARDED_OPS = ("Conv", "MatMul", "Gemm")
@@ -135,7 +135,7 @@ def compare_latency(current: onnx.ModelProto, trial: onnx.ModelProto, feed: dict
                     threads: int = 1) -> tuple[float, float]:
     """Median batch-1 latency (ms) of both models, runs interleaved so machine noise hits both alike."""
     with tempfile.TemporaryDirectory(prefix="onnxq-guard-") as tmp:
-        sessions = [session(m, threads, Path(tmp)) for m in (current, trial)]
+        sessions = [session_for(m, Path(tmp), threads) for m in (current, trial)]
         samples = interleaved_runs(sessions, feed, min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS,
                                    budget_s=ROUND_BUDGET_S)
     current_ms, trial_ms = (round(float(np.median(s)) * 1e3, 4) for s in samples)
