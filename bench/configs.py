@@ -33,6 +33,8 @@ def full(dynamic: bool, transformer: bool = False) -> list[Config]:
                        ("--format", "qoperator")))
     cfgs.append(Config("onnxq-no-guard", "onnxq", "onnxq defaults --no-speed-guard: every layer int8 (--load-stats)",
                        ("--no-speed-guard",)))
+    cfgs.append(Config("onnxq-target", "onnxq", "onnxq --target-cosine 0.99 --max-fallbacks 16 (--load-stats)",
+                       ("--target-cosine", "0.99", "--max-fallbacks", "16")))
     cfgs.append(Config("onnxq-weight-only", "onnxq", "onnxq --mode weight-only (int8 weights, float compute)",
                        ("--mode", "weight-only")))
     if dynamic:

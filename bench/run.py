@@ -3,6 +3,7 @@
 python -m bench.run                      # full suite, all models
 python -m bench.run --quick              # one small model, onnxq default + one ORT peer (~1 min)
 python -m bench.run --models ppocr-cls --n-calib 16 --n-eval 16
+python -m bench.run --configs onnxq-target,onnxq-adaround --merge   # add rows to the saved results
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
         row["onnxq_fidelity"] = rep.get("fidelity", {}).get("outputs")
         row["quant_wall_excl_eval_s"] = round(res.wall_s - row["onnxq_timings_s"].get("evaluate", 0.0), 3)
         row["onnxq_nodes"] = {k: rep["nodes"][k] for k in ("quantized", "float", "total")}
+        if rep.get("accuracy_target"):
+            target = rep["accuracy_target"]
+            row["onnxq_target"] = {k: target[k] for k in ("met", "start", "final", "float_nodes", "speed")}
     return out, row
 
 
@@ -155,8 +159,24 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
             "rows": rows, "machine": report.machine(), "elapsed_s": round(time.perf_counter() - t_start, 1)}
 
 
+def merge_rows(path: Path, new: dict) -> dict:
+    """The saved results with ``new``'s rows added or replaced by id (fp32 stays the saved run's).
+
+    Every row's speedup is a ratio to fp32 measured in the same run as that row, so rows from
+    different runs stay comparable as ratios; each merged row records the run that made it.
+    """
+    if not path.exists() or "rows" not in new:
+        return new
+    saved = json.loads(path.read_text())
+    fresh = {row["id"]: {**row, "merged_from": new["command"]} for row in new["rows"] if row["id"] != "fp32"}
+    rows = [fresh.pop(row["id"], row) for row in saved.get("rows", [])]
+    saved["rows"] = rows + list(fresh.values())
+    saved.setdefault("merged_commands", []).append(new["command"])
+    return saved
+
+
 def run(names: list[str], cfg_fn, samples: dict[str, tuple[int, int]], results: Path, markdown: Path | None,
-        command: str, rss_limit_mb: float = 12_000, rounds: int = 7, log=print) -> list[dict]:
+        command: str, rss_limit_mb: float = 12_000, rounds: int = 7, log=print, merge: bool = False) -> list[dict]:
     """Benchmark ``names``; write results/<model>.json (and the markdown when given)."""
     results.mkdir(parents=True, exist_ok=True)
     out = []
@@ -171,6 +191,8 @@ def run(names: list[str], cfg_fn, samples: dict[str, tuple[int, int]], results: 
             res = {"model": name, "task": spec.task, "primary_metric": metrics.PRIMARY[spec.task], "rows": [],
                    "error": traceback.format_exc()[-3000:], "machine": report.machine()}
         res["command"] = command
+        if merge:
+            res = merge_rows(results / f"{name}.json", res)
         (results / f"{name}.json").write_text(json.dumps(res, indent=1))
         out.append(res)
     if markdown is not None:
@@ -196,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, help="write this markdown (default BENCHMARKS.md; quick: none)")
     p.add_argument("--rss-limit-mb", type=float, default=12_000, help="kill a quantizer above this RSS")
     p.add_argument("--report-only", action="store_true", help="only regenerate the markdown from results")
+    p.add_argument("--configs", help="only these configuration ids (fp32 always runs as the reference)")
+    p.add_argument("--merge", action="store_true", help="add the rows to the saved results instead of replacing them")
     a = p.parse_args(argv)
     command = "python -m bench.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     if a.quick:
@@ -211,8 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown model(s): {', '.join(unknown)}")
     samples = {n: (a.n_calib or DEFAULT_SAMPLES[n][0], a.n_eval or DEFAULT_SAMPLES[n][1]) for n in names}
-    run(names, lambda spec: configs.full(spec.dynamic, spec.transformer), samples, results, a.markdown or MARKDOWN,
-        command.strip(), a.rss_limit_mb)
+    wanted = set(a.configs.split(",")) if a.configs else None
+
+    def chosen(spec: models.ModelSpec) -> list[Config]:
+        return [c for c in configs.full(spec.dynamic, spec.transformer)
+                if wanted is None or c.id in wanted or c.id == "fp32"]
+
+    run(names, chosen, samples, results, a.markdown or MARKDOWN, command.strip(), a.rss_limit_mb, merge=a.merge)
     return 0
 
 

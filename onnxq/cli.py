@@ -25,6 +25,7 @@ from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from .pipeline import sensitivity as run_sensitivity
 from .plan import QuantSettings
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
+from .recipe import Recipe
 from .report import format_summary
 from .sensitivity import Target
 from .statistics import Statistics
@@ -167,6 +168,8 @@ Examples:
   onnxq quantize model.onnx -o m.int8.onnx --calib data/ --min-cosine 0.99 --json > report.json
   onnxq quantize encoder.onnx -o encoder.dyn.onnx --mode dynamic --eval-data sentences/
   onnxq quantize llm.onnx -o llm.int4.onnx --mode weight-only --weight-bits 4 --block-size 32
+  onnxq quantize m.onnx -o m.int8.onnx --calib data/ --target-sqnr 20 --save-recipe m.recipe.yaml
+  onnxq quantize m.onnx -o m.int8.onnx --calib data/ --recipe m.recipe.yaml     # same model, no search
 
 Exit codes: 0 ok, 2 usage, 3 bad model, 4 bad data, 5 cannot write output,
 6 a --min-cosine/--min-sqnr gate was missed (the model is still written), 1 internal error.
@@ -205,6 +208,11 @@ def main() -> None:
 @click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
               help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
 @click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="YAML recipe: per-node precision "
+              "(float, int8, int16 activations, int4 weights), per-channel and method by node name, regex or op "
+              "type, and settings used as defaults for these options (see README).")
+@click.option("--save-recipe", type=click.Path(path_type=Path), help="Write the effective recipe (settings as used, "
+              "rules, the speed guard's and the accuracy target's choices): --recipe with it rebuilds this model.")
 @click.option("--speed-guard/--no-speed-guard", default=True, show_default=True,
               help="Time the model on this CPU and keep in float each kind of layer (e.g. depthwise convs) "
                    "whose int8 form does not make it faster.")
@@ -221,6 +229,17 @@ def main() -> None:
 @click.option("--target-sqnr", type=float, help="Accuracy target (dB, every output, held-back samples): keep the "
               "most sensitive layers in float, as few as possible, until it holds; exit 6 if it cannot.")
 @click.option("--target-cosine", type=float, help="Accuracy target as a minimum cosine (as --target-sqnr).")
+@click.option("--metric", type=click.Path(path_type=Path), help="Python file with score(references, candidates, "
+              "feeds) -> float, higher is better (per sample: output name -> array): the task measure for "
+              "--target-metric.")
+@click.option("--target-metric", type=float, help="Accuracy target on --metric's score (as --target-sqnr).")
+@click.option("--target-samples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples the accuracy target is measured on.")
+@click.option("--target-data", type=click.Path(path_type=Path), help="Samples for the accuracy target (default: "
+              "the held-back ones; give others to keep --eval-data untouched by the search).")
+@click.option("--fallback", type=click.Choice(["float", "int16"]), default="float", show_default=True,
+              help="What the accuracy target turns sensitive layers into: float, or int16 activations (W8A16; "
+                   "runs in float on CPU, for accelerators that run it natively).")
 @click.option("--max-fallbacks", type=click.IntRange(min=0), help="At most this many layers back to float for the "
               "target (default: as many as needed).")
 @click.option("--min-cosine", type=float, help="Exit 6 if any output's cosine to fp32 is below this.")
@@ -230,23 +249,33 @@ def main() -> None:
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                      pixel_scale, mean, std, channel_order, eval_data, mode, weight_bits, block_size,
                      weight_zero_points, method, percentile, symmetric, per_tensor,
-                     output_format, weight_range, exclude, speed_guard, speed_profile, target_cpu, load_stats,
-                     save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine, max_fallbacks,
-                     min_cosine, min_sqnr, quiet, verbose) -> None:
+                     output_format, weight_range, exclude, recipe_path, save_recipe, speed_guard, speed_profile,
+                     target_cpu, load_stats, save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine,
+                     metric, target_metric, target_samples, target_data, fallback, max_fallbacks, min_cosine,
+                     min_sqnr, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
     if report_path is not None:
         check_output_path(report_path, [model, output])
+    recipe = Recipe.load(recipe_path) if recipe_path is not None else Recipe()
+    o = _recipe_defaults(recipe, dict(mode=mode, method=method, percentile=percentile, symmetric=symmetric,
+                                      per_tensor=per_tensor, weight_range=weight_range, speed_guard=speed_guard,
+                                      output_format=output_format, weight_bits=weight_bits, block_size=block_size,
+                                      weight_zero_points=weight_zero_points))
     request = QuantizeRequest(
-        model=model, output=output, data=data, weight_range=weight_range, exclude=tuple(exclude),
-        speed_guard=speed_guard, speed_profile=speed_profile, target_cpu=target_cpu, output_format=output_format,
-        target=Target(target_sqnr, target_cosine) if target_sqnr is not None or target_cosine is not None else None,
-        max_fallbacks=max_fallbacks,
-        mode=mode, weight_only=WeightOnlyOptions(bits=int(weight_bits), block_size=block_size,
-                                                 symmetric=not weight_zero_points),
-        settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric, per_channel=not per_tensor),
+        model=model, output=output, data=data, weight_range=o["weight_range"], exclude=tuple(exclude),
+        speed_guard=o["speed_guard"], speed_profile=speed_profile, target_cpu=target_cpu,
+        output_format=o["output_format"],
+        target=_target(target_sqnr, target_cosine, target_metric), metric=metric, target_samples=target_samples,
+        target_data=target_data,
+        max_fallbacks=max_fallbacks, fallback=fallback,
+        mode=o["mode"], weight_only=WeightOnlyOptions(bits=int(o["weight_bits"]), block_size=o["block_size"],
+                                                      symmetric=not o["weight_zero_points"]),
+        settings=QuantSettings(method=o["method"], percentile=o["percentile"], symmetric=o["symmetric"],
+                               per_channel=not o["per_tensor"]),
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
+        recipe=recipe, save_recipe=save_recipe,
     )
     result = quantize(request, progress=progress_factory(quiet))
     text = json.dumps(result.report, indent=2, sort_keys=True)
@@ -262,6 +291,30 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
 
 
 main.add_command(quantize_command, name="quantize")
+
+# recipe setting -> (quantize option's parameter name, how the recipe value maps onto it)
+RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
+    "mode": ("mode", str), "method": ("method", str), "percentile": ("percentile", float),
+    "symmetric": ("symmetric", bool), "per_channel": ("per_tensor", lambda v: not v),
+    "weight_range": ("weight_range", str), "speed_guard": ("speed_guard", bool), "format": ("output_format", str),
+    "weight_bits": ("weight_bits", str), "block_size": ("block_size", int),
+    "weight_zero_points": ("weight_zero_points", bool),
+}
+
+
+def _target(sqnr: float | None, cosine: float | None, metric: float | None) -> Target | None:
+    return Target(sqnr, cosine, metric) if (sqnr, cosine, metric) != (None, None, None) else None
+
+
+def _recipe_defaults(recipe: Recipe, values: dict) -> dict:
+    """The recipe's settings replace option defaults; options given on the command line still win."""
+    context = click.get_current_context()
+    result = dict(values)
+    for key, value in recipe.settings.items():
+        param, convert = RECIPE_OPTIONS[key]
+        if context.get_parameter_source(param) in (click.core.ParameterSource.DEFAULT, None):
+            result[param] = convert(value)
+    return result
 
 
 @main.command(epilog="""\b

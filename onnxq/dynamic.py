@@ -33,6 +33,9 @@ from .ir import (
     replace_nodes,
 )
 from .placement import NodeDecision
+from .recipe import NodeChoice
+
+NO_CHOICE = NodeChoice()
 
 MS = "com.microsoft"
 
@@ -84,21 +87,28 @@ def quantize_columns(weight: np.ndarray, qtype: qmath.QType, per_channel: bool) 
     return q.astype(np.int8), np.asarray(scale, np.float32)
 
 
-def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: bool
-                    ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: bool,
+                    choices: dict[str, NodeChoice] | None = None) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+    """`choices`: a recipe's per-node rules (precision float skips a node; per_channel overrides)."""
     graph = import_graph(model)
     names = NameAllocator(graph)
     decisions = []
+    choices = choices or {}
     for sub in all_graphs(graph):
         for node in list(sub.nodes):
             if node.op not in ("MatMul", "Gemm"):
+                continue
+            choice = choices.get(node_label(node), NO_CHOICE)
+            if choice.precision == "float":
+                decisions.append(NodeDecision(node_label(node), node.op, "float", choice.why()))
                 continue
             found = _matmul_weight(node)
             if isinstance(found, str):
                 decisions.append(NodeDecision(node_label(node), node.op, "float", found))
                 continue
             weight, bias = found
-            q, scale = quantize_columns(weight, qtype, per_channel)
+            per_column = per_channel if choice.per_channel is None else choice.per_channel
+            q, scale = quantize_columns(weight, qtype, per_column)
             base = node_label(node)
             params = [gs.Constant(names.new(f"{base}_weight_quantized"), q),
                       gs.Constant(names.new(f"{base}_weight_scale"), scale),
@@ -115,16 +125,22 @@ def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: boo
     return _finish(graph, model), decisions
 
 
-def rewrite_weight_only(model: onnx.ModelProto, options: WeightOnlyOptions, qtype: qmath.QType
-                        ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+def rewrite_weight_only(model: onnx.ModelProto, options: WeightOnlyOptions, qtype: qmath.QType,
+                        choices: dict[str, NodeChoice] | None = None) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+    """`choices`: a recipe's per-node rules (precision float skips a node; weights int4/int8 set the bits)."""
     graph = import_graph(model)
     names = NameAllocator(graph)
     decisions = []
+    choices = choices or {}
     for sub in all_graphs(graph):
         for node in list(sub.nodes):
             if node.op not in ("Conv", "MatMul", "Gemm"):
                 continue
-            if options.bits == 4:
+            choice = choices.get(node_label(node), NO_CHOICE)
+            bits = {"int4": 4, "int8": 8}.get(choice.weights or "", options.bits)
+            if choice.precision == "float":
+                decisions.append(NodeDecision(node_label(node), node.op, "float", choice.why()))
+            elif bits == 4:
                 decisions.append(_int4_matmul(sub, node, names, options))
             else:
                 decisions.append(_int8_weight(sub, node, names, qtype))

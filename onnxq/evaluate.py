@@ -11,8 +11,10 @@ grow with the number of samples:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import onnx
 
 from .calibrate import Progress, ProgressFactory, _no_progress, run, session_for
 from .data import SampleSource, batches
+from .errors import DataError, UsageError
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Fidelity:
     samples: int
     source: str
     outputs: list[dict] = field(default_factory=list)
+    metric: float | None = None  # the user's --metric score, when one was given
 
     @property
     def min_cosine(self) -> float:
@@ -133,21 +137,64 @@ class CachedReference:
     variants of one model on the same samples.
     """
 
-    def __init__(self, reference: onnx.ModelProto, source: SampleSource, limit: int) -> None:
+    def __init__(self, reference: onnx.ModelProto, source: SampleSource, limit: int,
+                 metric: UserMetric | None = None) -> None:
         self.names = [o.name for o in reference.graph.output
                       if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                           onnx.TensorProto.DOUBLE)]
+        self.all_names = [o.name for o in reference.graph.output]
         self.feeds = [source.sample(i) for i in range(min(limit, len(source)))]
         self.source = source.description
+        self.metric = metric
         with tempfile.TemporaryDirectory(prefix="onnxq-ref-") as tmp:
             session = session_for(reference, Path(tmp))
-            self.outputs = [run(session, feed, self.names) for feed in self.feeds]
+            self.outputs = [run(session, feed, self.all_names) for feed in self.feeds]
 
     def fidelity_of(self, model: onnx.ModelProto) -> Fidelity:
         agreement = {name: OutputAgreement(name) for name in self.names}
+        candidates = []
         with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:
             session = session_for(model, Path(tmp))
             for feed, reference in zip(self.feeds, self.outputs, strict=True):
-                for name, ref, test in zip(self.names, reference, run(session, feed, self.names), strict=True):
-                    agreement[name].add(ref, test)
-        return Fidelity(len(self.feeds), self.source, [agreement[n].summary() for n in self.names])
+                got = dict(zip(self.all_names, run(session, feed, self.all_names), strict=True))
+                expected = dict(zip(self.all_names, reference, strict=True))
+                for name in self.names:
+                    agreement[name].add(expected[name], got[name])
+                candidates.append(got)
+        score = None
+        if self.metric is not None:
+            references = [dict(zip(self.all_names, r, strict=True)) for r in self.outputs]
+            score = self.metric(references, candidates, self.feeds)
+        return Fidelity(len(self.feeds), self.source, [agreement[n].summary() for n in self.names], score)
+
+
+# (fp32 outputs per sample, candidate outputs per sample, feeds) -> score, higher is better
+UserMetric = Callable[[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]], float]
+
+
+def load_metric(path: Path) -> UserMetric:
+    """The `score` function of a user's Python file (--metric), checked to return a finite number."""
+    if not Path(path).is_file():
+        raise UsageError(f"metric script not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"onnxq_user_metric_{Path(path).stem}", path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"metric script {path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UsageError(f"metric script {path} failed to load: {type(exc).__name__}: {exc}") from None
+    score = getattr(module, "score", None)
+    if not callable(score):
+        raise UsageError(f"metric script {path} has no function score(references, candidates, feeds)")
+
+    def checked(references, candidates, feeds) -> float:
+        try:
+            value = float(score(references, candidates, feeds))
+        except Exception as exc:
+            raise DataError(f"metric script {path} failed: {type(exc).__name__}: {exc}") from None
+        if not math.isfinite(value):
+            raise DataError(f"metric script {path} returned {value}, not a finite number")
+        return value
+
+    return checked

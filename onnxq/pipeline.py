@@ -32,13 +32,23 @@ from .data import (
 from .doctor import read_target_cpu
 from .dynamic import WeightOnlyOptions, rewrite_dynamic, rewrite_weight_only
 from .errors import DataError, ModelError, UsageError
-from .evaluate import CachedReference, Fidelity, compare_models
+from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion
 from .ir import Graph, import_graph
 from .model_io import check_output_path, load_model, model_digest, needs_external_data, save_model
 from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import prepare_model
+from .recipe import (
+    NodeChoice,
+    Recipe,
+    Rule,
+    Selector,
+    activation_overrides,
+    node_list,
+    pinned_int8,
+    placement_changes,
+)
 from .report import build_report, json_safe
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
@@ -54,7 +64,7 @@ from .speed_guard import (
 from .statistics import Statistics
 
 RANDOM_SAMPLES = 16
-TARGET_SAMPLES = 32  # held-back samples the target search measures on
+TARGET_SAMPLES = 32  # held-back samples the target search measures on (default)
 
 
 @dataclass
@@ -84,12 +94,18 @@ class QuantizeRequest:
     target_cpu: Path | None = None  # the deployment CPU's /proc/cpuinfo or `onnxq doctor --json`
     output_format: str = "qdq"  # or "qoperator": integer operators (onnxq.rewrite_qop)
     target: Target | None = None  # accuracy target: fall back to float until it holds (onnxq.sensitivity)
+    metric: Path | None = None  # a Python file with score(references, candidates, feeds) for Target.min_metric
+    target_samples: int = TARGET_SAMPLES
+    target_data: Path | None = None  # samples the target is measured on (default: the held-back ones)
     max_fallbacks: int | None = None
     sensitivity_samples: int = 16
     mode: str = "static"  # or "dynamic" / "weight-only" (onnxq.dynamic; no calibration)
     weight_only: WeightOnlyOptions = field(default_factory=WeightOnlyOptions)
     min_cosine: float | None = None
     min_sqnr: float | None = None
+    fallback: str = "float"  # what the accuracy target turns sensitive layers into: "float" or "int16"
+    recipe: Recipe = field(default_factory=Recipe)  # per-node rules (its settings are applied by the caller)
+    save_recipe: Path | None = None  # write the effective recipe: reruns give the same model without searching
 
 
 @dataclass
@@ -189,6 +205,7 @@ class Calibrated:
     held: SampleSource | None
     notes: list[str]
     timer: StageTimer
+    choices: dict[str, NodeChoice] = field(default_factory=dict)  # the recipe's, by node label
 
     def keep_float(self, nodes: dict[str, str]) -> None:
         """Place again with these nodes (label -> why) kept in float, on top of earlier ones."""
@@ -196,16 +213,30 @@ class Calibrated:
         self.placement = place(self.graph, self.options)
         _require_something_to_quantize(self.placement)
 
-    def build(self, float_nodes: frozenset[str]) -> onnx.ModelProto:
-        """The QDQ model with `float_nodes` also kept in float (for trials; nothing is kept)."""
-        trial = replace(self.options, keep_float={**self.options.keep_float,
-                                                  **dict.fromkeys(float_nodes, "trial")})
-        return write_qdq(self.prepared, build_plan(self.graph, place(self.graph, trial), self.stats, self.settings,
-                                                   self.digest))
+    def widen(self, nodes: frozenset[str]) -> None:
+        """Place again with these nodes' activations in 16 bits, on top of earlier ones."""
+        self.options = replace(self.options, int16_nodes=self.options.int16_nodes | nodes)
+        self.placement = place(self.graph, self.options)
+
+    def build(self, fallback_nodes: frozenset[str]) -> onnx.ModelProto:
+        """The QDQ model with `fallback_nodes` also in the request's fallback precision (a trial; nothing is kept)."""
+        if self.request.fallback == "int16":
+            trial = replace(self.options, int16_nodes=self.options.int16_nodes | fallback_nodes)
+        else:
+            trial = replace(self.options, keep_float={**self.options.keep_float,
+                                                      **dict.fromkeys(fallback_nodes, "trial")})
+        return write_qdq(self.prepared, self.plan(place(self.graph, trial)))
+
+    def plan(self, placement: Placement | None = None) -> QuantPlan:
+        placement = placement or self.placement
+        return build_plan(self.graph, placement, self.stats, self.settings, self.digest,
+                          activation_overrides(self.graph, placement, self.choices))
 
     def int8_layers(self) -> dict[str, str]:
-        """Conv/MatMul/Gemm nodes currently int8: label -> op type."""
-        return {d.name: d.op_type for d in self.placement.nodes if d.status == "int8" and d.op_type in HEAVY_OPS}
+        """Conv/MatMul/Gemm nodes currently int8 that no recipe rule pins: label -> op type."""
+        pinned = pinned_int8(self.choices)
+        return {d.name: d.op_type for d in self.placement.nodes
+                if d.status == "int8" and d.op_type in HEAVY_OPS and d.name not in pinned}
 
 
 def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progress, *,
@@ -213,9 +244,7 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
     timer = StageTimer()
     if writes_model:
         check_output_path(request.output, [request.model])
-    for extra in (request.save_stats, request.save_plan):
-        if extra is not None:
-            check_output_path(extra, [request.model, request.output])
+    _check_extra_outputs(request)
     settings, weight_range_reason = resolve_settings(request)
     with timer.stage("load"):
         original = load_model(request.model)
@@ -224,9 +253,12 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
         digest = model_digest(prepared.model)
     with timer.stage("place"):
         graph = import_graph(prepared.model)
+        choices, recipe_notes = _recipe_choices(request, graph)
+        changes = placement_changes(choices)
         exclude = frozenset(request.exclude)
         options = PlacementOptions(per_channel=settings.per_channel, fold_activations=not settings.symmetric,
-                                   exclude_nodes=exclude, exclude_op_types=exclude)
+                                   exclude_nodes=exclude | changes.pop("exclude_nodes"), exclude_op_types=exclude,
+                                   **changes)
         placement = place(graph, options)
     _require_something_to_quantize(placement)
     specs = model_input_specs(original)
@@ -236,22 +268,81 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
     if request.save_stats is not None:
         stats.save(request.save_stats)
     return Calibrated(request, settings, weight_range_reason, original, prepared.model, digest, graph, options,
-                      placement, stats, calib, held, prepared.notes + notes, timer)
+                      placement, stats, calib, held, prepared.notes + recipe_notes + notes, timer, choices)
+
+
+def _check_extra_outputs(request: QuantizeRequest) -> None:
+    for extra in (request.save_stats, request.save_plan, request.save_recipe):
+        if extra is not None:
+            check_output_path(extra, [request.model, request.output])
+
+
+def _recipe_choices(request: QuantizeRequest, graph: Graph, *, with_exclude: bool = False
+                    ) -> tuple[dict[str, NodeChoice], list[str]]:
+    """The recipe's choice per node, and notes on rules that select nothing or cannot apply.
+
+    `with_exclude`: --exclude as float rules (static mode applies --exclude in the placement instead).
+    """
+    nodes = node_list(graph)
+    rules = request.recipe.rules + (_exclude_rules(request, graph) if with_exclude else [])
+    choices = Recipe(rules=rules).choices(nodes)
+    notes = [f"recipe rule {n} ({request.recipe.rules[n - 1].match.to_dict()}) selects no node"
+             for n in request.recipe.unmatched_rules(nodes)]
+    if request.output_format == "qoperator" and any(c.precision == "int16" for c in choices.values()):
+        raise UsageError("16-bit activations (recipe precision: int16) have no integer operators: use --format qdq")
+    if request.mode == "static" and any(c.weights == "int4" for c in choices.values()):
+        raise UsageError("int4 weights (recipe weights: int4) need --mode weight-only")
+    return choices, notes
+
+
+def _exclude_rules(request: QuantizeRequest, graph: Graph) -> list[Rule]:
+    """--exclude X as recipe rules: X selects an op type if the model has one by that name, else a node."""
+    op_types = {op for _, op in node_list(graph)}
+    return [Rule(Selector(op_type=(x,)) if x in op_types else Selector(name=x), precision="float",
+                 reason="excluded by the user") for x in request.exclude]
+
+
+def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: Graph,
+                     automatic: dict[str, tuple[str, str]]) -> Recipe:
+    """The recipe that rebuilds this model without timing or searching: the settings as used, the
+    user's rules, --exclude, and the speed guard's and the target search's choices (`automatic`:
+    label -> (precision, why)) as rules."""
+    values = {"mode": request.mode, "per_channel": settings.per_channel, "weight_range": settings.weight_range}
+    if request.mode == "static":
+        values.update(method=settings.method, percentile=settings.percentile, symmetric=settings.symmetric,
+                      speed_guard=False, format=request.output_format)
+    elif request.mode == "weight-only":
+        values.update(weight_bits=request.weight_only.bits, block_size=request.weight_only.block_size,
+                      weight_zero_points=not request.weight_only.symmetric)
+    rules = request.recipe.rules + _exclude_rules(request, graph)
+    rules += [Rule(Selector(name=label), precision=precision, reason=why)
+              for label, (precision, why) in sorted(automatic.items())]
+    return Recipe({**request.recipe.settings, **values}, rules)
 
 
 def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
     if request.mode != "static":
         return quantize_without_calibration(request, progress)
-    if request.target is not None and request.data.eval_data is None and request.data.calib is None:
+    if (request.target is not None and request.target_data is None and request.data.eval_data is None
+            and request.data.calib is None):
         raise UsageError("an accuracy target needs samples to measure it on: give --eval-data or --calib")
+    if (request.metric is None) != (request.target is None or request.target.min_metric is None):
+        raise UsageError("--metric SCRIPT and --target-metric VALUE go together")
+    if request.metric is not None:
+        load_metric(request.metric)  # a broken script fails now, not after calibration
     c = calibrated(request, progress)
     guard = _apply_speed_guard(c, progress)
     target_report = _apply_accuracy_target(c, progress) if request.target is not None else None
     timer = c.timer
     with timer.stage("plan"):
-        plan = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
+        plan = c.plan()
     if request.save_plan is not None:
         plan.save(request.save_plan)
+    if request.save_recipe is not None:
+        automatic = {label: ("float", why) for label, why in c.options.keep_float.items()}
+        automatic.update({label: ("int16", "accuracy target") for label in c.options.int16_nodes
+                          if label not in c.choices})
+        effective_recipe(request, c.settings, c.graph, automatic).save(request.save_recipe)
     with timer.stage("rewrite"):
         quantized = write_qdq(c.prepared, plan)
         if request.output_format == "qoperator":
@@ -273,12 +364,14 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
     )
     if target_report is not None:
         report["accuracy_target"] = json_safe(target_report)
-        for key, gate in (("min_sqnr_db", "target_sqnr_db"), ("min_cosine", "target_cosine")):
+        for key, measured_key, gate in (("min_sqnr_db", "min_sqnr_db", "target_sqnr_db"),
+                                        ("min_cosine", "min_cosine", "target_cosine"),
+                                        ("min_metric", "metric", "target_metric")):
             required = target_report["target"][key]
             if required is not None:
-                measured = target_report["final"][key]
+                measured = target_report["final"][measured_key]
                 report["gates"].append({"gate": gate, "required": required, "measured": measured,
-                                        "passed": bool(measured >= required)})
+                                        "passed": measured is not None and bool(measured >= required)})
     return QuantizeResult(report, plan, fidelity)
 
 
@@ -296,10 +389,13 @@ def _apply_speed_guard(c: Calibrated, progress: ProgressFactory) -> GuardResult 
         return None
     with c.timer.stage("speed guard"):
         key = json.dumps([c.digest, c.settings.symmetric, c.settings.per_channel, c.settings.weight_range,
-                          sorted(request.exclude)])
+                          sorted(request.exclude), request.recipe.to_dict()["rules"]])
         model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
         path = request.speed_profile or default_profile_path(machine_key())
-        guard = run_speed_guard(guard_groups(c.graph, c.placement), c.build, feed, path, model_key, progress,
+        pinned = pinned_int8(c.choices)
+        groups = {kind: kept for kind, layers in guard_groups(c.graph, c.placement).items()
+                  if (kept := [label for label in layers if label not in pinned])}
+        guard = run_speed_guard(groups, c.build, feed, path, model_key, progress,
                                 pinned=request.speed_profile is not None)
     if guard.keep_float:
         c.keep_float(guard.keep_float)
@@ -310,9 +406,12 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
     """Keep the most sensitive int8 layers in float until the target holds (see onnxq.sensitivity)."""
     request = c.request
     target = request.target
-    assert target is not None and c.held is not None
+    samples = (open_source(request.target_data, model_input_specs(c.original), request.data.images)
+               if request.target_data is not None else c.held)
+    assert target is not None and samples is not None
     with c.timer.stage("accuracy target"):
-        reference = CachedReference(c.original, c.held, TARGET_SAMPLES)
+        reference = CachedReference(c.original, samples, request.target_samples,
+                                    load_metric(request.metric) if request.metric is not None else None)
         all_int8 = c.build(frozenset())
         start = reference.fidelity_of(all_int8)
         result = SearchResult([], True, [])
@@ -322,7 +421,9 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
             ranking = measure_sensitivity(c.build, candidates, reference, progress, all_but=False).ranked_nodes()
             limit = request.max_fallbacks if request.max_fallbacks is not None else len(ranking)
             result = search_fallbacks(c.build, ranking, target, reference, limit, progress)
-        if result.float_nodes:
+        if result.float_nodes and request.fallback == "int16":
+            c.widen(frozenset(result.float_nodes))
+        elif result.float_nodes:
             c.keep_float({node: f"accuracy target: kept float (sensitivity rank {ranking.index(node) + 1})"
                           for node in result.float_nodes})
         chosen = c.build(frozenset()) if result.float_nodes else all_int8
@@ -332,11 +433,13 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
     if result.float_nodes and feed is not None:
         before_ms, after_ms = compare_latency(all_int8, chosen, feed)
         speed = {"before_ms": before_ms, "after_ms": after_ms, "cost": round(after_ms / before_ms, 3)}
-    return {"target": {"min_sqnr_db": target.min_sqnr_db, "min_cosine": target.min_cosine},
+    return {"target": {"min_sqnr_db": target.min_sqnr_db, "min_cosine": target.min_cosine, "data": reference.source,
+                       "min_metric": target.min_metric,
+                       "metric_script": str(request.metric) if request.metric else None},
             "met": target.met_by(final), "samples": len(reference.feeds),
-            "start": {"min_sqnr_db": start.min_sqnr, "min_cosine": start.min_cosine},
-            "final": {"min_sqnr_db": final.min_sqnr, "min_cosine": final.min_cosine},
-            "float_nodes": result.float_nodes, "steps": result.steps, "speed": speed}
+            "start": {"min_sqnr_db": start.min_sqnr, "min_cosine": start.min_cosine, "metric": start.metric},
+            "final": {"min_sqnr_db": final.min_sqnr, "min_cosine": final.min_cosine, "metric": final.metric},
+            "fallback": request.fallback, "float_nodes": result.float_nodes, "steps": result.steps, "speed": speed}
 
 
 def sensitivity(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> SensitivityResult:
@@ -358,6 +461,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
                          "--save-plan (it needs no calibration)")
     timer = StageTimer()
     check_output_path(request.output, [request.model])
+    _check_extra_outputs(request)
     settings, weight_range_reason = resolve_settings(request)
     if request.mode == "weight-only":  # float compute: no int8 products, nothing can saturate
         settings = QuantSettings(**{**settings.__dict__, "weight_range": "full"})
@@ -369,11 +473,15 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         prepared = prepare_model(original)
     held_path = request.data.eval_data or request.data.calib
     held = open_source(held_path, model_input_specs(original), request.data.images) if held_path else None
+    graph = import_graph(prepared.model)
+    choices, recipe_notes = _recipe_choices(request, graph, with_exclude=True)
     with timer.stage("rewrite"):
         if request.mode == "dynamic":
-            quantized, decisions = rewrite_dynamic(prepared.model, settings.weight_qtype, settings.per_channel)
+            quantized, decisions = rewrite_dynamic(prepared.model, settings.weight_qtype, settings.per_channel,
+                                                   choices)
         else:
-            quantized, decisions = rewrite_weight_only(prepared.model, request.weight_only, settings.weight_qtype)
+            quantized, decisions = rewrite_weight_only(prepared.model, request.weight_only, settings.weight_qtype,
+                                                       choices)
     if not any(d.status in ("int8", "int4") for d in decisions):
         reasons = Counter(f"{d.op_type}: {d.reason}" for d in decisions)
         detail = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no Conv, MatMul or Gemm"
@@ -386,6 +494,8 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
             fidelity = compare_models(original, quantized, held, batch_size=request.data.batch_size, progress=progress)
     with timer.stage("write"):
         save_model(quantized, request.output)
+    if request.save_recipe is not None:
+        effective_recipe(request, settings, graph, {}).save(request.save_recipe)
     plan = QuantPlan(settings=settings, nodes=decisions)
     fusion_view = fusion.to_dict()
     if request.mode == "weight-only":  # int8 weights feeding float ops are this mode's intended form
@@ -393,7 +503,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         fusion_view["avoidable"] = len(fusion.unfused_pairs)
     report = build_report(
         request=request, version=__version__, original=original, quantized_bytes=quantized.ByteSize(), plan=plan,
-        stats=Statistics(), calib=None, held=held, fidelity=fidelity, notes=list(prepared.notes),
+        stats=Statistics(), calib=None, held=held, fidelity=fidelity, notes=list(prepared.notes) + recipe_notes,
         weight_range_reason=weight_range_reason, timings=timer.seconds, speed_guard={"enabled": False},
         fusion=fusion_view,
     )
@@ -402,7 +512,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
 
 def _require_something_to_quantize(placement: Placement) -> None:
     """Writing an int8 model with no int8 node would only be slower and larger: say why instead."""
-    if any(node.status == "int8" for node in placement.nodes):
+    if any(node.status in ("int8", "int16") for node in placement.nodes):
         return
     reasons = Counter(node.reason for node in placement.nodes if node.op_type in HEAVY_OPS)
     detail = "; ".join(f"{count} Conv/MatMul/Gemm: {reason}" for reason, count in reasons.most_common(2))

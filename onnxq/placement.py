@@ -16,7 +16,7 @@ inputs are quantized anyway.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx_graphsurgeon as gs
 
@@ -36,6 +36,7 @@ FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
 class WeightTarget:
     name: str
     axis: int | None  # None: per-tensor
+    full_range: bool = False  # all 8 bits even on CPUs that need 7 (the node computes in float: 16-bit inputs)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class BiasTarget:
 class NodeDecision:
     name: str
     op_type: str
-    status: str  # "int8", "folded", "shared-scale", "float"
+    status: str  # "int8", "int16", "folded", "shared-scale", "float"
     reason: str = ""
 
 
@@ -74,6 +75,16 @@ class PlacementOptions:
     exclude_nodes: frozenset[str] = frozenset()
     exclude_op_types: frozenset[str] = frozenset()
     keep_float: dict[str, str] = field(default_factory=dict)  # node label -> why (e.g. the speed guard)
+    # from a recipe (onnxq.recipe), by node label:
+    int16_nodes: frozenset[str] = frozenset()  # 16-bit activations around these nodes
+    per_channel_nodes: dict[str, bool] = field(default_factory=dict)  # overrides per_channel
+
+    def excludes(self, node: gs.Node) -> bool:
+        return (node.name in self.exclude_nodes or node_label(node) in self.exclude_nodes
+                or node.op in self.exclude_op_types)
+
+    def per_channel_for(self, node: gs.Node) -> bool:
+        return self.per_channel_nodes.get(node_label(node), self.per_channel)
 
 
 # Heavy ops are worth a quantize/dequantize of their inputs; light ops only when their
@@ -92,21 +103,24 @@ def place(graph: gs.Graph, options: PlacementOptions) -> Placement:
     def accept(node: gs.Node) -> None:
         inputs, weights, biases = _compute_roles(node, options)
         anchors.update(inputs)
-        placement.weights.update({w.name: w for w in weights})
-        placement.biases.update({b.name: b for b in biases})
+        wide = node_label(node) in options.int16_nodes
+        placement.weights.update({w.name: replace(w, full_range=wide) for w in weights})
+        if not wide:  # 16-bit inputs run in float on CPU: the bias stays float too
+            placement.biases.update({b.name: b for b in biases})
+        status = "int16" if wide else "int8"
         output = node.outputs[0]
         if node.op in FLOAT_OUTPUT_OPS:
             # MatMulIntegerToFloat / QGemm give float output from int8 inputs: quantizing the
             # output would only add error, unless a quantized consumer needs it (it then anchors it).
-            decisions[id(node)] = NodeDecision(node_label(node), node.op, "int8")
+            decisions[id(node)] = NodeDecision(node_label(node), node.op, status)
             return
         folded = _foldable_consumer(output, graph_outputs) if options.fold_activations else None
-        if folded is not None and folded.name not in options.exclude_nodes:
+        if folded is not None and not options.excludes(folded):
             decisions[id(folded)] = NodeDecision(node_label(folded), folded.op, "folded",
                                                  f"absorbed by the quantized output of {node_label(node)}")
             output = folded.outputs[0]
         anchors.add(output.name)
-        decisions[id(node)] = NodeDecision(node_label(node), node.op, "int8")
+        decisions[id(node)] = NodeDecision(node_label(node), node.op, status)
 
     for node in graph.nodes:
         if node.op in HEAVY_OPS and _why_not_compute(node, options) is None:
@@ -146,7 +160,7 @@ def _subgraph_decisions(graph: gs.Graph) -> list[NodeDecision]:
 def _why_not_compute(node: gs.Node, options: PlacementOptions) -> str | None:
     if node.op not in COMPUTE_OPS:
         return "not an int8 op"
-    if node.name in options.exclude_nodes or node.op in options.exclude_op_types:
+    if options.excludes(node):
         return "excluded by the user"
     if node_label(node) in options.keep_float:
         return options.keep_float[node_label(node)]
@@ -181,7 +195,7 @@ def _compute_roles(node: gs.Node, options: PlacementOptions) -> tuple[list[str],
     """Activation inputs, weights and biases of a compute node."""
     op = node.op
     if op == "Conv":
-        weight = WeightTarget(node.inputs[1].name, 0 if options.per_channel else None)
+        weight = WeightTarget(node.inputs[1].name, 0 if options.per_channel_for(node) else None)
         biases = _bias(node, 2, weight)
         return [node.inputs[0].name], [weight], biases
     if op == "Gemm":
@@ -189,13 +203,13 @@ def _compute_roles(node: gs.Node, options: PlacementOptions) -> tuple[list[str],
         weight_tensor = node.inputs[1]
         if not is_constant(weight_tensor):
             return [node.inputs[0].name, weight_tensor.name], [], []
-        weight = WeightTarget(weight_tensor.name, axis if options.per_channel else None)
+        weight = WeightTarget(weight_tensor.name, axis if options.per_channel_for(node) else None)
         return [node.inputs[0].name], [weight], _bias(node, 2, weight)
     if op == "MatMul":
         activations, weights = [], []
         for index, tensor in enumerate(node.inputs[:2]):
             if is_constant(tensor):
-                axis = 1 if (index == 1 and options.per_channel) else None
+                axis = 1 if (index == 1 and options.per_channel_for(node)) else None
                 weights.append(WeightTarget(tensor.name, axis))
             else:
                 activations.append(tensor.name)
@@ -270,7 +284,7 @@ def _share_through_pass_ops(
 
 
 def _is_shareable(node: gs.Node, options: PlacementOptions) -> bool:
-    if node.name in options.exclude_nodes or node.op in options.exclude_op_types:
+    if options.excludes(node):
         return False
     if node.op == "MaxPool" and len(node.outputs) > 1:
         return False

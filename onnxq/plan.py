@@ -51,6 +51,15 @@ class QuantSettings:
         return qmath.INT8
 
 
+@dataclass(frozen=True)
+class ActivationOverride:
+    """A recipe's per-tensor change to the settings (onnxq.recipe.activation_overrides)."""
+
+    method: str | None = None
+    percentile: float | None = None
+    wide: bool = False  # 16-bit instead of 8-bit
+
+
 @dataclass
 class TensorPlan:
     name: str
@@ -120,31 +129,41 @@ class QuantPlan:
 
 
 def build_plan(
-    graph: gs.Graph, placement: Placement, stats: Statistics, settings: QuantSettings, model_digest: str = ""
+    graph: gs.Graph, placement: Placement, stats: Statistics, settings: QuantSettings, model_digest: str = "",
+    overrides: dict[str, ActivationOverride] | None = None,
 ) -> QuantPlan:
-    """Compute every scale and zero point the placement asks for."""
+    """Compute every scale and zero point the placement asks for.
+
+    `overrides` (by the source tensor of a shared-scale group) change method, percentile or width.
+    """
     settings.validate()
     plan = QuantPlan(settings=settings, nodes=list(placement.nodes), model_digest=model_digest)
     sources = sorted(set(placement.activations.values()))
-    shared = {source: _activation_plan(source, source, stats, settings) for source in sources}
+    overrides = overrides or {}
+    shared = {source: _activation_plan(source, source, stats, settings, overrides.get(source, ActivationOverride()))
+              for source in sources}
     for name, source in sorted(placement.activations.items()):
         plan.tensors[name] = TensorPlan(**{**asdict(shared[source]), "name": name})
     constants = graph.tensors()
     for name, target in sorted(placement.weights.items()):
-        plan.tensors[name] = _weight_plan(name, constant_values(constants[name]), target.axis, settings)
+        qtype = qmath.INT8 if target.full_range else settings.weight_qtype
+        plan.tensors[name] = _weight_plan(name, constant_values(constants[name]), target.axis, qtype)
     for name, target in sorted(placement.biases.items()):
         plan.tensors[name] = _bias_plan(name, constant_values(constants[name]),
                                         plan.tensors[target.input_name], plan.tensors[target.weight_name])
     return plan
 
 
-def _activation_plan(name: str, source: str, stats: Statistics, settings: QuantSettings) -> TensorPlan:
+def _activation_plan(name: str, source: str, stats: Statistics, settings: QuantSettings,
+                     override: ActivationOverride) -> TensorPlan:
     tensor_stats = stats.tensors.get(source)
     if tensor_stats is None:
         raise DataError(f"the statistics have no entry for tensor {source!r}; were they collected on this model?")
     qtype = settings.activation_qtype
-    lo, hi = compute_range(tensor_stats, settings.method, symmetric=settings.symmetric,
-                           levels=qtype.qmax - qtype.qmin, percentile=settings.percentile)
+    if override.wide:
+        qtype = qmath.INT16 if settings.symmetric else qmath.UINT16
+    lo, hi = compute_range(tensor_stats, override.method or settings.method, symmetric=settings.symmetric,
+                           levels=qtype.qmax - qtype.qmin, percentile=override.percentile or settings.percentile)
     params = qmath.symmetric_params if settings.symmetric else qmath.asymmetric_params
     scale, zero_point = params(np.float64(lo), np.float64(hi), qtype)
     return TensorPlan(
@@ -153,8 +172,7 @@ def _activation_plan(name: str, source: str, stats: Statistics, settings: QuantS
     )
 
 
-def _weight_plan(name: str, values: np.ndarray, axis: int | None, settings: QuantSettings) -> TensorPlan:
-    qtype = settings.weight_qtype
+def _weight_plan(name: str, values: np.ndarray, axis: int | None, qtype: qmath.QType) -> TensorPlan:
     values = values.astype(np.float32)
     if axis is None or values.ndim <= axis or values.shape[axis] <= 1:
         axis = None

@@ -31,6 +31,9 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
         "settings": {**plan.settings.__dict__, "weight_range_reason": weight_range_reason,
                      "exclude": list(request.exclude), "format": request.output_format,
                      "mode": request.mode},
+        "recipe": {"rules": [rule.to_dict() for rule in request.recipe.rules],
+                   "int16_nodes": [n.name for n in plan.nodes if n.status == "int16"],
+                   "saved_to": str(request.save_recipe) if request.save_recipe else None},
         "data": {
             "calibration": _describe(calib, stats.samples if request.load_stats else None),
             "statistics_file": str(request.load_stats) if request.load_stats else None,
@@ -52,6 +55,12 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
     }
     report["gates"] = _gates(request, fidelity)
     return json_safe(report)
+
+
+def _metric_change(target: dict) -> str:
+    if target["target"].get("min_metric") is None:
+        return ""
+    return f", metric {_num(target['start']['metric'], 4)} -> {_num(target['final']['metric'], 4)}"
 
 
 def _describe(source: SampleSource | None, samples: int | None = None) -> dict | None:
@@ -157,8 +166,9 @@ def format_summary(report: dict) -> str:
         speed = target["speed"]
         cost = f", {speed['cost']:.2f}x the all-int8 latency" if speed else ""
         lines.append(f"  accuracy target {'met' if target['met'] else 'NOT met'}: {len(target['float_nodes'])} layers "
-                     f"kept float (SQNR {_num(target['start']['min_sqnr_db'], 1)} -> "
-                     f"{_num(target['final']['min_sqnr_db'], 1)} dB on {target['samples']} samples{cost})")
+                     f"to {target['fallback']} (SQNR {_num(target['start']['min_sqnr_db'], 1)} -> "
+                     f"{_num(target['final']['min_sqnr_db'], 1)} dB{_metric_change(target)} on {target['samples']} "
+                     f"samples{cost})")
     for gate in report["gates"]:
         verdict = "passed" if gate["passed"] else "MISSED"
         lines.append(f"  gate {gate['gate']} >= {gate['required']}: {verdict} (measured {_num(gate['measured'], 4)})")

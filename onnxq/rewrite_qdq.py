@@ -12,21 +12,31 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import qmath
-from .ir import NameAllocator, constant_values, export_model, import_graph
+from .ir import NameAllocator, constant_values, export_model, import_domain, import_graph
 from .plan import QuantPlan, TensorPlan
+
+MS = "com.microsoft"
+WIDE_QTYPES = ("int16", "uint16")  # standard QuantizeLinear takes them from opset 21 on
 
 
 def write_qdq(prepared: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     graph = import_graph(prepared)
     names = NameAllocator(graph)
     tensors = graph.tensors()
+    wide_domain = "" if _default_opset(prepared) >= 21 else MS
     for entry in plan.by_role("activation"):
-        _quantize_activation(graph, tensors[entry.name], entry, names)
+        domain = wide_domain if entry.qtype in WIDE_QTYPES else ""
+        _quantize_activation(graph, tensors[entry.name], entry, names, domain)
     for entry in plan.by_role("weight") + plan.by_role("bias"):
         _quantize_constant(graph, tensors[entry.name], entry, names)
     model = export_model(graph, prepared)
     model.producer_name = "onnxq"
+    import_domain(model, MS)  # only declared when a 16-bit pair uses it
     return model
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _params(entry: TensorPlan, base: str, names: NameAllocator, with_zero_point: bool = True) -> list[gs.Tensor]:
@@ -40,7 +50,8 @@ def _axis_attrs(entry: TensorPlan) -> dict:
     return {"axis": entry.axis} if entry.axis is not None else {}
 
 
-def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, entry: TensorPlan, names: NameAllocator) -> None:
+def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, entry: TensorPlan, names: NameAllocator,
+                         domain: str = "") -> None:
     params = _params(entry, tensor.name, names)
     qtype = qmath.qtype_by_name(entry.qtype)
     quantized = gs.Variable(names.new(f"{tensor.name}_quantized"), dtype=qtype.dtype, shape=tensor.shape)
@@ -55,9 +66,9 @@ def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, entry: TensorPlan
             _replace_input(consumer, tensor, restored)
         source = tensor
     graph.nodes.append(gs.Node("QuantizeLinear", names.new(f"{tensor.name}_QuantizeLinear"),
-                               inputs=[source, *params], outputs=[quantized]))
+                               inputs=[source, *params], outputs=[quantized], domain=domain))
     graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{tensor.name}_DequantizeLinear"),
-                               inputs=[quantized, *params], outputs=[restored]))
+                               inputs=[quantized, *params], outputs=[restored], domain=domain))
 
 
 def _quantize_constant(graph: gs.Graph, constant: gs.Constant, entry: TensorPlan, names: NameAllocator) -> None:

@@ -129,10 +129,12 @@ def measure_sensitivity(build: Build, candidates: dict[str, str], reference: Cac
 class Target:
     min_sqnr_db: float | None = None
     min_cosine: float | None = None
+    min_metric: float | None = None  # the user's --metric score (higher is better)
 
     def met_by(self, fidelity: Fidelity) -> bool:
         return ((self.min_sqnr_db is None or fidelity.min_sqnr >= self.min_sqnr_db)
-                and (self.min_cosine is None or fidelity.min_cosine >= self.min_cosine))
+                and (self.min_cosine is None or fidelity.min_cosine >= self.min_cosine)
+                and (self.min_metric is None or (fidelity.metric is not None and fidelity.metric >= self.min_metric)))
 
     def score(self, fidelity: Fidelity) -> float:
         """Higher is better: the worst margin to the target (dB and cosine put on one scale)."""
@@ -141,6 +143,8 @@ class Target:
             margins.append(fidelity.min_sqnr - self.min_sqnr_db)
         if self.min_cosine is not None:  # 1 - cosine ~ noise/signal/2: compare in dB
             margins.append(_cosine_db(fidelity.min_cosine) - _cosine_db(self.min_cosine))
+        if self.min_metric is not None and fidelity.metric is not None:  # the user's scale: 1 unit = 10 dB
+            margins.append(10.0 * (fidelity.metric - self.min_metric))
         return min(margins) if margins else 0.0
 
 
@@ -169,7 +173,8 @@ def search_fallbacks(build: Build, ranked: list[str], target: Target, reference:
             fidelity = reference.fidelity_of(build(frozenset(chosen)))
             bar.update(1)
             steps.append({"float_nodes": len(chosen), "added": chosen[-1] if chosen else None,
-                          "min_sqnr_db": _finite(fidelity.min_sqnr), "min_cosine": fidelity.min_cosine})
+                          "min_sqnr_db": _finite(fidelity.min_sqnr), "min_cosine": fidelity.min_cosine,
+                          "metric": fidelity.metric})
             if best is None or target.score(fidelity) > best[0]:
                 best = (target.score(fidelity), list(chosen))
             if target.met_by(fidelity):
