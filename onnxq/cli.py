@@ -186,8 +186,8 @@ def main() -> None:
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data for the fidelity report "
               "(default: the last 10% of --calib, at most 32 samples, not used for calibration).")
 @click.option("--mode", type=click.Choice(["static", "dynamic", "weight-only"]), default="static", show_default=True,
-              help="static: activation ranges from calibration; dynamic: MatMul/Gemm activations quantized at run "
-                   "time (no calibration); weight-only: integer weights, float compute (no calibration).")
+              help="static: activation ranges from calibration; dynamic: MatMul/Gemm/LSTM activations quantized "
+                   "at run time (no calibration); weight-only: integer weights, float compute (no calibration).")
 @click.option("--weight-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="--mode weight-only: 8 = int8 per channel; 4 = MatMul weights as block-wise int4 (MatMulNBits).")
 @click.option("--block-size", type=int, default=32, show_default=True, help="--weight-bits 4: weights per block.")

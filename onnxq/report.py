@@ -115,9 +115,9 @@ def format_summary(report: dict) -> str:
     lines = [f"onnxq {report['onnxq_version']}: {report['model']} -> {report['output']}"]
     settings = report["settings"]
     if settings.get("mode", "static") != "static":
-        lines.append(f"  mode {settings['mode']}: " + ("MatMul/Gemm weights int8, activations quantized at run time"
-                                                       if settings["mode"] == "dynamic" else
-                                                       "integer weights, float compute"))
+        what = ("MatMul/Gemm/LSTM weights int8, activations quantized at run time" if settings["mode"] == "dynamic"
+                else "integer weights, float compute")
+        lines.append(f"  mode {settings['mode']}: {what}")
     else:
         lines.append(_static_settings_line(settings))
     calib = report["data"]["calibration"]
