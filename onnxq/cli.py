@@ -225,6 +225,10 @@ def main() -> None:
               "target (default: as many as needed).")
 @click.option("--min-cosine", type=float, help="Exit 6 if any output's cosine to fp32 is below this.")
 @click.option("--min-sqnr", type=float, help="Exit 6 if any output's SQNR (dB) is below this.")
+@click.option("--smooth-alpha", type=float, help="SmoothQuant before calibrating: move activation outliers into "
+              "the MatMul/Gemm weights after them (0..1, typical 0.5; default off). Float outputs do not change.")
+@click.option("--smooth-mul", is_flag=True, help="--smooth-alpha: also smooth activations whose producer cannot "
+              "absorb 1/s, with an inserted Mul (one more op each).")
 @verbosity_options
 @handle_errors
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
@@ -232,7 +236,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                      weight_zero_points, method, percentile, symmetric, per_tensor,
                      output_format, weight_range, exclude, speed_guard, speed_profile, target_cpu, load_stats,
                      save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine, max_fallbacks,
-                     min_cosine, min_sqnr, quiet, verbose) -> None:
+                     min_cosine, min_sqnr, smooth_alpha, smooth_mul, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
@@ -247,6 +251,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                                                  symmetric=not weight_zero_points),
         settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric, per_channel=not per_tensor),
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
+        smooth_alpha=smooth_alpha, smooth_insert_mul=smooth_mul,
     )
     result = quantize(request, progress=progress_factory(quiet))
     text = json.dumps(result.report, indent=2, sort_keys=True)

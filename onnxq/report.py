@@ -146,6 +146,11 @@ def format_summary(report: dict) -> str:
     if fusion:
         kernels = ", ".join(f"{op} {n}" for op, n in fusion["int8_kernels"].items()) or "none"
         lines.append(f"  onnxruntime int8 kernels: {kernels}; avoidable unfused Q/DQ: {fusion['avoidable']}")
+    smoothing = report.get("smoothing")
+    if smoothing:
+        lines.append(f"  smoothing (alpha {smoothing['alpha']}): {smoothing['layers_smoothed']} activations, "
+                     f"{smoothing['extra_ops']} extra ops; largest activation range "
+                     f"{_num(smoothing['max_range_before'], 2)} -> {_num(smoothing['max_range_after'], 2)}")
     guard = report.get("speed_guard") or {}
     if guard.get("enabled"):
         kept = [t for t in guard["trials"] if t["decision"] == "float"]
