@@ -223,6 +223,9 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
     settings, weight_range_reason = resolve_settings(request)
     if request.smooth_alpha is not None:
         validate_alpha(request.smooth_alpha)
+        if request.load_stats is not None:
+            raise UsageError("--smooth-alpha changes the model, so saved statistics do not fit it: "
+                             "give --calib instead of --load-stats")
     with timer.stage("load"):
         original = load_model(request.model)
     with timer.stage("prepare"):

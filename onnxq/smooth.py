@@ -200,7 +200,8 @@ def _constant_operand(node: gs.Node) -> int | None:
 
 
 def _producing_matmul(node: gs.Node) -> tuple[gs.Node, gs.Node | None] | None:
-    """(MatMul/Gemm with a constant weight, its bias Add or None) producing this node's output."""
+    """(MatMul/Gemm with a constant weight, its bias Add or None) producing this node's output; a Gemm's
+    bias input C must then be a constant vector (it is divided by s too)."""
     add = None
     if node.op == "Add" and len(node.inputs) == 2:
         for index in (0, 1):
@@ -210,8 +211,12 @@ def _producing_matmul(node: gs.Node) -> tuple[gs.Node, gs.Node | None] | None:
                 break
         else:
             return None
-    if not _smoothable(node) or (node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name):
+    if not _smoothable(node):
         return None
+    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+        bias = node.inputs[2]
+        if add is not None or not is_constant(bias) or constant_values(bias).ndim > 1:
+            return None
     return node, add
 
 
@@ -260,6 +265,8 @@ def _divide_activation(graph: gs.Graph, group: _Group, s: np.ndarray, names: Nam
         if add is not None:
             index = 0 if is_constant(add.inputs[0]) else 1
             add.inputs[index] = _new_constant(names, add.inputs[index].name, constant_values(add.inputs[index]) / s)
+        elif matmul.op == "Gemm" and len(matmul.inputs) > 2 and matmul.inputs[2].name:  # Gemm's own bias C
+            matmul.inputs[2] = _new_constant(names, matmul.inputs[2].name, constant_values(matmul.inputs[2]) / s)
     else:  # inserted-mul
         divided = gs.Variable(names.new(f"{activation.name}_smoothed"), activation.dtype, activation.shape)
         graph.nodes.append(gs.Node("Mul", names.new(f"{activation.name}_smooth_Mul"), {},

@@ -146,6 +146,36 @@ def test_unfoldable_producer_needs_inserted_mul(tmp_path: Path, data: Path) -> N
     float_outputs_match(prepared, result.model, tmp_path)
 
 
+def chain_model(kind: str, shape: list[int], seed: int = 2) -> onnx.ModelProto:
+    """x -> producer -> MatMul, the producer a MatMul + bias Add ("matmul"; onnxruntime makes it a Gemm
+    with bias when x is 2-D) or a Mul by a constant."""
+    rng = np.random.default_rng(seed)
+    if kind == "matmul":
+        nodes = [helper.make_node("MatMul", ["x", "w0"], ["m0"], name="mm0"),
+                 helper.make_node("Add", ["m0", "b0"], ["h"], name="bias0")]
+        inits = {"w0": weight(rng, (K, K), fan_in=K), "b0": (0.1 * rng.standard_normal(K)).astype(np.float32)}
+    else:
+        nodes = [helper.make_node("Mul", ["x", "half"], ["h"], name="half")]
+        inits = {"half": np.array(0.5, np.float32)}
+    nodes.append(helper.make_node("MatMul", ["h", "w1"], ["y"], name="mm1"))
+    inits["w1"] = weight(rng, (K, N), fan_in=K)
+    dims = ["batch", *shape[1:]] if len(shape) == 3 else shape  # 3-D static MatMul + Add would become a Gemm
+    return make_model(nodes, [tensor("x", dims)], [tensor("y", [*dims[:-1], N])], inits)
+
+
+@pytest.mark.parametrize("kind", ["matmul", "mul-constant"])
+@pytest.mark.parametrize("shape", [[TOKENS, K], [2, TOKENS, K]])
+def test_producer_absorbs_inverse_scale(tmp_path: Path, kind: str, shape: list[int]) -> None:
+    data = write_npz_folder(tmp_path / "data", lambda rng: {"x": rng.standard_normal(shape).astype(np.float32)}, 6)
+    prepared, result = smoothed(chain_model(kind, shape), data)
+    assert [layer.how for layer in result.layers] == [kind]
+    assert op_types(result.model) == op_types(prepared)
+    for seed in range(3):
+        feed = {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+        a, b = save(prepared, tmp_path / "a.onnx"), save(result.model, tmp_path / "b.onnx")
+        np.testing.assert_allclose(run(b, feed)[0], run(a, feed)[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
 def test_alpha_validated(tmp_path: Path, data: Path, alpha: float) -> None:
     with pytest.raises(UsageError, match="between 0 and 1"):
@@ -155,6 +185,13 @@ def test_alpha_validated(tmp_path: Path, data: Path, alpha: float) -> None:
                                        str(data), "--smooth-alpha", str(alpha)])
     assert result.exit_code == 2 and "--smooth-alpha must be between 0 and 1" in result.stderr
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_smoothing_refuses_saved_statistics(tmp_path: Path, data: Path) -> None:
+    model_path = save(ln_qkv_model(), tmp_path / "m.onnx")
+    result = CliRunner().invoke(main, ["quantize", str(model_path), "-o", str(tmp_path / "q.onnx"), "--load-stats",
+                                       str(tmp_path / "s.npz"), "--smooth-alpha", "0.5"])
+    assert result.exit_code == 2 and "--load-stats" in result.stderr
 
 
 def test_cli_reports_smoothing(tmp_path: Path, data: Path) -> None:
