@@ -50,7 +50,9 @@ def full(dynamic: bool, transformer: bool = False) -> list[Config]:
                        else "ORT quantize_dynamic: n/a (no MatMul/LSTM; Conv-only model)",
                        ("dynamic",) if dynamic else ()))
     cfgs.append(Config("nncf-default", "nncf", "nncf.quantize defaults"))
-    if transformer:
+    if transformer:  # SmoothQuant is for transformer activations' outlier channels (onnxq.smooth)
+        cfgs.append(Config("onnxq-smooth", "onnxq", "onnxq --smooth-alpha 0.7 (SmoothQuant, calibrates again)",
+                           ("--smooth-alpha", "0.7")))
         cfgs.append(Config("nncf-transformer", "nncf", "nncf.quantize model_type=TRANSFORMER",
                            ("--model-type", "transformer")))
     return cfgs

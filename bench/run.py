@@ -38,7 +38,8 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
         if "--mode" in cfg.args:  # dynamic / weight-only: no calibration at all
             src: tuple = ()
         else:
-            src = ("--load-stats", stats) if stats and cfg.args else ("--calib", data.calib)
+            reuse = stats and cfg.args and "--smooth-alpha" not in cfg.args  # smoothing changes the model
+            src = ("--load-stats", stats) if reuse else ("--calib", data.calib)
         cmd = runners.onnxq_cmd("quantize", model, "-o", out, *src, "--eval-data", data.eval,
                                 "--report", report_file, "-q", *cfg.args)
     elif cfg.tool == "ort":

@@ -189,8 +189,8 @@ def main() -> None:
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data for the fidelity report "
               "(default: the last 10% of --calib, at most 32 samples, not used for calibration).")
 @click.option("--mode", type=click.Choice(["static", "dynamic", "weight-only"]), default="static", show_default=True,
-              help="static: activation ranges from calibration; dynamic: MatMul/Gemm activations quantized at run "
-                   "time (no calibration); weight-only: integer weights, float compute (no calibration).")
+              help="static: activation ranges from calibration; dynamic: MatMul/Gemm/LSTM activations quantized "
+                   "at run time (no calibration); weight-only: integer weights, float compute (no calibration).")
 @click.option("--weight-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="--mode weight-only: 8 = int8 per channel; 4 = MatMul weights as block-wise int4 (MatMulNBits).")
 @click.option("--block-size", type=int, default=32, show_default=True, help="--weight-bits 4: weights per block.")
@@ -244,6 +244,10 @@ def main() -> None:
               "target (default: as many as needed).")
 @click.option("--min-cosine", type=float, help="Exit 6 if any output's cosine to fp32 is below this.")
 @click.option("--min-sqnr", type=float, help="Exit 6 if any output's SQNR (dB) is below this.")
+@click.option("--smooth-alpha", type=float, help="SmoothQuant before calibrating: move activation outliers into "
+              "the MatMul/Gemm weights after them (0..1, typical 0.5; default off). Float outputs do not change.")
+@click.option("--smooth-mul", is_flag=True, help="--smooth-alpha: also smooth activations whose producer cannot "
+              "absorb 1/s, with an inserted Mul (one more op each).")
 @verbosity_options
 @handle_errors
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
@@ -252,7 +256,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                      output_format, weight_range, exclude, recipe_path, save_recipe, speed_guard, speed_profile,
                      target_cpu, load_stats, save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine,
                      metric, target_metric, target_samples, target_data, fallback, max_fallbacks, min_cosine,
-                     min_sqnr, quiet, verbose) -> None:
+                     min_sqnr, smooth_alpha, smooth_mul, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
@@ -276,6 +280,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                                per_channel=not o["per_tensor"]),
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
         recipe=recipe, save_recipe=save_recipe,
+        smooth_alpha=smooth_alpha, smooth_insert_mul=smooth_mul,
     )
     result = quantize(request, progress=progress_factory(quiet))
     text = json.dumps(result.report, indent=2, sort_keys=True)

@@ -2,9 +2,11 @@
 
 - dynamic: every MatMul and Gemm with a constant 2-D weight becomes com.microsoft
   DynamicQuantizeMatMul: int8 weights (per column by default), the activation quantized to
-  uint8 at run time from its own min/max. Also inside If/Loop/Scan bodies. Convolutions stay
-  float: onnxruntime's CPU provider has no dynamic int8 convolution it can run for these
-  types (ConvInteger with int8 weights fails with NOT_IMPLEMENTED), so onnxq never emits one.
+  uint8 at run time from its own min/max. LSTMs with constant W and R become com.microsoft
+  DynamicQuantizeLSTM (int8 W and R, one scale per gate row by default). Also inside If/Loop/Scan
+  bodies. Convolutions stay float: onnxruntime's CPU provider has no dynamic int8 convolution it
+  can run for these types (ConvInteger with int8 weights fails with NOT_IMPLEMENTED), so onnxq
+  never emits one.
 - weight-only: integer weights, float compute. 8 bits: int8 per output channel behind a
   DequantizeLinear (Conv, MatMul, Gemm). 4 bits: MatMul weights as com.microsoft MatMulNBits,
   block-wise along K (symmetric, or with zero points).
@@ -118,11 +120,78 @@ def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: boo
             replace_nodes(sub, [node], new)
             decisions.append(NodeDecision(base, node.op, "int8", "DynamicQuantizeMatMul"))
     for sub in all_graphs(graph):
+        for node in list(sub.nodes):
+            if node.op != "LSTM":
+                continue
+            choice = choices.get(node_label(node), NO_CHOICE)
+            if choice.precision == "float":
+                decisions.append(NodeDecision(node_label(node), node.op, "float", choice.why()))
+            else:
+                per_row = per_channel if choice.per_channel is None else choice.per_channel
+                decisions.append(_dynamic_lstm(sub, node, names, qtype, per_row))
+    for sub in all_graphs(graph):
         for node in sub.nodes:
-            if node.op in ("Conv", "LSTM", "GRU"):
+            if node.op in ("Conv", "GRU"):
                 decisions.append(NodeDecision(node_label(node), node.op, "float",
                                               "no dynamic int8 kernel onnxruntime's CPU provider runs for it"))
     return _finish(graph, model), decisions
+
+
+DEFAULT_LSTM_ACTIVATIONS = ["Sigmoid", "Tanh", "Tanh"]
+
+
+def _lstm_unsupported(node: gs.Node) -> str | None:
+    """Why this LSTM cannot become a DynamicQuantizeLSTM, or None when it can."""
+    if len(node.inputs) < 3 or not all(is_constant(t) and is_float32(t) for t in node.inputs[1:3]):
+        return "W or R is not a float constant"
+    if any(constant_values(t).ndim != 3 for t in node.inputs[1:3]):
+        return "W or R is not 3-D"
+    if node.attrs.get("layout", 0) != 0:
+        return "layout=1 (batch first): DynamicQuantizeLSTM has no layout attribute"
+    if node.attrs.get("input_forget", 0):
+        return "input_forget=1"
+    directions = 2 if node.attrs.get("direction", "forward") == "bidirectional" else 1
+    activations = node.attrs.get("activations")
+    if activations is not None and [a.lower() for a in activations] != [a.lower() for a in
+                                                                         DEFAULT_LSTM_ACTIVATIONS * directions]:
+        return f"non-default activations {list(activations)}"
+    if node.attrs.get("activation_alpha") or node.attrs.get("activation_beta"):
+        return "activation_alpha/activation_beta set"
+    return None
+
+
+def quantize_lstm_weight(weight: np.ndarray, qtype: qmath.QType, per_channel: bool
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """An ONNX LSTM weight [dirs, 4H, K] as DynamicQuantizeLSTM wants it: int8 [dirs, K, 4H] (transposed),
+    symmetric, with scales [dirs, 4H] (one per gate row) or [dirs] (one per direction)."""
+    quantized, scales = [], []
+    for direction in weight:  # [4H, K]: quantize as the [K, 4H] matrix the kernel multiplies by
+        q, scale = quantize_columns(np.ascontiguousarray(direction.T), qtype, per_channel)
+        quantized.append(q)
+        scales.append(scale.reshape(-1))
+    scale = np.stack(scales).astype(np.float32)
+    return np.stack(quantized), scale if per_channel else scale.reshape(-1)
+
+
+def _dynamic_lstm(graph: gs.Graph, node: gs.Node, names: NameAllocator, qtype: qmath.QType,
+                  per_channel: bool) -> NodeDecision:
+    label = node_label(node)
+    why_not = _lstm_unsupported(node)
+    if why_not is not None:
+        return NodeDecision(label, node.op, "float", why_not)
+    inputs = list(node.inputs) + [gs.Variable.empty()] * (8 - len(node.inputs))
+    quantized, params = [], []
+    for tensor in node.inputs[1:3]:
+        q, scale = quantize_lstm_weight(constant_values(tensor).astype(np.float32), qtype, per_channel)
+        quantized.append(gs.Constant(names.new(f"{tensor.name}_quantized"), q))
+        params += [gs.Constant(names.new(f"{tensor.name}_scale"), scale),
+                   gs.Constant(names.new(f"{tensor.name}_zero_point"), np.zeros(scale.shape, np.int8))]
+    # X, W, R, B, sequence_lens, initial_h, initial_c, P, W_scale, W_zero_point, R_scale, R_zero_point
+    new_inputs = [inputs[0], *quantized, *inputs[3:8], *params]
+    attrs = {k: v for k, v in node.attrs.items() if k not in ("layout", "input_forget")}
+    new = gs.Node("DynamicQuantizeLSTM", node.name, attrs, new_inputs, list(node.outputs), domain=MS)
+    replace_nodes(graph, [node], new)
+    return NodeDecision(label, node.op, "int8", "DynamicQuantizeLSTM")
 
 
 def rewrite_weight_only(model: onnx.ModelProto, options: WeightOnlyOptions, qtype: qmath.QType,

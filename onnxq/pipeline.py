@@ -38,7 +38,7 @@ from .ir import Graph, import_graph
 from .model_io import check_output_path, load_model, model_digest, needs_external_data, save_model
 from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
-from .prepare import prepare_model
+from .prepare import PreparedModel, prepare_model
 from .recipe import (
     NodeChoice,
     Recipe,
@@ -53,6 +53,7 @@ from .report import build_report, json_safe
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
 from .sensitivity import SearchResult, SensitivityResult, Target, measure_sensitivity, search_fallbacks
+from .smooth import smooth_model, validate_alpha
 from .speed_guard import (
     GuardResult,
     compare_latency,
@@ -106,6 +107,8 @@ class QuantizeRequest:
     fallback: str = "float"  # what the accuracy target turns sensitive layers into: "float" or "int16"
     recipe: Recipe = field(default_factory=Recipe)  # per-node rules (its settings are applied by the caller)
     save_recipe: Path | None = None  # write the effective recipe: reruns give the same model without searching
+    smooth_alpha: float | None = None  # SmoothQuant before calibration (onnxq.smooth); None: off
+    smooth_insert_mul: bool = False  # smoothing may insert a Mul where 1/s has nowhere to fold
 
 
 @dataclass
@@ -206,6 +209,7 @@ class Calibrated:
     notes: list[str]
     timer: StageTimer
     choices: dict[str, NodeChoice] = field(default_factory=dict)  # the recipe's, by node label
+    smoothing: dict | None = None  # onnxq.smooth's report, when --smooth-alpha was given
 
     def keep_float(self, nodes: dict[str, str]) -> None:
         """Place again with these nodes (label -> why) kept in float, on top of earlier ones."""
@@ -246,11 +250,22 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
         check_output_path(request.output, [request.model])
     _check_extra_outputs(request)
     settings, weight_range_reason = resolve_settings(request)
+    if request.smooth_alpha is not None:
+        validate_alpha(request.smooth_alpha)
+        if request.load_stats is not None:
+            raise UsageError("--smooth-alpha changes the model, so saved statistics do not fit it: "
+                             "give --calib instead of --load-stats")
     with timer.stage("load"):
         original = load_model(request.model)
     with timer.stage("prepare"):
         prepared = prepare_model(original)
-        digest = model_digest(prepared.model)
+    specs = model_input_specs(original)
+    calib, held, notes = open_data(request, specs)
+    smoothing = None
+    if request.smooth_alpha is not None:
+        with timer.stage("smooth"):
+            smoothing = _smooth(request, prepared, calib, progress)
+    digest = model_digest(prepared.model)
     with timer.stage("place"):
         graph = import_graph(prepared.model)
         choices, recipe_notes = _recipe_choices(request, graph)
@@ -261,14 +276,13 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
                                    **changes)
         placement = place(graph, options)
     _require_something_to_quantize(placement)
-    specs = model_input_specs(original)
-    calib, held, notes = open_data(request, specs)
     with timer.stage("calibrate"):
         stats = _statistics(request, prepared.model, placement.statistics_tensors, graph, calib, digest, progress)
     if request.save_stats is not None:
         stats.save(request.save_stats)
     return Calibrated(request, settings, weight_range_reason, original, prepared.model, digest, graph, options,
-                      placement, stats, calib, held, prepared.notes + recipe_notes + notes, timer, choices)
+                      placement, stats, calib, held, prepared.notes + recipe_notes + notes, timer, choices,
+                      smoothing)
 
 
 def _check_extra_outputs(request: QuantizeRequest) -> None:
@@ -320,6 +334,18 @@ def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: G
     return Recipe({**request.recipe.settings, **values}, rules)
 
 
+def _smooth(request: QuantizeRequest, prepared: PreparedModel, calib: SampleSource | None,
+            progress: ProgressFactory) -> dict:
+    """SmoothQuant the prepared model in place (onnxq.smooth); returns the report section."""
+    assert request.smooth_alpha is not None
+    if calib is None:
+        raise UsageError("--smooth-alpha measures activation channels on calibration data: give --calib")
+    result = smooth_model(prepared.model, request.smooth_alpha, calib, batch_size=request.data.batch_size,
+                          insert_mul=request.smooth_insert_mul, progress=progress)
+    prepared.model = result.model
+    return result.to_report()
+
+
 def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
     if request.mode != "static":
         return quantize_without_calibration(request, progress)
@@ -362,6 +388,8 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         weight_range_reason=c.weight_range_reason, timings=timer.seconds,
         speed_guard=guard.to_report() if guard is not None else {"enabled": False}, fusion=fusion.to_dict(),
     )
+    if c.smoothing is not None:
+        report["smoothing"] = json_safe(c.smoothing)
     if target_report is not None:
         report["accuracy_target"] = json_safe(target_report)
         for key, measured_key, gate in (("min_sqnr_db", "min_sqnr_db", "target_sqnr_db"),
@@ -456,9 +484,10 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     """--mode dynamic or weight-only: weights are quantized ahead, activations (if at all) at run time."""
     if request.mode not in ("dynamic", "weight-only"):
         raise UsageError(f"unknown mode {request.mode!r}; choose static, dynamic or weight-only")
-    if request.output_format != "qdq" or request.load_stats or request.save_stats or request.save_plan:
-        raise UsageError(f"--mode {request.mode} takes no --format qoperator, --load-stats, --save-stats or "
-                         "--save-plan (it needs no calibration)")
+    if (request.output_format != "qdq" or request.load_stats or request.save_stats or request.save_plan
+            or request.smooth_alpha is not None):
+        raise UsageError(f"--mode {request.mode} takes no --format qoperator, --load-stats, --save-stats, "
+                         "--save-plan or --smooth-alpha (it needs no calibration)")
     timer = StageTimer()
     check_output_path(request.output, [request.model])
     _check_extra_outputs(request)

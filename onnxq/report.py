@@ -124,9 +124,9 @@ def format_summary(report: dict) -> str:
     lines = [f"onnxq {report['onnxq_version']}: {report['model']} -> {report['output']}"]
     settings = report["settings"]
     if settings.get("mode", "static") != "static":
-        lines.append(f"  mode {settings['mode']}: " + ("MatMul/Gemm weights int8, activations quantized at run time"
-                                                       if settings["mode"] == "dynamic" else
-                                                       "integer weights, float compute"))
+        what = ("MatMul/Gemm/LSTM weights int8, activations quantized at run time" if settings["mode"] == "dynamic"
+                else "integer weights, float compute")
+        lines.append(f"  mode {settings['mode']}: {what}")
     else:
         lines.append(_static_settings_line(settings))
     calib = report["data"]["calibration"]
@@ -155,6 +155,11 @@ def format_summary(report: dict) -> str:
     if fusion:
         kernels = ", ".join(f"{op} {n}" for op, n in fusion["int8_kernels"].items()) or "none"
         lines.append(f"  onnxruntime int8 kernels: {kernels}; avoidable unfused Q/DQ: {fusion['avoidable']}")
+    smoothing = report.get("smoothing")
+    if smoothing:
+        lines.append(f"  smoothing (alpha {smoothing['alpha']}): {smoothing['layers_smoothed']} activations, "
+                     f"{smoothing['extra_ops']} extra ops; largest activation range "
+                     f"{_num(smoothing['max_range_before'], 2)} -> {_num(smoothing['max_range_after'], 2)}")
     guard = report.get("speed_guard") or {}
     if guard.get("enabled"):
         kept = [t for t in guard["trials"] if t["decision"] == "float"]

@@ -14,7 +14,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import qmath
 from onnxq.cli import main
-from onnxq.dynamic import WeightOnlyOptions, pack_int4, quantize_columns, rewrite_weight_only, unpack_int4
+from onnxq.dynamic import (
+    WeightOnlyOptions,
+    pack_int4,
+    quantize_columns,
+    rewrite_dynamic,
+    rewrite_weight_only,
+    unpack_int4,
+)
 from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
 from onnxq.plan import QuantSettings
 from tests.conftest import cosine, run, save, tensor, write_npz_folder
@@ -150,3 +157,89 @@ def test_calibration_options_rejected_without_calibration(tmp_path: Path) -> Non
     result = CliRunner().invoke(main, ["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--mode", "dynamic",
                                        "--save-stats", str(tmp_path / "s.npz"), "--calib", str(calib)])
     assert result.exit_code == 2 and "needs no calibration" in result.stderr
+
+
+SEQ, BATCH, INPUT, HIDDEN = 5, 2, 8, 16
+
+
+def lstm_model(seed: int = 5, **attrs) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """One forward LSTM (opset 13) with bias and initial states, its weights as initializers."""
+    rng = np.random.default_rng(seed)
+    params = {"W": rng.standard_normal((1, 4 * HIDDEN, INPUT)) / np.sqrt(INPUT),
+              "R": rng.standard_normal((1, 4 * HIDDEN, HIDDEN)) / np.sqrt(HIDDEN),
+              "B": 0.1 * rng.standard_normal((1, 8 * HIDDEN))}
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    node = helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["y", "y_h", "y_c"], name="lstm",
+                            hidden_size=HIDDEN, **attrs)
+    state = [1, BATCH, HIDDEN]
+    graph = helper.make_graph([node], "g", [tensor("x", [SEQ, BATCH, INPUT]), tensor("h0", state),
+                                            tensor("c0", state)],
+                              [tensor("y", [SEQ, 1, BATCH, HIDDEN]), tensor("y_h", state), tensor("y_c", state)],
+                              [numpy_helper.from_array(v, k) for k, v in params.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), params
+
+
+def fake_dynamic_uint8(a: np.ndarray) -> np.ndarray:
+    """What DynamicQuantizeLinear (uint8 from the tensor's own min/max) keeps of `a`."""
+    lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
+    scale = (hi - lo) / 255.0
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    return (np.clip(np.round(a / scale) + zero, 0, 255) - zero) * scale
+
+
+def numpy_lstm(x: np.ndarray, w: np.ndarray, r: np.ndarray, b: np.ndarray, h: np.ndarray, c: np.ndarray,
+               quantize_activations: bool = False) -> np.ndarray:
+    """ONNX LSTM, one forward direction, default activations; gates in i, o, f, c order. Returns Y.
+
+    quantize_activations: as onnxruntime's DynamicQuantizeLSTM (one thread) computes it: the whole
+    input sequence quantized to uint8 at once (one GEMM for all steps), the hidden state at each step.
+    """
+    def sigmoid(v: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-v))
+
+    x = x.astype(np.float64)
+    if quantize_activations:
+        x = fake_dynamic_uint8(x)
+    bias = b[:4 * HIDDEN] + b[4 * HIDDEN:]
+    outputs = []
+    for xt in x:
+        gates = xt @ w.T + (fake_dynamic_uint8(h) if quantize_activations else h) @ r.T + bias
+        i, o, f, g = np.split(gates, 4, axis=-1)
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h = sigmoid(o) * np.tanh(c)
+        outputs.append(h)
+    return np.stack(outputs)[:, None]
+
+
+def test_dynamic_lstm_matches_numpy(tmp_path: Path) -> None:
+    model, params = lstm_model()
+    result, written = quantize_mode(tmp_path, model, "dynamic")
+    node = written.graph.node[0]
+    assert [n.op_type for n in written.graph.node] == ["DynamicQuantizeLSTM"] and node.domain == "com.microsoft"
+    assert result.report["nodes"]["by_op_type"] == {"LSTM": {"int8": 1}}
+    stored = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    w_q, r_q, w_scale, r_scale = (stored[node.input[i]] for i in (1, 2, 8, 10))
+    assert w_q.dtype == np.int8 and w_q.shape == (1, INPUT, 4 * HIDDEN)  # transposed against ONNX LSTM
+    assert r_q.shape == (1, HIDDEN, 4 * HIDDEN) and w_scale.shape == r_scale.shape == (1, 4 * HIDDEN)
+    w_deq, r_deq = (w_q[0] * w_scale[0]).T, (r_q[0] * r_scale[0]).T  # back in ONNX LSTM layout
+    assert np.all(np.abs(w_deq - params["W"][0]) <= w_scale[0][:, None] / 2 + 1e-7)
+    rng = np.random.default_rng(6)
+    feed = {"x": rng.standard_normal((SEQ, BATCH, INPUT)).astype(np.float32),
+            "h0": 0.5 * rng.standard_normal((1, BATCH, HIDDEN)).astype(np.float32),
+            "c0": 0.5 * rng.standard_normal((1, BATCH, HIDDEN)).astype(np.float32)}
+    got, fp32 = run(tmp_path / "q.onnx", feed), run(tmp_path / "m.onnx", feed)
+    state = (params["B"][0], feed["h0"][0], feed["c0"][0])
+    np.testing.assert_allclose(fp32[0], numpy_lstm(feed["x"], params["W"][0], params["R"][0], *state), atol=1e-5)
+    assert all(cosine(q, f) > 0.999 for q, f in zip(got, fp32, strict=True))
+    assert np.abs(got[0] - numpy_lstm(feed["x"], w_deq, r_deq, *state)).max() < 0.02
+    np.testing.assert_allclose(got[0], numpy_lstm(feed["x"], w_deq, r_deq, *state, quantize_activations=True),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize(("attrs", "why"), [({"layout": 1}, "layout=1"), ({"input_forget": 1}, "input_forget"),
+                                            ({"activations": ["Sigmoid", "Relu", "Tanh"]}, "activations")])
+def test_dynamic_lstm_left_float_with_reason(tmp_path: Path, attrs: dict, why: str) -> None:
+    model, _ = lstm_model(**attrs)
+    written, decisions = rewrite_dynamic(model, qmath.INT8, per_channel=True)
+    assert [n.op_type for n in written.graph.node] == ["LSTM"]
+    assert decisions[0].status == "float" and why in decisions[0].reason
