@@ -131,9 +131,9 @@ def build_plan(
         plan.tensors[name] = TensorPlan(**{**asdict(shared[source]), "name": name})
     constants = graph.tensors()
     for name, target in sorted(placement.weights.items()):
-        plan.tensors[name] = _weight_plan(name, constant_values(constants[name]), target.axis, settings)
+        plan.tensors[name] = weight_plan(name, constant_values(constants[name]), target.axis, settings)
     for name, target in sorted(placement.biases.items()):
-        plan.tensors[name] = _bias_plan(name, constant_values(constants[name]),
+        plan.tensors[name] = bias_plan(name, constant_values(constants[name]),
                                         plan.tensors[target.input_name], plan.tensors[target.weight_name])
     return plan
 
@@ -153,7 +153,7 @@ def _activation_plan(name: str, source: str, stats: Statistics, settings: QuantS
     )
 
 
-def _weight_plan(name: str, values: np.ndarray, axis: int | None, settings: QuantSettings) -> TensorPlan:
+def weight_plan(name: str, values: np.ndarray, axis: int | None, settings: QuantSettings) -> TensorPlan:
     qtype = settings.weight_qtype
     values = values.astype(np.float32)
     if axis is None or values.ndim <= axis or values.shape[axis] <= 1:
@@ -165,7 +165,7 @@ def _weight_plan(name: str, values: np.ndarray, axis: int | None, settings: Quan
                       zero_point=np.atleast_1d(zero_point).astype(int).tolist(), axis=axis, max_abs_error=error)
 
 
-def _bias_plan(name: str, values: np.ndarray, input_plan: TensorPlan, weight_plan: TensorPlan) -> TensorPlan:
+def bias_plan(name: str, values: np.ndarray, input_plan: TensorPlan, weight_plan: TensorPlan) -> TensorPlan:
     weight_scale = np.asarray(weight_plan.scale, dtype=np.float32)
     if weight_plan.axis is None:
         weight_scale = np.full(values.shape, weight_scale[0], dtype=np.float32)
