@@ -39,7 +39,7 @@ from .model_io import check_output_path, load_model, save_model
 from .pipeline import DataOptions, _check, check_batch_size
 from .placement import FOLDABLE_ACTIVATIONS, PASS_THROUGH_OPS, Placement, PlacementOptions, place
 from .plan import QuantPlan, QuantSettings, TensorPlan, bias_plan, clipped_fraction, weight_plan
-from .prepare import prepare_model
+from .prepare import infer_types, prepare_model
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, compute_range
 from .report import json_safe
 from .rewrite_qdq import write_qdq
@@ -122,6 +122,8 @@ def read_params(node: gs.Node, data_dtype: np.dtype | None = None) -> Learned:
     if zero is None:  # omitted: zero of the quantized type (uint8 for QuantizeLinear)
         zero = np.zeros(scale.shape, dtype=data_dtype if data_dtype is not None else np.uint8)
     qtype = _qtype_of(zero.dtype, label)
+    if qtype.name == "int32" and data_dtype is None:
+        raise ModelError(f"{label}: unsupported quantized type int32 (only stored biases may be int32)")
     if scale.dtype.kind != "f":
         raise ModelError(f"{label}: the scale has type {scale.dtype}, expected a float type")
     scale = scale.astype(np.float32)
@@ -139,7 +141,7 @@ def read_params(node: gs.Node, data_dtype: np.dtype | None = None) -> Learned:
         raise ModelError(f"{label}: an int32 (bias) zero point must be 0")
     axis = _axis(node, scale, label)
     return Learned(qtype.name, tuple(float(s) for s in scale.reshape(-1)), tuple(int(z) for z in zeros), axis,
-                   node_label(node))
+                   label)
 
 
 def _qtype_of(dtype: np.dtype, label: str) -> qmath.QType:
@@ -190,8 +192,7 @@ class Stripped:
 
 def strip_qdq(model: onnx.ModelProto) -> Stripped:
     """Remove every Q/DQ pair, keeping the values the model computes (see the module docstring)."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    graph = import_graph(inferred)
+    graph = import_graph(infer_types(model))
     names = NameAllocator(graph)
     result = Stripped(model)
     outputs = {t.name for t in graph.outputs}
@@ -224,7 +225,7 @@ def _strip_dequantize(graph: gs.Graph, dq: gs.Node, names: NameAllocator, output
     if quantize is None or quantize.op != "QuantizeLinear":
         raise ModelError(f"DequantizeLinear {node_label(dq)}: its input is neither stored integers nor a "
                          "QuantizeLinear output (integer model inputs are not supported)")
-    params, q_params = read_params(dq), read_params(quantize)
+    q_params, params = read_params(quantize), read_params(dq)
     if not params.same_as(q_params):
         raise ModelError(f"DequantizeLinear {node_label(dq)}: parameters differ from those of its "
                          f"QuantizeLinear {node_label(quantize)} (a requantization, not a fake-quant pair)")
@@ -239,10 +240,10 @@ def _strip_dequantize(graph: gs.Graph, dq: gs.Node, names: NameAllocator, output
             name = _to_constant(dq, source)
         else:
             name = _to_constant(dq, gs.Constant(names.new(f"{source.name}_fakequant"), values))
-        _remember(result, name, params)
+        _remember(result, name, q_params)
         result.folded_weights.append(name)
         return
-    _remember(result, _drop_activation_pair(graph, dq, quantize, source, restored, outputs), params)
+    _remember(result, _drop_activation_pair(graph, dq, quantize, source, restored, outputs), q_params)
 
 
 def _fake_quantized(weight: np.ndarray | None, stored: np.ndarray | None, params: Learned) -> np.ndarray:
@@ -362,6 +363,9 @@ def build_convert_plan(graph: gs.Graph, placement: Placement, learned: dict[str,
         if name in learned:
             used.add(name)
             params = learned[name]
+            if params.axis is not None and params.axis != target_weight.axis:
+                raise ModelError(f"{params.node}: weight {name} has per-channel scales on axis {params.axis}, but "
+                                 f"its int8 kernel needs them on the output-channel axis {target_weight.axis}")
             plan.tensors[name] = TensorPlan(name=name, role="weight", qtype=params.qtype, scale=list(params.scale),
                                             zero_point=list(params.zero_point), axis=params.axis)
             origins.learned.append(name)
