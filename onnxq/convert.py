@@ -320,13 +320,17 @@ class Origins:
     dropped: list[dict] = field(default_factory=list)
 
 
-def _learned_for(graph: gs.Graph, name: str, root: str, group: list[str], learned: dict[str, Learned]
-                 ) -> tuple[Learned | None, str]:
-    """Parameters for a placed activation: its own, its shared-scale group's, or its Relu input's."""
+def _learned_for(tensors: dict[str, gs.Tensor], name: str, root: str, group: list[str],
+                 learned: dict[str, Learned]) -> tuple[Learned | None, str]:
+    """Parameters for a placed activation: its own, its shared-scale group's, or its Relu input's.
+
+    Relu(DQ(Q(x))) equals DQ(Q(Relu(x))) with the same parameters (Q is monotone and Q(0) is the
+    zero point), so a pair before a Relu serves the Relu's output.
+    """
     for candidate in (name, root, *group):
         if candidate in learned:
             return learned[candidate], candidate
-    tensor = graph.tensors().get(name)
+    tensor = tensors.get(name)
     if tensor is not None and tensor.inputs and tensor.inputs[0].op in FOLDABLE_ACTIVATIONS | PASS_THROUGH_OPS:
         upstream = tensor.inputs[0].inputs[0].name
         if upstream in learned:
@@ -344,8 +348,9 @@ def build_convert_plan(graph: gs.Graph, placement: Placement, learned: dict[str,
     for name, root in sorted(placement.activations.items()):
         groups.setdefault(root, []).append(name)
     used: set[str] = set()
+    constants = graph.tensors()
     for name, root in sorted(placement.activations.items()):
-        params, where = _learned_for(graph, name, root, groups[root], learned)
+        params, where = _learned_for(constants, name, root, groups[root], learned)
         if params is None:
             plan.tensors[name] = TensorPlan(**{**calibrated[root].__dict__, "name": name})
             origins.calibrated.append(name)
@@ -358,7 +363,6 @@ def build_convert_plan(graph: gs.Graph, placement: Placement, learned: dict[str,
         params = params.as_type(wanted)
         plan.tensors[name] = TensorPlan(name=name, role="activation", qtype=params.qtype, scale=list(params.scale),
                                         zero_point=list(params.zero_point), source=where or root)
-    constants = graph.tensors()
     for name, target_weight in sorted(placement.weights.items()):
         if name in learned:
             used.add(name)
@@ -497,8 +501,9 @@ def _roots_without_params(graph: gs.Graph, placement: Placement, learned: dict[s
     for name, root in placement.activations.items():
         groups.setdefault(root, []).append(name)
     missing = set()
+    tensors = graph.tensors()
     for name, root in placement.activations.items():
-        if _learned_for(graph, name, root, groups[root], learned)[0] is None:
+        if _learned_for(tensors, name, root, groups[root], learned)[0] is None:
             missing.add(root)
     return sorted(missing)
 
@@ -512,7 +517,7 @@ def format_convert_summary(report: dict) -> str:
     lines = [f"onnxq: converted {report['model']} -> {report['output']} ({report['format']}): "
              f"{len(report['int8_nodes'])} int8 nodes; {len(tensors['learned']) + len(tensors['shared_learned'])} "
              f"tensors keep learned parameters, {len(tensors['calibrated'])} calibrated, "
-             f"{len(tensors['computed'])} weights/biases quantized by onnxq"]
+             f"{len(tensors['computed'])} weights/biases quantized by onnxq (biases: int32, input x weight scale)"]
     if report["converted_types"]:
         lines.append(f"  {len(report['converted_types'])} activations converted to {report['activations']}")
     if report["dropped"]:
