@@ -120,6 +120,9 @@ def read_params(node: gs.Node, data_dtype: np.dtype | None = None) -> Learned:
     if len(node.inputs) > 2 and node.inputs[2].name and zero is None:
         raise ModelError(f"{label}: the zero point is not a constant")
     if zero is None:  # omitted: zero of the quantized type (uint8 for QuantizeLinear)
+        output_dtype = node.attrs.get("output_dtype", 0)  # opset 21: the type without a zero point
+        if data_dtype is None and output_dtype:
+            data_dtype = onnx.helper.tensor_dtype_to_np_dtype(output_dtype)
         zero = np.zeros(scale.shape, dtype=data_dtype if data_dtype is not None else np.uint8)
     qtype = _qtype_of(zero.dtype, label)
     if qtype.name == "int32" and data_dtype is None:
