@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .calibrate import Progress
+from .convert import ACTIVATION_TYPES, ConvertRequest, convert, format_convert_summary
 from .data import ImagePreprocessing, model_input_specs, open_source
 from .doctor import format_diagnosis, this_machine
 from .dynamic import WeightOnlyOptions
@@ -24,6 +25,7 @@ from .model_io import atomic_write_bytes, check_output_path, load_model
 from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from .pipeline import sensitivity as run_sensitivity
 from .plan import QuantSettings
+from .qat_prep import format_prep_summary, qat_prep
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from .recipe import Recipe
 from .report import format_summary
@@ -473,6 +475,101 @@ Examples:
 def doctor(cpuinfo, as_json, quiet, verbose) -> None:
     """This CPU's int8 features, the onnxruntime build, and what they mean for quantize's defaults."""
     _emit(this_machine(cpuinfo), as_json, quiet, format_diagnosis)
+
+
+@main.command("convert", epilog="""\b
+Examples:
+  onnxq convert model.qat.onnx -o model.int8.onnx                 # keep the learned parameters
+  onnxq convert model.qat.onnx -o model.int8.onnx --format qoperator --eval-data eval/
+  onnxq convert model.qat.onnx -o model.int8.onnx --activations int8 --calib data/
+
+Exit codes: 0 ok, 2 usage (e.g. tensors need --calib), 3 bad model (e.g. an invalid scale;
+the message names the node), 4 bad data, 5 cannot write output, 1 internal error.
+""")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the int8 model.")
+@click.option("--format", "output_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
+              help="qdq: Q/DQ pairs placed for onnxruntime's int8 kernels; qoperator: integer operators.")
+@click.option("--activations", type=click.Choice(ACTIVATION_TYPES), default="keep", show_default=True,
+              help="Activation type: keep each learned one, or convert all to uint8/int8 (same scale, zero point "
+                   "shifted by 128).")
+@data_options
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Samples to compare the output with the input "
+              "(fake-quant) model on (default: --calib, if given).")
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+              help="Calibration method for tensors without learned parameters.")
+@click.option("--percentile", type=float, default=DEFAULT_PERCENTILE, show_default=True,
+              help="Percentile for --method percentile.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@verbosity_options
+@handle_errors
+def convert_command(model, output, output_format, activations, calib, allow_random, batch_size, max_samples,
+                    memory_budget, image_size, layout, pixel_scale, mean, std, channel_order, eval_data, method,
+                    percentile, report_path, as_json, quiet, verbose) -> None:
+    """Convert a model with QuantizeLinear/DequantizeLinear pairs (a QAT export) to onnxq's int8 form,
+    keeping its learned scales and zero points."""
+    if allow_random:
+        raise UsageError("convert calibrates only tensors without learned parameters; give real --calib data")
+    data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
+                 pixel_scale, mean, std, channel_order)
+    if report_path is not None:
+        check_output_path(report_path, [model, output])
+    request = ConvertRequest(model=model, output=output, output_format=output_format, activations=activations,
+                             data=data, method=method, percentile=percentile)
+    result = convert(request, progress=progress_factory(quiet))
+    _write_report(result.report, report_path)
+    _emit(result.report, as_json, quiet, format_convert_summary)
+
+
+@main.command("qat-prep", epilog="""\b
+Example (train the fake-quant model, then convert it):
+  onnxq qat-prep model.onnx -o model.fakequant.onnx --calib data/
+  ... train model.fakequant.onnx (or use model.fakequant.params.json) ...
+  onnxq convert model.trained.onnx -o model.int8.onnx
+""")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Where to write the fp32 model with fake-quant pairs.")
+@click.option("--params", "params_path", type=click.Path(path_type=Path), help="Where to write the parameters "
+              "as JSON (default: OUTPUT with suffix .params.json).")
+@data_options
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data to compare with fp32 on "
+              "(default: the last 10% of --calib).")
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+              help="Calibration method (see README).")
+@click.option("--percentile", type=float, default=DEFAULT_PERCENTILE, show_default=True,
+              help="Percentile for --method percentile.")
+@click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
+@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
+              help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
+@click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@verbosity_options
+@handle_errors
+def qat_prep_command(model, output, params_path, calib, allow_random, batch_size, max_samples, memory_budget,
+                     image_size, layout, pixel_scale, mean, std, channel_order, eval_data, method, percentile,
+                     symmetric, per_tensor, weight_range, exclude, report_path, as_json, quiet, verbose) -> None:
+    """Write MODEL with fake-quant (QuantizeLinear->DequantizeLinear) pairs on weights and activations,
+    initialised from calibration, for quantization-aware training."""
+    data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
+                 pixel_scale, mean, std, channel_order)
+    if report_path is not None:
+        check_output_path(report_path, [model, output])
+    request = QuantizeRequest(model=model, output=output, data=data, weight_range=weight_range,
+                              exclude=tuple(exclude), speed_guard=False,
+                              settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric,
+                                                     per_channel=not per_tensor))
+    result = qat_prep(request, params_path, progress=progress_factory(quiet))
+    _write_report(result.report, report_path)
+    _emit(result.report, as_json, quiet, format_prep_summary)
+
+
+def _write_report(report: dict, path: Path | None) -> None:
+    if path is not None:
+        atomic_write_bytes(path, json.dumps(report, indent=2, sort_keys=True).encode())
 
 
 def _emit(result: dict, as_json: bool, quiet: bool, as_text: Callable[[dict], str]) -> None:

@@ -147,9 +147,9 @@ def build_plan(
     constants = graph.tensors()
     for name, target in sorted(placement.weights.items()):
         qtype = qmath.INT8 if target.full_range else settings.weight_qtype
-        plan.tensors[name] = _weight_plan(name, constant_values(constants[name]), target.axis, qtype)
+        plan.tensors[name] = weight_plan(name, constant_values(constants[name]), target.axis, qtype)
     for name, target in sorted(placement.biases.items()):
-        plan.tensors[name] = _bias_plan(name, constant_values(constants[name]),
+        plan.tensors[name] = bias_plan(name, constant_values(constants[name]),
                                         plan.tensors[target.input_name], plan.tensors[target.weight_name])
     return plan
 
@@ -172,7 +172,7 @@ def _activation_plan(name: str, source: str, stats: Statistics, settings: QuantS
     )
 
 
-def _weight_plan(name: str, values: np.ndarray, axis: int | None, qtype: qmath.QType) -> TensorPlan:
+def weight_plan(name: str, values: np.ndarray, axis: int | None, qtype: qmath.QType) -> TensorPlan:
     values = values.astype(np.float32)
     if axis is None or values.ndim <= axis or values.shape[axis] <= 1:
         axis = None
@@ -183,7 +183,7 @@ def _weight_plan(name: str, values: np.ndarray, axis: int | None, qtype: qmath.Q
                       zero_point=np.atleast_1d(zero_point).astype(int).tolist(), axis=axis, max_abs_error=error)
 
 
-def _bias_plan(name: str, values: np.ndarray, input_plan: TensorPlan, weight_plan: TensorPlan) -> TensorPlan:
+def bias_plan(name: str, values: np.ndarray, input_plan: TensorPlan, weight_plan: TensorPlan) -> TensorPlan:
     weight_scale = np.asarray(weight_plan.scale, dtype=np.float32)
     if weight_plan.axis is None:
         weight_scale = np.full(values.shape, weight_scale[0], dtype=np.float32)

@@ -20,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import qmath
-from onnxq.plan import QuantSettings, _weight_plan
+from onnxq.plan import QuantSettings, weight_plan
 
 FAST = settings(max_examples=60, deadline=None)
 # Saturation probes divide values near FLT_MAX by scales < 1: the float32 quotient overflows to
@@ -264,7 +264,7 @@ def test_reduced_weights_through_the_plan_stay_seven_bit(case: tuple[np.ndarray,
     # the full int8 type and the plan's (reduced) scale; the values must still fit in 7 bits.
     w, axis = case
     settings_ = QuantSettings(weight_range="reduced", per_channel=per_channel)
-    entry = _weight_plan("w", w, axis % w.ndim if per_channel else None, settings_.weight_qtype)
+    entry = weight_plan("w", w, axis % w.ndim if per_channel else None, settings_.weight_qtype)
     q = qmath.quantize(w, entry.scale_array(), entry.zero_point_array(), qmath.qtype_by_name(entry.qtype),
                        entry.axis).astype(np.int64)
     assert np.abs(q).max() <= REDUCED.qmax

@@ -1,0 +1,112 @@
+"""`qat-prep`: the fp32 model with fake-quant pairs initialised from calibration, to start QAT from.
+
+The same stages as `quantize` (prepare, place, calibrate, plan) give the parameters; the
+difference is the form: weights stay float and pass through QuantizeLinear -> DequantizeLinear,
+so a training framework that imports the ONNX model (or reads the parameters JSON) trains the
+float weights with the rounding in the loop. Activations get the same Q -> DQ pairs `quantize`
+writes; biases stay float (their int32 scale follows the trained scales, `onnxq convert` sets it).
+`onnxq convert` turns the trained model into the int8 one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import __version__, qmath
+from .calibrate import ProgressFactory, _no_progress
+from .errors import UsageError
+from .evaluate import compare_models
+from .ir import NameAllocator, export_model, import_graph
+from .model_io import check_output_path, save_model
+from .pipeline import QuantizeRequest, _check, calibrated
+from .plan import QuantPlan, TensorPlan, build_plan
+from .report import json_safe
+from .rewrite_qdq import write_qdq
+
+
+@dataclass
+class PrepResult:
+    report: dict
+    plan: QuantPlan  # the parameters in the model: activations and weights (no biases)
+
+
+def params_path_for(output: Path) -> Path:
+    """Default parameters file: next to the model, MODEL.fakequant.onnx -> MODEL.fakequant.params.json."""
+    return output.with_suffix(".params.json")
+
+
+def qat_prep(request: QuantizeRequest, params_path: Path | None = None,
+             progress: ProgressFactory = _no_progress) -> PrepResult:
+    params_path = params_path or params_path_for(request.output)
+    check_output_path(params_path, [request.model, request.output])
+    if params_path.resolve() == request.output.resolve():
+        raise UsageError(f"--params must be another file than the output model ({params_path})")
+    c = calibrated(replace(request, speed_guard=False), progress)
+    full = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
+    plan = QuantPlan(settings=full.settings, nodes=full.nodes, model_digest=c.digest,
+                     tensors={n: t for n, t in full.tensors.items() if t.role != "bias"})
+    activations = QuantPlan(settings=plan.settings, tensors={t.name: t for t in plan.by_role("activation")})
+    model = add_weight_fake_quant(write_qdq(c.prepared, activations), plan.by_role("weight"))
+    fusion = _check(model)
+    fidelity = None
+    if c.held is not None:
+        fidelity = compare_models(c.original, model, c.held, batch_size=request.data.batch_size, progress=progress)
+    save_model(model, request.output)
+    plan.save(params_path)
+    report = {
+        "onnxq_version": __version__, "command": "qat-prep", "model": str(request.model),
+        "output": str(request.output), "params": str(params_path), "settings": plan.settings.__dict__,
+        "weight_range_reason": c.weight_range_reason,
+        "fake_quant": {"activations": len(plan.by_role("activation")), "weights": len(plan.by_role("weight"))},
+        "int8_nodes": [d.name for d in plan.nodes if d.status == "int8"],
+        "calibration": {"source": c.calib.description, "samples": len(c.calib)} if c.calib is not None else None,
+        "fidelity": None if fidelity is None else {"reference": "the fp32 model", "samples": fidelity.samples,
+                                                   "source": fidelity.source, "outputs": fidelity.outputs},
+        "notes": c.notes, "fusion": fusion.to_dict(),
+    }
+    return PrepResult(json_safe(report), plan)
+
+
+def add_weight_fake_quant(model: onnx.ModelProto, weights: list[TensorPlan]) -> onnx.ModelProto:
+    """Put QuantizeLinear -> DequantizeLinear between each float weight and its consumers."""
+    graph = import_graph(model)
+    names = NameAllocator(graph)
+    tensors = graph.tensors()
+    for entry in weights:
+        constant = tensors[entry.name]
+        shape = list(np.asarray(constant.values).shape)
+        params = [gs.Constant(names.new(f"{entry.name}_scale"), entry.scale_array()),
+                  gs.Constant(names.new(f"{entry.name}_zero_point"), entry.zero_point_array())]
+        qtype = qmath.qtype_by_name(entry.qtype)
+        quantized = gs.Variable(names.new(f"{entry.name}_quantized"), dtype=qtype.dtype, shape=shape)
+        restored = gs.Variable(names.new(f"{entry.name}_fakequant"), dtype=np.float32, shape=shape)
+        for consumer in list(constant.outputs):
+            for index, tensor in enumerate(consumer.inputs):
+                if tensor is constant:
+                    consumer.inputs[index] = restored
+        attrs = {"axis": entry.axis} if entry.axis is not None else {}
+        graph.nodes.append(gs.Node("QuantizeLinear", names.new(f"{entry.name}_QuantizeLinear"),
+                                   inputs=[constant, *params], outputs=[quantized], attrs=attrs))
+        graph.nodes.append(gs.Node("DequantizeLinear", names.new(f"{entry.name}_DequantizeLinear"),
+                                   inputs=[quantized, *params], outputs=[restored], attrs=dict(attrs)))
+    result = export_model(graph, model)
+    result.producer_name = "onnxq"
+    return result
+
+
+def format_prep_summary(report: dict) -> str:
+    counts = report["fake_quant"]
+    lines = [f"onnxq: fake-quant model {report['output']}: {counts['activations']} activations and "
+             f"{counts['weights']} weights behind QuantizeLinear->DequantizeLinear; parameters -> {report['params']}"]
+    fidelity = report["fidelity"]
+    if fidelity is not None:
+        for out in fidelity["outputs"]:
+            lines.append(f"  vs fp32 on {fidelity['samples']} held-back samples, {out['name']}: "
+                         f"cosine {out['cosine']:.5f}, SQNR {out['sqnr_db']:.1f} dB")
+    lines.append(f"  after training: onnxq convert {report['output']} -o MODEL.int8.onnx")
+    return "\n".join(lines)
