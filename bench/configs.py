@@ -53,6 +53,8 @@ def full(dynamic: bool, transformer: bool = False) -> list[Config]:
     if transformer:  # SmoothQuant is for transformer activations' outlier channels (onnxq.smooth)
         cfgs.append(Config("onnxq-smooth", "onnxq", "onnxq --smooth-alpha 0.7 (SmoothQuant, calibrates again)",
                            ("--smooth-alpha", "0.7")))
+        cfgs.append(Config("onnxq-dynamic-smooth", "onnxq", "onnxq --mode dynamic --smooth-alpha 0.7",
+                           ("--mode", "dynamic", "--smooth-alpha", "0.7")))
         cfgs.append(Config("nncf-transformer", "nncf", "nncf.quantize model_type=TRANSFORMER",
                            ("--model-type", "transformer")))
     return cfgs

@@ -35,8 +35,8 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
     out.unlink(missing_ok=True)
     report_file = work / f"{cfg.id}.report.json"
     if cfg.tool == "onnxq":
-        if "--mode" in cfg.args:  # dynamic / weight-only: no calibration at all
-            src: tuple = ()
+        if "--mode" in cfg.args:  # dynamic / weight-only: no calibration (smoothing measures channels on it)
+            src: tuple = ("--calib", data.calib) if "--smooth-alpha" in cfg.args else ()
         else:
             reuse = stats and cfg.args and "--smooth-alpha" not in cfg.args  # smoothing changes the model
             src = ("--load-stats", stats) if reuse else ("--calib", data.calib)

@@ -247,7 +247,8 @@ def main() -> None:
 @click.option("--min-cosine", type=float, help="Exit 6 if any output's cosine to fp32 is below this.")
 @click.option("--min-sqnr", type=float, help="Exit 6 if any output's SQNR (dB) is below this.")
 @click.option("--smooth-alpha", type=float, help="SmoothQuant before calibrating: move activation outliers into "
-              "the MatMul/Gemm weights after them (0..1, typical 0.5; default off). Float outputs do not change.")
+              "the MatMul/Gemm weights after them (0..1; 0.7 on MiniLM; default off; static and dynamic modes, "
+              "needs --calib). Float outputs do not change.")
 @click.option("--smooth-mul", is_flag=True, help="--smooth-alpha: also smooth activations whose producer cannot "
               "absorb 1/s, with an inserted Mul (one more op each).")
 @verbosity_options
@@ -268,7 +269,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
     o = _recipe_defaults(recipe, dict(mode=mode, method=method, percentile=percentile, symmetric=symmetric,
                                       per_tensor=per_tensor, weight_range=weight_range, speed_guard=speed_guard,
                                       output_format=output_format, weight_bits=weight_bits, block_size=block_size,
-                                      weight_zero_points=weight_zero_points))
+                                      weight_zero_points=weight_zero_points, smooth_alpha=smooth_alpha,
+                                      smooth_mul=smooth_mul))
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=o["weight_range"], exclude=tuple(exclude),
         speed_guard=o["speed_guard"], speed_profile=speed_profile, target_cpu=target_cpu,
@@ -282,7 +284,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                                per_channel=not o["per_tensor"]),
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
         recipe=recipe, save_recipe=save_recipe,
-        smooth_alpha=smooth_alpha, smooth_insert_mul=smooth_mul,
+        smooth_alpha=o["smooth_alpha"], smooth_insert_mul=o["smooth_mul"],
     )
     result = quantize(request, progress=progress_factory(quiet))
     text = json.dumps(result.report, indent=2, sort_keys=True)
@@ -305,7 +307,8 @@ RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
     "symmetric": ("symmetric", bool), "per_channel": ("per_tensor", lambda v: not v),
     "weight_range": ("weight_range", str), "speed_guard": ("speed_guard", bool), "format": ("output_format", str),
     "weight_bits": ("weight_bits", str), "block_size": ("block_size", int),
-    "weight_zero_points": ("weight_zero_points", bool),
+    "weight_zero_points": ("weight_zero_points", bool), "smooth_alpha": ("smooth_alpha", float),
+    "smooth_mul": ("smooth_mul", bool),
 }
 
 

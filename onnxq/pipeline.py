@@ -322,6 +322,8 @@ def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: G
     user's rules, --exclude, and the speed guard's and the target search's choices (`automatic`:
     label -> (precision, why)) as rules."""
     values = {"mode": request.mode, "per_channel": settings.per_channel, "weight_range": settings.weight_range}
+    if request.smooth_alpha is not None:
+        values.update(smooth_alpha=request.smooth_alpha, smooth_mul=request.smooth_insert_mul)
     if request.mode == "static":
         values.update(method=settings.method, percentile=settings.percentile, symmetric=settings.symmetric,
                       speed_guard=False, format=request.output_format)
@@ -484,10 +486,11 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     """--mode dynamic or weight-only: weights are quantized ahead, activations (if at all) at run time."""
     if request.mode not in ("dynamic", "weight-only"):
         raise UsageError(f"unknown mode {request.mode!r}; choose static, dynamic or weight-only")
-    if (request.output_format != "qdq" or request.load_stats or request.save_stats or request.save_plan
-            or request.smooth_alpha is not None):
-        raise UsageError(f"--mode {request.mode} takes no --format qoperator, --load-stats, --save-stats, "
-                         "--save-plan or --smooth-alpha (it needs no calibration)")
+    if request.output_format != "qdq" or request.load_stats or request.save_stats or request.save_plan:
+        raise UsageError(f"--mode {request.mode} takes no --format qoperator, --load-stats, --save-stats or "
+                         "--save-plan (it needs no calibration)")
+    if request.smooth_alpha is not None:
+        validate_alpha(request.smooth_alpha)
     timer = StageTimer()
     check_output_path(request.output, [request.model])
     _check_extra_outputs(request)
@@ -502,6 +505,12 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         prepared = prepare_model(original)
     held_path = request.data.eval_data or request.data.calib
     held = open_source(held_path, model_input_specs(original), request.data.images) if held_path else None
+    smoothing = None
+    if request.smooth_alpha is not None:  # fewer activation outliers help run-time quantization too
+        calib = open_source(request.data.calib, model_input_specs(original),
+                            request.data.images) if request.data.calib else None
+        with timer.stage("smooth"):
+            smoothing = _smooth(request, prepared, calib, progress)
     graph = import_graph(prepared.model)
     choices, recipe_notes = _recipe_choices(request, graph, with_exclude=True)
     with timer.stage("rewrite"):
@@ -536,6 +545,8 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         weight_range_reason=weight_range_reason, timings=timer.seconds, speed_guard={"enabled": False},
         fusion=fusion_view,
     )
+    if smoothing is not None:
+        report["smoothing"] = json_safe(smoothing)
     return QuantizeResult(report, plan, fidelity)
 
 

@@ -52,6 +52,8 @@ SETTINGS: dict[str, tuple[type, tuple | None]] = {
     "weight_bits": (int, (4, 8)),
     "block_size": (int, None),
     "weight_zero_points": (bool, None),
+    "smooth_alpha": (float, None),
+    "smooth_mul": (bool, None),
 }
 
 

@@ -204,3 +204,20 @@ def test_cli_reports_smoothing(tmp_path: Path, data: Path) -> None:
     assert smoothing["alpha"] == 0.5 and smoothing["layers_smoothed"] == 1 and smoothing["extra_ops"] == 0
     assert smoothing["max_range_after"] < smoothing["max_range_before"]
     assert report["fidelity"]["outputs"][0]["cosine"] > 0.99
+
+
+def test_smoothing_helps_dynamic_mode_and_needs_calibration(tmp_path: Path, data: Path) -> None:
+    """Run-time activation quantization is per tensor too: smoothing the outlier channel helps it as well."""
+    model_path = save(ln_qkv_model(), tmp_path / "m.onnx")
+    feed = feeds(np.random.default_rng(99))
+    results = {}
+    for alpha in (None, 0.5):
+        out = tmp_path / f"d{alpha}.onnx"
+        result = quantize_simple(model_path, out, data, mode="dynamic", smooth_alpha=alpha)
+        assert op_types(onnx.load(out)).count("DynamicQuantizeMatMul") >= 1
+        assert ("smoothing" in result.report) == (alpha is not None)
+        results[alpha] = sqnr_db(run(model_path, feed)[0], run(out, feed)[0])
+    assert results[0.5] > results[None] + 3, results
+    refused = CliRunner().invoke(main, ["quantize", str(model_path), "-o", str(tmp_path / "x.onnx"), "--mode",
+                                        "dynamic", "--smooth-alpha", "0.5"])
+    assert refused.exit_code == 2 and "give --calib" in refused.stderr and not (tmp_path / "x.onnx").exists()
