@@ -225,6 +225,14 @@ def main() -> None:
               "target (default: as many as needed).")
 @click.option("--min-cosine", type=float, help="Exit 6 if any output's cosine to fp32 is below this.")
 @click.option("--min-sqnr", type=float, help="Exit 6 if any output's SQNR (dB) is below this.")
+@click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv -> [Relu] -> Conv pairs before "
+              "calibration (same float function, more even per-channel weight ranges).")
+@click.option("--bias-correction", is_flag=True, help="Remove the per-channel output mean shift weight rounding "
+              "causes, measured on the calibration samples.")
+@click.option("--adaround", is_flag=True, help="Learned rounding: pick floor or ceil per weight to minimise each "
+              "layer's output error on the calibration samples.")
+@click.option("--adaround-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="--adaround: approximate optimisation budget over all layers.")
 @verbosity_options
 @handle_errors
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
@@ -232,7 +240,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                      weight_zero_points, method, percentile, symmetric, per_tensor,
                      output_format, weight_range, exclude, speed_guard, speed_profile, target_cpu, load_stats,
                      save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine, max_fallbacks,
-                     min_cosine, min_sqnr, quiet, verbose) -> None:
+                     min_cosine, min_sqnr, equalize, bias_correction, adaround, adaround_seconds, quiet,
+                     verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
@@ -247,6 +256,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                                                  symmetric=not weight_zero_points),
         settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric, per_channel=not per_tensor),
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
+        equalize=equalize, bias_correction=bias_correction, adaround_seconds=adaround_seconds if adaround else None,
     )
     result = quantize(request, progress=progress_factory(quiet))
     text = json.dumps(result.report, indent=2, sort_keys=True)

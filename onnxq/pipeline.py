@@ -39,6 +39,7 @@ from .model_io import check_output_path, load_model, model_digest, needs_externa
 from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import prepare_model
+from .recovery import RecoveryOptions, equalize_model, recover
 from .report import build_report, json_safe
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
@@ -90,6 +91,10 @@ class QuantizeRequest:
     weight_only: WeightOnlyOptions = field(default_factory=WeightOnlyOptions)
     min_cosine: float | None = None
     min_sqnr: float | None = None
+    # accuracy recovery (onnxq.recovery)
+    equalize: bool = False
+    bias_correction: bool = False
+    adaround_seconds: float | None = None  # None: no AdaRound
 
 
 @dataclass
@@ -189,6 +194,7 @@ class Calibrated:
     held: SampleSource | None
     notes: list[str]
     timer: StageTimer
+    recovery: dict = field(default_factory=dict)  # what onnxq.recovery did, for the report
 
     def keep_float(self, nodes: dict[str, str]) -> None:
         """Place again with these nodes (label -> why) kept in float, on top of earlier ones."""
@@ -221,7 +227,11 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
         original = load_model(request.model)
     with timer.stage("prepare"):
         prepared = prepare_model(original)
-        digest = model_digest(prepared.model)
+    recovery: dict = {}
+    if request.equalize:
+        with timer.stage("equalize"):
+            prepared.model, recovery["equalization"] = equalize_model(prepared.model)
+    digest = model_digest(prepared.model)
     with timer.stage("place"):
         graph = import_graph(prepared.model)
         exclude = frozenset(request.exclude)
@@ -236,7 +246,7 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
     if request.save_stats is not None:
         stats.save(request.save_stats)
     return Calibrated(request, settings, weight_range_reason, original, prepared.model, digest, graph, options,
-                      placement, stats, calib, held, prepared.notes + notes, timer)
+                      placement, stats, calib, held, prepared.notes + notes, timer, recovery)
 
 
 def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
@@ -244,9 +254,13 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         return quantize_without_calibration(request, progress)
     if request.target is not None and request.data.eval_data is None and request.data.calib is None:
         raise UsageError("an accuracy target needs samples to measure it on: give --eval-data or --calib")
+    if _recovery_options(request).needs_data and request.data.calib is None and not request.data.allow_random:
+        raise UsageError("--bias-correction and --adaround need calibration samples: give --calib (also with "
+                         "--load-stats)")
     c = calibrated(request, progress)
     guard = _apply_speed_guard(c, progress)
     target_report = _apply_accuracy_target(c, progress) if request.target is not None else None
+    _apply_recovery(c, progress)
     timer = c.timer
     with timer.stage("plan"):
         plan = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
@@ -270,6 +284,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         plan=plan, stats=c.stats, calib=c.calib, held=c.held, fidelity=fidelity, notes=c.notes,
         weight_range_reason=c.weight_range_reason, timings=timer.seconds,
         speed_guard=guard.to_report() if guard is not None else {"enabled": False}, fusion=fusion.to_dict(),
+        recovery=c.recovery or None,
     )
     if target_report is not None:
         report["accuracy_target"] = json_safe(target_report)
@@ -280,6 +295,25 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
                 report["gates"].append({"gate": gate, "required": required, "measured": measured,
                                         "passed": bool(measured >= required)})
     return QuantizeResult(report, plan, fidelity)
+
+
+def _recovery_options(request: QuantizeRequest) -> RecoveryOptions:
+    return RecoveryOptions(bias_correction=request.bias_correction, adaround_seconds=request.adaround_seconds)
+
+
+def _apply_recovery(c: Calibrated, progress: ProgressFactory) -> None:
+    """AdaRound / bias correction on the final placement (after the speed guard and the accuracy target)."""
+    options = _recovery_options(c.request)
+    if not options.needs_data:
+        return
+    with c.timer.stage("recovery"):
+        plan = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
+        result = recover(c.prepared, write_qdq(c.prepared, plan), c.placement, plan, c.calib, options,
+                         batch_size=c.request.data.batch_size, memory_budget=c.request.data.memory_budget)
+        c.prepared = result.model
+        c.graph = import_graph(result.model)
+        c.placement = place(c.graph, c.options)
+    c.recovery.update(result.report)
 
 
 def _apply_speed_guard(c: Calibrated, progress: ProgressFactory) -> GuardResult | None:
@@ -356,6 +390,8 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     if request.output_format != "qdq" or request.load_stats or request.save_stats or request.save_plan:
         raise UsageError(f"--mode {request.mode} takes no --format qoperator, --load-stats, --save-stats or "
                          "--save-plan (it needs no calibration)")
+    if request.equalize or _recovery_options(request).needs_data:
+        raise UsageError("--equalize, --bias-correction and --adaround apply to --mode static only")
     timer = StageTimer()
     check_output_path(request.output, [request.model])
     settings, weight_range_reason = resolve_settings(request)
