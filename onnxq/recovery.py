@@ -387,7 +387,7 @@ def _rectified_sigmoid(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def adaround(w: np.ndarray, scale: np.ndarray, gram: np.ndarray, columns: int, qmin: int, qmax: int,
-             steps: int, *, reg_weight: float = 0.01, lr: float = 0.01, warmup: float = 0.2) -> RoundingResult:
+             steps: int, *, reg_weight: float = 1.0, lr: float = 0.01, warmup: float = 0.2) -> RoundingResult:
     """Learned rounding of w [groups, out, fan-in] with per-output-channel scale [groups, out] (see module doc).
 
     The reconstruction loss is normalised by the loss of a unit rounding error per weight, so the
