@@ -33,6 +33,11 @@ def full(dynamic: bool, transformer: bool = False) -> list[Config]:
                        ("--format", "qoperator")))
     cfgs.append(Config("onnxq-no-guard", "onnxq", "onnxq defaults --no-speed-guard: every layer int8 (--load-stats)",
                        ("--no-speed-guard",)))
+    cfgs += [Config("onnxq-bias-correction", "onnxq", "onnxq --bias-correction (--load-stats + --calib samples)",
+                    ("--bias-correction",)),
+             Config("onnxq-equalize", "onnxq", "onnxq --equalize (own calibration: it changes the float weights)",
+                    ("--equalize",)),
+             Config("onnxq-adaround", "onnxq", "onnxq --adaround (--load-stats + --calib samples)", ("--adaround",))]
     cfgs.append(Config("onnxq-weight-only", "onnxq", "onnxq --mode weight-only (int8 weights, float compute)",
                        ("--mode", "weight-only")))
     if dynamic:

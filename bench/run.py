@@ -36,8 +36,12 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
     if cfg.tool == "onnxq":
         if "--mode" in cfg.args:  # dynamic / weight-only: no calibration at all
             src: tuple = ()
+        elif "--equalize" in cfg.args:  # rescales weights and activations: statistics of its own model
+            src = ("--calib", data.calib)
         else:
             src = ("--load-stats", stats) if stats and cfg.args else ("--calib", data.calib)
+            if stats and any(a in cfg.args for a in ("--bias-correction", "--adaround")):
+                src += ("--calib", data.calib)  # the layer inputs come from the samples themselves
         cmd = runners.onnxq_cmd("quantize", model, "-o", out, *src, "--eval-data", data.eval,
                                 "--report", report_file, "-q", *cfg.args)
     elif cfg.tool == "ort":

@@ -290,7 +290,8 @@ def accumulate(layer: Layer, x: np.ndarray, moments: InputMoments, rng: np.rando
     else:
         pick = np.sort(rng.choice(count, size=min(count, GRAM_COLUMNS_PER_BATCH), replace=False))
         sample = cols.reshape(count, 1, -1)[pick].astype(np.float64)
-    gram = np.einsum("kgf,kgh->gfh", sample, sample)
+    per_group = sample.transpose(1, 0, 2)  # [groups, k, fan-in]
+    gram = per_group.transpose(0, 2, 1) @ per_group
     moments.gram = gram if moments.gram is None else moments.gram + gram
     moments.gram_count += len(pick)
 
@@ -374,7 +375,7 @@ class RoundingResult:
 def rounding_loss(w: np.ndarray, w_q: np.ndarray, gram: np.ndarray, columns: int) -> float:
     """Mean squared output error per output element: sum_o (w_o - w_q_o)^T G (w_o - w_q_o) / (columns * out)."""
     delta = w - w_q
-    return float(np.einsum("gof,gfh,goh->", delta, gram, delta) / max(columns * delta.shape[0] * delta.shape[1], 1))
+    return float(np.sum((delta @ gram) * delta) / max(columns * delta.shape[0] * delta.shape[1], 1))
 
 
 def _rectified_sigmoid(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -410,7 +411,7 @@ def adaround(w: np.ndarray, scale: np.ndarray, gram: np.ndarray, columns: int, q
         q = np.clip(floor + h, qmin, qmax)
         inside = (floor + h >= qmin) & (floor + h <= qmax)
         delta = (q * s - w)  # W_soft - W
-        grad_w = 2.0 * np.einsum("gfh,goh->gof", gram, delta) / unit  # d(normalised loss)/dW_soft
+        grad_w = 2.0 * (delta @ gram) / unit  # d(normalised loss)/dW_soft
         grad = grad_w * s * inside * dh
         if step >= start:
             progress = (step - start) / max(steps - start, 1)
