@@ -35,6 +35,11 @@ def full(dynamic: bool, transformer: bool = False) -> list[Config]:
                        ("--no-speed-guard",)))
     cfgs.append(Config("onnxq-target", "onnxq", "onnxq --target-cosine 0.99 --max-fallbacks 16 (--load-stats)",
                        ("--target-cosine", "0.99", "--max-fallbacks", "16")))
+    cfgs += [Config("onnxq-bias-correction", "onnxq", "onnxq --bias-correction (--load-stats + --calib samples)",
+                    ("--bias-correction",)),
+             Config("onnxq-equalize", "onnxq", "onnxq --equalize (own calibration: it changes the float weights)",
+                    ("--equalize",)),
+             Config("onnxq-adaround", "onnxq", "onnxq --adaround (--load-stats + --calib samples)", ("--adaround",))]
     cfgs.append(Config("onnxq-weight-only", "onnxq", "onnxq --mode weight-only (int8 weights, float compute)",
                        ("--mode", "weight-only")))
     if dynamic:

@@ -37,9 +37,12 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
     if cfg.tool == "onnxq":
         if "--mode" in cfg.args:  # dynamic / weight-only: no calibration (smoothing measures channels on it)
             src: tuple = ("--calib", data.calib) if "--smooth-alpha" in cfg.args else ()
+        elif any(a in cfg.args for a in ("--equalize", "--smooth-alpha")):  # they change the model: own statistics
+            src = ("--calib", data.calib)
         else:
-            reuse = stats and cfg.args and "--smooth-alpha" not in cfg.args  # smoothing changes the model
-            src = ("--load-stats", stats) if reuse else ("--calib", data.calib)
+            src = ("--load-stats", stats) if stats and cfg.args else ("--calib", data.calib)
+            if stats and any(a in cfg.args for a in ("--bias-correction", "--adaround")):
+                src += ("--calib", data.calib)  # the layer inputs come from the samples themselves
         cmd = runners.onnxq_cmd("quantize", model, "-o", out, *src, "--eval-data", data.eval,
                                 "--report", report_file, "-q", *cfg.args)
     elif cfg.tool == "ort":

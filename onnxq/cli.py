@@ -251,6 +251,14 @@ def main() -> None:
               "needs --calib). Float outputs do not change.")
 @click.option("--smooth-mul", is_flag=True, help="--smooth-alpha: also smooth activations whose producer cannot "
               "absorb 1/s, with an inserted Mul (one more op each).")
+@click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv -> [Relu] -> Conv pairs before "
+              "calibration (same float function, more even per-channel weight ranges).")
+@click.option("--bias-correction", is_flag=True, help="Remove the per-channel output mean shift weight rounding "
+              "causes, measured on the calibration samples.")
+@click.option("--adaround", is_flag=True, help="Learned rounding: pick floor or ceil per weight to minimise each "
+              "layer's output error on the calibration samples.")
+@click.option("--adaround-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="--adaround: approximate optimisation budget over all layers.")
 @verbosity_options
 @handle_errors
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
@@ -259,7 +267,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                      output_format, weight_range, exclude, recipe_path, save_recipe, speed_guard, speed_profile,
                      target_cpu, load_stats, save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine,
                      metric, target_metric, target_samples, target_data, fallback, max_fallbacks, min_cosine,
-                     min_sqnr, smooth_alpha, smooth_mul, quiet, verbose) -> None:
+                     min_sqnr, smooth_alpha, smooth_mul, equalize, bias_correction, adaround,
+                     adaround_seconds, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
@@ -270,7 +279,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                                       per_tensor=per_tensor, weight_range=weight_range, speed_guard=speed_guard,
                                       output_format=output_format, weight_bits=weight_bits, block_size=block_size,
                                       weight_zero_points=weight_zero_points, smooth_alpha=smooth_alpha,
-                                      smooth_mul=smooth_mul))
+                                      smooth_mul=smooth_mul, equalize=equalize, bias_correction=bias_correction,
+                                      adaround=adaround, adaround_seconds=adaround_seconds))
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=o["weight_range"], exclude=tuple(exclude),
         speed_guard=o["speed_guard"], speed_profile=speed_profile, target_cpu=target_cpu,
@@ -285,6 +295,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
         recipe=recipe, save_recipe=save_recipe,
         smooth_alpha=o["smooth_alpha"], smooth_insert_mul=o["smooth_mul"],
+        equalize=o["equalize"], bias_correction=o["bias_correction"],
+        adaround_seconds=o["adaround_seconds"] if o["adaround"] else None,
     )
     result = quantize(request, progress=progress_factory(quiet))
     text = json.dumps(result.report, indent=2, sort_keys=True)
@@ -308,7 +320,8 @@ RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
     "weight_range": ("weight_range", str), "speed_guard": ("speed_guard", bool), "format": ("output_format", str),
     "weight_bits": ("weight_bits", str), "block_size": ("block_size", int),
     "weight_zero_points": ("weight_zero_points", bool), "smooth_alpha": ("smooth_alpha", float),
-    "smooth_mul": ("smooth_mul", bool),
+    "smooth_mul": ("smooth_mul", bool), "equalize": ("equalize", bool), "bias_correction": ("bias_correction", bool),
+    "adaround": ("adaround", bool), "adaround_seconds": ("adaround_seconds", float),
 }
 
 

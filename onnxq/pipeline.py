@@ -49,6 +49,7 @@ from .recipe import (
     pinned_int8,
     placement_changes,
 )
+from .recovery import RecoveryOptions, equalize_model, recover
 from .report import build_report, json_safe
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
@@ -109,6 +110,10 @@ class QuantizeRequest:
     save_recipe: Path | None = None  # write the effective recipe: reruns give the same model without searching
     smooth_alpha: float | None = None  # SmoothQuant before calibration (onnxq.smooth); None: off
     smooth_insert_mul: bool = False  # smoothing may insert a Mul where 1/s has nowhere to fold
+    # accuracy recovery (onnxq.recovery)
+    equalize: bool = False
+    bias_correction: bool = False
+    adaround_seconds: float | None = None  # None: no AdaRound
 
 
 @dataclass
@@ -210,6 +215,7 @@ class Calibrated:
     timer: StageTimer
     choices: dict[str, NodeChoice] = field(default_factory=dict)  # the recipe's, by node label
     smoothing: dict | None = None  # onnxq.smooth's report, when --smooth-alpha was given
+    recovery: dict = field(default_factory=dict)  # what onnxq.recovery did, for the report
 
     def keep_float(self, nodes: dict[str, str]) -> None:
         """Place again with these nodes (label -> why) kept in float, on top of earlier ones."""
@@ -259,6 +265,10 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
         original = load_model(request.model)
     with timer.stage("prepare"):
         prepared = prepare_model(original)
+    recovery: dict = {}
+    if request.equalize:
+        with timer.stage("equalize"):
+            prepared.model, recovery["equalization"] = equalize_model(prepared.model)
     specs = model_input_specs(original)
     calib, held, notes = open_data(request, specs)
     smoothing = None
@@ -282,7 +292,7 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
         stats.save(request.save_stats)
     return Calibrated(request, settings, weight_range_reason, original, prepared.model, digest, graph, options,
                       placement, stats, calib, held, prepared.notes + recipe_notes + notes, timer, choices,
-                      smoothing)
+                      smoothing, recovery)
 
 
 def _check_extra_outputs(request: QuantizeRequest) -> None:
@@ -325,6 +335,11 @@ def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: G
     if request.smooth_alpha is not None:
         values.update(smooth_alpha=request.smooth_alpha, smooth_mul=request.smooth_insert_mul)
     if request.mode == "static":
+        values.update(equalize=request.equalize, bias_correction=request.bias_correction,
+                      adaround=request.adaround_seconds is not None)
+        if request.adaround_seconds is not None:
+            values["adaround_seconds"] = request.adaround_seconds
+    if request.mode == "static":
         values.update(method=settings.method, percentile=settings.percentile, symmetric=settings.symmetric,
                       speed_guard=False, format=request.output_format)
     elif request.mode == "weight-only":
@@ -358,9 +373,13 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         raise UsageError("--metric SCRIPT and --target-metric VALUE go together")
     if request.metric is not None:
         load_metric(request.metric)  # a broken script fails now, not after calibration
+    if _recovery_options(request).needs_data and request.data.calib is None and not request.data.allow_random:
+        raise UsageError("--bias-correction and --adaround need calibration samples: give --calib (also with "
+                         "--load-stats)")
     c = calibrated(request, progress)
     guard = _apply_speed_guard(c, progress)
     target_report = _apply_accuracy_target(c, progress) if request.target is not None else None
+    _apply_recovery(c, progress)
     timer = c.timer
     with timer.stage("plan"):
         plan = c.plan()
@@ -389,6 +408,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         plan=plan, stats=c.stats, calib=c.calib, held=c.held, fidelity=fidelity, notes=c.notes,
         weight_range_reason=c.weight_range_reason, timings=timer.seconds,
         speed_guard=guard.to_report() if guard is not None else {"enabled": False}, fusion=fusion.to_dict(),
+        recovery=c.recovery or None,
     )
     if c.smoothing is not None:
         report["smoothing"] = json_safe(c.smoothing)
@@ -403,6 +423,25 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
                 report["gates"].append({"gate": gate, "required": required, "measured": measured,
                                         "passed": measured is not None and bool(measured >= required)})
     return QuantizeResult(report, plan, fidelity)
+
+
+def _recovery_options(request: QuantizeRequest) -> RecoveryOptions:
+    return RecoveryOptions(bias_correction=request.bias_correction, adaround_seconds=request.adaround_seconds)
+
+
+def _apply_recovery(c: Calibrated, progress: ProgressFactory) -> None:
+    """AdaRound / bias correction on the final placement (after the speed guard and the accuracy target)."""
+    options = _recovery_options(c.request)
+    if not options.needs_data:
+        return
+    with c.timer.stage("recovery"):
+        plan = c.plan()
+        result = recover(c.prepared, write_qdq(c.prepared, plan), c.placement, plan, c.calib, options,
+                         batch_size=c.request.data.batch_size, memory_budget=c.request.data.memory_budget)
+        c.prepared = result.model
+        c.graph = import_graph(result.model)
+        c.placement = place(c.graph, c.options)
+    c.recovery.update(result.report)
 
 
 def _apply_speed_guard(c: Calibrated, progress: ProgressFactory) -> GuardResult | None:
@@ -491,6 +530,8 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
                          "--save-plan (it needs no calibration)")
     if request.smooth_alpha is not None:
         validate_alpha(request.smooth_alpha)
+    if request.equalize or _recovery_options(request).needs_data:
+        raise UsageError("--equalize, --bias-correction and --adaround apply to --mode static only")
     timer = StageTimer()
     check_output_path(request.output, [request.model])
     _check_extra_outputs(request)

@@ -54,6 +54,10 @@ SETTINGS: dict[str, tuple[type, tuple | None]] = {
     "weight_zero_points": (bool, None),
     "smooth_alpha": (float, None),
     "smooth_mul": (bool, None),
+    "equalize": (bool, None),
+    "bias_correction": (bool, None),
+    "adaround": (bool, None),
+    "adaround_seconds": (float, None),
 }
 
 

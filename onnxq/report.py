@@ -21,7 +21,7 @@ QUANTIZED_STATUSES = ("int8", "int4", "folded", "shared-scale")
 def build_report(*, request: QuantizeRequest, version: str, original: onnx.ModelProto, quantized_bytes: int,
                  plan: QuantPlan, stats: Statistics, calib: SampleSource | None, held: SampleSource | None,
                  fidelity: Fidelity | None, notes: list[str], weight_range_reason: str,
-                 timings: dict[str, float], speed_guard: dict, fusion: dict) -> dict:
+                 timings: dict[str, float], speed_guard: dict, fusion: dict, recovery: dict | None = None) -> dict:
     original_bytes = original.ByteSize()
     nodes = _node_summary(plan)
     report = {
@@ -50,6 +50,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
                         for n in plan.nodes if n.status == "float"],
         "speed_guard": speed_guard,
         "fusion": fusion,
+        "recovery": recovery,
         "notes": notes,
         "timings_s": timings,
     }
@@ -174,6 +175,7 @@ def format_summary(report: dict) -> str:
                      f"to {target['fallback']} (SQNR {_num(target['start']['min_sqnr_db'], 1)} -> "
                      f"{_num(target['final']['min_sqnr_db'], 1)} dB{_metric_change(target)} on {target['samples']} "
                      f"samples{cost})")
+    lines.extend(_recovery_lines(report.get("recovery")))
     for gate in report["gates"]:
         verdict = "passed" if gate["passed"] else "MISSED"
         lines.append(f"  gate {gate['gate']} >= {gate['required']}: {verdict} (measured {_num(gate['measured'], 4)})")
@@ -182,6 +184,26 @@ def format_summary(report: dict) -> str:
     total = sum(report["timings_s"].values())
     lines.append(f"  time: {total:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()) + ")")
     return "\n".join(lines)
+
+
+def _recovery_lines(recovery: dict | None) -> list[str]:
+    if not recovery:
+        return []
+    lines = []
+    eq = recovery.get("equalization")
+    if eq is not None:
+        lines.append(f"  equalization: {eq['pairs']} conv pairs rescaled ({eq['iterations']} iterations)"
+                     + "".join(f"; skipped {n}: {why}" for why, n in eq["skipped"].items()))
+    ada = recovery.get("adaround")
+    if ada is not None:
+        lines.append(f"  adaround: {ada['layers_improved']} of {len(ada['layers'])} layers re-rounded, mean output "
+                     f"error {_num(ada['mean_loss_ratio'], 3)}x of round-to-nearest ({ada['seconds']:.1f} s)")
+    bias = recovery.get("bias_correction")
+    if bias is not None:
+        lines.append(f"  bias correction: {bias['layers_corrected']} layers"
+                     + (f", {len(bias['no_bias_to_adjust'])} without a bias to adjust"
+                        if bias["no_bias_to_adjust"] else ""))
+    return lines
 
 
 def _static_settings_line(settings: dict) -> str:
