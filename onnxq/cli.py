@@ -139,6 +139,21 @@ def image_options(func):
     return func
 
 
+def method_options(func):
+    """--method and --percentile, as quantize, convert and qat-prep share them."""
+    func = click.option("--percentile", type=float, default=DEFAULT_PERCENTILE, show_default=True,
+                        help="Percentile for --method percentile.")(func)
+    return click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+                        help="Calibration method (see README).")(func)
+
+
+def report_options(func):
+    """--report FILE and --json."""
+    func = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")(func)
+    return click.option("--report", "report_path", type=click.Path(path_type=Path),
+                        help="Write the full report as JSON.")(func)
+
+
 def verbosity_options(func):
     func = click.option("-v", "--verbose", is_flag=True, help="More detail; tracebacks on internal errors.")(func)
     return click.option("-q", "--quiet", is_flag=True, help="No summary and no progress bar on stderr.")(func)
@@ -198,10 +213,7 @@ def main() -> None:
 @click.option("--block-size", type=int, default=32, show_default=True, help="--weight-bits 4: weights per block.")
 @click.option("--weight-zero-points", is_flag=True, help="--weight-bits 4: a zero point per block (default: "
               "symmetric).")
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-              help="Calibration method (see README).")
-@click.option("--percentile", type=float, default=DEFAULT_PERCENTILE, show_default=True,
-              help="Percentile for --method percentile.")
+@method_options
 @click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
 @click.option("--format", "output_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
@@ -226,8 +238,7 @@ def main() -> None:
               "`onnxq calibrate` (no inference pass).")
 @click.option("--save-stats", type=click.Path(path_type=Path), help="Save the calibration statistics.")
 @click.option("--save-plan", type=click.Path(path_type=Path), help="Save the per-tensor quantization plan (JSON).")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
+@report_options
 @click.option("--target-sqnr", type=float, help="Accuracy target (dB, every output, held-back samples): keep the "
               "most sensitive layers in float, as few as possible, until it holds; exit 6 if it cannot.")
 @click.option("--target-cosine", type=float, help="Accuracy target as a minimum cosine (as --target-sqnr).")
@@ -512,12 +523,8 @@ the message names the node), 4 bad data, 5 cannot write output, 1 internal error
 @data_options
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Samples to compare the output with the input "
               "(fake-quant) model on (default: --calib, if given).")
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-              help="Calibration method for tensors without learned parameters.")
-@click.option("--percentile", type=float, default=DEFAULT_PERCENTILE, show_default=True,
-              help="Percentile for --method percentile.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@method_options  # for tensors without learned parameters
+@report_options
 @verbosity_options
 @handle_errors
 def convert_command(model, output, output_format, activations, calib, allow_random, batch_size, max_samples,
@@ -552,17 +559,13 @@ Example (train the fake-quant model, then convert it):
 @data_options
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data to compare with fp32 on "
               "(default: the last 10% of --calib).")
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-              help="Calibration method (see README).")
-@click.option("--percentile", type=float, default=DEFAULT_PERCENTILE, show_default=True,
-              help="Percentile for --method percentile.")
+@method_options
 @click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
 @click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
               help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
 @click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@report_options
 @verbosity_options
 @handle_errors
 def qat_prep_command(model, output, params_path, calib, allow_random, batch_size, max_samples, memory_budget,
