@@ -36,7 +36,7 @@ from .errors import ModelError, UsageError
 from .evaluate import compare_models
 from .ir import NameAllocator, export_model, import_graph, is_constant, node_label
 from .model_io import check_output_path, load_model, save_model
-from .pipeline import DataOptions, _check, check_batch_size
+from .pipeline import DataOptions, check_batch_size, check_written_model
 from .placement import FOLDABLE_ACTIVATIONS, PASS_THROUGH_OPS, Placement, PlacementOptions, place
 from .plan import QuantPlan, QuantSettings, TensorPlan, bias_plan, clipped_fraction, weight_plan
 from .prepare import infer_types, prepare_model
@@ -474,7 +474,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
     quantized = write_qdq(prepared.model, plan)
     if request.output_format == "qoperator":
         quantized = write_qoperator(quantized)
-    fusion = _check(quantized)
+    fusion = check_written_model(quantized)
     fidelity = None
     held_path = request.data.eval_data or request.data.calib
     if held_path is not None:

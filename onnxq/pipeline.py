@@ -395,7 +395,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         if request.output_format == "qoperator":
             quantized = write_qoperator(quantized)
     with timer.stage("check"):
-        fusion = _check(quantized)
+        fusion = check_written_model(quantized)
     fidelity = None
     if c.held is not None:
         with timer.stage("evaluate"):
@@ -566,7 +566,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         detail = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no Conv, MatMul or Gemm"
         raise ModelError(f"nothing to quantize in --mode {request.mode} ({detail})")
     with timer.stage("check"):
-        fusion = _check(quantized)
+        fusion = check_written_model(quantized)
     fidelity = None
     if held is not None:
         with timer.stage("evaluate"):
@@ -629,7 +629,7 @@ def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[
     return stats
 
 
-def _check(model: onnx.ModelProto) -> FusionReport:
+def check_written_model(model: onnx.ModelProto) -> FusionReport:
     """The written model must pass onnx.checker and load in onnxruntime (failures are onnxq bugs).
 
     Loading it is also the fusion check: what onnxruntime runs in int8 after optimizing it.

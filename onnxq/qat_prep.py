@@ -23,7 +23,7 @@ from .errors import UsageError
 from .evaluate import compare_models
 from .ir import NameAllocator, export_model, import_graph
 from .model_io import check_output_path, save_model
-from .pipeline import QuantizeRequest, _check, calibrated
+from .pipeline import QuantizeRequest, calibrated, check_written_model
 from .plan import QuantPlan, TensorPlan, build_plan
 from .report import json_safe
 from .rewrite_qdq import write_qdq
@@ -52,7 +52,7 @@ def qat_prep(request: QuantizeRequest, params_path: Path | None = None,
                      tensors={n: t for n, t in full.tensors.items() if t.role != "bias"})
     activations = QuantPlan(settings=plan.settings, tensors={t.name: t for t in plan.by_role("activation")})
     model = add_weight_fake_quant(write_qdq(c.prepared, activations), plan.by_role("weight"))
-    fusion = _check(model)
+    fusion = check_written_model(model)
     fidelity = None
     if c.held is not None:
         fidelity = compare_models(c.original, model, c.held, batch_size=request.data.batch_size, progress=progress)
