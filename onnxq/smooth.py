@@ -13,7 +13,8 @@ reading the same X (Q, K and V after one LayerNorm) share one s, from the max ov
 
 X / s must come from somewhere. Free: folded into the producer of X when it is a
 LayerNormalization (scale and bias / s), a Mul or Div by a constant (the 0.5 ending an exported
-GELU), or a MatMul/Gemm (+ bias Add) with constant weights (output columns / s). When the
+GELU), a constant Mul then constant Add (a LayerNorm exported as separate ops ends with x * a + b),
+or a MatMul/Gemm (+ bias Add) with constant weights (output columns / s). When the
 producer's output also feeds other nodes (the residual Add after a post-norm transformer's
 LayerNorm), a LayerNormalization is copied for the smoothed consumers (one more op). Anything
 else gets a Mul by 1/s, only when asked (`insert_mul`), since it costs an op.
@@ -43,7 +44,7 @@ class SmoothedLayer:
 
     activation: str
     consumers: list[str]
-    how: str  # layernorm | layernorm-copy | mul-constant | matmul | inserted-mul
+    how: str  # layernorm | layernorm-copy | mul-constant | affine-constant | matmul | inserted-mul
     range_before: float  # per-tensor abs-max of the activation over calibration data
     range_after: float  # the same of X / s (what the int8 scale now has to cover)
 
@@ -172,6 +173,8 @@ def _how(activation: gs.Variable, exclusive: bool, insert_mul: bool) -> str:
         return "layernorm" if exclusive else "layernorm-copy"
     if producer is not None and exclusive and _constant_operand(producer) is not None:
         return "mul-constant"
+    if producer is not None and exclusive and _constant_affine(producer) is not None:
+        return "affine-constant"
     if producer is not None and exclusive and _producing_matmul(producer) is not None:
         return "matmul"
     if insert_mul:
@@ -196,6 +199,24 @@ def _constant_operand(node: gs.Node) -> int | None:
             shape = constant_values(tensor).shape
             if all(d == 1 for d in shape[:-1]) and len(shape) <= len(other.shape or [None]):
                 return index
+    return None
+
+
+def _constant_affine(node: gs.Node) -> tuple[int, gs.Node, int] | None:
+    """(index of the constant in this Add, the Mul before it, index of the Mul's constant) for y = x * a + b
+    with constant a and b: how exporters write a LayerNormalization's scale and shift as separate ops."""
+    if node.op != "Add" or len(node.inputs) != 2:
+        return None
+    for index in (0, 1):
+        shift, other = node.inputs[index], node.inputs[1 - index]
+        if not is_constant(shift) or not is_float32(shift) or not other.inputs or len(other.outputs) != 1:
+            continue
+        if any(d != 1 for d in constant_values(shift).shape[:-1]):
+            continue
+        mul = other.inputs[0]
+        mul_index = _constant_operand(mul) if mul.op == "Mul" else None
+        if mul_index is not None:
+            return index, mul, mul_index
     return None
 
 
@@ -253,6 +274,15 @@ def _divide_activation(graph: gs.Graph, group: _Group, s: np.ndarray, names: Nam
         values = constant_values(constant)
         vector = (values / s if producer.op == "Mul" else values * s).reshape((1,) * max(values.ndim - 1, 0) + (-1,))
         producer.inputs[index] = _new_constant(names, constant.name, vector)
+    elif how == "affine-constant":  # (x * a + b) / s = x * (a / s) + b / s
+        assert producer is not None
+        found_affine = _constant_affine(producer)
+        assert found_affine is not None
+        add_index, mul, mul_index = found_affine
+        for node, index in ((producer, add_index), (mul, mul_index)):
+            values = constant_values(node.inputs[index])
+            vector = np.broadcast_to(values, (*values.shape[:-1], s.size)) / s
+            node.inputs[index] = _new_constant(names, node.inputs[index].name, vector)
     elif how == "matmul":
         assert producer is not None
         found = _producing_matmul(producer)

@@ -221,3 +221,39 @@ def test_smoothing_helps_dynamic_mode_and_needs_calibration(tmp_path: Path, data
     refused = CliRunner().invoke(main, ["quantize", str(model_path), "-o", str(tmp_path / "x.onnx"), "--mode",
                                         "dynamic", "--smooth-alpha", "0.5"])
     assert refused.exit_code == 2 and "give --calib" in refused.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def decomposed_ln_model(seed: int = 3) -> onnx.ModelProto:
+    """A LayerNorm exported as separate ops (as PaddlePaddle's exporter writes it), ending in x * gamma + beta,
+    then three MatMuls."""
+    rng = np.random.default_rng(seed)
+    gamma = (1.0 + 0.1 * rng.standard_normal(K)).astype(np.float32)
+    gamma[OUTLIER] = 20.0
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1], name="mean"),
+             helper.make_node("Sub", ["x", "mu"], ["centred"], name="centre"),
+             helper.make_node("Mul", ["centred", "centred"], ["sq"], name="square"),
+             helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1], name="var"),
+             helper.make_node("Add", ["var", "eps"], ["var_eps"], name="eps_add"),
+             helper.make_node("Sqrt", ["var_eps"], ["std"], name="sqrt"),
+             helper.make_node("Div", ["centred", "std"], ["normed"], name="div"),
+             helper.make_node("Mul", ["normed", "gamma"], ["scaled"], name="scale"),
+             helper.make_node("Add", ["scaled", "beta"], ["ln"], name="shift")]
+    nodes += [helper.make_node("MatMul", ["ln", f"w{i}"], [f"m{i}"], name=f"mm{i}") for i in range(3)]
+    nodes += [helper.make_node("Concat", ["m0", "m1", "m2"], ["y"], axis=-1, name="cat")]
+    beta = (0.1 * rng.standard_normal(K)).astype(np.float32)
+    inits = {"eps": np.array(1e-5, np.float32), "gamma": gamma, "beta": beta}
+    inits.update({f"w{i}": weight(rng, (K, N), fan_in=K) for i in range(3)})
+    return make_model(nodes, [tensor("x", [TOKENS, K])], [tensor("y", [TOKENS, 3 * N])], inits, opset=13)
+
+
+def test_decomposed_layernorm_absorbs_s_in_its_scale_and_shift(tmp_path: Path, data: Path) -> None:
+    prepared, result = smoothed(decomposed_ln_model(), data)
+    assert op_types(result.model) == op_types(prepared)  # folded into the constants: no op added
+    float_outputs_match(prepared, result.model, tmp_path)
+    (layer,) = result.layers
+    assert layer.how == "affine-constant" and layer.range_before / layer.range_after > 3
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    nodes = {n.name: n for n in result.model.graph.node}
+    gamma, beta = after[nodes["scale"].input[1]], after[nodes["shift"].input[1]]
+    np.testing.assert_allclose(before["gamma"] / gamma, before["beta"] / beta, rtol=1e-5)  # both divided by s
