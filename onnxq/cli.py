@@ -189,7 +189,8 @@ Examples:
   onnxq quantize m.onnx -o m.int8.onnx --calib data/ --recipe m.recipe.yaml     # same model, no search
 
 Exit codes: 0 ok, 2 usage, 3 bad model, 4 bad data, 5 cannot write output,
-6 a --min-cosine/--min-sqnr gate was missed (the model is still written), 1 internal error.
+6 a --min-cosine/--min-sqnr gate or an accuracy target was missed (the model is still written),
+1 internal error.
 """
 
 
