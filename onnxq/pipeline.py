@@ -335,13 +335,11 @@ def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: G
     if request.smooth_alpha is not None:
         values.update(smooth_alpha=request.smooth_alpha, smooth_mul=request.smooth_insert_mul)
     if request.mode == "static":
-        values.update(equalize=request.equalize, bias_correction=request.bias_correction,
-                      adaround=request.adaround_seconds is not None)
+        values.update(method=settings.method, percentile=settings.percentile, symmetric=settings.symmetric,
+                      speed_guard=False, format=request.output_format, equalize=request.equalize,
+                      bias_correction=request.bias_correction, adaround=request.adaround_seconds is not None)
         if request.adaround_seconds is not None:
             values["adaround_seconds"] = request.adaround_seconds
-    if request.mode == "static":
-        values.update(method=settings.method, percentile=settings.percentile, symmetric=settings.symmetric,
-                      speed_guard=False, format=request.output_format)
     elif request.mode == "weight-only":
         values.update(weight_bits=request.weight_only.bits, block_size=request.weight_only.block_size,
                       weight_zero_points=not request.weight_only.symmetric)
