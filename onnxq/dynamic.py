@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,21 @@ def _matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
     return weight, bias
 
 
+def _chosen_nodes(graph: gs.Graph, ops: tuple[str, ...], choices: dict[str, NodeChoice],
+                  decisions: list[NodeDecision]) -> Iterator[tuple[gs.Graph, gs.Node, NodeChoice]]:
+    """(graph, node, recipe choice) for every node of `ops`, also in subgraphs; nodes a recipe keeps float
+    are recorded in `decisions` and not yielded."""
+    for sub in all_graphs(graph):
+        for node in list(sub.nodes):
+            if node.op not in ops:
+                continue
+            choice = choices.get(node_label(node), NO_CHOICE)
+            if choice.precision == "float":
+                decisions.append(NodeDecision(node_label(node), node.op, "float", choice.why()))
+            else:
+                yield sub, node, choice
+
+
 def quantize_columns(weight: np.ndarray, qtype: qmath.QType, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 weights for a [K, N] matrix: one scale per column (or one in all)."""
     q, scale, _ = qmath.symmetric_weights(weight, qtype, 1 if per_channel else None)
@@ -94,41 +110,27 @@ def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: boo
     """`choices`: a recipe's per-node rules (precision float skips a node; per_channel overrides)."""
     graph = import_graph(model)
     names = NameAllocator(graph)
-    decisions = []
+    decisions: list[NodeDecision] = []
     choices = choices or {}
-    for sub in all_graphs(graph):
-        for node in list(sub.nodes):
-            if node.op not in ("MatMul", "Gemm"):
-                continue
-            choice = choices.get(node_label(node), NO_CHOICE)
-            if choice.precision == "float":
-                decisions.append(NodeDecision(node_label(node), node.op, "float", choice.why()))
-                continue
-            found = _matmul_weight(node)
-            if isinstance(found, str):
-                decisions.append(NodeDecision(node_label(node), node.op, "float", found))
-                continue
-            weight, bias = found
-            per_column = per_channel if choice.per_channel is None else choice.per_channel
-            q, scale = quantize_columns(weight, qtype, per_column)
-            base = node_label(node)
-            params = [gs.Constant(names.new(f"{base}_weight_quantized"), q),
-                      gs.Constant(names.new(f"{base}_weight_scale"), scale),
-                      gs.Constant(names.new(f"{base}_weight_zero_point"), np.zeros(scale.shape, np.int8))]
-            inputs = [node.inputs[0], *params] + ([bias] if bias is not None else [])
-            new = gs.Node("DynamicQuantizeMatMul", node.name, {}, inputs, list(node.outputs), domain=MS)
-            replace_nodes(sub, [node], new)
-            decisions.append(NodeDecision(base, node.op, "int8", "DynamicQuantizeMatMul"))
-    for sub in all_graphs(graph):
-        for node in list(sub.nodes):
-            if node.op != "LSTM":
-                continue
-            choice = choices.get(node_label(node), NO_CHOICE)
-            if choice.precision == "float":
-                decisions.append(NodeDecision(node_label(node), node.op, "float", choice.why()))
-            else:
-                per_row = per_channel if choice.per_channel is None else choice.per_channel
-                decisions.append(_dynamic_lstm(sub, node, names, qtype, per_row))
+    for sub, node, choice in _chosen_nodes(graph, ("MatMul", "Gemm"), choices, decisions):
+        found = _matmul_weight(node)
+        if isinstance(found, str):
+            decisions.append(NodeDecision(node_label(node), node.op, "float", found))
+            continue
+        weight, bias = found
+        per_column = per_channel if choice.per_channel is None else choice.per_channel
+        q, scale = quantize_columns(weight, qtype, per_column)
+        base = node_label(node)
+        params = [gs.Constant(names.new(f"{base}_weight_quantized"), q),
+                  gs.Constant(names.new(f"{base}_weight_scale"), scale),
+                  gs.Constant(names.new(f"{base}_weight_zero_point"), np.zeros(scale.shape, np.int8))]
+        inputs = [node.inputs[0], *params] + ([bias] if bias is not None else [])
+        new = gs.Node("DynamicQuantizeMatMul", node.name, {}, inputs, list(node.outputs), domain=MS)
+        replace_nodes(sub, [node], new)
+        decisions.append(NodeDecision(base, node.op, "int8", "DynamicQuantizeMatMul"))
+    for sub, node, choice in _chosen_nodes(graph, ("LSTM",), choices, decisions):
+        per_row = per_channel if choice.per_channel is None else choice.per_channel
+        decisions.append(_dynamic_lstm(sub, node, names, qtype, per_row))
     for sub in all_graphs(graph):
         for node in sub.nodes:
             if node.op in ("Conv", "GRU"):
@@ -199,20 +201,12 @@ def rewrite_weight_only(model: onnx.ModelProto, options: WeightOnlyOptions, qtyp
     """`choices`: a recipe's per-node rules (precision float skips a node; weights int4/int8 set the bits)."""
     graph = import_graph(model)
     names = NameAllocator(graph)
-    decisions = []
-    choices = choices or {}
-    for sub in all_graphs(graph):
-        for node in list(sub.nodes):
-            if node.op not in ("Conv", "MatMul", "Gemm"):
-                continue
-            choice = choices.get(node_label(node), NO_CHOICE)
-            bits = {"int4": 4, "int8": 8}.get(choice.weights or "", options.bits)
-            if choice.precision == "float":
-                decisions.append(NodeDecision(node_label(node), node.op, "float", choice.why()))
-            elif bits == 4:
-                decisions.append(_int4_matmul(sub, node, names, options))
-            else:
-                decisions.append(_int8_weight(sub, node, names, qtype))
+    decisions: list[NodeDecision] = []
+    for sub, node, choice in _chosen_nodes(graph, ("Conv", "MatMul", "Gemm"), choices or {}, decisions):
+        if {"int4": 4, "int8": 8}.get(choice.weights or "", options.bits) == 4:
+            decisions.append(_int4_matmul(sub, node, names, options))
+        else:
+            decisions.append(_int8_weight(sub, node, names, qtype))
     return _finish(graph, model), decisions
 
 
