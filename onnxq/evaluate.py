@@ -142,29 +142,30 @@ class CachedReference:
         self.names = [o.name for o in reference.graph.output
                       if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                           onnx.TensorProto.DOUBLE)]
-        self.all_names = [o.name for o in reference.graph.output]
+        # a user metric sees every output; SQNR and cosine only the float ones
+        self.wanted = [o.name for o in reference.graph.output] if metric is not None else self.names
         self.feeds = [source.sample(i) for i in range(min(limit, len(source)))]
         self.source = source.description
         self.metric = metric
         with tempfile.TemporaryDirectory(prefix="onnxq-ref-") as tmp:
             session = session_for(reference, Path(tmp))
-            self.outputs = [run(session, feed, self.all_names) for feed in self.feeds]
+            self.outputs = [self._run(session, feed) for feed in self.feeds]
+
+    def _run(self, session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.wanted, run(session, feed, self.wanted), strict=True))
 
     def fidelity_of(self, model: onnx.ModelProto) -> Fidelity:
         agreement = {name: OutputAgreement(name) for name in self.names}
         candidates = []
         with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:
             session = session_for(model, Path(tmp))
-            for feed, reference in zip(self.feeds, self.outputs, strict=True):
-                got = dict(zip(self.all_names, run(session, feed, self.all_names), strict=True))
-                expected = dict(zip(self.all_names, reference, strict=True))
+            for feed, expected in zip(self.feeds, self.outputs, strict=True):
+                got = self._run(session, feed)
                 for name in self.names:
                     agreement[name].add(expected[name], got[name])
-                candidates.append(got)
-        score = None
-        if self.metric is not None:
-            references = [dict(zip(self.all_names, r, strict=True)) for r in self.outputs]
-            score = self.metric(references, candidates, self.feeds)
+                if self.metric is not None:  # kept only when a metric needs all samples at once
+                    candidates.append(got)
+        score = self.metric(self.outputs, candidates, self.feeds) if self.metric is not None else None
         return Fidelity(len(self.feeds), self.source, [agreement[n].summary() for n in self.names], score)
 
 
