@@ -204,6 +204,7 @@ class Calibrated:
     weight_range_reason: str
     original: onnx.ModelProto
     prepared: onnx.ModelProto
+    reference: onnx.ModelProto  # what fp32 outputs come from (onnxq.prepare.PreparedModel.reference)
     digest: str
     graph: Graph
     options: PlacementOptions
@@ -290,9 +291,9 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
         stats = _statistics(request, prepared.model, placement.statistics_tensors, graph, calib, digest, progress)
     if request.save_stats is not None:
         stats.save(request.save_stats)
-    return Calibrated(request, settings, weight_range_reason, original, prepared.model, digest, graph, options,
-                      placement, stats, calib, held, prepared.notes + recipe_notes + notes, timer, choices,
-                      smoothing, recovery)
+    return Calibrated(request, settings, weight_range_reason, original, prepared.model, prepared.reference, digest,
+                      graph, options, placement, stats, calib, held, prepared.notes + recipe_notes + notes, timer,
+                      choices, smoothing, recovery)
 
 
 def _check_extra_outputs(request: QuantizeRequest) -> None:
@@ -397,7 +398,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
     fidelity = None
     if c.held is not None:
         with timer.stage("evaluate"):
-            fidelity = compare_models(c.original, quantized, c.held, batch_size=request.data.batch_size,
+            fidelity = compare_models(c.reference, quantized, c.held, batch_size=request.data.batch_size,
                                       progress=progress)
     with timer.stage("write"):
         save_model(quantized, request.output)
@@ -477,7 +478,7 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
                if request.target_data is not None else c.held)
     assert target is not None and samples is not None
     with c.timer.stage("accuracy target"):
-        reference = CachedReference(c.original, samples, request.target_samples,
+        reference = CachedReference(c.reference, samples, request.target_samples,
                                     load_metric(request.metric) if request.metric is not None else None)
         all_int8 = c.build(frozenset())
         start = reference.fidelity_of(all_int8)
@@ -514,7 +515,7 @@ def sensitivity(request: QuantizeRequest, progress: ProgressFactory = _no_progre
     if request.data.eval_data is None and request.data.calib is None:
         raise UsageError("sensitivity needs samples to measure on: give --eval-data or --calib")
     c = calibrated(request, progress, writes_model=False)
-    reference = CachedReference(c.original, c.held, request.sensitivity_samples)
+    reference = CachedReference(c.reference, c.held, request.sensitivity_samples)
     return measure_sensitivity(c.build, c.int8_layers(), reference, progress)
 
 
@@ -568,7 +569,8 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     fidelity = None
     if held is not None:
         with timer.stage("evaluate"):
-            fidelity = compare_models(original, quantized, held, batch_size=request.data.batch_size, progress=progress)
+            fidelity = compare_models(prepared.reference, quantized, held, batch_size=request.data.batch_size,
+                                      progress=progress)
     with timer.stage("write"):
         save_model(quantized, request.output)
     if request.save_recipe is not None:

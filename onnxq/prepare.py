@@ -23,11 +23,13 @@ from .model_io import needs_external_data
 from .simplify import fold_affine_into_conv
 
 MIN_OPSET = 13
+ORT_MIN_OPSET = 7  # onnxruntime has no kernels for older ai.onnx operators
 
 
 @dataclass
 class PreparedModel:
     model: onnx.ModelProto
+    reference: onnx.ModelProto  # the fp32 model int8 is compared against: the user's, if onnxruntime runs it
     notes: list[str] = field(default_factory=list)
 
 
@@ -51,13 +53,17 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> list[str]:
 
 def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return version_converter.convert_version(model, MIN_OPSET)
+        upgraded = version_converter.convert_version(model, MIN_OPSET)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"model uses opset {default_opset(model)}; converting it to opset {MIN_OPSET} "
             f"(needed for per-channel quantization) failed: {reason}"
         ) from None
+    # The converter keeps the old IR version; opset 13 needs IR 7 (IR 3 also demands initializers as inputs).
+    minimum = onnx.helper.find_min_ir_version_for(list(upgraded.opset_import), ignore_unknown=True)
+    upgraded.ir_version = max(upgraded.ir_version, minimum)
+    return upgraded
 
 
 def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -118,16 +124,23 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     work = onnx.ModelProto()
     work.CopyFrom(model)
     notes: list[str] = []
-    dropped = drop_initializer_inputs(work)
-    if dropped:
-        notes.append(f"{len(dropped)} initializers were also listed as graph inputs; treated as constants")
+    # Upgrade first: the converter needs IR 3 models as they are, initializers listed as inputs.
     opset = default_opset(work)
+    reference = model
     if opset < MIN_OPSET:
         work = upgrade_opset(work)
         notes.append(f"opset {opset} converted to {MIN_OPSET}")
+        if opset < ORT_MIN_OPSET:
+            reference = onnx.ModelProto()
+            reference.CopyFrom(work)
+            notes.append(f"onnxruntime does not run opset {opset}: the fp32 reference is the opset "
+                         f"{MIN_OPSET} conversion")
+    dropped = drop_initializer_inputs(work)
+    if dropped:
+        notes.append(f"{len(dropped)} initializers were also listed as graph inputs; treated as constants")
     work = optimize_basic(work)
     work, folded = fold_affine_into_conv(work)
     if folded:
         notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
     work = infer_types(work)
-    return PreparedModel(work, notes)
+    return PreparedModel(work, reference, notes)

@@ -55,7 +55,7 @@ def qat_prep(request: QuantizeRequest, params_path: Path | None = None,
     fusion = check_written_model(model)
     fidelity = None
     if c.held is not None:
-        fidelity = compare_models(c.original, model, c.held, batch_size=request.data.batch_size, progress=progress)
+        fidelity = compare_models(c.reference, model, c.held, batch_size=request.data.batch_size, progress=progress)
     save_model(model, request.output)
     plan.save(params_path)
     report = {

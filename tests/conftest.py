@@ -171,6 +171,30 @@ def opset11_model(seed: int = 8) -> onnx.ModelProto:
     return make_model(nodes, [tensor("x", IMAGE)], [tensor("y", [1, CHANNELS])], inits, opset=11)
 
 
+def opset6_ir3_model(seed: int = 11) -> onnx.ModelProto:
+    """(j) An old PyTorch export: IR 3, opset 6, weights listed as graph inputs, Gemm with `broadcast`.
+
+    onnxruntime has no kernel for Gemm-6, so this model only runs after conversion to a newer opset.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "w2", "b2"], ["y"], transB=1, broadcast=1, name="fc"),
+    ]
+    inits = {"w1": weight(rng, (CHANNELS, 3, 3, 3)), "b1": bias(rng, CHANNELS),
+             "w2": weight(rng, (10, CHANNELS)), "b2": bias(rng, 10)}
+    graph = helper.make_graph(nodes, "old_export", [tensor("x", IMAGE)] + [tensor(k, list(v.shape)) for k, v in
+                                                                           inits.items()],
+                              [tensor("y", [1, 10])], [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], producer_name="pytorch")
+    model.ir_version = 3
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def pass_through_model(seed: int = 9) -> onnx.ModelProto:
     """(j) Conv -> Relu -> MaxPool -> two Convs -> Concat -> Transpose -> Reshape -> MatMul."""
     rng = np.random.default_rng(seed)

@@ -33,6 +33,7 @@ from conftest import (
     initializer_inputs_model,
     int8_initializers,
     matmul_add_model,
+    opset6_ir3_model,
     opset11_model,
     pass_through_model,
     quantize_simple,
@@ -49,6 +50,7 @@ from onnxq.cli import main
 from onnxq.errors import EXIT_GATE_MISSED
 from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
 from onnxq.plan import QuantPlan
+from onnxq.prepare import prepare_model
 from onnxq.statistics import Statistics
 
 MIN_COSINE = 0.98
@@ -266,6 +268,25 @@ def test_opset11_is_converted(tmp_path: Path) -> None:
     assert "opset 11 converted to 13" in q.result.report["notes"]
     squeeze = next(n for n in q.model.graph.node if n.op_type == "Squeeze")
     assert len(squeeze.input) == 2 and not squeeze.attribute  # axes moved to an input in opset 13
+
+
+def test_opset6_ir3_export_quantizes_against_its_converted_reference(tmp_path: Path) -> None:
+    original = opset6_ir3_model()
+    model_path = save(original, tmp_path / "model.onnx")
+    calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, CALIB_SAMPLES)
+    output = tmp_path / "model.int8.onnx"
+    result = quantize(QuantizeRequest(model=model_path, output=output, data=DataOptions(calib=calib)))
+    notes = result.report["notes"]
+    assert "opset 6 converted to 13" in notes
+    assert any("fp32 reference is the opset 13 conversion" in note for note in notes)
+    quantized = onnx.load(str(output))
+    onnx.checker.check_model(quantized, full_check=True)
+    assert quantized.ir_version >= 7
+    assert {n.name: n.status for n in result.plan.nodes if n.op_type in ("Conv", "Gemm")} == {
+        "conv1": "int8", "fc": "int8"}
+    converted = save(prepare_model(original).reference, tmp_path / "converted.onnx")
+    assert_agrees(converted, output, [{"x": image_batch(np.random.default_rng(5))}])
+    assert_report_fidelity(result, held_back=1)
 
 
 def test_pass_through_ops_share_their_input_scale(tmp_path: Path) -> None:
