@@ -10,7 +10,8 @@ inference pass. Definitions (also in the README):
 - mse:        the range minimising the expected squared error of quantize-dequantize
               over the histogram (rounding error scale²/12 inside, clipping error outside).
 - kl:         the threshold minimising KL(P || Q) between the histogram clipped at the
-              threshold and its quantized version (TensorRT's entropy calibration).
+              threshold and its quantized version (TensorRT's entropy calibration); on
+              |x| when symmetric, on each side of zero when asymmetric.
 """
 
 from __future__ import annotations
@@ -216,14 +217,19 @@ def _kl_divergence_at(hist: np.ndarray, i: int, levels: int) -> float:
 
 
 def _kl_range(stats: TensorStats, symmetric: bool) -> tuple[float, float]:
-    """Exact zeros (ReLU outputs, padding) are left out: zero is exact in every scheme,
+    """Symmetric: one threshold on |x|. Asymmetric: one threshold per side, as for `percentile`.
+
+    Folding the sides together for an asymmetric range lets a dense side decide the other's
+    clip: a weighted h-swish output with most values at its floor near -0.04 and a sparse
+    informative tail up to 0.4 got [-0.055, 0.055], which broke the demo recogniser.
+    Exact zeros (ReLU outputs, padding) are left out: zero is exact in every scheme,
     and a spike at 0 would otherwise drag the threshold down."""
     w = stats.width
     neg, pos = _sides(stats)
     pos[0] -= stats.zeros
-    if symmetric or (stats.min < 0 < stats.max):
+    if symmetric:
         bound = _kl_threshold(pos + neg, w)
         return -bound, bound
-    if stats.min >= 0:
-        return 0.0, _kl_threshold(pos, w)
-    return -_kl_threshold(neg, w), 0.0
+    lo = -_kl_threshold(neg, w) if stats.min < 0 else 0.0
+    hi = _kl_threshold(pos, w) if stats.max > 0 else 0.0
+    return lo, hi

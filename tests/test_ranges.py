@@ -272,9 +272,26 @@ def test_kl_on_standard_normal_is_sane(gauss: Data) -> None:
     assert lo == -hi and 2.5 <= hi <= 5.0
     assert hi < np.abs(gauss.x).max()  # clips the extreme tail ...
     assert hi > np.percentile(np.abs(gauss.x), 99)  # ... but not the body
-    # Two-sided data: the asymmetric result uses the same |x| threshold, clipped into [min, max].
-    assert compute_range(gauss.stats, "kl", symmetric=False, levels=LEVELS) == (
-        max(lo, gauss.x.min()), min(hi, gauss.x.max()))
+    # Two-sided data, asymmetric: each side gets the threshold of that side alone.
+    a_lo, a_hi = compute_range(gauss.stats, "kl", symmetric=False, levels=LEVELS)
+    _, positive_side = compute_range(fold([gauss.x[gauss.x > 0]]), "kl", symmetric=False, levels=LEVELS)
+    negative_side, _ = compute_range(fold([gauss.x[gauss.x < 0]]), "kl", symmetric=False, levels=LEVELS)
+    assert (a_lo, a_hi) == (negative_side, positive_side)
+    assert 2.5 <= a_hi <= 5.0 and -5.0 <= a_lo <= -2.5
+
+
+def test_kl_asymmetric_keeps_a_sparse_tail_beside_a_dense_floor() -> None:
+    """A weighted h-swish output: most values at a floor near -0.044, a sparse informative tail to 0.42."""
+    rng = np.random.default_rng(11)
+    floor = np.full(90_000, -0.0443, dtype=np.float32) + rng.normal(0, 1e-4, 90_000).astype(np.float32)
+    body = rng.uniform(-0.044, 0.03, 8_000).astype(np.float32)
+    tail = rng.uniform(0.05, 0.42, 2_000).astype(np.float32)
+    stats = fold([np.concatenate([floor, body, tail])])
+    lo, hi = compute_range(stats, "kl", symmetric=False, levels=LEVELS)
+    assert lo == pytest.approx(stats.min, abs=2e-3)
+    assert hi > 0.3  # the tail survives; folding both sides onto |x| put the bound near 0.05
+    _, folded_bound = compute_range(stats, "kl", symmetric=True, levels=LEVELS)
+    assert folded_bound < 0.1  # symmetric KL on |x| is dominated by the floor spike
 
 
 def test_kl_ignores_the_relu_zero_spike(relu: Data) -> None:
