@@ -85,6 +85,7 @@ def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:
             ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = reason.replace(f" from {source}", "")  # our temporary copy means nothing to the user
             raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
         optimized = onnx.load(str(target))
     _keep_used_opsets(optimized)

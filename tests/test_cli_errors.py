@@ -83,6 +83,7 @@ def assert_clean_failure(code: int, stdout: str, stderr: str, expected_code: int
     assert lines[0].startswith("onnxq: error: "), stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
+    assert "onnxq-prepare-" not in lines[0], "names of onnxq's temporary files mean nothing to the user"
     return lines[0]
 
 
