@@ -68,14 +68,36 @@ def ctc_decode(
         raise ValueError(
             f"output has {probs.shape[2]} classes but charset has {len(charset)}"
         )
-    texts = []
-    for indices in probs.argmax(axis=2):
-        keep = np.ones(indices.shape, dtype=bool)
-        keep[1:] = indices[1:] != indices[:-1]
-        keep &= indices != 0
-        text = "".join(charset[i] for i in indices[keep])
-        texts.append(text.strip(" ") if strip else text)
-    return texts
+    return [_collapse(indices, charset, strip) for indices in probs.argmax(axis=2)]
+
+
+def _collapse(indices: np.ndarray, charset: list[str], strip: bool) -> str:
+    """CTC collapse of one line's class indices: merge repeats, drop blanks."""
+    keep = np.ones(indices.shape, dtype=bool)
+    keep[1:] = indices[1:] != indices[:-1]
+    keep &= indices != 0
+    text = "".join(charset[i] for i in indices[keep])
+    return text.strip(" ") if strip else text
+
+
+def text_margin(probs: np.ndarray, charset: list[str]) -> float:
+    """How close one line ``[T, C]`` is to being read differently.
+
+    The smallest top-1 minus top-2 probability over the time steps where taking the
+    second class instead would change the decoded text (1.0 if no single step would).
+    Ties that decode the same (blank or a repeated character) do not count.
+    """
+    order = np.argsort(probs, axis=-1)
+    top1, top2 = order[:, -1], order[:, -2]
+    steps = np.arange(len(probs))
+    gaps = probs[steps, top1] - probs[steps, top2]
+    text = _collapse(top1, charset, strip=True)
+    for t in np.argsort(gaps, kind="stable"):
+        changed = top1.copy()
+        changed[t] = top2[t]
+        if _collapse(changed, charset, strip=True) != text:
+            return float(gaps[t])
+    return 1.0
 
 
 def levenshtein(a: str, b: str) -> int:

@@ -14,15 +14,23 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from demo.ocr import char_accuracy, ctc_decode, load_charset, preprocess
+from demo.ocr import char_accuracy, ctc_decode, load_charset, preprocess, text_margin
+
+NEAR_TIE = 0.05  # a text margin below this: a small change of the weights may flip the line (demo.ocr.text_margin)
 
 
-def read_lines(model: Path, images: list[Path], charset: list[str]) -> list[str]:
+def read_lines(model: Path, images: list[Path], charset: list[str]) -> tuple[list[str], list[float]]:
+    """Each line's text and its text margin (demo.ocr.text_margin)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return [ctc_decode(session.run(None, {name: preprocess(p)})[0], charset)[0] for p in images]
+    texts, margins = [], []
+    for path in images:
+        probs = session.run(None, {name: preprocess(path)})[0]
+        texts.append(ctc_decode(probs, charset)[0])
+        margins.append(text_margin(probs[0], charset))
+    return texts, margins
 
 
 def compare(fp32: Path, int8: Path, folder: Path) -> dict:
@@ -30,19 +38,20 @@ def compare(fp32: Path, int8: Path, folder: Path) -> dict:
     images = [folder / name for name, _ in rows]
     truth = [text for _, text in rows]
     charset = load_charset(fp32)
-    ref = read_lines(fp32, images, charset)
-    got = read_lines(int8, images, charset)
+    ref, margins = read_lines(fp32, images, charset)
+    got, _ = read_lines(int8, images, charset)
     same = [a == b for a, b in zip(ref, got, strict=True)]
     return {
         "lines": len(rows),
         "same_text_as_fp32": sum(same),
         "same_text_fraction": sum(same) / len(rows),
+        "fp32_near_ties": sum(m < NEAR_TIE for m in margins),
         "fp32_char_accuracy": float(np.mean([char_accuracy(p, t) for p, t in zip(ref, truth, strict=True)])),
         "int8_char_accuracy": float(np.mean([char_accuracy(p, t) for p, t in zip(got, truth, strict=True)])),
         "fp32_exact_lines": sum(p == t for p, t in zip(ref, truth, strict=True)),
         "int8_exact_lines": sum(p == t for p, t in zip(got, truth, strict=True)),
-        "differences": [{"image": i.name, "truth": t, "fp32": a, "int8": b}
-                        for i, t, a, b in zip(images, truth, ref, got, strict=True) if a != b],
+        "differences": [{"image": i.name, "truth": t, "fp32": a, "int8": b, "fp32_margin": round(m, 4)}
+                        for i, t, a, b, m in zip(images, truth, ref, got, margins, strict=True) if a != b],
     }
 
 
@@ -64,8 +73,11 @@ def main() -> int:
     print(f"  character accuracy vs ground truth: fp32 {result['fp32_char_accuracy']:.2%}, "
           f"int8 {result['int8_char_accuracy']:.2%}; exact lines fp32 {result['fp32_exact_lines']}/{n}, "
           f"int8 {result['int8_exact_lines']}/{n}")
+    print(f"  fp32 is a near tie on {result['fp32_near_ties']}/{n} lines (a second-likeliest class within "
+          f"{NEAR_TIE} probability would change the text): such lines flip under small changes of the weights")
     for diff in result["differences"]:
-        print(f"  {diff['image']}: truth {diff['truth']!r}  fp32 {diff['fp32']!r}  int8 {diff['int8']!r}")
+        print(f"  {diff['image']}: truth {diff['truth']!r}  fp32 {diff['fp32']!r}  int8 {diff['int8']!r}  "
+              f"(fp32 margin {diff['fp32_margin']:.3f})")
     return 0
 
 
