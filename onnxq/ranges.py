@@ -11,10 +11,12 @@ inference pass. Definitions (also in the README):
               over the histogram (rounding error scale²/12 inside, clipping error outside).
 - kl:         the threshold minimising KL(P || Q) between the histogram clipped at the
               threshold and its quantized version (TensorRT's entropy calibration); on
-              |x| when symmetric, on each side of zero when asymmetric.
+              |x| when symmetric, a window [lo, hi] of the signed histogram when asymmetric.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +28,7 @@ DEFAULT_METHOD = "global"
 DEFAULT_PERCENTILE = 99.99
 _CANDIDATES = 256
 _KL_CANDIDATES = 128
+_KL_WINDOW_CANDIDATES = 64  # per end and round of the asymmetric window search
 KL_BINS = 2048
 KL_LEVELS = 128
 
@@ -52,7 +55,7 @@ def compute_range(
     elif method == "mse":
         lo, hi = _mse_range(stats, symmetric, levels)
     elif method == "kl":
-        lo, hi = _kl_range(stats, symmetric)
+        lo, hi = _kl_range(stats, symmetric, levels)
     else:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
     # Clip both ends into [min, max]; clipping is monotone, so lo <= hi survives it (clamping
@@ -196,12 +199,20 @@ def _kl_threshold(hist: np.ndarray, width: float) -> float:
 
 
 def _kl_divergence_at(hist: np.ndarray, i: int, levels: int) -> float:
-    reference = hist[:i].copy()
-    reference[i - 1] += hist[i:].sum()  # outliers clipped into the last bin
-    # Quantize the first i bins into `levels` groups; spread each group's mass over its nonzero bins.
-    group = (np.arange(i) * levels) // i
-    nonzero = (hist[:i] > 0).astype(np.float64)
-    group_mass = np.bincount(group, weights=hist[:i], minlength=levels)
+    return _kl_divergence_of_window(hist, 0, i, levels)
+
+
+def _kl_divergence_of_window(hist: np.ndarray, a: int, b: int, levels: int) -> float:
+    """KL(P || Q) for the clip window of bins [a, b): P folds the mass outside into the end bins,
+    Q spreads `levels` groups of the window's own bins evenly over their nonzero bins."""
+    inside = hist[a:b]
+    reference = inside.copy()
+    reference[0] += hist[:a].sum()
+    reference[-1] += hist[b:].sum()  # outliers clipped into the end bins
+    n = b - a
+    group = (np.arange(n) * levels) // n
+    nonzero = (inside > 0).astype(np.float64)
+    group_mass = np.bincount(group, weights=inside, minlength=levels)
     group_nonzero = np.bincount(group, weights=nonzero, minlength=levels)
     per_bin = np.divide(group_mass, group_nonzero, out=np.zeros(levels), where=group_nonzero > 0)
     expanded = per_bin[group] * nonzero
@@ -216,20 +227,68 @@ def _kl_divergence_at(hist: np.ndarray, i: int, levels: int) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / q_safe)))
 
 
-def _kl_range(stats: TensorStats, symmetric: bool) -> tuple[float, float]:
-    """Symmetric: one threshold on |x|. Asymmetric: one threshold per side, as for `percentile`.
+def _kl_range(stats: TensorStats, symmetric: bool, levels: int) -> tuple[float, float]:
+    """Symmetric: TensorRT's threshold on |x|. Asymmetric: a window [lo, hi] of the signed histogram
+    with `levels` steps, each end searched with the other fixed (two rounds), as `mse` does.
 
-    Folding the sides together for an asymmetric range lets a dense side decide the other's
-    clip: a weighted h-swish output with most values at its floor near -0.04 and a sparse
-    informative tail up to 0.4 got [-0.055, 0.055], which broke the demo recogniser.
+    Folding the sides onto |x| for an asymmetric range let a dense side set the other's clip:
+    a weighted h-swish output with most values at a floor near -0.04 and a sparse informative
+    tail up to 0.4 got [-0.055, 0.055], which broke the demo recogniser.
     Exact zeros (ReLU outputs, padding) are left out: zero is exact in every scheme,
     and a spike at 0 would otherwise drag the threshold down."""
-    w = stats.width
-    neg, pos = _sides(stats)
-    pos[0] -= stats.zeros
     if symmetric:
-        bound = _kl_threshold(pos + neg, w)
+        neg, pos = _sides(stats)
+        pos[0] -= stats.zeros
+        bound = _kl_threshold(pos + neg, stats.width)
         return -bound, bound
-    lo = -_kl_threshold(neg, w) if stats.min < 0 else 0.0
-    hi = _kl_threshold(pos, w) if stats.max > 0 else 0.0
-    return lo, hi
+    signed = _signed_kl_histogram(stats)
+    if signed is None or len(signed.counts) <= levels:
+        return stats.min, stats.max
+    a, b = _kl_window(signed.counts, signed.zero, levels)
+    return min(signed.edge(a), 0.0), max(signed.edge(b), 0.0)
+
+
+@dataclass(frozen=True)
+class _SignedHistogram:
+    counts: np.ndarray  # exact zeros left out
+    low_edge: float  # value at the lower edge of bin 0
+    width: float
+    zero: int  # the first bin at or above 0
+
+    def edge(self, k: int) -> float:
+        return self.low_edge + k * self.width
+
+
+def _signed_kl_histogram(stats: TensorStats) -> _SignedHistogram | None:
+    """The occupied part of the histogram, brought to at most KL_BINS bins (None: nothing but zeros)."""
+    counts = stats.counts.astype(np.float64)
+    counts[BINS_PER_SIDE] -= stats.zeros
+    nonzero = np.nonzero(counts)[0]
+    if len(nonzero) == 0:
+        return None
+    first, last = int(nonzero[0]), int(nonzero[-1]) + 1
+    factor = 1
+    while last - first > KL_BINS * factor:
+        factor *= 2
+    start, end = first // factor * factor, -(-last // factor) * factor  # multiples of factor: 0 stays an edge
+    hist = counts[start:end].reshape(-1, factor).sum(axis=1)
+    zero = min(max((BINS_PER_SIDE - start) // factor, 0), len(hist))
+    return _SignedHistogram(hist, (start - BINS_PER_SIDE) * stats.width, factor * stats.width, zero)
+
+
+def _kl_window(hist: np.ndarray, zero: int, levels: int) -> tuple[int, int]:
+    """Bins [a, b) minimising the KL divergence: each end searched with the other fixed, twice.
+    The window holds 0 (a <= zero <= b) and at least `levels` bins."""
+    a, b = 0, len(hist)
+    for _ in range(2):
+        his = _window_ends(min(max(zero, a + levels), len(hist)), len(hist))
+        b = his[int(np.argmin([_kl_divergence_of_window(hist, a, i, levels) for i in his]))]
+        los = _window_ends(0, max(min(zero, b - levels), 0))
+        a = los[int(np.argmin([_kl_divergence_of_window(hist, i, b, levels) for i in los]))]
+    return a, b
+
+
+def _window_ends(first: int, last: int) -> list[int]:
+    """About _KL_WINDOW_CANDIDATES bin indices from `first` to `last` (inclusive, both always in)."""
+    step = max(1, (last - first) // _KL_WINDOW_CANDIDATES)
+    return sorted(set(range(first, last + 1, step)) | {first, last})
