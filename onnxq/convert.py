@@ -191,6 +191,7 @@ class Stripped:
     learned: dict[str, Learned] = field(default_factory=dict)
     folded_weights: list[str] = field(default_factory=list)  # fake-quant on float weights
     stored_weights: list[str] = field(default_factory=list)  # DequantizeLinear of stored integers
+    notes: list[str] = field(default_factory=list)
 
 
 def strip_qdq(model: onnx.ModelProto) -> Stripped:
@@ -199,6 +200,11 @@ def strip_qdq(model: onnx.ModelProto) -> Stripped:
     names = NameAllocator(graph)
     result = Stripped(model)
     outputs = {t.name for t in graph.outputs}
+    clipped = _drop_integer_clips(graph, outputs)
+    if clipped:
+        result.notes.append(f"{len(clipped)} integer Clip(s) between QuantizeLinear and DequantizeLinear dropped "
+                            f"(PyTorch's reduced activation range, e.g. {clipped[0]}): the int8 kernels use the "
+                            "full range with the learned scale and zero point")
     for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
         users = q.outputs[0].outputs
         if q.outputs[0].name in outputs or any(u.op != "DequantizeLinear" for u in users):
@@ -208,6 +214,42 @@ def strip_qdq(model: onnx.ModelProto) -> Stripped:
         _strip_dequantize(graph, dq, names, outputs, result)
     result.model = export_model(graph, model)
     return result
+
+
+def _drop_integer_clips(graph: gs.Graph, outputs: set[str]) -> list[str]:
+    """Remove Clip nodes on an activation's integers between its QuantizeLinear and DequantizeLinears.
+
+    PyTorch exports fake-quant with quant range (0, 127), its x86 reduced range for activations,
+    as QuantizeLinear -> Clip(0, 127) -> DequantizeLinear. The learned scale and zero point stay;
+    only values above the 7-bit bound are no longer clipped. Returns "node: [lo, hi]" per Clip.
+    """
+    dropped = []
+    for clip in [n for n in graph.nodes if n.op == "Clip"]:
+        integers = clip.inputs[0]
+        quantize = integers.inputs[0] if integers.inputs else None
+        users = clip.outputs[0].outputs
+        if (quantize is None or quantize.op != "QuantizeLinear" or clip.outputs[0].name in outputs
+                or not users or any(u.op != "DequantizeLinear" for u in users)):
+            continue
+        label = node_label(quantize)
+        if _constant(quantize.inputs[0]) is not None:
+            raise ModelError(f"QuantizeLinear {label}: a Clip between a weight's QuantizeLinear and "
+                             "DequantizeLinear is not supported (only activations may have a reduced range)")
+        qtype = qmath.qtype_by_name(read_params(quantize).qtype)
+        bounds = []
+        for index, default in ((1, qtype.qmin), (2, qtype.qmax)):
+            given = clip.inputs[index] if len(clip.inputs) > index and clip.inputs[index].name else None
+            value = default if given is None else _constant(given)
+            if value is None:
+                raise ModelError(f"Clip {node_label(clip)} after QuantizeLinear {label}: min and max must be "
+                                 "constants")
+            bounds.append(int(value))
+        for user in users:
+            user.inputs[0] = integers
+        clip.inputs.clear()
+        clip.outputs.clear()
+        dropped.append(f"{node_label(clip)}: [{bounds[0]}, {bounds[1]}]")
+    return dropped
 
 
 def _strip_dequantize(graph: gs.Graph, dq: gs.Node, names: NameAllocator, outputs: set[str],
@@ -490,7 +532,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
         "tensors": {"learned": origins.learned, "shared_learned": origins.shared, "calibrated": origins.calibrated,
                     "computed": origins.computed},
         "converted_types": origins.converted, "dropped": origins.dropped,
-        "fusion": fusion.to_dict(), "notes": prepared.notes,
+        "fusion": fusion.to_dict(), "notes": stripped.notes + prepared.notes,
         "fidelity": None if fidelity is None else {"reference": "the input (fake-quant) model",
                                                    "samples": fidelity.samples, "source": fidelity.source,
                                                    "outputs": fidelity.outputs},

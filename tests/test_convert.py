@@ -279,6 +279,49 @@ def test_pair_with_different_parameters_is_rejected(tmp_path: Path) -> None:
         convert_model(model, tmp_path)
 
 
+def _with_integer_clip(model: onnx.ModelProto, quantize_node: str, low: int | None, high: int) -> onnx.ModelProto:
+    """Insert Clip(low, high) on the integers between `quantize_node` and its DequantizeLinear (PyTorch's
+    export of a (0, 127) fake-quant range; it leaves `min` out, as low=None does)."""
+    clipped = onnx.ModelProto()
+    clipped.CopyFrom(model)
+    q = next(n for n in clipped.graph.node if n.name == quantize_node)
+    dtype = numpy_helper.to_array(next(t for t in clipped.graph.initializer if t.name == q.input[2])).dtype
+    clipped.graph.initializer.extend([numpy_helper.from_array(np.array(high, dtype), f"{quantize_node}_hi")])
+    if low is not None:
+        clipped.graph.initializer.extend([numpy_helper.from_array(np.array(low, dtype), f"{quantize_node}_lo")])
+    for node in clipped.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] == q.output[0]:
+            node.input[0] = f"{q.output[0]}_clipped"
+    index = list(clipped.graph.node).index(q) + 1
+    bounds = [q.output[0], f"{quantize_node}_lo" if low is not None else "", f"{quantize_node}_hi"]
+    clipped.graph.node.insert(index, helper.make_node("Clip", bounds, [f"{q.output[0]}_clipped"],
+                                                      name=f"{quantize_node}_clip"))
+    onnx.checker.check_model(clipped, full_check=True)
+    return clipped
+
+
+@pytest.mark.parametrize("low", [0, None])
+def test_reduced_range_activation_clip_is_dropped_keeping_learned_parameters(tmp_path: Path, low: int | None
+                                                                             ) -> None:
+    model, params = qdq_model(act_type="uint8")
+    clipped = _with_integer_clip(model, "relu_quant", low, 127)
+    result, _, output = convert_model(clipped, tmp_path)
+    assert any("relu_quant_clip: [0, 127]" in note for note in result.report["notes"])
+    written = dequantize_params(onnx.load(str(output)))
+    scale, zero, _ = written[f"{KEPT_NAME['r1']}_quantized"]
+    np.testing.assert_array_equal(scale, params["r1"][0])
+    assert zero == params["r1"][1]
+    # the same int8 model as converting the export without the Clip
+    _, _, unclipped = convert_model(model, tmp_path)
+    np.testing.assert_array_equal(run(output, feed())[0], run(unclipped, feed())[0])
+
+
+def test_clip_inside_a_weight_pair_is_refused(tmp_path: Path) -> None:
+    clipped = _with_integer_clip(qdq_model()[0], "w1_quant", -100, 100)
+    with pytest.raises(Exception, match="w1_quant: a Clip between a weight's QuantizeLinear"):
+        convert_model(clipped, tmp_path)
+
+
 def test_bias_zero_point_must_be_zero(tmp_path: Path) -> None:
     model, _ = qdq_model()
     conv = next(n for n in model.graph.node if n.name == "conv1")
