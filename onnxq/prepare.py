@@ -5,6 +5,7 @@
 - onnxruntime's provider-independent (basic) optimisations run once: Constant nodes
   become initializers, constants fold, BatchNormalization folds into Conv, no-ops go;
 - constant per-channel Mul/Add right after a Conv fold into it (onnxq.simplify);
+- ReduceMean over all spatial axes becomes GlobalAveragePool (onnxq.simplify);
 - shapes and types are inferred so every later stage knows which tensors are float.
 """
 
@@ -20,7 +21,7 @@ from onnx import version_converter
 
 from .errors import ModelError
 from .model_io import needs_external_data
-from .simplify import fold_affine_into_conv
+from .simplify import fold_affine_into_conv, means_to_global_pool
 
 MIN_OPSET = 13
 ORT_MIN_OPSET = 7  # onnxruntime has no kernels for older ai.onnx operators
@@ -143,4 +144,8 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     if folded:
         notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
     work = infer_types(work)
+    work, pooled = means_to_global_pool(work)  # needs the ranks inferred above
+    if pooled:
+        notes.append(f"{pooled} ReduceMean ops over all spatial axes written as GlobalAveragePool")
+        work = infer_types(work)
     return PreparedModel(work, reference, notes)

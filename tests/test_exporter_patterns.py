@@ -1,0 +1,79 @@
+"""Graph patterns today's PyTorch exporters write (found by bench/robustness), on small synthetic graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import (
+    CHANNELS,
+    IMAGE,
+    bias,
+    cosine,
+    fused_op_types,
+    image_batch,
+    make_model,
+    quantize_simple,
+    run,
+    save,
+    tensor,
+    weight,
+    write_npz_folder,
+)
+from onnx import helper
+
+from onnxq.prepare import prepare_model
+
+
+def spatial_mean_model(opset: int, keepdims: int, axes: list[int], seed: int = 20) -> onnx.ModelProto:
+    """Conv -> Relu -> ReduceMean(spatial axes) [-> Reshape] -> Gemm: a dynamo-exported classifier head."""
+    rng = np.random.default_rng(seed)
+    inits = {"w1": weight(rng, (CHANNELS, 3, 3, 3)), "b1": bias(rng, CHANNELS),
+             "w2": weight(rng, (10, CHANNELS)), "b2": bias(rng, 10), "flat": np.array([-1, CHANNELS], np.int64)}
+    if opset >= 18:
+        inits["axes"] = np.array(axes, np.int64)
+        mean = helper.make_node("ReduceMean", ["r1", "axes"], ["m"], keepdims=keepdims, name="mean")
+    else:
+        mean = helper.make_node("ReduceMean", ["r1"], ["m"], axes=axes, keepdims=keepdims, name="mean")
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"), mean]
+    head = "m"
+    if keepdims:
+        nodes.append(helper.make_node("Reshape", ["m", "flat"], ["f"], name="reshape"))
+        head = "f"
+    nodes.append(helper.make_node("Gemm", [head, "w2", "b2"], ["y"], transB=1, name="fc"))
+    return make_model(nodes, [tensor("x", ["N", 3, "H", "W"])], [tensor("y", ["N", 10])], inits, opset=opset)
+
+
+@pytest.mark.parametrize(("opset", "keepdims", "axes"), [(18, 1, [-1, -2]), (13, 0, [2, 3]), (20, 1, [3, 2])])
+def test_spatial_reduce_mean_runs_as_int8_global_pool(tmp_path: Path, opset: int, keepdims: int,
+                                                      axes: list[int]) -> None:
+    model_path = save(spatial_mean_model(opset, keepdims, axes), tmp_path / "mean.onnx")
+    calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 8)
+    out = tmp_path / "q.onnx"
+    result = quantize_simple(model_path, out, calib)
+
+    quantized = onnx.load(str(out))
+    onnx.checker.check_model(quantized, full_check=True)
+    assert "ReduceMean" not in {n.op_type for n in quantized.graph.node}
+    assert "QLinearGlobalAveragePool" in fused_op_types(out)
+    decisions = result.report["nodes"]["by_op_type"]
+    assert decisions["GlobalAveragePool"] == {"int8": 1}
+    feed = {"x": image_batch(np.random.default_rng(5), (2, 3, 20, 12))}  # dynamic batch and size still work
+    expected, = run(model_path, feed)
+    actual, = run(out, feed)
+    assert actual.shape == expected.shape == (2, 10)
+    assert cosine(expected, actual) > 0.99
+
+
+@pytest.mark.parametrize("axes", [[2], [1, 2, 3], [0, 2, 3]])
+def test_other_means_stay_reduce_mean(axes: list[int]) -> None:
+    """A mean over H only, or one that includes channels or batch, is not a global pool."""
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=1, name="mean")]
+    shape = [1 if axis in axes else size for axis, size in enumerate(IMAGE)]
+    model = make_model(nodes, [tensor("x", IMAGE)], [tensor("y", shape)], {"axes": np.array(axes, np.int64)},
+                       opset=18)
+    assert [n.op_type for n in prepare_model(model).model.graph.node] == ["ReduceMean"]
+
