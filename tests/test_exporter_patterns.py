@@ -77,3 +77,26 @@ def test_other_means_stay_reduce_mean(axes: list[int]) -> None:
                        opset=18)
     assert [n.op_type for n in prepare_model(model).model.graph.node] == ["ReduceMean"]
 
+
+def tied_weight_model(seed: int = 21) -> onnx.ModelProto:
+    """One weight read by Gemm(transB=1) (scales per row) and by MatMul (scales per column): a tied Linear."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1, name="encode"),
+             helper.make_node("Relu", ["g"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="decode")]
+    # Rows and columns of very different magnitude: scales along the wrong axis are far off.
+    w = weight(rng, (16, 16)) * np.geomspace(0.05, 4.0, 16, dtype=np.float32)[:, None]
+    return make_model(nodes, [tensor("x", ["N", 16])], [tensor("y", ["N", 16])], {"w": w, "b": bias(rng, 16)})
+
+
+def test_weight_shared_along_different_axes_stays_accurate(tmp_path: Path) -> None:
+    model_path = save(tied_weight_model(), tmp_path / "tied.onnx")
+    calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": rng.standard_normal((4, 16)).astype(np.float32)}, 8)
+    out = tmp_path / "q.onnx"
+    result = quantize_simple(model_path, out, calib)
+    assert result.report["nodes"]["by_op_type"]["Gemm"] == {"int8": 1}
+    assert result.report["nodes"]["by_op_type"]["MatMul"] == {"int8": 1}
+    feed = {"x": np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)}
+    expected, = run(model_path, feed)
+    actual, = run(out, feed)
+    assert cosine(expected, actual) > 0.99
