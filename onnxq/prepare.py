@@ -68,7 +68,35 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Run onnxruntime's basic graph optimisations and read the result back."""
+    """Run onnxruntime's basic graph optimisations (again while they fold more) and read the result back.
+
+    onnxruntime inlines function ops (CastLike, a model's local functions) after folding constants, so
+    constants computed inside them (PyTorch's dynamo exporter with optimize=False writes every bias-less
+    Conv's zero bias as Expand(CastLike(0, x), Shape(w))) only fold, and BatchNormalization only folds
+    into that Conv, in a second pass.
+    """
+    optimized = _optimize_once(model)
+    for _ in range(MAX_EXTRA_PASSES):
+        if not _has_foldable_nodes(optimized):
+            break
+        again = _optimize_once(optimized)
+        if len(again.graph.node) >= len(optimized.graph.node):
+            break
+        optimized = again
+    return optimized
+
+
+MAX_EXTRA_PASSES = 2
+UNFOLDED_OPS = {"Constant", "QuantizeLinear", "DequantizeLinear"}  # onnxruntime keeps these on purpose
+
+
+def _has_foldable_nodes(model: onnx.ModelProto) -> bool:
+    constants = {t.name for t in model.graph.initializer}
+    return any(node.op_type not in UNFOLDED_OPS and any(node.input)
+               and all(name in constants for name in node.input if name) for node in model.graph.node)
+
+
+def _optimize_once(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory(prefix="onnxq-prepare-") as tmp:
         source = Path(tmp) / "source.onnx"
         target = Path(tmp) / "optimized.onnx"

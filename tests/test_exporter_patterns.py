@@ -100,3 +100,38 @@ def test_weight_shared_along_different_axes_stays_accurate(tmp_path: Path) -> No
     expected, = run(model_path, feed)
     actual, = run(out, feed)
     assert cosine(expected, actual) > 0.99
+
+
+def unoptimized_dynamo_model(seed: int = 22) -> onnx.ModelProto:
+    """torch.onnx.export(dynamo=True, optimize=False): a bias-less Conv gets the zero bias
+    Expand(CastLike(0, x), Shape(w)[0:1]), then BatchNormalization."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", onnx.TensorProto.FLOAT, [], [0.0])),
+        helper.make_node("CastLike", ["zero", "x"], ["zero_like"], name="cast_like"),
+        helper.make_node("Shape", ["w1"], ["channels"], start=0, end=1, name="shape"),
+        helper.make_node("Expand", ["zero_like", "channels"], ["b1"], name="expand"),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["n1"], name="bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1], name="conv2"),
+    ]
+    inits = {"w1": weight(rng, (CHANNELS, 3, 3, 3)), "w2": weight(rng, (CHANNELS, CHANNELS, 3, 3)),
+             "b2": bias(rng, CHANNELS), "gamma": (1 + 0.2 * rng.standard_normal(CHANNELS)).astype(np.float32),
+             "beta": bias(rng, CHANNELS), "mean": bias(rng, CHANNELS),
+             "var": (0.5 + rng.random(CHANNELS)).astype(np.float32)}
+    return make_model(nodes, [tensor("x", IMAGE)], [tensor("y", [1, CHANNELS, 16, 16])], inits, opset=20)
+
+
+def test_constants_from_inlined_functions_fold(tmp_path: Path) -> None:
+    """The zero bias folds although onnxruntime only inlines CastLike after its first folding pass:
+    both Convs run in int8 and the BatchNormalization is folded away."""
+    model_path = save(unoptimized_dynamo_model(), tmp_path / "noopt.onnx")
+    calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 8)
+    out = tmp_path / "q.onnx"
+    result = quantize_simple(model_path, out, calib)
+    assert result.report["nodes"]["by_op_type"]["Conv"] == {"int8": 2}
+    quantized = onnx.load(str(out))
+    assert not {"BatchNormalization", "Expand", "CastLike"} & {n.op_type for n in quantized.graph.node}
+    feed = {"x": image_batch(np.random.default_rng(4))}
+    assert cosine(run(model_path, feed)[0], run(out, feed)[0]) > 0.99
