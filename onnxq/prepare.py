@@ -5,7 +5,7 @@
 - onnxruntime's provider-independent (basic) optimisations run once: Constant nodes
   become initializers, constants fold, BatchNormalization folds into Conv, no-ops go;
 - constant per-channel Mul/Add right after a Conv fold into it (onnxq.simplify);
-- ReduceMean over all spatial axes becomes GlobalAveragePool (onnxq.simplify);
+- ReduceMean over all spatial axes becomes GlobalAveragePool, each Conv/Gemm gets its own bias (onnxq.simplify);
 - shapes and types are inferred so every later stage knows which tensors are float.
 """
 
@@ -21,7 +21,7 @@ from onnx import version_converter
 
 from .errors import ModelError
 from .model_io import needs_external_data
-from .simplify import fold_affine_into_conv, means_to_global_pool
+from .simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
 
 MIN_OPSET = 13
 ORT_MIN_OPSET = 7  # onnxruntime has no kernels for older ai.onnx operators
@@ -171,6 +171,10 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     work, folded = fold_affine_into_conv(work)
     if folded:
         notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
+    work, copies = unshare_biases(work)
+    if copies:
+        notes.append(f"{copies} biases shared by several Conv/Gemm nodes copied (each is quantized with its "
+                     f"node's input scale)")
     work = infer_types(work)
     work, pooled = means_to_global_pool(work)  # needs the ranks inferred above
     if pooled:

@@ -5,6 +5,10 @@ Per-channel affine ops right after a Conv (y = conv(x) * s + t, e.g. Paddle's
 the Conv's weights and bias. Otherwise each would sit between the int8 Conv and
 its consumer as a float op with its own quantize/dequantize round trip.
 
+A bias read by several Conv/Gemm nodes gets one copy per node: an int32 bias is
+quantized with its node's input scale, which differs between them (a Linear
+applied twice, or equal small biases onnxruntime's optimizer merged into one).
+
 A ReduceMean over every spatial axis is a GlobalAveragePool (PyTorch's dynamo
 exporter writes adaptive_avg_pool2d(x, 1) and x.mean((2, 3)) that way): as
 GlobalAveragePool it runs in int8 instead of forcing a dequantize/quantize.
@@ -135,3 +139,24 @@ def _spatial_mean(node: gs.Node) -> bool:
     else:
         axes = list(node.attrs.get("axes", []))
     return sorted(a % rank for a in axes) == list(range(2, rank))
+
+
+BIASED_OPS = ("Conv", "Gemm")
+
+
+def unshare_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Give every Conv/Gemm its own constant bias tensor; returns the model and how many copies were made."""
+    graph = import_graph(model)
+    names = NameAllocator(graph)
+    copies = 0
+    for node in graph.nodes:
+        if node.op not in BIASED_OPS or len(node.inputs) < 3 or not is_constant(node.inputs[2]):
+            continue
+        shared = node.inputs[2]
+        if len(shared.outputs) > 1 and shared.outputs[0] is not node:
+            node.inputs[2] = gs.Constant(names.new(f"{shared.name}_{node.name or 'copy'}"),
+                                         constant_values(shared).copy())
+            copies += 1
+    if not copies:
+        return model, 0
+    return export_model(graph, model), copies

@@ -135,3 +135,35 @@ def test_constants_from_inlined_functions_fold(tmp_path: Path) -> None:
     assert not {"BatchNormalization", "Expand", "CastLike"} & {n.op_type for n in quantized.graph.node}
     feed = {"x": image_batch(np.random.default_rng(4))}
     assert cosine(run(model_path, feed)[0], run(out, feed)[0]) > 0.99
+
+
+def shared_bias_model(op: str, seed: int = 23) -> onnx.ModelProto:
+    """One layer applied twice (same weight and bias) to inputs of different ranges: x and 8 * relu(layer(x))."""
+    rng = np.random.default_rng(seed)
+    if op == "Gemm":
+        shape, w, attrs = [1, 16], weight(rng, (16, 16)), {"transB": 1}
+    else:
+        shape, w, attrs = [1, CHANNELS, 8, 8], weight(rng, (CHANNELS, CHANNELS, 3, 3)), {"pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node(op, ["x", "w", "b"], ["a"], name="first", **attrs),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "k"], ["r8"], name="scale"),
+             helper.make_node(op, ["r8", "w", "b"], ["y"], name="second", **attrs)]
+    inits = {"w": w, "b": rng.standard_normal(w.shape[0]).astype(np.float32), "k": np.array(8.0, np.float32)}
+    return make_model(nodes, [tensor("x", shape)], [tensor("y", shape)], inits)
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+@pytest.mark.parametrize("output_format", ["qdq", "qoperator"])
+def test_bias_shared_by_two_nodes_is_quantized_for_each(tmp_path: Path, op: str, output_format: str) -> None:
+    """An int32 bias carries its node's input scale: one shared tensor was right for one node only."""
+    model = shared_bias_model(op)
+    model_path = save(model, tmp_path / "shared_bias.onnx")
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": rng.standard_normal(shape).astype(np.float32)}, 8)
+    out = tmp_path / "q.onnx"
+    result = quantize_simple(model_path, out, calib, output_format=output_format)
+    assert result.report["nodes"]["by_op_type"][op] == {"int8": 2}
+    rng = np.random.default_rng(6)
+    for _ in range(4):
+        feed = {"x": rng.standard_normal(shape).astype(np.float32)}
+        assert cosine(run(model_path, feed)[0], run(out, feed)[0]) > 0.99
