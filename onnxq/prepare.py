@@ -173,8 +173,8 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
         notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
     work, copies = unshare_biases(work)
     if copies:
-        notes.append(f"{copies} biases shared by several Conv/Gemm nodes copied (each is quantized with its "
-                     f"node's input scale)")
+        notes.append(f"{copies} Conv/Gemm biases shared with another node (or merged as equal by onnxruntime) "
+                     f"copied: each is quantized with its node's input scale")
     work = infer_types(work)
     work, pooled = means_to_global_pool(work)  # needs the ranks inferred above
     if pooled:

@@ -108,7 +108,7 @@ def means_to_global_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     names = NameAllocator(graph)
     replaced = 0
     for node in list(graph.nodes):
-        if node.op != "ReduceMean" or not _spatial_mean(node):
+        if node.op != "ReduceMean" or not _spatial_mean(node) or _normalization_statistic(node):
             continue
         result = node.outputs[0]
         node.outputs.clear()
@@ -124,6 +124,17 @@ def means_to_global_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     if not replaced:
         return model, 0
     return export_model(graph, model), replaced
+
+
+def _normalization_statistic(node: gs.Node) -> bool:
+    """The mean or variance of a decomposed LayerNorm/InstanceNorm (x - mean(x), mean(d * d)): no pooling,
+    and its statistics stay float (a [batch, tokens, features] mean over features looks spatial by rank)."""
+    data, mean = node.inputs[0], node.outputs[0]
+    if any(user.op == "Sub" and user.inputs[0] is data and user.inputs[1] is mean for user in mean.outputs):
+        return True
+    producer = data.inputs[0] if data.inputs else None
+    return producer is not None and (producer.op == "Pow" or (producer.op == "Mul"
+                                                              and producer.inputs[0] is producer.inputs[1]))
 
 
 def _spatial_mean(node: gs.Node) -> bool:

@@ -78,6 +78,22 @@ def test_other_means_stay_reduce_mean(axes: list[int]) -> None:
     assert [n.op_type for n in prepare_model(model).model.graph.node] == ["ReduceMean"]
 
 
+def test_layer_norm_statistics_stay_reduce_mean() -> None:
+    """A decomposed LayerNorm (TorchScript opset < 17) over [batch, tokens, features]: its means reduce the
+    last axis of a rank-3 tensor like a 1-D pooling would, but they are statistics, not pooling."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1], keepdims=1, name="mean"),
+             helper.make_node("Sub", ["x", "mu"], ["d"], name="center"),
+             helper.make_node("Mul", ["d", "d"], ["d2"], name="square"),
+             helper.make_node("ReduceMean", ["d2"], ["var"], axes=[-1], keepdims=1, name="variance"),
+             helper.make_node("Add", ["var", "eps"], ["ve"], name="add_eps"),
+             helper.make_node("Sqrt", ["ve"], ["std"], name="sqrt"),
+             helper.make_node("Div", ["d", "std"], ["y"], name="normalize")]
+    model = make_model(nodes, [tensor("x", [1, 4, 8])], [tensor("y", [1, 4, 8])],
+                       {"eps": np.array(1e-5, np.float32)})
+    ops = [n.op_type for n in prepare_model(model).model.graph.node]
+    assert ops.count("ReduceMean") == 2 and "GlobalAveragePool" not in ops
+
+
 def tied_weight_model(seed: int = 21) -> onnx.ModelProto:
     """One weight read by Gemm(transB=1) (scales per row) and by MatMul (scales per column): a tied Linear."""
     rng = np.random.default_rng(seed)

@@ -107,6 +107,7 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path("/tmp/robust"))
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--skip", nargs="*", default=[])
+    parser.add_argument("--resume", action="store_true", help="skip runs already in the results file")
     parser.add_argument("--configs", nargs="*", default=["default", "qop", "dyn"])
     parser.add_argument("--tag", default="before")
     parser.add_argument("--onnxq-path", help="import onnxq from this folder instead (e.g. an export of the "
@@ -128,6 +129,8 @@ def main() -> int:
             reference = None
             results.setdefault(model.stem, {})["fp32"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         for config in args.configs:
+            if args.resume and config in results.get(model.stem, {}):
+                continue
             row = run_one(model, calib, work, config, reference)
             results.setdefault(model.stem, {})[config] = row
             print(model.stem, config, json.dumps(row), flush=True)
