@@ -104,7 +104,8 @@ def place(graph: gs.Graph, options: PlacementOptions) -> Placement:
         inputs, weights, biases = _compute_roles(node, options)
         anchors.update(inputs)
         wide = node_label(node) in options.int16_nodes
-        placement.weights.update({w.name: replace(w, full_range=wide) for w in weights})
+        for target in weights:
+            _add_weight(placement.weights, replace(target, full_range=wide))
         if not wide:  # 16-bit inputs run in float on CPU: the bias stays float too
             placement.biases.update({b.name: b for b in biases})
         status = "int16" if wide else "int8"
@@ -217,6 +218,21 @@ def _compute_roles(node: gs.Node, options: PlacementOptions) -> tuple[list[str],
     if op in ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"):
         return [node.inputs[0].name], [], []
     return [t.name for t in node.inputs if not is_empty(t)], [], []
+
+
+def _add_weight(known: dict[str, WeightTarget], target: WeightTarget) -> None:
+    """One quantization per weight tensor, valid for every node that reads it.
+
+    A shared weight (a tied Linear run as Gemm(transB) and as MatMul, or one Conv per-tensor by recipe)
+    may want per-channel scales along different axes: it is then quantized per tensor, as scales along
+    one consumer's axis would be wrong for the other (and for its bias). Full range only if all allow it.
+    """
+    seen = known.get(target.name)
+    if seen is None:
+        known[target.name] = target
+        return
+    known[target.name] = WeightTarget(target.name, seen.axis if seen.axis == target.axis else None,
+                                      seen.full_range and target.full_range)
 
 
 def _bias(node: gs.Node, index: int, weight: WeightTarget) -> list[BiasTarget]:

@@ -5,6 +5,7 @@
 - onnxruntime's provider-independent (basic) optimisations run once: Constant nodes
   become initializers, constants fold, BatchNormalization folds into Conv, no-ops go;
 - constant per-channel Mul/Add right after a Conv fold into it (onnxq.simplify);
+- ReduceMean over all spatial axes becomes GlobalAveragePool, each Conv/Gemm gets its own bias (onnxq.simplify);
 - shapes and types are inferred so every later stage knows which tensors are float.
 """
 
@@ -20,7 +21,7 @@ from onnx import version_converter
 
 from .errors import ModelError
 from .model_io import needs_external_data
-from .simplify import fold_affine_into_conv
+from .simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
 
 MIN_OPSET = 13
 ORT_MIN_OPSET = 7  # onnxruntime has no kernels for older ai.onnx operators
@@ -67,7 +68,35 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Run onnxruntime's basic graph optimisations and read the result back."""
+    """Run onnxruntime's basic graph optimisations (again while they fold more) and read the result back.
+
+    onnxruntime inlines function ops (CastLike, a model's local functions) after folding constants, so
+    constants computed inside them (PyTorch's dynamo exporter with optimize=False writes every bias-less
+    Conv's zero bias as Expand(CastLike(0, x), Shape(w))) only fold, and BatchNormalization only folds
+    into that Conv, in a second pass.
+    """
+    optimized = _optimize_once(model)
+    for _ in range(MAX_EXTRA_PASSES):
+        if not _has_foldable_nodes(optimized):
+            break
+        again = _optimize_once(optimized)
+        if len(again.graph.node) >= len(optimized.graph.node):
+            break
+        optimized = again
+    return optimized
+
+
+MAX_EXTRA_PASSES = 2
+UNFOLDED_OPS = {"Constant", "QuantizeLinear", "DequantizeLinear"}  # onnxruntime keeps these on purpose
+
+
+def _has_foldable_nodes(model: onnx.ModelProto) -> bool:
+    constants = {t.name for t in model.graph.initializer}
+    return any(node.op_type not in UNFOLDED_OPS and any(node.input)
+               and all(name in constants for name in node.input if name) for node in model.graph.node)
+
+
+def _optimize_once(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory(prefix="onnxq-prepare-") as tmp:
         source = Path(tmp) / "source.onnx"
         target = Path(tmp) / "optimized.onnx"
@@ -143,5 +172,13 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     work, folded = fold_affine_into_conv(work)
     if folded:
         notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
+    work, copies = unshare_biases(work)
+    if copies:
+        notes.append(f"{copies} Conv/Gemm biases shared with another node (or merged as equal by onnxruntime) "
+                     f"copied: each is quantized with its node's input scale")
     work = infer_types(work)
+    work, pooled = means_to_global_pool(work)  # needs the ranks inferred above
+    if pooled:
+        notes.append(f"{pooled} ReduceMean ops over all spatial axes written as GlobalAveragePool")
+        work = infer_types(work)
     return PreparedModel(work, reference, notes)

@@ -4,6 +4,14 @@ Per-channel affine ops right after a Conv (y = conv(x) * s + t, e.g. Paddle's
 "learnable affine blocks", or a BatchNorm exported as Mul/Add) are folded into
 the Conv's weights and bias. Otherwise each would sit between the int8 Conv and
 its consumer as a float op with its own quantize/dequantize round trip.
+
+A bias read by several Conv/Gemm nodes gets one copy per node: an int32 bias is
+quantized with its node's input scale, which differs between them (a Linear
+applied twice, or equal small biases onnxruntime's optimizer merged into one).
+
+A ReduceMean over every spatial axis is a GlobalAveragePool (PyTorch's dynamo
+exporter writes adaptive_avg_pool2d(x, 1) and x.mean((2, 3)) that way): as
+GlobalAveragePool it runs in int8 instead of forcing a dequantize/quantize.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_empty
+from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_empty, is_float32
 
 
 def fold_affine_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -91,3 +99,75 @@ def _absorb(conv: gs.Node, op: gs.Node, values: np.ndarray, names: NameAllocator
     op.outputs.clear()
     op.inputs.clear()
     conv.outputs[0] = result
+
+
+def means_to_global_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """ReduceMean over all spatial axes of a float N x C x ... tensor -> GlobalAveragePool (+ Flatten
+    when keepdims=0); returns the model and how many were replaced. Needs inferred ranks."""
+    graph = import_graph(model)
+    names = NameAllocator(graph)
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.op != "ReduceMean" or not _spatial_mean(node) or _normalization_statistic(node):
+            continue
+        result = node.outputs[0]
+        node.outputs.clear()
+        keepdims = node.attrs.get("keepdims", 1)
+        pooled = result if keepdims else gs.Variable(names.new(f"{result.name}_pooled"), dtype=result.dtype)
+        graph.nodes.append(gs.Node("GlobalAveragePool", name=names.new(f"{node.name or 'mean'}_global_pool"),
+                                   inputs=[node.inputs[0]], outputs=[pooled]))
+        if not keepdims:  # N x C x 1 x 1 -> N x C
+            graph.nodes.append(gs.Node("Flatten", name=names.new(f"{node.name or 'mean'}_flatten"),
+                                       attrs={"axis": 1}, inputs=[pooled], outputs=[result]))
+        node.inputs.clear()
+        replaced += 1
+    if not replaced:
+        return model, 0
+    return export_model(graph, model), replaced
+
+
+def _normalization_statistic(node: gs.Node) -> bool:
+    """The mean or variance of a decomposed LayerNorm/InstanceNorm (x - mean(x), mean(d * d)): no pooling,
+    and its statistics stay float (a [batch, tokens, features] mean over features looks spatial by rank)."""
+    data, mean = node.inputs[0], node.outputs[0]
+    if any(user.op == "Sub" and user.inputs[0] is data and user.inputs[1] is mean for user in mean.outputs):
+        return True
+    producer = data.inputs[0] if data.inputs else None
+    return producer is not None and (producer.op == "Pow" or (producer.op == "Mul"
+                                                              and producer.inputs[0] is producer.inputs[1]))
+
+
+def _spatial_mean(node: gs.Node) -> bool:
+    """Reduces exactly axes 2 .. rank-1 of a float32 tensor of known rank >= 3."""
+    data = node.inputs[0]
+    rank = len(data.shape) if data.shape is not None else 0
+    if rank < 3 or not is_float32(data):
+        return False
+    if len(node.inputs) > 1 and not is_empty(node.inputs[1]):  # opset 18: axes are an input
+        if not is_constant(node.inputs[1]):
+            return False
+        axes = constant_values(node.inputs[1]).reshape(-1).tolist()
+    else:
+        axes = list(node.attrs.get("axes", []))
+    return sorted(a % rank for a in axes) == list(range(2, rank))
+
+
+BIASED_OPS = ("Conv", "Gemm")
+
+
+def unshare_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Give every Conv/Gemm its own constant bias tensor; returns the model and how many copies were made."""
+    graph = import_graph(model)
+    names = NameAllocator(graph)
+    copies = 0
+    for node in graph.nodes:
+        if node.op not in BIASED_OPS or len(node.inputs) < 3 or not is_constant(node.inputs[2]):
+            continue
+        shared = node.inputs[2]
+        if len(shared.outputs) > 1 and shared.outputs[0] is not node:
+            node.inputs[2] = gs.Constant(names.new(f"{shared.name}_{node.name or 'copy'}"),
+                                         constant_values(shared).copy())
+            copies += 1
+    if not copies:
+        return model, 0
+    return export_model(graph, model), copies
