@@ -1,9 +1,11 @@
 """Make an exported fp32 model ready to quantize, without changing what it computes.
 
 - initializers also listed as graph inputs (older exporters) become plain constants;
-- opsets below 13 are converted to 13 (per-channel QuantizeLinear needs it);
-- onnxruntime's provider-independent (basic) optimisations run once: Constant nodes
-  become initializers, constants fold, BatchNormalization folds into Conv, no-ops go;
+- opsets below 13 are converted to 13 (per-channel QuantizeLinear needs it), before the
+  initializer inputs go (the converter needs IR 3 models as they are);
+- onnxruntime's provider-independent (basic) optimisations run (again, up to twice, while they
+  fold more): Constant nodes become initializers, constants fold, BatchNormalization folds
+  into Conv, no-ops go;
 - constant per-channel Mul/Add right after a Conv fold into it (onnxq.simplify);
 - ReduceMean over all spatial axes becomes GlobalAveragePool, each Conv/Gemm gets its own bias (onnxq.simplify);
 - shapes and types are inferred so every later stage knows which tensors are float.
