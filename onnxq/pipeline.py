@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +33,7 @@ from .doctor import read_target_cpu
 from .dynamic import WeightOnlyOptions, rewrite_dynamic, rewrite_weight_only
 from .errors import DataError, ModelError, UsageError
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
-from .fusion import FusionReport, check_fusion
+from .fusion import FusionReport, check_fusion, is_integer_kernel
 from .ir import Graph, import_graph
 from .model_io import check_output_path, load_model, model_digest, needs_external_data, save_model
 from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
@@ -563,7 +563,8 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     if not any(d.status in ("int8", "int4") for d in decisions):
         reasons = Counter(f"{d.op_type}: {d.reason}" for d in decisions)
         detail = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no Conv, MatMul or Gemm"
-        raise ModelError(f"nothing to quantize in --mode {request.mode} ({detail})")
+        raise ModelError(f"nothing to quantize in --mode {request.mode}"
+                         f"{_already_quantized(n.op for n in graph.nodes)} ({detail})")
     with timer.stage("check"):
         fusion = check_written_model(quantized)
     fidelity = None
@@ -598,8 +599,25 @@ def _require_something_to_quantize(placement: Placement) -> None:
     reasons = Counter(node.reason for node in placement.nodes if node.op_type in HEAVY_OPS)
     detail = "; ".join(f"{count} Conv/MatMul/Gemm: {reason}" for reason, count in reasons.most_common(2))
     hint = "; --no-speed-guard quantizes anyway" if any(r.startswith("speed guard") for r in reasons) else ""
-    raise ModelError("nothing to quantize: no node can run in int8" + (f" ({detail}{hint})" if detail else
-                     " (the model has no Conv, MatMul or Gemm outside control-flow subgraphs)"))
+    already = _already_quantized(node.op_type for node in placement.nodes)
+    why = f" ({detail}{hint})" if detail else ""
+    if already:
+        raise ModelError(f"nothing to quantize{already}{why}")
+    raise ModelError("nothing to quantize: no node can run in int8"
+                     + (why or " (the model has no Conv, MatMul or Gemm outside control-flow subgraphs)"))
+
+
+def _already_quantized(op_types: Iterable[str]) -> str:
+    """': the model is already quantized (...)' when integer kernels are in it, else ''.
+
+    Exported int8 models (onnxruntime's quantize_dynamic output, QOperator models) ship
+    next to their fp32 originals; saying so beats "no Conv, MatMul or Gemm".
+    """
+    kernels = Counter(op for op in op_types if is_integer_kernel(op))
+    if not kernels:
+        return ""
+    listed = ", ".join(f"{count} {op}" for op, count in kernels.most_common(3)) + (", ..." if len(kernels) > 3 else "")
+    return f": the model is already quantized ({listed}); give onnxq its fp32 original"
 
 
 def _timing_feed(held: SampleSource | None, calib: SampleSource | None) -> dict | None:

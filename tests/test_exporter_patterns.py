@@ -1,4 +1,5 @@
-"""Graph patterns today's PyTorch exporters write (found by bench/robustness), on small synthetic graphs."""
+"""Graph patterns exporters write, on small synthetic graphs: today's PyTorch exporters (found by
+bench/robustness) and pretrained models from other exporters (paddle2onnx, tf2onnx, old PyTorch, ORT-quantized)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from conftest import (
     CHANNELS,
     IMAGE,
@@ -15,6 +17,7 @@ from conftest import (
     fused_op_types,
     image_batch,
     make_model,
+    matmul_add_model,
     quantize_simple,
     run,
     save,
@@ -24,6 +27,7 @@ from conftest import (
 )
 from onnx import helper
 
+from onnxq.cli import main
 from onnxq.prepare import prepare_model
 
 
@@ -183,3 +187,18 @@ def test_bias_shared_by_two_nodes_is_quantized_for_each(tmp_path: Path, op: str,
     for _ in range(4):
         feed = {"x": rng.standard_normal(shape).astype(np.float32)}
         assert cosine(run(model_path, feed)[0], run(out, feed)[0]) > 0.99
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_already_quantized_model_is_refused_as_such(tmp_path: Path, mode: str) -> None:
+    """An int8 model shipped next to its fp32 original (ddddocr's common_old.onnx): say it is already quantized."""
+    fp32 = save(matmul_add_model(), tmp_path / "m.onnx")
+    first = CliRunner().invoke(main, ["quantize", str(fp32), "-o", str(tmp_path / "dyn.onnx"), "--mode", "dynamic",
+                                      "-q"])
+    assert first.exit_code == 0, first.output
+    args = ["quantize", str(tmp_path / "dyn.onnx"), "-o", str(tmp_path / "again.onnx"), "--mode", mode]
+    result = CliRunner().invoke(main, args + (["--allow-random"] if mode == "static" else []))
+    assert result.exit_code == 3
+    assert "the model is already quantized (" in result.stderr and "fp32 original" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "again.onnx").exists()
