@@ -124,15 +124,8 @@ class CondModel(nn.Module):
         return self.head(y.mean(dim=(2, 3)))
 
 
-class ScriptedCond(nn.Module):
+class ScriptedCond(CondModel):
     """The same branch written for torch.jit.script."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, padding=1)
-        self.a = nn.Conv2d(16, 16, 3, padding=1)
-        self.b = nn.Conv2d(16, 16, 1)
-        self.head = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.conv(x))
