@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
-from demo.ocr import ctc_decode, load_charset, preprocess
+from demo.ocr import load_charset
+from demo.ocr_check import read_lines
 from onnxq.prepare import prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,14 +58,6 @@ def with_weights(model: onnx.ModelProto, change: Callable[[np.ndarray, int], np.
     return changed
 
 
-def read(model: onnx.ModelProto, feeds: list[np.ndarray], charset: list[str]) -> list[str]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return [ctc_decode(session.run(None, {name: feed})[0], charset)[0] for feed in feeds]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="*", default=[10, 8, 7])
@@ -73,15 +65,15 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     charset = load_charset(MODEL)
-    rows = [line.split("\t", 1)[0] for line in (LINES / "labels.tsv").read_text().splitlines() if line]
-    feeds = [preprocess(LINES / name) for name in rows]
+    images = [LINES / line.split("\t", 1)[0] for line in (LINES / "labels.tsv").read_text().splitlines() if line]
     prepared = prepare_model(onnx.load(str(MODEL))).model
-    reference = read(onnx.load(str(MODEL)), feeds, charset)
+    reference, _ = read_lines(MODEL, images, charset)
 
     def same(model: onnx.ModelProto) -> int:
-        return sum(a == b for a, b in zip(reference, read(model, feeds, charset), strict=True))
+        texts, _ = read_lines(model.SerializeToString(), images, charset)
+        return sum(a == b for a, b in zip(reference, texts, strict=True))
 
-    print(f"same text as fp32 on {len(rows)} held-back lines ({LINES.relative_to(ROOT)}):")
+    print(f"same text as fp32 on {len(images)} held-back lines ({LINES.relative_to(ROOT)}):")
     print(f"  prepared fp32 model: {same(prepared)}")
     for bits in args.bits:
         count = same(with_weights(prepared, partial(rounded, bits=bits)))

@@ -19,11 +19,12 @@ from demo.ocr import char_accuracy, ctc_decode, load_charset, preprocess, text_m
 NEAR_TIE = 0.05  # a text margin below this: a small change of the weights may flip the line (demo.ocr.text_margin)
 
 
-def read_lines(model: Path, images: list[Path], charset: list[str]) -> tuple[list[str], list[float]]:
-    """Each line's text and its text margin (demo.ocr.text_margin)."""
+def read_lines(model: Path | bytes, images: list[Path], charset: list[str]) -> tuple[list[str], list[float]]:
+    """Each line's text and its text margin (demo.ocr.text_margin); `model` is a file or serialized bytes."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, Path) else model
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     texts, margins = [], []
     for path in images:

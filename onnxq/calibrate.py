@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from .data import SampleSource, batches
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, first_line
 from .model_io import needs_external_data
 from .statistics import Statistics
 
@@ -68,7 +68,7 @@ def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0) 
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
 
 
@@ -76,7 +76,7 @@ def run(session: ort.InferenceSession, feed: dict[str, np.ndarray], names: list[
     try:
         return session.run(names, feed)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise DataError(f"the model failed on the calibration data: {reason}") from None
 
 

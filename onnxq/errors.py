@@ -44,3 +44,9 @@ class UsageError(OnnxqError):
     """Options that contradict each other or are out of range."""
 
     exit_code = EXIT_USAGE
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (its type name when it has no message): for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

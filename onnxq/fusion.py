@@ -23,7 +23,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .model_io import needs_external_data
 
 QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
@@ -76,7 +76,7 @@ def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
         return onnx.load(str(target))
 

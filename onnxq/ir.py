@@ -100,15 +100,16 @@ def import_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None
     """Declare `domain` in the model's opset imports when any node (also in a subgraph) uses it."""
     if any(o.domain == domain for o in model.opset_import):
         return
-    if any(node.domain == domain for node in _all_nodes(model.graph)):
+    if any(node.domain == domain for node in all_proto_nodes(model.graph)):
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+def all_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of a protobuf graph and of its If/Loop/Scan bodies."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
+                yield from all_proto_nodes(attr.g)
             for sub in attr.graphs:
-                yield from _all_nodes(sub)
+                yield from all_proto_nodes(sub)

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from .calibrate import session_for
 from .data import InputSpec, SampleSource, model_input_specs
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, first_line
 from .model_io import load_model
 
 
@@ -38,7 +38,7 @@ def interleaved_runs(sessions: list[ort.InferenceSession], feed: dict[str, np.nd
             if round_index + 1 >= min_rounds and time.perf_counter() - start > budget_s:
                 break
     except Exception as exc:  # onnxruntime rejects the feed
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise DataError(f"the model failed on the timing input: {reason}") from None
     return [np.asarray(s) for s in samples]
 

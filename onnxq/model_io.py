@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from .errors import ModelError, OutputError
+from .errors import ModelError, OutputError, first_line
 
 # protobuf cannot serialise a single message over 2 GiB; above this we use external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -44,7 +44,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         # The checker cannot take a proto over 2 GiB in memory; it reads such a model from its path.
         onnx.checker.check_model(str(path) if needs_external_data(model) else model, full_check=False)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ModelError(f"{path} is not a valid ONNX model: {reason}") from None
     return model
 

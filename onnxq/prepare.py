@@ -21,7 +21,8 @@ import onnx
 import onnxruntime as ort
 from onnx import version_converter
 
-from .errors import ModelError
+from .errors import ModelError, first_line
+from .ir import all_proto_nodes
 from .model_io import needs_external_data
 from .simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
 
@@ -58,7 +59,7 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         upgraded = version_converter.convert_version(model, MIN_OPSET)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ModelError(
             f"model uses opset {default_opset(model)}; converting it to opset {MIN_OPSET} "
             f"(needed for per-channel quantization) failed: {reason}"
@@ -115,7 +116,7 @@ def _optimize_once(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             reason = reason.replace(f" from {source}", "")  # our temporary copy means nothing to the user
             raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
         optimized = onnx.load(str(target))
@@ -127,21 +128,10 @@ def _optimize_once(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _keep_used_opsets(model: onnx.ModelProto) -> None:
     """onnxruntime lists every domain it knows; keep the ones the graph uses."""
-    used = {"", "ai.onnx"} | {node.domain for node in _all_nodes(model.graph)}
+    used = {"", "ai.onnx"} | {node.domain for node in all_proto_nodes(model.graph)}
     kept = [entry for entry in model.opset_import if entry.domain in used]
     del model.opset_import[:]
     model.opset_import.extend(kept)
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_nodes(sub)
 
 
 def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -194,12 +194,8 @@ def _kl_threshold(hist: np.ndarray, width: float) -> float:
     candidates = list(range(KL_LEVELS, bins + 1, step))
     if candidates[-1] != bins:
         candidates.append(bins)
-    divergences = [_kl_divergence_at(hist, i, KL_LEVELS) for i in candidates]
+    divergences = [_kl_divergence_of_window(hist, 0, i, KL_LEVELS) for i in candidates]
     return candidates[int(np.argmin(divergences))] * width
-
-
-def _kl_divergence_at(hist: np.ndarray, i: int, levels: int) -> float:
-    return _kl_divergence_of_window(hist, 0, i, levels)
 
 
 def _kl_divergence_of_window(hist: np.ndarray, a: int, b: int, levels: int) -> float:
