@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench import datasets, models, runners
 from bench.run import DEFAULT_SAMPLES
+from onnxq.cpu import host_cpu
 from onnxq.data import ImagePreprocessing, model_input_specs, open_source
 from onnxq.errors import OnnxqError
 from onnxq.ir import concrete_shapes, import_graph, node_label
@@ -31,7 +32,7 @@ from onnxq.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantiz
 from onnxq.prepare import prepare_model
 from onnxq.speed_table import layer_class
 
-RESULTS = models.REPO / "bench" / "results" / "fallback.json"
+RESULTS = models.REPO / "bench" / "results" / "fallback" / "fallback.json"
 MOBILENET = models.CACHE / "models" / "mobilenet-v2-seeded.onnx"
 IMAGENET = ImagePreprocessing(size=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
@@ -112,13 +113,14 @@ def run_model(name: str, work: Path) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| model | all int8 (min output SQNR, dB) | one kind kept float: SQNR (change) |", "|---|---|---|"]
+    lines = ["| model | CPU | all int8 (min output SQNR, dB) | one kind kept float: SQNR (change) |",
+             "|---|---|---|---|"]
     for result in results:
         if "error" in result:
-            lines.append(f"| {result['model']} | — ({result['error'][:80]}) | |")
+            lines.append(f"| {result['model']} | {result.get('cpu_class', '?')} | — ({result['error'][:80]}) | |")
             continue
         cells = "; ".join(f"{r['kind']} ×{r['layers']}: {r['sqnr_db']} ({r['delta_db']:+})" for r in result["kinds"])
-        lines.append(f"| {result['model']} | {result['all_int8_sqnr_db']} | {cells} |")
+        lines.append(f"| {result['model']} | {result.get('cpu_class', '?')} | {result['all_int8_sqnr_db']} | {cells} |")
     return "\n".join(lines)
 
 
@@ -126,13 +128,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join([*models.MODELS, "mobilenet-v2"]))
     args = parser.parse_args()
-    results = []
+    saved = {r["model"]: r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="onnxq-fallback-") as tmp:
         for name in args.models.split(","):
-            results.append(run_model(name, Path(tmp)))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
-    print(markdown(results))
+            saved[name] = {**run_model(name, Path(tmp)), "cpu_class": host_cpu().cpu_class}
+            RESULTS.write_text(json.dumps(list(saved.values()), indent=1))  # each model as soon as it is done
+    print(markdown(list(saved.values())))
 
 
 if __name__ == "__main__":

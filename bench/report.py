@@ -168,6 +168,7 @@ def write_markdown(results_dir: Path, path: Path) -> None:
            "(floor 1.0). onnxq-default: its calibrate stage; the --load-stats rows reuse one `onnxq calibrate` "
            "run (its ratio is in the JSON under onnxq_calibrate).",
            "- A crash, timeout or memory-limit kill is a row with that status and the last log line.", ""]
+    out += fallback_section(results_dir / "fallback" / "fallback.json")
     for res in results:
         if res.get("error"):
             out += [f"## {res['model']} ({res['task']})", "", "The benchmark of this model failed:", "",
@@ -182,6 +183,21 @@ def write_markdown(results_dir: Path, path: Path) -> None:
                 model_table(res), ""]
         out += target_lines(res)
     path.write_text("\n".join(out))
+
+
+def fallback_section(path: Path) -> list[str]:
+    """Keeping one kind of layer in float against all-int8 (bench/fallback.py), when it was run."""
+    if not path.exists():
+        return []
+    from bench.fallback import markdown
+
+    lines = ["## Keeping a kind of layer in float", "",
+            "Made by `python -m bench.fallback`: each model quantized all-int8 (speed guard off), then once per kind "
+            "of layer the speed guard knows with every layer of that kind kept float; output SQNR vs fp32 on the "
+            "held-back samples (the lowest over outputs). Every written model runs as planned (precision check).", "",
+            markdown(json.loads(path.read_text())), ""]
+    notes = path.parent / "NOTES.md"
+    return lines + ([notes.read_text().strip(), ""] if notes.exists() else [])
 
 
 def target_lines(res: dict) -> list[str]:

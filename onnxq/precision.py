@@ -46,7 +46,7 @@ ALLOWED = {
     "all": {"int8": {"int8"}, "int16": {"int16"}, "float": {"float", "fused"}},
 }
 PRECISION_OPS = COMPUTE_OPS | {"ConvTranspose"}
-_SUFFIX = re.compile(r"(_token_\d+|_nchwc)+$")
+_SUFFIX = re.compile(r"(_token_\d+|_nchwc)+$")  # what onnxruntime appends to names it rewrites
 _FUSION = re.compile(r"/\w*Fusion/?$")
 
 
@@ -118,28 +118,30 @@ class _GraphView:
         for node in graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
-        self.by_name: dict[str, onnx.NodeProto] = {}
-        self.by_output: dict[str, onnx.NodeProto] = {}
+        self.by_name: dict[str, list[tuple[str, onnx.NodeProto]]] = {}  # name less affixes -> (name, node)
+        self.by_output: dict[str, list[tuple[str, onnx.NodeProto]]] = {}
         for node in graph.node:
             if node.op_type in QUANTIZE_OPS:
                 continue
             name = _FUSION.sub("", node.name).removeprefix("fused ")  # "name/LayerNormFusion/", "fused name"
-            self.by_name.setdefault(_SUFFIX.sub("", name), node)
+            self.by_name.setdefault(_SUFFIX.sub("", name), []).append((name, node))
             for out in node.output:
-                self.by_output.setdefault(_SUFFIX.sub("", out), node)
+                self.by_output.setdefault(_SUFFIX.sub("", out), []).append((out, node))
 
     def find(self, written: onnx.NodeProto, source: _GraphView) -> onnx.NodeProto | None:
         """The node onnxruntime made of `written` (a node of `source`): same name (less onnxruntime's
         affixes), else same output, else the output of the Relu/Clip it fused with."""
-        if written.name and written.name in self.by_name:
-            return self.by_name[written.name]
+        found = _lookup(self.by_name, written.name) if written.name else None
+        if found is not None:
+            return found
         outputs = list(written.output)
         users = source.consumers.get(outputs[0], []) if outputs else []
         if len(users) == 1 and users[0].op_type in FOLDABLE_ACTIVATIONS:
             outputs += list(users[0].output)
         for out in outputs:
-            if out in self.by_output:
-                return self.by_output[out]
+            found = _lookup(self.by_output, out)
+            if found is not None:
+                return found
         return None
 
     def _dequantize_of(self, name: str) -> onnx.NodeProto | None:
@@ -218,6 +220,15 @@ class _GraphView:
         if size is None:
             return None
         return "per-channel" if size > 1 else "per-tensor"
+
+
+def _lookup(index: dict[str, list[tuple[str, onnx.NodeProto]]], written: str) -> onnx.NodeProto | None:
+    """The node named `written`, or `written` plus suffixes onnxruntime adds ("_token_3", "_nchwc")."""
+    candidates = index.get(_SUFFIX.sub("", written), [])
+    exact = [node for name, node in candidates if name == written]
+    suffixed = [node for name, node in candidates
+                if name.startswith(written) and _SUFFIX.fullmatch(name[len(written):])]
+    return (exact or suffixed or [None])[0]
 
 
 def disagreements(rows: list[NodePrecision]) -> list[dict]:
