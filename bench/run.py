@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ RESULTS = models.REPO / "bench" / "results"
 MARKDOWN = models.REPO / "BENCHMARKS.md"
 DEFAULT_SAMPLES = {"ppocr-rec": (64, 48), "ppocr-cls": (64, 48), "ppocr-det": (24, 24),
                    "nudenet-320n": (32, 32), "silero-vad": (256, 256),
-                   "silero-vad-sr16k": (256, 256), "minilm-l6": (64, 64)}
+                   "silero-vad-sr16k": (256, 256), "minilm-l6": (64, 64),
+                   "whisper-tiny-en": (64, 48)}
 
 
 def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats: Path | None,
@@ -33,10 +35,12 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
     """Run one configuration's quantizer as a child; return the output path and the row so far."""
     out = work / f"{cfg.id}.onnx"
     out.unlink(missing_ok=True)
+    env: dict[str, str] = {}
     report_file = work / f"{cfg.id}.report.json"
     if cfg.tool == "onnxq":
         if "--mode" in cfg.args:  # dynamic / weight-only: no calibration (smoothing measures channels on it)
-            src: tuple = ("--calib", data.calib) if "--smooth-alpha" in cfg.args else ()
+            needs = any(a in cfg.args for a in ("--smooth-alpha", "gptq", "awq", "--target-cosine"))
+            src: tuple = ("--calib", data.calib) if needs else ()
         elif any(a in cfg.args for a in ("--equalize", "--smooth-alpha")):  # they change the model: own statistics
             src = ("--calib", data.calib)
         else:
@@ -49,13 +53,16 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
         if not cfg.args:
             return out, {"status": "n/a"}
         cmd = runners.peer_cmd(cfg.args[0], model, out, "--calib", data.calib, *cfg.args[1:])
+    elif cfg.tool == "ort4":
+        cmd, env = runners.nbits_cmd(cfg.args[0], model, out, "--calib", data.calib)
     elif cfg.tool == "nncf":
         if not runners.NNCF_PYTHON.exists():
             return out, {"status": "skipped", "error": "bench/.venv-nncf is missing (make bench creates it)"}
         cmd = runners.nncf_cmd(model, out, data.calib, *cfg.args)
     else:
         raise ValueError(cfg.tool)
-    res = runners.run_child(cmd, log=work / f"{cfg.id}.log", timeout_s=timeout_s, rss_limit_mb=rss_limit_mb)
+    res = runners.run_child(cmd, log=work / f"{cfg.id}.log", timeout_s=timeout_s, rss_limit_mb=rss_limit_mb,
+                            env=env if cfg.tool == "ort4" else None)
     row: dict = {"status": res.status, "quant_wall_s": res.wall_s, "peak_rss_mb": res.peak_rss_mb,
                  "command": shlex.join(cmd)}
     if res.status == "failed" and res.returncode == 6 and cfg.tool == "onnxq" and out.exists():
@@ -76,7 +83,11 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
         row["onnxq_nodes"] = {k: rep["nodes"][k] for k in ("quantized", "float", "total")}
         if rep.get("accuracy_target"):
             target = rep["accuracy_target"]
-            row["onnxq_target"] = {k: target[k] for k in ("met", "start", "final", "float_nodes", "speed")}
+            row["onnxq_target"] = {k: target.get(k) for k in ("met", "start", "final", "float_nodes", "speed")}
+        if rep.get("weight_only"):
+            row["onnxq_weight_only"] = {k: rep["weight_only"].get(k) for k in ("method", "notes", "awq_folded")}
+            layers = rep["weight_only"].get("layers", {}).values()
+            row["onnxq_weight_only"]["bits"] = dict(Counter(d["bits"] for d in layers))
     return out, row
 
 
@@ -92,6 +103,8 @@ def task_metrics(spec: models.ModelSpec, path: Path, ref: list[np.ndarray], got:
         return metrics.det_metrics(spec.task, ref, got), None
     if spec.task == "sentence-emb":
         return metrics.embedding_metrics(ref, got, [f["attention_mask"] for f in eval_feeds]), None
+    if spec.task == "asr-decoder":
+        return metrics.decoder_metrics(ref, got, data.meta["eval_labels"]), None
     audio = np.load(data.eval.parent / "eval_audio.npy")
     _, probs = datasets.vad_sequence(metrics.session(path), audio)
     return metrics.vad_metrics(probs if ref_probs is None else ref_probs, probs), probs
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(a.configs.split(",")) if a.configs else None
 
     def chosen(spec: models.ModelSpec) -> list[Config]:
-        return [c for c in configs.full(spec.dynamic, spec.transformer)
+        return [c for c in configs.full(spec.dynamic, spec.transformer, spec.weight_only)
                 if wanted is None or c.id in wanted or c.id == "fp32"]
 
     run(names, chosen, samples, results, a.markdown or MARKDOWN, command.strip(), a.rss_limit_mb, merge=a.merge)

@@ -366,13 +366,13 @@ def _smooth(request: QuantizeRequest, prepared: PreparedModel, calib: SampleSour
 def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
     if request.mode != "static":
         return quantize_without_calibration(request, progress)
+    if request.fallback == "int8":
+        raise UsageError("--fallback int8 (int8 weights) is for --mode weight-only --weight-bits 4")
     if (request.target is not None and request.target_data is None and request.data.eval_data is None
             and request.data.calib is None):
         raise UsageError("an accuracy target needs samples to measure it on: give --eval-data or --calib")
     if (request.metric is None) != (request.target is None or request.target.min_metric is None):
         raise UsageError("--metric SCRIPT and --target-metric VALUE go together")
-    if request.fallback == "int8":
-        raise UsageError("--fallback int8 (int8 weights) is for --mode weight-only --weight-bits 4")
     if request.metric is not None:
         load_metric(request.metric)  # a broken script fails now, not after calibration
     if _recovery_options(request).needs_data and request.data.calib is None and not request.data.allow_random:

@@ -394,7 +394,7 @@ def _search(build, candidates: dict[str, str], target: Target, reference: Cached
             "met": target.met_by(final), "samples": len(reference.feeds),
             "start": {"min_sqnr_db": start.min_sqnr, "min_cosine": start.min_cosine, "metric": start.metric},
             "final": {"min_sqnr_db": final.min_sqnr, "min_cosine": final.min_cosine, "metric": final.metric},
-            "ranking": ranking, "moved": chosen, "steps": steps}, chosen
+            "ranking": ranking, "moved": chosen, "float_nodes": chosen, "speed": None, "steps": steps}, chosen
 
 
 def quantize_embeddings_int8(model: onnx.ModelProto, choices: dict[str, NodeChoice], block_size: int
