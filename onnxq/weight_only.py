@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .pipeline import QuantizeRequest
 
 MIN_TABLE = 1024  # smaller Gather tables (token types) stay float: nothing to win
+CHUNK = 4096  # output columns rounded at a time: bounds the float64 temporaries of a large table
 NEEDS_DATA = ("gptq", "awq")
 
 
@@ -228,14 +229,19 @@ class RoundingCache:
             if layer.op == "Gather" or (layer.tied and method == "hqq") or (method in NEEDS_DATA and hessian is None):
                 method = "rtn" if method == "rtn" else "hqq"  # lookups have no input statistics
             integer = layer.op == "Gather" or bool(layer.tied)  # GatherBlockQuantized stores uint8 zero points
-            quant = (wr.hqq(layer.weight, fmt, integer_zeros=integer) if method == "hqq"
-                     else wr.quantize(layer.weight, fmt, method, hessian))
-            self.done[key] = quant
+            parts, error, rtn_error = [], 0.0, 0.0
+            for start in range(0, layer.weight.shape[1], CHUNK):  # output columns are rounded independently
+                w = layer.weight[:, start : start + CHUNK]
+                part = (wr.hqq(w, fmt, integer_zeros=integer) if method == "hqq"
+                        else wr.quantize(w, fmt, method, hessian))
+                parts.append(part)
+                if hessian is not None:
+                    error += wr.output_error(w, part.dequantize(), hessian)
+                    rtn_error += wr.output_error(w, wr.rtn(w, fmt).dequantize(), hessian)
+            self.done[key] = wr.concatenate(parts)
             if hessian is not None:
-                rtn_error = wr.output_error(layer.weight, wr.rtn(layer.weight, fmt).dequantize(), hessian)
-                error = wr.output_error(layer.weight, quant.dequantize(), hessian)
-                self.errors.setdefault(label, {})[f"int{bits}_error_vs_rtn"] = round(error / rtn_error, 4) \
-                    if rtn_error > 0 else 1.0
+                self.errors.setdefault(label, {})[f"int{bits}_error_vs_rtn"] = \
+                    round(error / rtn_error, 4) if rtn_error > 0 else 1.0
         return self.done[key]
 
 
@@ -297,6 +303,8 @@ def _matmul_nbits(graph: gs.Graph, node: gs.Node, quant: wr.BlockQuant, names: N
         inputs += [gs.Variable.empty()] * (5 - len(inputs)) + [bias]
     k, n = quant.k, quant.codes.shape[0]
     attrs = {"K": k, "N": n, "bits": quant.fmt.bits, "block_size": quant.fmt.block_size}
+    if quant.fmt.bits == 8:  # onnxruntime's fast 8-bit kernel quantizes A per block (as it does for DQ -> MatMul)
+        attrs["accuracy_level"] = 4
     new = gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=MS)
     node.inputs.clear()
     node.outputs.clear()

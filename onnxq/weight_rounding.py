@@ -69,6 +69,16 @@ class BlockQuant:
         return values.reshape(values.shape[0], -1)[:, : self.k].T.astype(np.float32)
 
 
+def concatenate(parts: list[BlockQuant]) -> BlockQuant:
+    """One BlockQuant from parts that each hold some output columns of the same weight."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return BlockQuant(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                      np.concatenate([p.zeros for p in parts]), first.k, first.fmt,
+                      any(p.float_zeros for p in parts))
+
+
 def blocks_of(weight: np.ndarray, block_size: int) -> np.ndarray:
     """[K, N] -> [N, blocks, block_size] float64, the last block zero-padded."""
     k, n = weight.shape
@@ -116,8 +126,15 @@ def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray) ->
     return float(np.sum(diff * (hessian @ diff)))
 
 
-def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: BlockFormat, damp: float = GPTQ_DAMP) -> BlockQuant:
-    """GPTQ with block-wise groups: `hessian` [K, K] = X^T X (any positive multiple) of the layer's input."""
+def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: BlockFormat, damp: float = GPTQ_DAMP,
+         act_order: bool = False) -> BlockQuant:
+    """GPTQ with block-wise groups: `hessian` [K, K] = X^T X (any positive multiple) of the layer's input.
+
+    Block parameters come from the already-updated weights when a block starts. `act_order`: channels
+    are quantized in order of decreasing H_ii (the most active first, while there is most room left to
+    compensate); the block parameters are then fixed up front from the original weights ("static
+    groups"), because the blocks MatMulNBits stores stay in channel order.
+    """
     k, n = weight.shape
     bs = fmt.block_size
     count = -(-k // bs)
@@ -130,10 +147,17 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: BlockFormat, damp: float 
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h[np.diag_indices(size)] += damp * float(np.mean(np.diag(h)))
-    upper = _inverse_cholesky_upper(h)
-    codes = np.zeros((n, size), np.uint8)
     scales = np.zeros((n, count))
     zeros = np.zeros((n, count))
+    order = np.arange(size)
+    if act_order:
+        for b in range(count):
+            blk = slice(b * bs, (b + 1) * bs)
+            scales[:, b], zeros[:, b] = best_range(w[:, blk], h[blk, blk], fmt)
+        order = np.argsort(-np.diag(h), kind="stable")
+    w, h = w[:, order], h[np.ix_(order, order)]
+    upper = _inverse_cholesky_upper(h)
+    codes = np.zeros((n, size), np.uint8)
     step = max(128, bs)  # column batches aligned to blocks: block parameters see every earlier update
     for start in range(0, size, step):
         stop = min(start + step, size)
@@ -142,12 +166,13 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: BlockFormat, damp: float 
         inv = upper[start:stop, start:stop]
         for i in range(stop - start):
             col = start + i
-            if col % bs == 0:
-                s, z = best_range(part[:, i : i + bs], h[col : col + bs, col : col + bs], fmt)
-                scales[:, col // bs], zeros[:, col // bs] = s, z
-            s, z = scales[:, col // bs], zeros[:, col // bs]
+            block = order[col] // bs
+            if not act_order and col % bs == 0:
+                scales[:, block], zeros[:, block] = best_range(part[:, i : i + bs], h[col : col + bs, col : col + bs],
+                                                               fmt)
+            s, z = scales[:, block], zeros[:, block]
             q = encode(part[:, i : i + 1], s, z, fmt)[:, 0]
-            codes[:, col] = q
+            codes[:, order[col]] = q
             err = (part[:, i] - (q - z) * s.astype(np.float32)) / inv[i, i]
             part[:, i:] -= np.outer(err, inv[i, i:])
             errors[:, i] = err
@@ -180,9 +205,8 @@ def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
     extra = 0.0
     for _ in range(8):
         try:
-            regular = h + extra * np.eye(len(h))
-            inverse = np.linalg.inv(np.linalg.cholesky(regular))
-            return np.linalg.cholesky(inverse.T @ inverse).T
+            inverse = np.linalg.inv(h + extra * np.eye(len(h)))
+            return np.linalg.cholesky((inverse + inverse.T) / 2).T
         except np.linalg.LinAlgError:
             extra = max(extra * 10.0, 1e-6 * float(np.mean(np.diag(h))))
     raise np.linalg.LinAlgError("the input Hessian is not positive definite even after damping")

@@ -15,7 +15,7 @@ steer the rounding.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +24,31 @@ import onnx
 from .calibrate import ProgressFactory, _no_progress, run, session_for, with_outputs
 from .data import Feed, SampleSource, batches
 
+PENDING_VALUES = 1 << 19  # rows are folded into X^T X in chunks of about this many values (2 MB)
+
 
 @dataclass
 class InputStats:
     gram: np.ndarray  # sum of x x^T over rows, float64 [K, K]
     abs_sum: np.ndarray  # sum of |x| per channel, float64 [K]
     rows: int = 0
+    pending: list[np.ndarray] = field(default_factory=list)  # a few batches' rows, folded in one product
 
     @classmethod
     def empty(cls, k: int) -> InputStats:
         return cls(np.zeros((k, k)), np.zeros(k))
 
     def update(self, rows: np.ndarray) -> None:
-        rows = rows.astype(np.float64)
+        self.pending.append(np.asarray(rows, np.float32))
+        if sum(r.size for r in self.pending) >= PENDING_VALUES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the pending rows in (one K x K product for many small batches: the sum is what costs)."""
+        if not self.pending:
+            return
+        rows = np.concatenate(self.pending).astype(np.float64)
+        self.pending.clear()
         self.gram += rows.T @ rows
         self.abs_sum += np.abs(rows).sum(axis=0)
         self.rows += len(rows)
@@ -89,6 +101,8 @@ def collect_input_stats(model: onnx.ModelProto, tensors: list[str], source: Samp
                     bar.update(count)
         finally:
             bar.close()
+    for stats in found.values():
+        stats.flush()
     return found
 
 
