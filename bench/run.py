@@ -23,6 +23,8 @@ from bench import configs, datasets, metrics, models, report, runners
 from bench.configs import Config
 
 RESULTS = models.REPO / "bench" / "results"
+METRICS = {"sentence-emb": models.REPO / "bench" / "metric_sentence.py",
+           "asr-decoder": models.REPO / "bench" / "metric_decoder.py"}  # --metric scripts for --target-metric
 MARKDOWN = models.REPO / "BENCHMARKS.md"
 DEFAULT_SAMPLES = {"ppocr-rec": (64, 48), "ppocr-cls": (64, 48), "ppocr-det": (24, 24),
                    "nudenet-320n": (32, 32), "silero-vad": (256, 256),
@@ -31,7 +33,7 @@ DEFAULT_SAMPLES = {"ppocr-rec": (64, 48), "ppocr-cls": (64, 48), "ppocr-det": (2
 
 
 def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats: Path | None,
-             timeout_s: int, rss_limit_mb: float) -> tuple[Path, dict]:
+             timeout_s: int, rss_limit_mb: float, task: str = "") -> tuple[Path, dict]:
     """Run one configuration's quantizer as a child; return the output path and the row so far."""
     out = work / f"{cfg.id}.onnx"
     out.unlink(missing_ok=True)
@@ -39,8 +41,10 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
     report_file = work / f"{cfg.id}.report.json"
     if cfg.tool == "onnxq":
         if "--mode" in cfg.args:  # dynamic / weight-only: no calibration (smoothing measures channels on it)
-            needs = any(a in cfg.args for a in ("--smooth-alpha", "gptq", "awq", "--target-cosine"))
+            needs = any(a in cfg.args for a in ("--smooth-alpha", "gptq", "awq", "--target-metric"))
             src: tuple = ("--calib", data.calib) if needs else ()
+            if "--target-metric" in cfg.args:  # the task measure, tuned on calibration samples, not on eval
+                src += ("--metric", METRICS[task], "--target-data", data.calib)
         elif any(a in cfg.args for a in ("--equalize", "--smooth-alpha")):  # they change the model: own statistics
             src = ("--calib", data.calib)
         else:
@@ -143,7 +147,7 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
         if cfg.tool == "fp32":
             path, row["status"] = model, "ok"
         else:
-            path, extra = quantize(cfg, model, data, work, stats, spec.timeout_s, rss_limit_mb)
+            path, extra = quantize(cfg, model, data, work, stats, spec.timeout_s, rss_limit_mb, spec.task)
             row.update(extra)
             if cfg.id == "onnxq-default" and "onnxq_timings_s" in row:
                 row["calib_ratio"] = round(max(1.0, row["onnxq_timings_s"]["calibrate"] / fp32_calib_pass_s), 2)
