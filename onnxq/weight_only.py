@@ -146,8 +146,8 @@ def _gather_table(node: gs.Node) -> np.ndarray | None:
     table, indices = node.inputs
     if not is_constant(table) or not is_float32(table) or is_constant(indices):
         return None
-    values = constant_values(table)
-    return values.astype(np.float32) if values.ndim == 2 and values.size >= MIN_TABLE else None
+    values = np.asarray(constant_values(table), np.float32)
+    return values if values.ndim == 2 and values.size >= MIN_TABLE else None
 
 
 def _nodes(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node]]:
@@ -159,19 +159,23 @@ def _nodes(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node]]:
 def find_layers(graph: gs.Graph, choices: dict[str, NodeChoice]) -> dict[str, Layer]:
     """Every MatMul/Gemm weight and embedding table a recipe does not keep float; tied pairs linked."""
     layers: dict[str, Layer] = {}
-    digests: dict[str, str] = {}
     for _, node in _nodes(graph):
         label = node_label(node)
         if node.op in ("MatMul", "Gemm"):
             found = _matmul_weight(node)
             if not isinstance(found, str):
                 layers[label] = Layer(label, node.op, found[0])
-                digests.setdefault(_digest(found[0]), label)
         elif (table := _gather_table(node)) is not None:
-            layers[label] = Layer(label, "Gather", np.ascontiguousarray(table.T))
+            layers[label] = Layer(label, "Gather", table.T)  # a view: rounding copies blocks anyway
+    heads = [layer for layer in layers.values() if layer.op != "Gather"]
     for label, layer in list(layers.items()):
-        if layer.op == "Gather" and (head := digests.get(_digest(layer.weight))) is not None:
-            layers[head].tied.append(label)
+        if layer.op != "Gather":
+            continue
+        same_shape = [head for head in heads if head.weight.shape == layer.weight.shape]
+        digest = _digest(layer.weight) if same_shape else None
+        head = next((head for head in same_shape if _digest(head.weight) == digest), None)
+        if head is not None:  # an LM head whose weight is this table transposed: quantized once
+            head.tied.append(label)
             del layers[label]
     return {label: layer for label, layer in layers.items()
             if _chosen_bits(choices.get(label), 4) != 0 or layer.tied}
