@@ -438,9 +438,13 @@ def run_weight_only(request: QuantizeRequest, model: onnx.ModelProto, reference:
         quantized, decisions = rewrite_weight_only(model, options, qtype, choices)
         quantized, embedded = quantize_embeddings_int8(quantized, choices, options.block_size)
         return Int4Result(quantized, decisions + embedded, [], {"method": "rtn", "bits": 8})
+    from .pipeline import check_batch_size  # the pipeline imports this module
+
     specs = model_input_specs(model)
     data = request.data
     calib = open_source(data.calib, specs, data.images) if data.calib is not None else None
+    if calib is not None:
+        check_batch_size(data.batch_size, specs)
     if calib is not None and data.max_samples is not None:
         calib = calib.subset(range(min(data.max_samples, len(calib))), calib.description)
     search = None

@@ -308,10 +308,30 @@ def test_int4_is_reproducible_and_takes_varying_token_lengths_in_batches(tmp_pat
     (["--mode", "weight-only", "--weight-bits", "4", "--weight-method", "gptq"], "give --calib"),
     (["--mode", "weight-only", "--weight-method", "hqq"], "is for --weight-bits 4"),
     (["--allow-random", "--fallback", "int8", "--target-cosine", "0.9"], "--fallback int8"),
+    (["--mode", "weight-only", "--weight-bits", "4", "--weight-method", "awq", "--calib", "CALIB", "--batch-size", "4"],
+     "fixed first dimension"),
 ])
 def test_int4_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
     onnx.save(make_transformer(), tmp_path / "model.onnx")
+    calib = str(write_feeds(tmp_path / "calib", token_feeds(4)))
+    args = [calib if a == "CALIB" else a for a in args]
     result = subprocess.run([*ONNXQ, "quantize", str(tmp_path / "model.onnx"), "-o", str(tmp_path / "out.onnx"),
                              *args], capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_padded_token_ids_in_one_stacked_npz_count_only_real_tokens(tmp_path: Path) -> None:
+    model = make_transformer()
+    onnx.save(model, tmp_path / "model.onnx")
+    feeds = token_feeds(10, vocab=96, seed=3, pad_to=24)
+    stacked = tmp_path / "tokens.npz"
+    np.savez(stacked, **{name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
+    result = quantize(QuantizeRequest(model=tmp_path / "model.onnx", output=tmp_path / "out.onnx", mode="weight-only",
+                                      weight_only=WeightOnlyOptions(bits=4, method="gptq"),
+                                      data=DataOptions(calib=stacked)))
+    layers = result.report["weight_only"]["layers"]
+    real = sum(int(f["attention_mask"].sum()) for f in feeds)
+    assert layers["/l0.q.mm/MatMul"]["calibration_rows"] == real < 10 * 24
+    assert layers["/l0.q.mm/MatMul"]["int4_error_vs_rtn"] < 1.0
+    assert "/tok/Gather" not in layers and layers["/logits/MatMul"]["tied_with"] == ["/tok/Gather"]  # one layer
