@@ -244,7 +244,8 @@ def pack_int4(weight: np.ndarray, block_size: int, symmetric: bool
 
     Each column is cut into blocks of `block_size` along K (the last block zero-padded);
     values are unsigned 4-bit q = round(w / scale) + zero_point, two per byte, low nibble first.
-    Symmetric: zero point 8 and scale = max|w| / 7 (q in 1..15); else scale = (max - min) / 15.
+    Symmetric: zero point 8, the value m of largest magnitude at code 0 (scale = -m / 8); else
+    scale = (max - min) / 15 with a zero point.
     """
     fmt = weight_rounding.BlockFormat(4, block_size, symmetric)
     return weight_rounding.pack(weight_rounding.rtn(weight, fmt))

@@ -89,9 +89,13 @@ def blocks_of(weight: np.ndarray, block_size: int) -> np.ndarray:
 
 
 def minmax_params(values: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, zero) over the last axis: symmetric max|w| / (2^(bits-1) - 1), else [min, max] with 0 inside."""
+    """(scale, zero) over the last axis. Symmetric: the value m of largest magnitude becomes code 0
+    (scale = -m / 2^(bits-1), negative when m > 0), so all 2^bits levels are used, as onnxruntime's own
+    block quantizer does; values of the other sign beyond +7 steps clip by at most one step.
+    Asymmetric: [min, max] with 0 inside."""
     if fmt.symmetric:
-        scale = np.abs(values).max(axis=-1) / (fmt.mid - 1)
+        index = np.abs(values).argmax(axis=-1)[..., None]
+        scale = -np.take_along_axis(values, index, axis=-1)[..., 0] / fmt.mid
         zero = np.full(scale.shape, float(fmt.mid))
     else:
         lo = np.minimum(values.min(axis=-1), 0.0)
@@ -104,7 +108,7 @@ def minmax_params(values: np.ndarray, fmt: BlockFormat) -> tuple[np.ndarray, np.
 def _safe(scale: np.ndarray) -> np.ndarray:
     """Scales as float32 values (what the file stores), never 0."""
     scale = np.asarray(scale, np.float32).astype(np.float64)
-    return np.where(scale > 0, scale, 1.0)
+    return np.where(scale != 0, scale, 1.0)
 
 
 def encode(values: np.ndarray, scale: np.ndarray, zero: np.ndarray, fmt: BlockFormat) -> np.ndarray:

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def make_transformer(vocab: int = 96, dim: int = 64, layers: int = 2, ffn: int = 128, seq: int | None = None,
-                     tied: bool = True, seed: int = 0) -> onnx.ModelProto:
+                     tied: bool = True, seed: int = 0, batch: int | None = 1) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
@@ -72,10 +72,13 @@ def make_transformer(vocab: int = 96, dim: int = 64, layers: int = 2, ffn: int =
     head = np.ascontiguousarray(table.T) if tied else (rng.standard_normal((dim, vocab)) * 0.1).astype(np.float32)
     node("MatMul", [h, const("lm_head.weight", head)], "logits")
     seq_dim = seq if seq is not None else "seq"
+    batch_dim = batch if batch is not None else "batch"
+    tokens = [batch_dim, seq_dim]
     graph = helper.make_graph(nodes, "tiny_transformer",
-                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, seq_dim]),
-                               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, seq_dim])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, seq_dim, vocab])], inits)
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, tokens),
+                               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, tokens)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch_dim, seq_dim, vocab])],
+                              inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
