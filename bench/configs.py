@@ -29,6 +29,9 @@ def weight_only_rows() -> list[Config]:
                    (*INT4, "--weight-method", m, "--weight-zero-points")) for m in ("rtn", "hqq", "gptq", "awq")]
     rows += [Config(f"onnxq-int4-{m}", "onnxq", f"onnxq weight-only int4 --weight-method {m} (symmetric)",
                     (*INT4, "--weight-method", m)) for m in ("gptq", "awq")]
+    rows.append(Config("onnxq-int4-gptq-asym-float-emb", "onnxq", "onnxq int4 gptq --weight-zero-points, "
+                       "embedding tables float (--exclude Gather), as ORT's quantizer leaves them",
+                       (*INT4, "--weight-method", "gptq", "--weight-zero-points", "--exclude", "Gather")))
     rows.append(Config("onnxq-int4-mixed", "onnxq", "onnxq int4 gptq asym, int8 by sensitivity until the task "
                        "measure (bench/metric_<task>.py on the calibration samples) reaches its target (at most 12)",
                        (*INT4, "--weight-method", "gptq", "--weight-zero-points", "--target-metric",

@@ -167,10 +167,10 @@ def find_layers(graph: gs.Graph, choices: dict[str, NodeChoice]) -> dict[str, La
                 layers[label] = Layer(label, node.op, found[0])
         elif (table := _gather_table(node)) is not None:
             layers[label] = Layer(label, "Gather", table.T)  # a view: rounding copies blocks anyway
-    heads = [layer for layer in layers.values() if layer.op != "Gather"]
+    heads = [layer for layer in layers.values() if layer.op != "Gather" and _chosen_bits(choices.get(layer.label), 4)]
     for label, layer in list(layers.items()):
-        if layer.op != "Gather":
-            continue
+        if layer.op != "Gather" or _chosen_bits(choices.get(label), 4) == 0:
+            continue  # a table kept float stays its own (float) tensor, whatever the LM head becomes
         same_shape = [head for head in heads if head.weight.shape == layer.weight.shape]
         digest = _digest(layer.weight) if same_shape else None
         head = next((head for head in same_shape if _digest(head.weight) == digest), None)
