@@ -184,13 +184,14 @@ def weight_only_lines(res: dict) -> list[str]:
         return []
     fp32_ppl = next((r.get("task", {}).get("perplexity") for r in rows if r["id"] == "fp32"), None)
     lines = ["Weight-only rows side by side (blocks of 32; ORT's matmul_nbits_quantizer leaves the embedding tables "
-             "float; NNCF keeps embeddings and the last layer in 8 bits):", "",
-             f"| config | status | {key} | perplexity (+ vs fp32) | size ÷ | ms 1t | ms 2t | quant s | peak RSS MB "
-             "| bits (layers) |", "|" + "---|" * 10]
+             "float; NNCF keeps embeddings and the last layer in 8 bits). Speedup: fp32 ÷ row, batch 1, measured in "
+             "the row's own run (ms 1t is that run's and differs between merged runs on this shared machine):", "",
+             f"| config | status | {key} | perplexity (+ vs fp32) | size ÷ | speedup 1t | speedup 2t | ms 1t "
+             "| quant s | peak RSS MB | bits (layers) |", "|" + "---|" * 11]
     for r in rows:
         ppl = r.get("task", {}).get("perplexity")
         ppl_cell = f"{ppl:.4f} (+{ppl - fp32_ppl:.4f})" if ppl is not None and fp32_ppl is not None else "—"
-        lat = r.get("latency_ms", {})
+        lat, speed = r.get("latency_ms", {}), r.get("speedup", {})
         bits = (r.get("onnxq_weight_only") or {}).get("bits") or {}
         bits_cell = ", ".join(f"int{b}: {n}" for b, n in sorted(bits.items(), key=lambda kv: -int(kv[0]))) or "—"
         status = r["status"]
@@ -198,8 +199,8 @@ def weight_only_lines(res: dict) -> list[str]:
             status += f": {_short_error(r['error'])}"
         quant = r.get("quant_wall_excl_eval_s", r.get("quant_wall_s"))
         lines.append(f"| {r['id']} | {status} | {_fmt(_metric(r, key), '.4f')} | {ppl_cell} "
-                     f"| {_fmt(r.get('size_ratio'), '.2f')} | {_fmt(lat.get('1'), '.2f')} "
-                     f"| {_fmt(lat.get('all'), '.2f')} "
+                     f"| {_fmt(r.get('size_ratio'), '.2f')} | {_fmt(speed.get('1'), '.2f')} "
+                     f"| {_fmt(speed.get('all'), '.2f')} | {_fmt(lat.get('1'), '.2f')} "
                      f"| {_fmt(quant, '.1f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} | {bits_cell} |")
     return [*lines, ""]
 
