@@ -196,7 +196,10 @@ def merge_rows(path: Path, new: dict) -> dict:
     if not path.exists() or "rows" not in new:
         return new
     saved = json.loads(path.read_text())
-    fresh = {row["id"]: {**row, "merged_from": new["command"]} for row in new["rows"] if row["id"] != "fp32"}
+    m = new.get("machine", {})
+    cpu = f"{m.get('cpu')} (AVX2: {m.get('avx2')}, VNNI: {m.get('vnni')}, AMX: {m.get('amx')})"
+    fresh = {row["id"]: {**row, "merged_from": new["command"], "machine_cpu": cpu}
+             for row in new["rows"] if row["id"] != "fp32"}
     rows = [fresh.pop(row["id"], row) for row in saved.get("rows", [])]
     saved["rows"] = rows + list(fresh.values())
     saved.setdefault("merged_commands", []).append(new["command"])
