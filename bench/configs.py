@@ -13,12 +13,38 @@ class Config:
     """One row of a model's table."""
 
     id: str
-    tool: str  # fp32 | onnxq | ort | nncf
+    tool: str  # fp32 | onnxq | ort | ort4 (matmul_nbits_quantizer) | nncf
     label: str  # human-readable settings
     args: tuple[str, ...] = field(default_factory=tuple)
 
 
-def full(dynamic: bool, transformer: bool = False) -> list[Config]:
+INT4 = ("--mode", "weight-only", "--weight-bits", "4")
+
+
+def weight_only_rows() -> list[Config]:
+    """Weight-only int4 (MatMulNBits): onnxq per --weight-method and mixed with int8 by sensitivity, ORT's
+    matmul_nbits_quantizer (RTN, HQQ, GPTQ) and NNCF compress_weights (data-free, and AWQ + scale estimation);
+    blocks of 32 everywhere, symmetric."""
+    rows = [Config(f"onnxq-int4-{m}-asym", "onnxq", f"onnxq weight-only int4 --weight-method {m} --weight-zero-points",
+                   (*INT4, "--weight-method", m, "--weight-zero-points")) for m in ("rtn", "hqq", "gptq", "awq")]
+    rows += [Config(f"onnxq-int4-{m}", "onnxq", f"onnxq weight-only int4 --weight-method {m} (symmetric)",
+                    (*INT4, "--weight-method", m)) for m in ("gptq", "awq")]
+    rows.append(Config("onnxq-int4-gptq-asym-float-emb", "onnxq", "onnxq int4 gptq --weight-zero-points, "
+                       "embedding tables float (--exclude Gather), as ORT's quantizer leaves them",
+                       (*INT4, "--weight-method", "gptq", "--weight-zero-points", "--exclude", "Gather")))
+    rows.append(Config("onnxq-int4-mixed", "onnxq", "onnxq int4 gptq asym, int8 by sensitivity until the task "
+                       "measure (bench/metric_<task>.py on the calibration samples) reaches its target (at most 12)",
+                       (*INT4, "--weight-method", "gptq", "--weight-zero-points", "--target-metric",
+                        "--max-fallbacks", "12")))
+    rows += [Config(f"ort-int4-{m}", "ort4", f"ORT matmul_nbits_quantizer {m.upper()} (MatMul, blocks of 32)", (m,))
+             for m in ("rtn", "hqq", "gptq")]
+    rows += [Config("nncf-int4", "nncf", "nncf.compress_weights INT4_SYM group 32 ratio 1", ("--weights", "int4")),
+             Config("nncf-int4-awq", "nncf", "nncf.compress_weights INT4_SYM + AWQ + scale estimation (data)",
+                    ("--weights", "int4-awq"))]
+    return rows
+
+
+def full(dynamic: bool, transformer: bool = False, weight_only: bool = False) -> list[Config]:
     """Every configuration of the full suite.
 
     ``dynamic``: quantize_dynamic applies to the model; ``transformer``: add NNCF's transformer preset.
@@ -44,7 +70,7 @@ def full(dynamic: bool, transformer: bool = False) -> list[Config]:
                        ("--mode", "weight-only")))
     if dynamic:
         cfgs.append(Config("onnxq-dynamic", "onnxq", "onnxq --mode dynamic (MatMul/Gemm)", ("--mode", "dynamic")))
-        cfgs.append(Config("onnxq-int4", "onnxq", "onnxq --mode weight-only --weight-bits 4 (MatMulNBits)",
+        cfgs.append(Config("onnxq-int4", "onnxq", "onnxq --mode weight-only --weight-bits 4 (rtn, MatMulNBits)",
                            ("--mode", "weight-only", "--weight-bits", "4")))
     for fmt, short in (("QDQ", "qdq"), ("QOperator", "qop")):
         cfgs += [Config(f"ort-{short}-{m.lower()}", "ort", f"ORT static {fmt} {m} per-channel",
@@ -62,6 +88,8 @@ def full(dynamic: bool, transformer: bool = False) -> list[Config]:
                            ("--mode", "dynamic", "--smooth-alpha", "0.7")))
         cfgs.append(Config("nncf-transformer", "nncf", "nncf.quantize model_type=TRANSFORMER",
                            ("--model-type", "transformer")))
+    if weight_only:
+        cfgs += weight_only_rows()
     return cfgs
 
 

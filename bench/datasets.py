@@ -348,6 +348,36 @@ def build_sentences(model: Path, dst: Path, n_calib: int, n_eval: int) -> dict:
     return meta
 
 
+def build_transcripts(model: Path, dst: Path, n_calib: int, n_eval: int) -> dict:
+    """Whisper decoder feeds: stdlib sentences (split as for the sentence encoder) spoken by espeak-ng with
+    different voices per side, run through the fp32 encoder and tokenized (bench/whisper_child.py features)."""
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is missing: apt-get install espeak-ng")
+    calib_docs, eval_docs = stdlib_documents()
+    picked = {"calib": pick_sentences(doc_sentences(calib_docs, eval_docs), n_calib),
+              "eval": pick_sentences(doc_sentences(eval_docs, calib_docs), n_eval)}
+    voices = {"calib": ("en-us", "en"), "eval": ("en-gb-x-rp", "en-us+f3")}
+    items: dict[str, list[dict]] = {}
+    (dst / "wav").mkdir(parents=True, exist_ok=True)
+    for split, pairs in picked.items():
+        items[split] = []
+        for i, (_, text) in enumerate(pairs):
+            wav = dst / "wav" / f"{split}-{i:04d}.wav"
+            subprocess.run(["espeak-ng", "-v", voices[split][i % 2], "-s", str(150 + 10 * (i % 3)), "-w", str(wav),
+                            text], check=True, capture_output=True)
+            items[split].append({"wav": str(wav), "text": text})
+    (dst / "items.json").write_text(json.dumps(items, indent=1))
+    subprocess.run(runners.export_cmd("features", source_folder(model), dst / "items.json", dst,
+                                      script="whisper_child.py"), check=True)
+    shutil.rmtree(dst / "wav")
+    meta: dict = {"source": "CPython 3 stdlib sentences spoken by espeak-ng (calib: pydoc topics, voices en-us/en; "
+                            "eval: LICENSE, this.py, heapq, idlelib docs, voices en-gb-x-rp/en-us+f3)"}
+    for split, pairs in picked.items():
+        meta[f"{split}_texts"] = [t for _, t in pairs]
+        meta[f"{split}_labels"] = json.loads((dst / f"{split}_labels.json").read_text())
+    return meta
+
+
 def build(name: str, task: str, model: Path, n_calib: int, n_eval: int, cache: Path = CACHE) -> DataSet:
     """Build (or reuse) the feeds of one model."""
     dst = cache / "data" / f"{name}-{n_calib}-{n_eval}"
@@ -363,6 +393,8 @@ def build(name: str, task: str, model: Path, n_calib: int, n_eval: int, cache: P
             meta = build_vad(model, dst, n_calib, n_eval)
         elif task == "sentence-emb":
             meta = build_sentences(model, dst, n_calib, n_eval)
+        elif task == "asr-decoder":
+            meta = build_transcripts(model, dst, n_calib, n_eval)
         else:
             raise ValueError(f"unknown task {task}")
         meta_file.write_text(json.dumps(meta, indent=1))

@@ -179,8 +179,34 @@ def _nearest(emb: np.ndarray) -> np.ndarray:
     return sim.argmax(axis=1)
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def decoder_metrics(ref: list[np.ndarray], got: list[np.ndarray], labels: list[list[int]]) -> dict:
+    """Teacher-forced decoder on held-out transcripts: how often the next-token choice (argmax) is fp32's,
+    and the perplexity of the reference text (its tokens and the end token) under the model and under fp32.
+    Position 0 of the prompt (<|startoftranscript|>) predicts <|notimestamps|>, so labels start at 1."""
+    agree = correct = count = 0
+    nll = nll_fp32 = 0.0
+    for r, g, lab in zip(ref, got, labels, strict=True):
+        tokens = np.asarray(lab)
+        r, g = r[0, 1 : 1 + len(tokens)], g[0, 1 : 1 + len(tokens)]
+        agree += int((r.argmax(-1) == g.argmax(-1)).sum())
+        correct += int((g.argmax(-1) == tokens).sum())
+        rows = np.arange(len(tokens))
+        nll -= float(_log_softmax(g)[rows, tokens].sum())
+        nll_fp32 -= float(_log_softmax(r)[rows, tokens].sum())
+        count += len(tokens)
+    return {"next_token_agreement": round(agree / count, 5), "perplexity": round(float(np.exp(nll / count)), 4),
+            "perplexity_fp32": round(float(np.exp(nll_fp32 / count)), 4),
+            "next_token_accuracy": round(correct / count, 5), "tokens": count}
+
+
 PRIMARY = {"ocr-rec": "char_accuracy", "ocr-cls": "accuracy", "text-det": "f1_vs_fp32",
-           "yolo-det": "f1_vs_fp32", "vad": "decision_agreement", "sentence-emb": "embedding_cosine"}
+           "yolo-det": "f1_vs_fp32", "vad": "decision_agreement", "sentence-emb": "embedding_cosine",
+           "asr-decoder": "next_token_agreement"}
 
 
 def latency(models: dict[str, Path], feed: dict[str, np.ndarray], threads: int,

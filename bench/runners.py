@@ -116,8 +116,19 @@ def nncf_cmd(*args: str | Path) -> list[str]:
     return [str(NNCF_PYTHON), str(REPO / "bench" / "nncf_child.py"), *map(str, args)]
 
 
-def export_cmd(*args: str | Path) -> list[str]:
-    """The torch export / tokenizer child script in bench/.venv-export (raises when that venv is missing)."""
+def export_cmd(*args: str | Path, script: str = "export_child.py") -> list[str]:
+    """A torch export / tokenizer child script in bench/.venv-export (raises when that venv is missing)."""
     if not EXPORT_PYTHON.exists():
         raise RuntimeError("bench/.venv-export is missing (make bench-deps creates it)")
-    return [str(EXPORT_PYTHON), str(REPO / "bench" / "export_child.py"), *map(str, args)]
+    return [str(EXPORT_PYTHON), str(REPO / "bench" / script), *map(str, args)]
+
+
+def nbits_cmd(*args: str | Path) -> tuple[list[str], dict[str, str]]:
+    """bench.nbits_child (onnxruntime's matmul_nbits_quantizer) in bench/.venv-export's interpreter (its HQQ
+    needs torch) with this venv's onnxruntime on the path; returns the command and its environment."""
+    if not EXPORT_PYTHON.exists():
+        raise RuntimeError("bench/.venv-export is missing (make bench-deps creates it)")
+    import sysconfig
+
+    path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])
+    return [str(EXPORT_PYTHON), "-m", "bench.nbits_child", *map(str, args)], {**os.environ, "PYTHONPATH": path}

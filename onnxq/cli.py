@@ -185,6 +185,7 @@ Examples:
   onnxq quantize model.onnx -o m.int8.onnx --calib data/ --min-cosine 0.99 --json > report.json
   onnxq quantize encoder.onnx -o encoder.dyn.onnx --mode dynamic --eval-data sentences/
   onnxq quantize llm.onnx -o llm.int4.onnx --mode weight-only --weight-bits 4 --block-size 32
+  onnxq quantize llm.onnx -o llm.int4.onnx --mode weight-only --weight-bits 4 --weight-method gptq --calib tokens/
   onnxq quantize m.onnx -o m.int8.onnx --calib data/ --target-sqnr 20 --save-recipe m.recipe.yaml
   onnxq quantize m.onnx -o m.int8.onnx --calib data/ --recipe m.recipe.yaml     # same model, no search
 
@@ -214,6 +215,8 @@ def main() -> None:
 @click.option("--block-size", type=int, default=32, show_default=True, help="--weight-bits 4: weights per block.")
 @click.option("--weight-zero-points", is_flag=True, help="--weight-bits 4: a zero point per block (default: "
               "symmetric).")
+@click.option("--weight-method", type=click.Choice(["rtn", "gptq", "awq", "hqq"]), default="rtn", show_default=True,
+              help="--weight-bits 4 rounding: rtn (nearest), gptq and awq (need --calib), hqq (data-free); see README.")
 @method_options
 @click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
@@ -254,8 +257,10 @@ def main() -> None:
               help="Samples the accuracy target is measured on.")
 @click.option("--target-data", type=click.Path(path_type=Path), help="Samples for the accuracy target (default: "
               "the held-back ones; give others to keep --eval-data untouched by the search).")
-@click.option("--fallback", type=click.Choice(["float", "int16"]), default="float", show_default=True,
-              help="What the accuracy target turns sensitive layers into: float, or int16 activations (W8A16; "
+@click.option("--fallback", type=click.Choice(["float", "int16", "int8"]), default=None,
+              show_default="float; weight-only: int8",
+              help="What the accuracy target turns sensitive layers into: float, int8 weights (--mode weight-only "
+                   "--weight-bits 4), or int16 activations (W8A16; "
                    "runs in float on CPU, for accelerators that run it natively).")
 @click.option("--max-fallbacks", type=click.IntRange(min=0), help="At most this many layers back to float for the "
               "target (default: as many as needed).")
@@ -278,7 +283,7 @@ def main() -> None:
 @handle_errors
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                      pixel_scale, mean, std, channel_order, eval_data, mode, weight_bits, block_size,
-                     weight_zero_points, method, percentile, symmetric, per_tensor,
+                     weight_zero_points, weight_method, method, percentile, symmetric, per_tensor,
                      output_format, weight_range, exclude, recipe_path, save_recipe, speed_guard, no_speed_guard,
                      speed_profile,
                      target_cpu, load_stats, save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine,
@@ -298,7 +303,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
     o = _recipe_defaults(recipe, dict(mode=mode, method=method, percentile=percentile, symmetric=symmetric,
                                       per_tensor=per_tensor, weight_range=weight_range, speed_guard=speed_guard,
                                       output_format=output_format, weight_bits=weight_bits, block_size=block_size,
-                                      weight_zero_points=weight_zero_points, smooth_alpha=smooth_alpha,
+                                      weight_zero_points=weight_zero_points, weight_method=weight_method,
+                                      smooth_alpha=smooth_alpha,
                                       smooth_mul=smooth_mul, equalize=equalize, bias_correction=bias_correction,
                                       adaround=adaround, adaround_seconds=adaround_seconds))
     request = QuantizeRequest(
@@ -307,9 +313,10 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
         output_format=o["output_format"],
         target=_target(target_sqnr, target_cosine, target_metric), metric=metric, target_samples=target_samples,
         target_data=target_data,
-        max_fallbacks=max_fallbacks, fallback=fallback,
+        max_fallbacks=max_fallbacks, fallback=fallback or ("int8" if o["mode"] == "weight-only" else "float"),
         mode=o["mode"], weight_only=WeightOnlyOptions(bits=int(o["weight_bits"]), block_size=o["block_size"],
-                                                      symmetric=not o["weight_zero_points"]),
+                                                      symmetric=not o["weight_zero_points"],
+                                                      method=o["weight_method"]),
         settings=QuantSettings(method=o["method"], percentile=o["percentile"], symmetric=o["symmetric"],
                                per_channel=not o["per_tensor"]),
         load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
@@ -339,7 +346,8 @@ RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
     "symmetric": ("symmetric", bool), "per_channel": ("per_tensor", lambda v: not v),
     "weight_range": ("weight_range", str), "speed_guard": ("speed_guard", str), "format": ("output_format", str),
     "weight_bits": ("weight_bits", str), "block_size": ("block_size", int),
-    "weight_zero_points": ("weight_zero_points", bool), "smooth_alpha": ("smooth_alpha", float),
+    "weight_zero_points": ("weight_zero_points", bool), "weight_method": ("weight_method", str),
+    "smooth_alpha": ("smooth_alpha", float),
     "smooth_mul": ("smooth_mul", bool), "equalize": ("equalize", bool), "bias_correction": ("bias_correction", bool),
     "adaround": ("adaround", bool), "adaround_seconds": ("adaround_seconds", float),
 }

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import qmath
+from . import qmath, weight_rounding
 from .errors import UsageError
 from .ir import (
     NameAllocator,
@@ -48,12 +48,18 @@ class WeightOnlyOptions:
     bits: int = 8  # 8: int8 per channel (all weights); 4: MatMulNBits for MatMul weights
     block_size: int = 32
     symmetric: bool = True  # 4 bits: False stores a zero point per block
+    method: str = "rtn"  # 4 bits: rtn | gptq | awq | hqq (onnxq.weight_rounding)
 
     def validate(self) -> None:
         if self.bits not in (4, 8):
             raise UsageError(f"--weight-bits must be 4 or 8, got {self.bits}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UsageError(f"--block-size must be a power of two of at least 16, got {self.block_size}")
+        if self.method not in weight_rounding.METHODS:
+            raise UsageError(f"--weight-method must be one of {', '.join(weight_rounding.METHODS)}, got {self.method}")
+        if self.method != "rtn" and self.bits != 4:
+            raise UsageError(f"--weight-method {self.method} is for --weight-bits 4 (8-bit weights are rounded to "
+                             "nearest per channel)")
 
 
 def _finish(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
@@ -69,7 +75,7 @@ def _matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
     """(weight as [K, N], bias or None) of a MatMul/Gemm that can run as a quantized matmul, else why not."""
     if len(node.inputs) < 2 or not is_constant(node.inputs[1]) or not is_float32(node.inputs[1]):
         return "weight is not a float constant"
-    weight = constant_values(node.inputs[1]).astype(np.float32)
+    weight = np.asarray(constant_values(node.inputs[1]), np.float32)  # no copy of a float32 weight
     if weight.ndim != 2:
         return "weight is not 2-D"
     if node.op == "MatMul":
@@ -233,36 +239,16 @@ def _int8_weight(graph: gs.Graph, node: gs.Node, names: NameAllocator, qtype: qm
 
 def pack_int4(weight: np.ndarray, block_size: int, symmetric: bool
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """MatMulNBits layout of a [K, N] weight: (packed [N, blocks, block_size/2] uint8, scales [N*blocks],
-    packed zero points or None).
+    """MatMulNBits layout of a [K, N] weight rounded to nearest: (packed [N, blocks, block_size/2] uint8,
+    scales [N*blocks], packed zero points or None).
 
     Each column is cut into blocks of `block_size` along K (the last block zero-padded);
     values are unsigned 4-bit q = round(w / scale) + zero_point, two per byte, low nibble first.
-    Symmetric: zero point 8 and scale = max|w| / 7 (q in 1..15); else scale = (max - min) / 15.
+    Symmetric: zero point 8, the value m of largest magnitude at code 0 (scale = -m / 8); else
+    scale = (max - min) / 15 with a zero point.
     """
-    k, n = weight.shape
-    blocks = -(-k // block_size)
-    padded = np.zeros((blocks * block_size, n), np.float32)
-    padded[:k] = weight
-    cols = padded.T.reshape(n, blocks, block_size).astype(np.float64)
-    if symmetric:
-        scale = np.abs(cols).max(axis=2) / 7.0
-        zero = np.full((n, blocks), 8.0)
-    else:
-        lo = np.minimum(cols.min(axis=2), 0.0)
-        hi = np.maximum(cols.max(axis=2), 0.0)
-        scale = (hi - lo) / 15.0
-        zero = np.clip(np.round(-lo / np.where(scale > 0, scale, 1.0)), 0, 15)
-    scale = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.round(cols / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    zeros = None
-    if not symmetric:
-        z = zero.astype(np.uint8)
-        if blocks % 2:
-            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-        zeros = (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
-    return packed, scale.astype(np.float32).reshape(-1), zeros
+    fmt = weight_rounding.BlockFormat(4, block_size, symmetric)
+    return weight_rounding.pack(weight_rounding.rtn(weight, fmt))
 
 
 def unpack_int4(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, k: int) -> np.ndarray:

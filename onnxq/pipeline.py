@@ -29,7 +29,7 @@ from .data import (
     random_source,
     split_holdout,
 )
-from .dynamic import WeightOnlyOptions, rewrite_dynamic, rewrite_weight_only
+from .dynamic import WeightOnlyOptions, rewrite_dynamic
 from .errors import DataError, ModelError, UsageError
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion, is_integer_kernel
@@ -66,6 +66,7 @@ from .speed_guard import (
     table_guard,
 )
 from .statistics import Statistics
+from .weight_only import run_weight_only, target_gates
 
 RANDOM_SAMPLES = 16
 TARGET_SAMPLES = 32  # held-back samples the target search measures on (default)
@@ -359,7 +360,7 @@ def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: G
             values["adaround_seconds"] = request.adaround_seconds
     elif request.mode == "weight-only":
         values.update(weight_bits=request.weight_only.bits, block_size=request.weight_only.block_size,
-                      weight_zero_points=not request.weight_only.symmetric)
+                      weight_zero_points=not request.weight_only.symmetric, weight_method=request.weight_only.method)
     rules = request.recipe.rules + _exclude_rules(request, graph)
     rules += [Rule(Selector(name=label), precision=precision, reason=why)
               for label, (precision, why) in sorted(automatic.items())]
@@ -381,6 +382,8 @@ def _smooth(request: QuantizeRequest, prepared: PreparedModel, calib: SampleSour
 def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
     if request.mode != "static":
         return quantize_without_calibration(request, progress)
+    if request.fallback == "int8":
+        raise UsageError("--fallback int8 (int8 weights) is for --mode weight-only --weight-bits 4")
     if (request.target is not None and request.target_data is None and request.data.eval_data is None
             and request.data.calib is None):
         raise UsageError("an accuracy target needs samples to measure it on: give --eval-data or --calib")
@@ -569,13 +572,15 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
             smoothing = _smooth(request, prepared, calib, progress)
     graph = import_graph(prepared.model)
     choices, recipe_notes = _recipe_choices(request, graph, with_exclude=True)
+    weight_only = None
     with timer.stage("rewrite"):
         if request.mode == "dynamic":
             quantized, decisions = rewrite_dynamic(prepared.model, settings.weight_qtype, settings.per_channel,
                                                    choices)
-        else:
-            quantized, decisions = rewrite_weight_only(prepared.model, request.weight_only, settings.weight_qtype,
-                                                       choices)
+        else:  # onnxq.weight_only: int8 per channel, or int4 by --weight-method (+ embeddings, target search)
+            weight_only = run_weight_only(request, prepared.model, prepared.reference, settings.weight_qtype,
+                                          choices, held, progress)
+            quantized, decisions = weight_only.model, weight_only.decisions
     if not any(d.status in ("int8", "int4") for d in decisions):
         reasons = Counter(f"{d.op_type}: {d.reason}" for d in decisions)
         detail = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no Conv, MatMul or Gemm"
@@ -591,7 +596,10 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     with timer.stage("write"):
         save_model(quantized, request.output)
     if request.save_recipe is not None:
-        effective_recipe(request, settings, graph, {}).save(request.save_recipe)
+        recipe = effective_recipe(request, settings, graph, {})
+        if weight_only is not None:
+            recipe.rules += weight_only.rules
+        recipe.save(request.save_recipe)
     plan = QuantPlan(settings=settings, nodes=decisions)
     fusion_view = fusion.to_dict()
     if request.mode == "weight-only":  # int8 weights feeding float ops are this mode's intended form
@@ -605,6 +613,11 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     )
     if smoothing is not None:
         report["smoothing"] = json_safe(smoothing)
+    if weight_only is not None:
+        report["weight_only"] = json_safe(weight_only.report)
+        if weight_only.target is not None:
+            report["accuracy_target"] = json_safe(weight_only.target)
+            report["gates"] += target_gates(weight_only.target)
     return QuantizeResult(report, plan, fidelity)
 
 

@@ -52,6 +52,7 @@ SETTINGS: dict[str, tuple[type, tuple | None]] = {
     "weight_bits": (int, (4, 8)),
     "block_size": (int, None),
     "weight_zero_points": (bool, None),
+    "weight_method": (str, ("rtn", "gptq", "awq", "hqq")),
     "smooth_alpha": (float, None),
     "smooth_mul": (bool, None),
     "equalize": (bool, None),
