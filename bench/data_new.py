@@ -12,6 +12,9 @@ import ast
 import json
 import random
 import re
+import subprocess
+import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -194,13 +197,8 @@ def scanned_pages(cache: Path = CACHE) -> dict[str, list[tuple[str, Image.Image]
         folder = cache / "wheels" / OCRMYPDF.replace("==", "-")
         folder.mkdir(parents=True, exist_ok=True)
         if not list(folder.glob("*.tar.gz")):
-            import subprocess
-            import sys
-
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                             "--disable-pip-version-check", OCRMYPDF, "-d", str(folder)], check=True)
-        import tarfile
-
         with tarfile.open(next(folder.glob("*.tar.gz"))) as tf:
             for member in tf.getmembers():
                 if member.name.split("/tests/resources/")[-1] in SCANS and "/tests/resources/" in member.name:
