@@ -10,7 +10,7 @@ DEMO_CALIB := calibration_data/ocr_lines/calib
 DEMO_EVAL := calibration_data/ocr_lines/eval
 DEMO_PREP := --image-size 320x48 --mean 0.5 --std 0.5
 
-.PHONY: demo test lint clean bench bench-quick bench-deps
+.PHONY: demo test lint clean bench bench-quick bench-deps bench-new
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,3 +64,7 @@ bench: bench-deps
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --quick
+
+# The unseen suite (bench/README.md): results to the git-ignored bench/results/unseen/, not BENCHMARKS.md.
+bench-new: bench-deps
+	$(BIN)/python -m bench.run --set new

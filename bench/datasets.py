@@ -378,14 +378,30 @@ def build_transcripts(model: Path, dst: Path, n_calib: int, n_eval: int) -> dict
     return meta
 
 
-def build(name: str, task: str, model: Path, n_calib: int, n_eval: int, cache: Path = CACHE) -> DataSet:
-    """Build (or reuse) the feeds of one model."""
+def build(name: str, task: str, model: Path, n_calib: int, n_eval: int, cache: Path = CACHE,
+          data: str = "") -> DataSet:
+    """Build (or reuse) the feeds of one model (``data``: a builder other than the task's own)."""
+    from bench import data_new
+
     dst = cache / "data" / f"{name}-{n_calib}-{n_eval}"
     meta_file = dst / "meta.json"
     if not meta_file.exists():
         if dst.exists():
             shutil.rmtree(dst)
-        if task in ("ocr-rec", "ocr-cls"):
+        if data == "det-pages":
+            meta = data_new.build_pages("text-det", dst, n_calib, n_eval)
+        elif data == "rec-photos":
+            from bench.models import MODELS, prepare
+
+            meta = data_new.build_rec_photos(prepare(MODELS["ppocr-det"], cache), prepare(MODELS["ppocr-rec"], cache),
+                                             dst, n_calib, n_eval)
+        elif task == "imagenet-cls":
+            meta = data_new.build_imagenet(dst, n_calib, n_eval)
+        elif task == "captcha-ocr":
+            meta = data_new.build_captcha(dst, n_calib, n_eval)
+        elif task == "layout-det":
+            meta = data_new.build_pages(task, dst, n_calib, n_eval)
+        elif task in ("ocr-rec", "ocr-cls"):
             meta = build_ocr(task, dst, n_calib, n_eval)
         elif task in ("text-det", "yolo-det"):
             meta = build_photos(task, dst, n_calib, n_eval)

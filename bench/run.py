@@ -4,6 +4,10 @@ python -m bench.run                      # full suite, all models
 python -m bench.run --quick              # one small model, onnxq default + one ORT peer (~1 min)
 python -m bench.run --models ppocr-cls --n-calib 16 --n-eval 16
 python -m bench.run --configs onnxq-target,onnxq-adaround --merge   # add rows to the saved results
+python -m bench.run --set new --configs fp32,onnxq-default,ort-qdq-minmax   # the unseen suite only
+
+The ``new`` suite (models nobody tuned onnxq on, and the main models on wider data) writes its
+results to bench/results/unseen/ (git-ignored) and its own UNSEEN.md there, never BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ RESULTS = models.REPO / "bench" / "results"
 METRICS = {"sentence-emb": (models.REPO / "bench" / "metric_sentence.py", "0.99", "eval"),  # embedding cosine
            "asr-decoder": (models.REPO / "bench" / "metric_decoder.py", "0.97", "calib")}  # fp32 / int4 perplexity
 MARKDOWN = models.REPO / "BENCHMARKS.md"
+UNSEEN = RESULTS / "unseen"  # the new suite's results: kept out of BENCHMARKS.md until the lead looks
 DEFAULT_SAMPLES = {"ppocr-rec": (64, 48), "ppocr-cls": (64, 48), "ppocr-det": (24, 24),
                    "nudenet-320n": (32, 32), "silero-vad": (256, 256),
                    "silero-vad-sr16k": (256, 256), "minilm-l6": (64, 64),
-                   "whisper-tiny-en": (64, 48)}
+                   "whisper-tiny-en": (64, 48),
+                   "efficientnet-lite0": (96, 96), "ddddocr-captcha": (96, 96), "mpnet-base": (64, 64),
+                   "picodet-layout": (24, 24), "ppocr-rec-photos": (64, 96), "ppocr-det-pages": (24, 24)}
 
 
 def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats: Path | None,
@@ -101,9 +108,27 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
 
 
 def task_metrics(spec: models.ModelSpec, path: Path, ref: list[np.ndarray], got: list[np.ndarray],
-                 data: datasets.DataSet, ref_probs: np.ndarray | None,
-                 eval_feeds: list[dict[str, np.ndarray]]) -> tuple[dict, np.ndarray | None]:
-    """The model's task metric for one model file."""
+                 data: datasets.DataSet, ref_extra,
+                 eval_feeds: list[dict[str, np.ndarray]]) -> tuple[dict, object]:
+    """The model's task metric for one model file, and what the fp32 row keeps for the others to be
+    compared with (``ref_extra``: silero's speech probabilities, the layout detector's boxes)."""
+    meta = data.meta
+    if spec.task == "imagenet-cls":
+        return metrics.imagenet_metrics(ref, got, meta["eval_labels"]), None
+    if spec.task == "captcha-ocr":
+        charset = json.loads((data.eval.parent / "charset.json").read_text())
+        return metrics.captcha_metrics(ref, got, meta["eval_labels"], charset), None
+    if spec.task == "ocr-rec-photos":
+        return metrics.rec_photo_metrics(path, ref, got, meta["eval_labels"]), None
+    if spec.task == "layout-det":
+        boxes = [metrics.picodet_boxes(o) for o in metrics.run_outputs(metrics.session(path), eval_feeds)]
+        ref_boxes = boxes if ref_extra is None else ref_extra
+        return metrics.layout_metrics(ref_boxes, boxes, meta["eval_truth"], meta["eval_kinds"]), boxes
+    if spec.task == "text-det" and "eval_truth" in meta:
+        truth = metrics.truth_f1([metrics.unclip(metrics.db_boxes(g)) for g in got], meta["eval_truth"])
+        scans = [i for i, k in enumerate(meta["eval_kinds"]) if k == "scan"]
+        real = metrics.det_metrics(spec.task, [ref[i] for i in scans], [got[i] for i in scans])["f1_vs_fp32"]
+        return {**metrics.det_metrics(spec.task, ref, got), "f1_vs_fp32_scans": real, **truth}, None
     if spec.task == "ocr-rec":
         return metrics.rec_metrics(path, ref, got, data.meta["eval_labels"]), None
     if spec.task == "ocr-cls":
@@ -116,7 +141,7 @@ def task_metrics(spec: models.ModelSpec, path: Path, ref: list[np.ndarray], got:
         return metrics.decoder_metrics(ref, got, data.meta["eval_labels"]), None
     audio = np.load(data.eval.parent / "eval_audio.npy")
     _, probs = datasets.vad_sequence(metrics.session(path), audio)
-    return metrics.vad_metrics(probs if ref_probs is None else ref_probs, probs), probs
+    return metrics.vad_metrics(probs if ref_extra is None else ref_extra, probs), probs
 
 
 def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval: int,
@@ -124,7 +149,7 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
     """Benchmark one model with ``cfgs``; return its result dict."""
     t_start = time.perf_counter()
     model = models.prepare(spec)
-    data = datasets.build(spec.name, spec.task, model, n_calib, n_eval)
+    data = datasets.build(spec.name, spec.task, model, n_calib, n_eval, data=spec.data)
     work = models.CACHE / "work" / f"{spec.name}-{n_calib}-{n_eval}"
     work.mkdir(parents=True, exist_ok=True)
     calib_feeds, eval_feeds = datasets.load_feeds(data.calib), datasets.load_feeds(data.eval)
@@ -146,7 +171,7 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
         log(f"  onnxq calibrate: {res.status} {res.wall_s:.1f}s")
 
     rows, paths = [], {}
-    ref_probs = None
+    ref_extra = None
     for cfg in cfgs:
         row: dict = {"id": cfg.id, "tool": cfg.tool, "label": cfg.label}
         if cfg.tool == "fp32":
@@ -160,9 +185,9 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
             try:
                 got = ref if cfg.tool == "fp32" else metrics.run_all(metrics.session(path), eval_feeds)
                 row["fidelity"] = metrics.fidelity(ref, got)
-                row["task"], probs = task_metrics(spec, path, ref, got, data, ref_probs, eval_feeds)
+                row["task"], extra = task_metrics(spec, path, ref, got, data, ref_extra, eval_feeds)
                 if cfg.tool == "fp32":
-                    ref_probs = probs
+                    ref_extra = extra
                 row["size_bytes"] = path.stat().st_size
                 row["size_ratio"] = round(model.stat().st_size / path.stat().st_size, 3)
                 paths[cfg.id] = path
@@ -209,7 +234,8 @@ def merge_rows(path: Path, new: dict) -> dict:
 
 
 def run(names: list[str], cfg_fn, samples: dict[str, tuple[int, int]], results: Path, markdown: Path | None,
-        command: str, rss_limit_mb: float = 12_000, rounds: int = 7, log=print, merge: bool = False) -> list[dict]:
+        command: str, rss_limit_mb: float = 12_000, rounds: int = 7, log=print, merge: bool = False,
+        title: str = "# onnxq benchmarks") -> list[dict]:
     """Benchmark ``names``; write results/<model>.json (and the markdown when given)."""
     results.mkdir(parents=True, exist_ok=True)
     out = []
@@ -229,7 +255,7 @@ def run(names: list[str], cfg_fn, samples: dict[str, tuple[int, int]], results: 
         (results / f"{name}.json").write_text(json.dumps(res, indent=1))
         out.append(res)
     if markdown is not None:
-        report.write_markdown(results, markdown)
+        report.write_markdown(results, markdown, title=title)
     return out
 
 
@@ -244,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one small model, onnxq default + one ORT peer")
-    p.add_argument("--models", default=",".join(models.MODELS), help="comma-separated: " + ",".join(models.MODELS))
+    p.add_argument("--set", choices=models.SUITES, default="main", dest="suite",
+                   help="the models of one suite (main: the tuned-on bench; new: unseen models and wider data)")
+    p.add_argument("--models", help="comma-separated, any suite (default: the --set's): " + ",".join(models.MODELS))
     p.add_argument("--n-calib", type=int, help="calibration samples (default: per model)")
     p.add_argument("--n-eval", type=int, help="evaluation samples (default: per model)")
     p.add_argument("--results", type=Path, help="folder for <model>.json (default bench/results[/quick])")
@@ -259,11 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         res = run_quick(a.results or RESULTS / "quick", a.n_calib or 8, a.markdown, command.strip())
         print(report.model_table(res))
         return 0
-    results = a.results or RESULTS
     if a.report_only:
-        report.write_markdown(results, a.markdown or MARKDOWN)
+        folder, markdown = suite_outputs(a.suite)
+        report.write_markdown(a.results or folder, a.markdown or markdown, title=SUITE_TITLES[a.suite])
         return 0
-    names = [n for n in a.models.split(",") if n]
+    names = [n for n in a.models.split(",") if n] if a.models else models.suite(a.suite)
     unknown = [n for n in names if n not in models.MODELS]
     if unknown:
         p.error(f"unknown model(s): {', '.join(unknown)}")
@@ -274,8 +302,22 @@ def main(argv: list[str] | None = None) -> int:
         return [c for c in configs.full(spec.dynamic, spec.transformer, spec.weight_only)
                 if wanted is None or c.id in wanted or c.id == "fp32"]
 
-    run(names, chosen, samples, results, a.markdown or MARKDOWN, command.strip(), a.rss_limit_mb, merge=a.merge)
+    for suite in models.SUITES:  # each suite's results go to its own folder and markdown
+        mine = [n for n in names if models.MODELS[n].suite == suite]
+        if mine:
+            folder, markdown = suite_outputs(suite)
+            run(mine, chosen, samples, a.results or folder, a.markdown or markdown, command.strip(), a.rss_limit_mb,
+                merge=a.merge, title=SUITE_TITLES[suite])
     return 0
+
+
+SUITE_TITLES = {"main": "# onnxq benchmarks",
+                "new": "# onnxq on models nobody tuned it for (suite new; not in BENCHMARKS.md)"}
+
+
+def suite_outputs(suite: str) -> tuple[Path, Path]:
+    """Results folder and markdown of a suite: main -> bench/results, BENCHMARKS.md; new -> bench/results/unseen."""
+    return (RESULTS, MARKDOWN) if suite == "main" else (UNSEEN, UNSEEN / "UNSEEN.md")
 
 
 if __name__ == "__main__":
