@@ -84,8 +84,14 @@ def stable_range(lo: float, hi: float) -> tuple[float, float]:
     magnitude = max(abs(lo), abs(hi))
     if magnitude == 0.0 or not math.isfinite(magnitude):
         return lo, hi
-    step = math.ldexp(1.0, math.frexp(magnitude)[1] - 1 - int(math.log2(RANGE_GRID)))
-    return math.floor(lo / step) * step, math.ceil(hi / step) * step
+    exponent = math.frexp(magnitude)[1]
+    while True:  # rounding up may reach the next power of two, whose grid is twice as coarse: snap on that one
+        step = math.ldexp(1.0, exponent - 1 - int(math.log2(RANGE_GRID)))
+        snapped = math.floor(lo / step) * step, math.ceil(hi / step) * step
+        snapped_exponent = math.frexp(max(abs(snapped[0]), abs(snapped[1])))[1]
+        if snapped_exponent == exponent:
+            return snapped
+        exponent = snapped_exponent
 
 
 def _sides(stats: TensorStats) -> tuple[np.ndarray, np.ndarray]:
