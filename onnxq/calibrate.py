@@ -9,9 +9,11 @@ group is one pass over the data. Nothing is kept between batches but statistics.
 from __future__ import annotations
 
 import copy
+import queue
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from .model_io import needs_external_data
 from .statistics import Statistics
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+IN_FLIGHT = 2  # batches whose activations are alive at once: one folded, one being computed
 
 ProgressFactory = Callable[[int, str], "Progress"]
 
@@ -103,18 +106,14 @@ def collect_statistics(
     from_model = [t for t in observed if t not in input_names]
     with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
         session = session_for(with_outputs(model, from_model), Path(tmp))
-        groups = _groups_within_budget(session, source, from_model, batch_size, memory_budget)
+        groups = _groups_within_budget(session, source, from_model, batch_size, memory_budget // IN_FLIGHT)
         bar = progress(len(source) * max(1, len(groups)), "calibrating")
         try:
             for index, group in enumerate(groups or [[]]):
-                for feed, count in batches(source, batch_size):
-                    if index == 0:
-                        for name in from_feed:
-                            stats.update(name, feed[name])
-                    if group:
-                        for name, values in zip(group, run(session, feed, group), strict=True):
-                            stats.update(name, values)
-                            del values
+                for feed, outputs, count in prefetched(session, source, batch_size, group):
+                    _fold(stats, [(name, feed[name]) for name in from_feed] if index == 0 else [])
+                    _fold(stats, zip(group, outputs, strict=True))
+                    del feed, outputs  # before the next batch's activations arrive
                     bar.update(count)
         finally:
             bar.close()
@@ -125,6 +124,48 @@ def collect_statistics(
     if missing:
         raise DataError(f"no statistics for {len(missing)} tensors (e.g. {missing[0]}); is the data empty?")
     return stats
+
+
+def _fold(stats: Statistics, named_values) -> None:
+    for name, values in named_values:
+        stats.update(name, values)
+
+
+def prefetched(session: ort.InferenceSession, source: SampleSource, batch_size: int, names: list[str]
+               ) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray], int]]:
+    """(feed, outputs `names`, samples) per batch, in order; the next batch is read and run in a
+    background thread while the caller folds this one. Errors surface here, in order."""
+    slots = threading.Semaphore(IN_FLIGHT)  # batches computed and not yet folded
+    results: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for feed, count in batches(source, batch_size):
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                results.put((feed, run(session, feed, names) if names else [], count))
+                del feed
+            results.put(done)
+        except BaseException as exc:  # re-raised in the caller's thread
+            results.put(exc)
+
+    worker = threading.Thread(target=produce, name="onnxq-calibrate", daemon=True)
+    worker.start()
+    try:
+        while (item := results.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            del item
+            slots.release()
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _groups_within_budget(
