@@ -249,6 +249,8 @@ def main() -> None:
 @click.option("--target-metric", type=float, help="Accuracy target on --metric's score (as --target-sqnr).")
 @click.option("--target-samples", type=click.IntRange(min=1), default=32, show_default=True,
               help="Samples the accuracy target is measured on.")
+@click.option("--eval-samples", default="32", show_default=True, help="Held-back samples the fidelity report "
+              "measures (the first N; 'all': every one).")
 @click.option("--target-data", type=click.Path(path_type=Path), help="Samples for the accuracy target (default: "
               "the held-back ones; give others to keep --eval-data untouched by the search).")
 @click.option("--fallback", type=click.Choice(["float", "int16"]), default="float", show_default=True,
@@ -278,7 +280,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                      weight_zero_points, method, percentile, symmetric, per_tensor,
                      output_format, weight_range, exclude, recipe_path, save_recipe, speed_guard, speed_profile,
                      target_cpu, load_stats, save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine,
-                     metric, target_metric, target_samples, target_data, fallback, max_fallbacks, min_cosine,
+                     metric, target_metric, target_samples, eval_samples, target_data, fallback, max_fallbacks,
+                     min_cosine,
                      min_sqnr, smooth_alpha, smooth_mul, equalize, bias_correction, adaround,
                      adaround_seconds, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
@@ -298,7 +301,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
         speed_guard=o["speed_guard"], speed_profile=speed_profile, target_cpu=target_cpu,
         output_format=o["output_format"],
         target=_target(target_sqnr, target_cosine, target_metric), metric=metric, target_samples=target_samples,
-        target_data=target_data,
+        target_data=target_data, eval_samples=_count_or_all(eval_samples, "--eval-samples"),
         max_fallbacks=max_fallbacks, fallback=fallback,
         mode=o["mode"], weight_only=WeightOnlyOptions(bits=int(o["weight_bits"]), block_size=o["block_size"],
                                                       symmetric=not o["weight_zero_points"]),
@@ -335,6 +338,19 @@ RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
     "smooth_mul": ("smooth_mul", bool), "equalize": ("equalize", bool), "bias_correction": ("bias_correction", bool),
     "adaround": ("adaround", bool), "adaround_seconds": ("adaround_seconds", float),
 }
+
+
+def _count_or_all(value: str, option: str) -> int | None:
+    """A positive count, or None for 'all'."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UsageError(f"{option} takes a positive number or 'all', got {value!r}")
+    return count
 
 
 def _target(sqnr: float | None, cosine: float | None, metric: float | None) -> Target | None:

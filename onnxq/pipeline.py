@@ -67,6 +67,7 @@ from .statistics import Statistics
 
 RANDOM_SAMPLES = 16
 TARGET_SAMPLES = 32  # held-back samples the target search measures on (default)
+EVAL_SAMPLES = 32  # held-back samples the fidelity report measures on (default; None: all)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class QuantizeRequest:
     target: Target | None = None  # accuracy target: fall back to float until it holds (onnxq.sensitivity)
     metric: Path | None = None  # a Python file with score(references, candidates, feeds) for Target.min_metric
     target_samples: int = TARGET_SAMPLES
+    eval_samples: int | None = EVAL_SAMPLES  # the fidelity report's first N held-back samples; None: all
     target_data: Path | None = None  # samples the target is measured on (default: the held-back ones)
     max_fallbacks: int | None = None
     sensitivity_samples: int = 16
@@ -217,6 +219,7 @@ class Calibrated:
     choices: dict[str, NodeChoice] = field(default_factory=dict)  # the recipe's, by node label
     smoothing: dict | None = None  # onnxq.smooth's report, when --smooth-alpha was given
     recovery: dict = field(default_factory=dict)  # what onnxq.recovery did, for the report
+    cached_reference: CachedReference | None = None  # fp32 outputs the target search computed (reused)
 
     def keep_float(self, nodes: dict[str, str]) -> None:
         """Place again with these nodes (label -> why) kept in float, on top of earlier ones."""
@@ -399,7 +402,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
     if c.held is not None:
         with timer.stage("evaluate"):
             fidelity = compare_models(c.reference, quantized, c.held, batch_size=request.data.batch_size,
-                                      progress=progress)
+                                      progress=progress, limit=request.eval_samples, cached=c.cached_reference)
     with timer.stage("write"):
         save_model(quantized, request.output)
     report = build_report(
@@ -480,6 +483,7 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
     with c.timer.stage("accuracy target"):
         reference = CachedReference(c.reference, samples, request.target_samples,
                                     load_metric(request.metric) if request.metric is not None else None)
+        c.cached_reference = reference
         all_int8 = c.build(frozenset())
         start = reference.fidelity_of(all_int8)
         result = SearchResult([], True, [])
@@ -571,7 +575,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     if held is not None:
         with timer.stage("evaluate"):
             fidelity = compare_models(prepared.reference, quantized, held, batch_size=request.data.batch_size,
-                                      progress=progress)
+                                      progress=progress, limit=request.eval_samples)
     with timer.stage("write"):
         save_model(quantized, request.output)
     if request.save_recipe is not None:
