@@ -92,20 +92,25 @@ def collect_statistics(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: ProgressFactory = _no_progress,
     aliases: dict[str, str] | None = None,
+    threads: int = 0,
+    keep_batch_extremes: bool = False,
+    batch_sizes: list[int] | None = None,
 ) -> Statistics:
     """Statistics of `tensors` (graph inputs or node outputs) over every sample of `source`.
 
     `aliases` maps tensors holding exactly another tensor's values to that tensor: their
-    statistics are copied rather than collected.
+    statistics are copied rather than collected. `threads`: onnxruntime's (0: all cores).
+    `keep_batch_extremes` and `batch_sizes` (appended to) are for merging shards exactly
+    (onnxq.distributed).
     """
     aliases = aliases or {}
-    stats = Statistics(samples=len(source), source=source.description)
+    stats = Statistics(samples=len(source), source=source.description, keep_batch_extremes=keep_batch_extremes)
     input_names = {i.name for i in model.graph.input}
     observed = [t for t in tensors if t not in aliases]
     from_feed = [t for t in observed if t in input_names]
     from_model = [t for t in observed if t not in input_names]
     with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
-        session = session_for(with_outputs(model, from_model), Path(tmp))
+        session = session_for(with_outputs(model, from_model), Path(tmp), threads)
         groups = _groups_within_budget(session, source, from_model, batch_size, memory_budget // IN_FLIGHT)
         bar = progress(len(source) * max(1, len(groups)), "calibrating")
         try:
@@ -115,6 +120,8 @@ def collect_statistics(
                     _fold(stats, zip(group, outputs, strict=True))
                     del feed, outputs  # before the next batch's activations arrive
                     bar.update(count)
+                    if index == 0 and batch_sizes is not None:
+                        batch_sizes.append(count)
         finally:
             bar.close()
     for alias, original in sorted(aliases.items()):

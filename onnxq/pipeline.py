@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from . import __version__
-from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics
+from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress
 from .cpu import default_weight_range, read_cpu_features
 from .data import (
     ImagePreprocessing,
@@ -29,6 +29,7 @@ from .data import (
     random_source,
     split_holdout,
 )
+from .distributed import RayOptions, collect, evaluator_for
 from .doctor import read_target_cpu
 from .dynamic import WeightOnlyOptions, rewrite_dynamic, rewrite_weight_only
 from .errors import DataError, ModelError, UsageError
@@ -79,6 +80,7 @@ class DataOptions:
     max_samples: int | None = None
     images: ImagePreprocessing | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    ray: RayOptions | None = None  # calibrate (and search) on Ray (onnxq.distributed)
 
 
 @dataclass
@@ -490,9 +492,11 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
         ranking: list[str] = []
         if not target.met_by(start):
             candidates = c.int8_layers()
-            ranking = measure_sensitivity(c.build, candidates, reference, progress, all_but=False).ranked_nodes()
+            evaluator = evaluator_for(request.data.ray, c.build, reference)
+            ranking = measure_sensitivity(c.build, candidates, reference, progress, all_but=False,
+                                          evaluator=evaluator).ranked_nodes()
             limit = request.max_fallbacks if request.max_fallbacks is not None else len(ranking)
-            result = search_fallbacks(c.build, ranking, target, reference, limit, progress)
+            result = search_fallbacks(c.build, ranking, target, reference, limit, progress, evaluator=evaluator)
         if result.float_nodes and request.fallback == "int16":
             c.widen(frozenset(result.float_nodes))
         elif result.float_nodes:
@@ -644,9 +648,8 @@ def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[
         return stats
     assert calib is not None
     observe = tensors_to_observe(graph)
-    stats = collect_statistics(model, observe, calib, batch_size=request.data.batch_size,
-                               memory_budget=request.data.memory_budget, progress=progress,
-                               aliases=value_aliases(graph, observe))
+    stats = collect(model, observe, calib, request.data.ray, batch_size=request.data.batch_size,
+                    memory_budget=request.data.memory_budget, progress=progress, aliases=value_aliases(graph, observe))
     stats.model_digest = digest
     return stats
 
@@ -686,9 +689,8 @@ def calibrate_only(model_path: Path, output: Path, data: DataOptions,
         source = open_source(data.calib, specs, data.images)
     if data.max_samples is not None:
         source = source.subset(range(min(data.max_samples, len(source))), source.description)
-    stats = collect_statistics(prepared.model, tensors, source, batch_size=data.batch_size,
-                               memory_budget=data.memory_budget, progress=progress,
-                               aliases=value_aliases(graph, tensors))
+    stats = collect(prepared.model, tensors, source, data.ray, batch_size=data.batch_size,
+                    memory_budget=data.memory_budget, progress=progress, aliases=value_aliases(graph, tensors))
     stats.model_digest = model_digest(prepared.model)
     stats.save(output)
     return stats

@@ -182,9 +182,12 @@ class Statistics:
     samples: int = 0
     model_digest: str = ""
     source: str = ""
+    keep_batch_extremes: bool = field(default=False, compare=False, repr=False)  # see TensorStats.batch_extremes
 
     def update(self, name: str, values: np.ndarray) -> None:
-        self.tensors.setdefault(name, TensorStats()).update(values)
+        if name not in self.tensors:
+            self.tensors[name] = TensorStats(batch_extremes=[] if self.keep_batch_extremes else None)
+        self.tensors[name].update(values)
 
     def merge(self, other: Statistics) -> Statistics:
         if self.model_digest and other.model_digest and self.model_digest != other.model_digest:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_relu_model, feeds_for, quantize_simple, save, two_input_model, write_npz_folder
 
 from onnxq.calibrate import collect_statistics, session_for, with_outputs
 from onnxq.data import SampleSource, model_input_specs, open_source
@@ -26,7 +27,6 @@ from onnxq.pipeline import DataOptions
 from onnxq.placement import tensors_to_observe, value_aliases
 from onnxq.prepare import prepare_model
 from onnxq.statistics import BINS_PER_SIDE, Statistics, TensorStats, required_width_exp
-from tests.conftest import conv_relu_model, feeds_for, quantize_simple, save, two_input_model, write_npz_folder
 
 
 def oracle_fold(batches: list[np.ndarray]) -> TensorStats:
