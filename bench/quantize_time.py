@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rss-samples", help="instead: peak RSS of calibrate/quantize at these sample counts "
                    "(the calibration set repeated), e.g. 100,1000")
-    p.add_argument("--out", type=Path, help="JSON results (default bench/results/quantize_time[_rss].json)")
+    p.add_argument("--out", type=Path, help="JSON results (default bench/results/timing/quantize_time[_rss].json)")
     args = p.parse_args(argv)
     if args.floor:
         floor_child(*args.floor)
@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.models.split(",") if args.models else [n for n, s in models.MODELS.items() if _cached(s)]
     if args.rss_samples:
         result = rss_run(names, [int(n) for n in args.rss_samples.split(",")], args.rounds)
-        out = args.out or models.REPO / "bench" / "results" / "quantize_time_rss.json"
+        out = args.out or models.REPO / "bench" / "results" / "timing" / "quantize_time_rss.json"
     else:
         result = time_run(names, args.methods.split(","), args.rounds)
-        out = args.out or models.REPO / "bench" / "results" / "quantize_time.json"
+        out = args.out or models.REPO / "bench" / "results" / "timing" / "quantize_time.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))

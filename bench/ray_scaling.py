@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker_model_load_s": round(load_s, 3),
         "merge_ms_by_shards": {n: round(v, 1) for n, v in merge_ms.items()},
     }
-    out = args.out or models.REPO / "bench" / "results" / "ray_scaling.json"
+    out = args.out or models.REPO / "bench" / "results" / "timing" / "ray_scaling.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
