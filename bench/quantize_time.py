@@ -9,7 +9,7 @@ ratios are taken per round (same machine state) and their median is reported.
 python -m bench.quantize_time                                  # every bench model in bench/.cache
 python -m bench.quantize_time --models ppocr-rec --rounds 5
 python -m bench.quantize_time --models ppocr-rec --rss-samples 100,1000 --rounds 1
-ONNXQ_SOURCE=/path/to/other/checkout python -m bench.quantize_time ...   # time another onnxq
+python -m bench.quantize_time --before /path/to/other/checkout   # also that onnxq's rows, same rounds
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rss-samples", help="instead: peak RSS of calibrate/quantize at these sample counts "
                    "(the calibration set repeated), e.g. 100,1000")
+    p.add_argument("--before", type=Path, help="another onnxq checkout (e.g. `git worktree add /tmp/base main`): "
+                   "its calibrate/quantize rows run in the same rounds, marked 'before'")
     p.add_argument("--out", type=Path, help="JSON results (default bench/results/timing/quantize_time[_rss].json)")
     args = p.parse_args(argv)
     if args.floor:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         result = rss_run(names, [int(n) for n in args.rss_samples.split(",")], args.rounds)
         out = args.out or models.REPO / "bench" / "results" / "timing" / "quantize_time_rss.json"
     else:
-        result = time_run(names, args.methods.split(","), args.rounds)
+        result = time_run(names, args.methods.split(","), args.rounds, args.before)
         out = args.out or models.REPO / "bench" / "results" / "timing" / "quantize_time.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -87,44 +89,49 @@ def _data(name: str) -> tuple[Path, Path]:
 def _onnxq(*args: str | Path) -> list[str]:
     from bench import runners
 
-    return runners.onnxq_cmd(*args)  # the venv's console script: PYTHONPATH (ONNXQ_SOURCE) comes first
+    return runners.onnxq_cmd(*args)  # the venv's console script: a PYTHONPATH (--before) comes first
 
 
-def _env() -> dict[str, str]:
-    """ONNXQ_SOURCE puts another checkout's onnxq first on the path (a before/after comparison)."""
+def _env(source: Path | None = None) -> dict[str, str]:
+    """`source` (another checkout) first on the path: its onnxq runs instead of this one."""
     env = dict(os.environ)
-    if os.environ.get("ONNXQ_SOURCE"):
-        env["PYTHONPATH"] = os.environ["ONNXQ_SOURCE"]
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
     return env
 
 
-def commands(name: str, methods: list[str], work: Path) -> dict[str, list[str]]:
+def commands(name: str, methods: list[str], work: Path, before: Path | None = None
+             ) -> dict[str, tuple[list[str], Path | None]]:
+    """Row name -> (command, onnxq checkout or None for this one)."""
     model, calib = _data(name)
-    cmds = {"floor": [sys.executable, "-m", "bench.quantize_time", "--floor", str(model), str(calib)],
-            "calibrate": _onnxq("calibrate", model, "--calib", calib, "-o", work / "stats.npz", "-q")}
-    for method in methods:
-        cmds[f"quantize {method}"] = _onnxq("quantize", model, "-o", work / f"{method}.onnx", "--calib", calib,
-                                            "--method", method, "--no-speed-guard", "-q")
+    cmds: dict[str, tuple[list[str], Path | None]] = {
+        "floor": ([sys.executable, "-m", "bench.quantize_time", "--floor", str(model), str(calib)], None)}
+    for source, mark in ((before, " (before)"), (None, "")) if before else ((None, ""),):
+        cmds[f"calibrate{mark}"] = (_onnxq("calibrate", model, "--calib", calib, "-o", work / "stats.npz", "-q"),
+                                    source)
+        for method in methods:
+            cmds[f"quantize {method}{mark}"] = (_onnxq("quantize", model, "-o", work / f"{method}.onnx", "--calib",
+                                                       calib, "--method", method, "--no-speed-guard", "-q"), source)
     return cmds
 
 
-def time_run(names: list[str], methods: list[str], rounds: int) -> dict:
+def time_run(names: list[str], methods: list[str], rounds: int, before: Path | None = None) -> dict:
     from bench import models, report, runners
 
-    result = {"machine": report.machine(), "onnxq_source": os.environ.get("ONNXQ_SOURCE") or "this checkout",
+    result = {"machine": report.machine(), "before": str(before) if before else None,
               "rounds": rounds, "models": {}}
     for name in names:
         work = models.CACHE / "work" / f"quantize-time-{name}"
         work.mkdir(parents=True, exist_ok=True)
-        cmds = commands(name, methods, work)
+        cmds = commands(name, methods, work, before)
         runs: dict[str, list] = {key: [] for key in cmds}
         for _ in range(rounds):
-            for key, cmd in cmds.items():
+            for key, (cmd, source) in cmds.items():
                 for old in work.glob("*.onnx*"):
                     old.unlink()
                 (work / "stats.npz").unlink(missing_ok=True)
                 res = runners.run_child(cmd, log=work / f"{key.replace(' ', '-')}.log", timeout_s=1800,
-                                        rss_limit_mb=12_000, env=_env())
+                                        rss_limit_mb=12_000, env=_env(source))
                 runs[key].append(res.to_dict())
                 print(f"  {name} {key}: {res.status} {res.wall_s:.2f} s {res.peak_rss_mb:.0f} MB", flush=True)
         result["models"][name] = summarise(runs, rounds)
@@ -148,8 +155,7 @@ def summarise(runs: dict[str, list], rounds: int) -> dict:
 def rss_run(names: list[str], counts: list[int], rounds: int) -> dict:
     from bench import models, report, runners
 
-    result = {"machine": report.machine(), "onnxq_source": os.environ.get("ONNXQ_SOURCE") or "this checkout",
-              "models": {}}
+    result = {"machine": report.machine(), "models": {}}
     for name in names:
         model, calib = _data(name)
         files = sorted(calib.glob("*.npz"))
@@ -183,8 +189,8 @@ def rss_run(names: list[str], counts: list[int], rounds: int) -> dict:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}; onnxq from "
-             f"{result['onnxq_source']}", ""]
+    lines = [f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}"
+             + (f"; 'before' rows: onnxq from {result['before']}" if result.get("before") else ""), ""]
     for name, rows in result["models"].items():
         if "floor" in rows:
             lines += [f"{name} (median of {result['rounds']} rounds)", "",

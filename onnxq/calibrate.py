@@ -57,12 +57,19 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return augmented
 
 
-def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`) or on disk."""
+def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0, *,
+                spin: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`) or on disk.
+
+    `spin=False`: idle onnxruntime threads sleep instead of spinning, leaving the cores to
+    another thread of this process (calibration folds statistics while the next batch runs).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 4  # errors reach the user as onnxq's one line
     path = model if isinstance(model, Path) else workdir / f"model_{id(model)}.onnx"
     if isinstance(model, onnx.ModelProto):
@@ -110,7 +117,7 @@ def collect_statistics(
     from_feed = [t for t in observed if t in input_names]
     from_model = [t for t in observed if t not in input_names]
     with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
-        session = session_for(with_outputs(model, from_model), Path(tmp), threads)
+        session = session_for(with_outputs(model, from_model), Path(tmp), threads, spin=False)
         groups = _groups_within_budget(session, source, from_model, batch_size, memory_budget // IN_FLIGHT)
         bar = progress(len(source) * max(1, len(groups)), "calibrating")
         try:

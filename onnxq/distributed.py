@@ -28,17 +28,18 @@ import math
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
 from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics
 from .data import SampleSource
-from .errors import OnnxqError, UsageError
+from .errors import OnnxqError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity
-from .statistics import Statistics
+from .statistics import Statistics, TensorStats
 
 TASK_RETRIES = 3  # a worker that dies mid-task (killed, out of memory, node lost) is retried this often
+MAX_SHARD_BATCHES = 4096  # per task: keeps a task's per-batch extremes small, and a retry cheap
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,12 @@ class Shard:
         return f"shard {self.index + 1} of {total} (samples {self.start}-{self.stop - 1})"
 
 
-def shards(samples: int, count: int, batch_size: int = 1) -> list[Shard]:
-    """`count` contiguous shards of nearly equal size whose starts are multiples of `batch_size`."""
+def shards(samples: int, count: int, batch_size: int = 1, max_batches: int | None = None) -> list[Shard]:
+    """At least `count` contiguous shards of nearly equal size, none over `max_batches` batches (default
+    MAX_SHARD_BATCHES), whose starts are multiples of `batch_size`."""
+    max_batches = max_batches or MAX_SHARD_BATCHES
     batches = math.ceil(samples / batch_size)
-    count = max(1, min(count, batches))
+    count = max(1, min(batches, max(count, math.ceil(batches / max_batches))))
     edges = [min(samples, round(i * batches / count) * batch_size) for i in range(count + 1)]
     return [Shard(i, a, b) for i, (a, b) in enumerate(itertools.pairwise(edges))]  # none empty: count <= batches
 
@@ -131,34 +134,65 @@ def fold_shard(model_bytes: bytes, source: SampleSource, shard: Shard, tensors: 
     return ShardResult(shard.index, stats, sizes)
 
 
+class ShardMerger:
+    """Folds shard results in as they finish, in any order, into what one process gets.
+
+    Histograms, counts and extremes merge at once (exactly, in any order). The sums of
+    per-batch extremes are re-added left to right as soon as every earlier shard is in, so
+    only shards that finished ahead of an earlier one wait (their extremes: 8 bytes a batch
+    and tensor); memory does not grow with the number of shards.
+    """
+
+    def __init__(self, shard_count: int, batch_size: int) -> None:
+        self.shard_count = shard_count
+        self.batch_size = batch_size
+        self.tensors: dict[str, TensorStats] = {}
+        self.sums: dict[str, list[float]] = {}
+        self.waiting: dict[int, ShardResult] = {}
+        self.next = 0
+
+    def add(self, result: ShardResult) -> None:
+        for name, part in result.stats.tensors.items():
+            mine = self.tensors.get(name)
+            self.tensors[name] = part.merge(mine) if mine is not None else _without_extremes(part)
+        self.waiting[result.index] = result
+        while self.next in self.waiting:
+            self._add_sums(self.waiting.pop(self.next))
+            self.next += 1
+
+    def _add_sums(self, result: ShardResult) -> None:
+        last = result.index == self.shard_count - 1
+        sizes = result.batch_sizes if last else [*result.batch_sizes, 0]  # a shard ends on a full batch
+        if self.batch_size > 1 and any(size != self.batch_size for size in sizes[:-1]):
+            raise UsageError(f"--ray with --batch-size {self.batch_size} needs samples of one shape (their shape "
+                             "changes mid-batch, so shards would batch them differently): use --batch-size 1")
+        for name, part in result.stats.tensors.items():
+            sums = self.sums.setdefault(name, [0.0, 0.0])
+            extremes = part.batch_extremes or ()
+            for low in extremes[0::2]:  # left to right, as one process adds them
+                sums[0] += low
+            for high in extremes[1::2]:
+                sums[1] += high
+
+    def result(self, samples: int, source: str) -> Statistics:
+        assert self.next == self.shard_count and not self.waiting, "a shard is missing"
+        merged = Statistics(samples=samples, source=source)
+        for name in sorted(self.tensors):
+            merged.tensors[name] = self.tensors[name]
+            merged.tensors[name].sum_batch_min, merged.tensors[name].sum_batch_max = self.sums[name]
+        return merged
+
+
+def _without_extremes(stats: TensorStats) -> TensorStats:
+    return replace(stats, batch_extremes=None)
+
+
 def merge_shards(results: Sequence[ShardResult], samples: int, source: str, batch_size: int) -> Statistics:
     """The statistics one process gets over all shards, from their results in any order."""
-    ordered = sorted(results, key=lambda r: r.index)
-    _check_batches(ordered, batch_size)
-    merged = Statistics(samples=samples, source=source)
-    names = sorted(ordered[0].stats.tensors)
-    for name in names:
-        parts = [r.stats.tensors[name] for r in ordered]
-        total = parts[0]
-        for part in parts[1:]:
-            total = total.merge(part)
-        total.sum_batch_min = total.sum_batch_max = 0.0
-        for part in parts:  # left to right over every batch, as one process adds them
-            for low, high in part.batch_extremes or []:
-                total.sum_batch_min += low
-                total.sum_batch_max += high
-        total.batch_extremes = None
-        merged.tensors[name] = total
-    return merged
-
-
-def _check_batches(ordered: Sequence[ShardResult], batch_size: int) -> None:
-    """One process starts a new batch every `batch_size` samples unless shapes change: a short batch
-    anywhere but at the very end means it would have batched differently."""
-    sizes = [size for r in ordered for size in r.batch_sizes]
-    if batch_size > 1 and any(size != batch_size for size in sizes[:-1]):
-        raise UsageError(f"--ray with --batch-size {batch_size} needs samples of one shape (their shape changes "
-                         "mid-batch, so shards would batch them differently): use --batch-size 1")
+    merger = ShardMerger(len(results), batch_size)
+    for result in results:
+        merger.add(result)
+    return merger.result(samples, source)
 
 
 def collect_statistics_on_ray(model: onnx.ModelProto, tensors: list[str], source: SampleSource,
@@ -173,9 +207,10 @@ def collect_statistics_on_ray(model: onnx.ModelProto, tensors: list[str], source
     task = _remote(ray, fold_shard, options)
     pending = {task.remote(model_ref, source_ref, shard, tensors, batch_size, memory_budget, aliases or {},
                            options.cpus_per_task): shard for shard in parts}
-    finished = _gather(ray, pending, len(parts), progress(len(source), "calibrating on Ray"),
-                       lambda shard: shard.stop - shard.start)
-    return merge_shards([result for _, result in finished], len(source), source.description, batch_size)
+    merger = ShardMerger(len(parts), batch_size)
+    _gather(ray, pending, len(parts), progress(len(source), "calibrating on Ray"),
+            lambda shard: shard.stop - shard.start, lambda _, result: merger.add(result))
+    return merger.result(len(source), source.description)
 
 
 _REMOTE: dict[tuple, object] = {}
@@ -189,10 +224,9 @@ def _remote(ray, function: Callable, options: RayOptions):
     return _REMOTE[key]
 
 
-def _gather(ray, pending: dict, total: int, bar, weight: Callable) -> list[tuple]:
-    """(item, result) of every task (ref -> item), as they finish; a failed task fails the run with one
-    line naming it; Ctrl-C (or any error) cancels what is still running."""
-    results = []
+def _gather(ray, pending: dict, total: int, bar, weight: Callable, take: Callable) -> None:
+    """take(item, result) for every task (ref -> item) as it finishes; a failed task fails the run with
+    one line naming it; Ctrl-C (or any error) cancels what is still running."""
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)  # Ctrl-C gets through in between
@@ -200,13 +234,13 @@ def _gather(ray, pending: dict, total: int, bar, weight: Callable) -> list[tuple
                 continue
             item = pending.pop(ready[0])
             try:
-                results.append((item, ray.get(ready[0])))
+                result = ray.get(ready[0])
             except ray.exceptions.RayTaskError as exc:
                 raise _task_error(item, total, exc.cause) from None
             except ray.exceptions.RayError as exc:  # retries used up: the worker kept dying
-                where = item.describe(total) if isinstance(item, Shard) else f"candidate {item + 1} of {total}"
-                raise OnnxqError(f"{where}: the Ray task failed {TASK_RETRIES + 1} times "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+                raise OnnxqError(f"{_where(item, total)}: the Ray task failed {TASK_RETRIES + 1} times "
+                                 f"({type(exc).__name__}: {first_line(exc)})") from None
+            take(item, result)
             bar.update(weight(item))
     except BaseException:
         for ref in pending:
@@ -214,14 +248,16 @@ def _gather(ray, pending: dict, total: int, bar, weight: Callable) -> list[tuple
         raise
     finally:
         bar.close()
-    return results
+
+
+def _where(item, total: int) -> str:
+    return item.describe(total) if isinstance(item, Shard) else f"candidate {item + 1} of {total}"
 
 
 def _task_error(item, total: int, cause: BaseException) -> OnnxqError:
-    where = item.describe(total) if isinstance(item, Shard) else f"candidate {item + 1} of {total}"
     if isinstance(cause, OnnxqError):
-        return type(cause)(f"{where}: {cause.message}")
-    return OnnxqError(f"{where}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+        return type(cause)(f"{_where(item, total)}: {cause.message}")
+    return OnnxqError(f"{_where(item, total)}: {type(cause).__name__}: {first_line(cause)}")
 
 
 # ---------------------------------------------------------------- candidate evaluation
@@ -246,7 +282,7 @@ class RayEvaluator:
         for first in range(0, len(candidates), step):
             pending = {task.remote(self.reference_ref, self.build(candidates[i]).SerializeToString()): i
                        for i in range(first, min(first + step, len(candidates)))}
-            scored.update(_gather(self.ray, pending, len(candidates), _Callback(done), lambda _: 1))
+            _gather(self.ray, pending, len(candidates), _Callback(done), lambda _: 1, scored.__setitem__)
         return [scored[i] for i in range(len(candidates))]
 
 

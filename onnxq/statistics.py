@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,9 +44,10 @@ class TensorStats:
     # Bin i covers [(i - BINS_PER_SIDE) * width, (i - BINS_PER_SIDE + 1) * width).
     width_exp: int | None = None
     counts: np.ndarray = field(default_factory=lambda: np.zeros(2 * BINS_PER_SIDE, dtype=np.int64))
-    # (min, max) of every batch in order, when a caller asks for them (not saved): sharded
-    # calibration re-adds them in the single-process order, so the sums match it bit for bit.
-    batch_extremes: list[tuple[float, float]] | None = field(default=None, compare=False, repr=False)
+    # min, max, min, max, ... of every batch in order, when a caller asks for them (not saved):
+    # sharded calibration re-adds them in the single-process order, so the sums match it bit
+    # for bit. float32 holds them exactly (they are float32 values): 8 bytes a batch.
+    batch_extremes: array | None = field(default=None, compare=False, repr=False)
 
     @property
     def width(self) -> float:
@@ -76,7 +78,7 @@ class TensorStats:
         self.sum_batch_min += batch_min
         self.sum_batch_max += batch_max
         if self.batch_extremes is not None:
-            self.batch_extremes.append((batch_min, batch_max))
+            self.batch_extremes.extend((batch_min, batch_max))
         self._grow_to(max(abs(batch_min), abs(batch_max)))
         if self.width_exp is None:  # all values so far are exactly zero
             self.counts[BINS_PER_SIDE] += x.size
@@ -186,7 +188,7 @@ class Statistics:
 
     def update(self, name: str, values: np.ndarray) -> None:
         if name not in self.tensors:
-            self.tensors[name] = TensorStats(batch_extremes=[] if self.keep_batch_extremes else None)
+            self.tensors[name] = TensorStats(batch_extremes=array("f") if self.keep_batch_extremes else None)
         self.tensors[name].update(values)
 
     def merge(self, other: Statistics) -> Statistics:

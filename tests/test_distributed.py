@@ -26,6 +26,7 @@ import ray
 from conftest import CHANNELS, IMAGE, bias, feeds_for, make_model, save, tensor, weight, write_npz_folder
 from onnx import helper
 
+import onnxq.distributed
 from onnxq.calibrate import collect_statistics
 from onnxq.data import SampleSource, model_input_specs, open_source
 from onnxq.distributed import (
@@ -94,14 +95,17 @@ def prepared(path: Path) -> tuple[onnx.ModelProto, list[str], dict[str, str], Sa
 # ---------------------------------------------------------------- without a cluster
 
 
-@pytest.mark.parametrize(("samples", "count", "batch"), [(23, 1, 1), (23, 3, 1), (23, 50, 1), (23, 4, 4), (5, 3, 2)])
-def test_shards_are_contiguous_and_start_on_batch_boundaries(samples: int, count: int, batch: int) -> None:
-    parts = shards(samples, count, batch)
+@pytest.mark.parametrize(("samples", "count", "batch", "most"),
+                         [(23, 1, 1, 99), (23, 3, 1, 99), (23, 50, 1, 99), (23, 4, 4, 99), (5, 3, 2, 99), (23, 2, 1, 4),
+                          (23, 1, 2, 3)])
+def test_shards_are_contiguous_and_start_on_batch_boundaries(samples: int, count: int, batch: int, most: int) -> None:
+    parts = shards(samples, count, batch, most)
+    batches = -(-samples // batch)
     assert [p.index for p in parts] == list(range(len(parts)))
     assert parts[0].start == 0 and parts[-1].stop == samples
     assert all(a.stop == b.start for a, b in itertools.pairwise(parts))
-    assert all(p.start % batch == 0 and p.stop > p.start for p in parts)
-    assert len(parts) == min(count, -(-samples // batch))
+    assert all(p.start % batch == 0 and p.stop > p.start and -(-(p.stop - p.start) // batch) <= most for p in parts)
+    assert len(parts) == min(batches, max(count, -(-batches // most)))
 
 
 def test_shards_merge_byte_identical_in_any_order(work: Path) -> None:
@@ -166,11 +170,14 @@ def test_an_address_nobody_answers_at_fails_at_once() -> None:
 # ---------------------------------------------------------------- on the cluster
 
 
-def test_calibration_on_ray_is_byte_identical_for_1_2_and_3_workers(cluster, work: Path) -> None:
+def test_calibration_on_ray_is_byte_identical_for_1_2_and_3_workers(cluster, work: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(ray.nodes()) == 2
     calibrate_only(work / "m.onnx", work / "local.npz", DataOptions(calib=work / "calib"))
-    for workers in (1, 2, 3):
-        out = work / f"ray{workers}.npz"
+    for workers, most in ((1, None), (2, None), (3, None), (2, 4)):  # 4: six shards of at most 4 samples
+        if most:
+            monkeypatch.setattr(onnxq.distributed, "MAX_SHARD_BATCHES", most)
+        out = work / f"ray{workers}-{most}.npz"
         calibrate_only(work / "m.onnx", out, DataOptions(calib=work / "calib", ray=RayOptions(workers=workers)))
         assert out.read_bytes() == (work / "local.npz").read_bytes(), f"{workers} workers"
 
