@@ -26,7 +26,7 @@ from .model_io import needs_external_data
 from .statistics import Statistics
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
-IN_FLIGHT = 2  # batches whose activations are alive at once: one folded, one being computed
+PREFETCH_BYTES = 256 * 1024**2  # two batches' activations at most, for the next batch to run during the fold
 
 ProgressFactory = Callable[[int, str], "Progress"]
 
@@ -118,11 +118,12 @@ def collect_statistics(
     from_model = [t for t in observed if t not in input_names]
     with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
         session = session_for(with_outputs(model, from_model), Path(tmp), threads, spin=False)
-        groups = _groups_within_budget(session, source, from_model, batch_size, memory_budget // IN_FLIGHT)
+        groups, largest = _groups_and_largest(session, source, from_model, batch_size, memory_budget)
+        ahead = 2 * largest <= min(PREFETCH_BYTES, memory_budget)
         bar = progress(len(source) * max(1, len(groups)), "calibrating")
         try:
             for index, group in enumerate(groups or [[]]):
-                for feed, outputs, count in prefetched(session, source, batch_size, group):
+                for feed, outputs, count in prefetched(session, source, batch_size, group, ahead=ahead):
                     _fold(stats, [(name, feed[name]) for name in from_feed] if index == 0 else [])
                     _fold(stats, zip(group, outputs, strict=True))
                     del feed, outputs  # before the next batch's activations arrive
@@ -145,11 +146,16 @@ def _fold(stats: Statistics, named_values) -> None:
         stats.update(name, values)
 
 
-def prefetched(session: ort.InferenceSession, source: SampleSource, batch_size: int, names: list[str]
-               ) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray], int]]:
-    """(feed, outputs `names`, samples) per batch, in order; the next batch is read and run in a
+def prefetched(session: ort.InferenceSession, source: SampleSource, batch_size: int, names: list[str], *,
+               ahead: bool = True) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray], int]]:
+    """(feed, outputs `names`, samples) per batch, in order. `ahead`: the next batch is read and run in a
     background thread while the caller folds this one. Errors surface here, in order."""
-    slots = threading.Semaphore(IN_FLIGHT)  # batches computed and not yet folded
+    if not ahead:
+        for feed, count in batches(source, batch_size):
+            yield feed, run(session, feed, names) if names else [], count
+            del feed
+        return
+    slots = threading.Semaphore(2)  # batches computed and not yet folded
     results: queue.Queue = queue.Queue()
     stop = threading.Event()
     done = object()
@@ -186,13 +192,20 @@ def _groups_within_budget(
     session: ort.InferenceSession, source: SampleSource, names: list[str], batch_size: int, budget: int
 ) -> list[list[str]]:
     """Split tensors so one batch of a group fits the memory budget (sizes from a one-sample probe)."""
+    return _groups_and_largest(session, source, names, batch_size, budget)[0]
+
+
+def _groups_and_largest(
+    session: ort.InferenceSession, source: SampleSource, names: list[str], batch_size: int, budget: int
+) -> tuple[list[list[str]], int]:
+    """_groups_within_budget's groups, and the bytes of one batch of the largest."""
     if not names:
-        return []
+        return [], 0
     probe = run(session, source.sample(0), names)
     sizes = [a.nbytes * batch_size for a in probe]
     del probe
     if sum(sizes) <= budget:
-        return [names]
+        return [names], sum(sizes)
     groups: list[list[str]] = [[]]
     used = 0
     for name, size in zip(names, sizes, strict=True):
@@ -202,4 +215,5 @@ def _groups_within_budget(
         groups[-1].append(name)
         used += size
     print(f"onnxq: activations exceed the memory budget; calibrating in {len(groups)} passes", file=sys.stderr)
-    return groups
+    size_of = dict(zip(names, sizes, strict=True))
+    return groups, max(sum(size_of[name] for name in group) for group in groups)

@@ -18,6 +18,7 @@ import onnx
 import pytest
 from conftest import conv_relu_model, feeds_for, quantize_simple, save, two_input_model, write_npz_folder
 
+import onnxq.calibrate
 from onnxq.calibrate import collect_statistics, session_for, with_outputs
 from onnxq.data import SampleSource, model_input_specs, open_source
 from onnxq.errors import DataError
@@ -82,8 +83,13 @@ def prepared_and_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
     return prepared, tensors_to_observe(import_graph(prepared))
 
 
-@pytest.mark.parametrize("budget", [2 * 1024**3, 1], ids=["one-pass", "a-pass-per-tensor"])
-def test_prefetched_calibration_is_byte_identical_to_the_plain_loop(tmp_path: Path, budget: int) -> None:
+@pytest.mark.parametrize(("budget", "prefetch"), [(2 * 1024**3, True), (1, True), (2 * 1024**3, False)],
+                         ids=["one-pass", "a-pass-per-tensor", "one-batch-at-a-time"])
+def test_prefetched_calibration_is_byte_identical_to_the_plain_loop(tmp_path: Path, budget: int, prefetch: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if not prefetch:  # activations too large to hold two batches: no background thread
+        monkeypatch.setattr(onnxq.calibrate, "PREFETCH_BYTES", 0)
+        monkeypatch.setattr(threading, "Thread", None)
     model = conv_relu_model()
     write_npz_folder(tmp_path / "calib", feeds_for(model), 9)
     prepared, tensors = prepared_and_tensors(model)
