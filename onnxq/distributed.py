@@ -36,6 +36,7 @@ from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, col
 from .data import SampleSource
 from .errors import OnnxqError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity
+from .model_io import needs_external_data
 from .statistics import Statistics, TensorStats
 
 TASK_RETRIES = 3  # a worker that dies mid-task (killed, out of memory, node lost) is retried this often
@@ -200,6 +201,9 @@ def collect_statistics_on_ray(model: onnx.ModelProto, tensors: list[str], source
                               memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: ProgressFactory = _no_progress,
                               aliases: dict[str, str] | None = None) -> Statistics:
     """collect_statistics over shards of `source` as Ray tasks; byte-identical to collect_statistics."""
+    if needs_external_data(model):
+        raise UsageError("--ray ships the model as one protobuf, which cannot exceed 2 GB; this model does: "
+                         "calibrate it without --ray")
     ray = connect(options)
     parts = shards(len(source), worker_count(ray, options), batch_size)
     model_ref = ray.put(model.SerializeToString())  # once, not once per task
