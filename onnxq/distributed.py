@@ -6,10 +6,11 @@ Sharded calibration: the driver cuts the calibration samples into contiguous sha
 puts the prepared model and the sample source into Ray's object store once; each task
 opens its shard (the same files: a path every worker can read) and folds it with
 onnxq.calibrate.collect_statistics, exactly as one process would, one batch at a time.
-The driver merges the shards' statistics in data order. Histograms, counts and extremes
-merge exactly (onnxq.statistics); the sums of per-batch extremes are float sums whose
-rounding depends on grouping, so each task also returns its per-batch extremes and the
-driver re-adds them left to right, as the single process does. The merged statistics,
+At most --workers tasks run at once; the driver folds each result in as it arrives.
+Histograms, counts and extremes merge exactly, in any order (onnxq.statistics); the sums
+of per-batch extremes are float sums whose rounding depends on grouping, so each task
+also returns its per-batch extremes and the driver re-adds them left to right, in data
+order, as the single process does. The merged statistics,
 and so the written model, are byte-identical to a single-process run on the same kind
 of CPU, whatever the number of workers and the order shards finish in.
 
@@ -27,7 +28,7 @@ import itertools
 import math
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import onnx
@@ -46,7 +47,7 @@ MAX_SHARD_BATCHES = 4096  # per task: keeps a task's per-batch extremes small, a
 @dataclass(frozen=True)
 class RayOptions:
     address: str | None = None  # None: RAY_ADDRESS, else a local Ray started for the run
-    workers: int | None = None  # tasks run at once; None: one per CPU of the cluster
+    workers: int | None = None  # tasks at once; None: one per CPU of the cluster
     cpus_per_task: int = 1  # also the onnxruntime threads of each task
 
 
@@ -209,10 +210,10 @@ def collect_statistics_on_ray(model: onnx.ModelProto, tensors: list[str], source
     model_ref = ray.put(model.SerializeToString())  # once, not once per task
     source_ref = ray.put(source)
     task = _remote(ray, fold_shard, options)
-    pending = {task.remote(model_ref, source_ref, shard, tensors, batch_size, memory_budget, aliases or {},
-                           options.cpus_per_task): shard for shard in parts}
+    jobs = ((shard, lambda shard=shard: task.remote(model_ref, source_ref, shard, tensors, batch_size, memory_budget,
+                                                    aliases or {}, options.cpus_per_task)) for shard in parts)
     merger = ShardMerger(len(parts), batch_size)
-    _gather(ray, pending, len(parts), progress(len(source), "calibrating on Ray"),
+    _gather(ray, jobs, worker_count(ray, options), len(parts), progress(len(source), "calibrating on Ray"),
             lambda shard: shard.stop - shard.start, lambda _, result: merger.add(result))
     return merger.result(len(source), source.description)
 
@@ -228,10 +229,21 @@ def _remote(ray, function: Callable, options: RayOptions):
     return _REMOTE[key]
 
 
-def _gather(ray, pending: dict, total: int, bar, weight: Callable, take: Callable) -> None:
-    """take(item, result) for every task (ref -> item) as it finishes; a failed task fails the run with
-    one line naming it; Ctrl-C (or any error) cancels what is still running."""
+def _gather(ray, jobs: Iterable[tuple[object, Callable]], limit: int, total: int, bar, weight: Callable,
+            take: Callable) -> None:
+    """Submit jobs ((item, submit) pairs) with at most `limit` running, and take(item, result) each as it
+    finishes; a failed task fails the run with one line naming it; Ctrl-C (or any error) cancels what is
+    still running."""
+    jobs = iter(jobs)
+    pending: dict = {}
+
+    def refill() -> None:
+        while len(pending) < limit and (job := next(jobs, None)) is not None:
+            item, submit = job
+            pending[submit()] = item
+
     try:
+        refill()
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)  # Ctrl-C gets through in between
             if not ready:
@@ -246,6 +258,7 @@ def _gather(ray, pending: dict, total: int, bar, weight: Callable, take: Callabl
                                  f"({type(exc).__name__}: {first_line(exc)})") from None
             take(item, result)
             bar.update(weight(item))
+            refill()
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -282,11 +295,9 @@ class RayEvaluator:
                    ) -> list[Fidelity]:
         task = _remote(self.ray, score_candidate, self.options)
         scored: dict[int, Fidelity] = {}
-        step = 2 * self.width  # candidates in the object store at once (each is a whole model)
-        for first in range(0, len(candidates), step):
-            pending = {task.remote(self.reference_ref, self.build(candidates[i]).SerializeToString()): i
-                       for i in range(first, min(first + step, len(candidates)))}
-            _gather(self.ray, pending, len(candidates), _Callback(done), lambda _: 1, scored.__setitem__)
+        jobs = ((i, lambda c=c: task.remote(self.reference_ref, self.build(c).SerializeToString()))
+                for i, c in enumerate(candidates))  # a model is built when a worker is free for it
+        _gather(self.ray, jobs, self.width, len(candidates), _Callback(done), lambda _: 1, scored.__setitem__)
         return [scored[i] for i in range(len(candidates))]
 
 

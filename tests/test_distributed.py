@@ -244,14 +244,25 @@ def test_ctrl_c_cancels_the_tasks(cluster, work: Path) -> None:
 
     slow_source = SampleSource(source.description, len(source), slow, source.kind)
 
-    def interrupt_once_started() -> None:
+    stop = threading.Event()
+
+    def ctrl_c_once_started() -> None:  # again every 0.2 s: one landing in Ray's own code may be swallowed
         while not any(progress.iterdir()):
             time.sleep(0.05)
-        _thread.interrupt_main()
+        while not stop.is_set():
+            _thread.interrupt_main()
+            stop.wait(0.2)
 
-    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    presser = threading.Thread(target=ctrl_c_once_started, daemon=True)
+    presser.start()
     with pytest.raises(KeyboardInterrupt):
         collect_statistics_on_ray(model, tensors, slow_source, RayOptions(workers=2), aliases=aliases)
+    while presser.is_alive():
+        try:
+            stop.set()
+            presser.join()
+        except KeyboardInterrupt:  # one more press, already on its way
+            pass
     time.sleep(2.0)  # a cancelled task reads no further samples: 23 samples at 0.3 s would take 3.5 s a shard
     seen = len(list(progress.iterdir()))
     time.sleep(2.0)
