@@ -232,6 +232,15 @@ def test_an_unreadable_shard_fails_with_one_line_naming_it(cluster, work: Path, 
 
 
 def test_ctrl_c_cancels_the_tasks(cluster, work: Path) -> None:
+    # Ctrl-C as a command-line process gets it (another test's library may have replaced the handler)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupt_a_slow_calibration(work)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def interrupt_a_slow_calibration(work: Path) -> None:
     model, tensors, aliases, source = prepared(work / "m.onnx")
     progress = work / "ctrl-c"
     progress.mkdir()
