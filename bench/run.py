@@ -151,7 +151,9 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
         rows.append(row)
 
     lat = {t: metrics.latency(paths, eval_feeds[0], threads=n, rounds=rounds) for t, n in (("1", 1), ("all", 0))}
+    cpu_class = report.machine()["cpu_class"]
     for row in rows:
+        row["cpu_class"] = cpu_class  # merged rows may come from another machine: each row says where it ran
         if row["id"] in paths:
             row["latency_ms"] = {t: lat[t].get(row["id"]) for t in lat}
             row["speedup"] = {t: round(lat[t]["fp32"] / lat[t][row["id"]], 3) if lat[t].get(row["id"]) else None

@@ -247,13 +247,16 @@ def main() -> None:
               "type, and settings used as defaults for these options (see README).")
 @click.option("--save-recipe", type=click.Path(path_type=Path), help="Write the effective recipe (settings as used, "
               "rules, the speed guard's and the accuracy target's choices): --recipe with it rebuilds this model.")
-@click.option("--speed-guard/--no-speed-guard", default=True, show_default=True,
-              help="Time the model on this CPU and keep in float each kind of layer (e.g. depthwise convs) "
-                   "whose int8 form does not make it faster.")
-@click.option("--speed-profile", type=click.Path(path_type=Path), help="Speed guard timings to reuse and extend "
-              "(default: a per-machine cache in ~/.cache/onnxq); pin one in CI for identical output everywhere.")
-@click.option("--target-cpu", type=click.Path(path_type=Path), help="Quantize for another CPU: a copy of its "
-              "/proc/cpuinfo or its `onnxq doctor --json` output (sets --weight-range auto's choice).")
+@click.option("--speed-guard", type=click.Choice(["table", "measure", "off"]), default="table", show_default=True,
+              help="Keep in float the layers whose int8 form does not make the model faster on the target CPU: "
+                   "table decides from onnxq's measured table for the CPU class (same output on every machine); "
+                   "measure times the model on this machine; off keeps every int8 layer.")
+@click.option("--no-speed-guard", is_flag=True, hidden=True, help="Same as --speed-guard off.")
+@click.option("--speed-profile", type=click.Path(path_type=Path), help="--speed-guard measure: timings to reuse and "
+              "extend (default: a per-machine cache in ~/.cache/onnxq).")
+@click.option("--target-cpu", help="Quantize for this CPU: a class (avx2, avx512-vnni, amx, arm64, host), a copy of "
+              "its /proc/cpuinfo or its `onnxq doctor --json` output. Sets the weight range and the speed table "
+              "row. Default: this machine's class (ONNXQ_HOST_CPU=<class> overrides what it reports).")
 @click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse statistics saved by --save-stats or "
               "`onnxq calibrate` (no inference pass).")
 @click.option("--save-stats", type=click.Path(path_type=Path), help="Save the calibration statistics.")
@@ -298,7 +301,8 @@ def main() -> None:
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                      pixel_scale, mean, std, channel_order, eval_data, mode, weight_bits, block_size,
                      weight_zero_points, method, percentile, symmetric, per_tensor,
-                     output_format, weight_range, exclude, recipe_path, save_recipe, speed_guard, speed_profile,
+                     output_format, weight_range, exclude, recipe_path, save_recipe, speed_guard, no_speed_guard,
+                     speed_profile,
                      target_cpu, load_stats, save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine,
                      metric, target_metric, target_samples, eval_samples, target_data, fallback, max_fallbacks,
                      min_cosine,
@@ -311,6 +315,10 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
     if report_path is not None:
         check_output_path(report_path, [model, output])
     recipe = Recipe.load(recipe_path) if recipe_path is not None else Recipe()
+    if no_speed_guard:
+        if click.get_current_context().get_parameter_source("speed_guard") == click.core.ParameterSource.COMMANDLINE:
+            raise UsageError("--no-speed-guard and --speed-guard contradict each other; give one")
+        speed_guard = "off"
     o = _recipe_defaults(recipe, dict(mode=mode, method=method, percentile=percentile, symmetric=symmetric,
                                       per_tensor=per_tensor, weight_range=weight_range, speed_guard=speed_guard,
                                       output_format=output_format, weight_bits=weight_bits, block_size=block_size,
@@ -353,7 +361,7 @@ main.add_command(quantize_command, name="quantize")
 RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
     "mode": ("mode", str), "method": ("method", str), "percentile": ("percentile", float),
     "symmetric": ("symmetric", bool), "per_channel": ("per_tensor", lambda v: not v),
-    "weight_range": ("weight_range", str), "speed_guard": ("speed_guard", bool), "format": ("output_format", str),
+    "weight_range": ("weight_range", str), "speed_guard": ("speed_guard", str), "format": ("output_format", str),
     "weight_bits": ("weight_bits", str), "block_size": ("block_size", int),
     "weight_zero_points": ("weight_zero_points", bool), "smooth_alpha": ("smooth_alpha", float),
     "smooth_mul": ("smooth_mul", bool), "equalize": ("equalize", bool), "bias_correction": ("bias_correction", bool),
@@ -485,7 +493,7 @@ def sensitivity_command(model, output, plot, calib, allow_random, batch_size, ma
         if path is not None:
             check_output_path(path, [model])
     request = QuantizeRequest(model=model, output=Path(os.devnull), data=data, load_stats=load_stats,
-                              weight_range=weight_range, sensitivity_samples=samples, speed_guard=False,
+                              weight_range=weight_range, sensitivity_samples=samples, speed_guard="off",
                               settings=QuantSettings(method=method, symmetric=symmetric))
     result = run_sensitivity(request, progress=progress_factory(quiet))
     if output is not None:
@@ -619,7 +627,7 @@ def qat_prep_command(model, output, params_path, calib, allow_random, batch_size
     if report_path is not None:
         check_output_path(report_path, [model, output])
     request = QuantizeRequest(model=model, output=output, data=data, weight_range=weight_range,
-                              exclude=tuple(exclude), speed_guard=False,
+                              exclude=tuple(exclude), speed_guard="off",
                               settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric,
                                                      per_channel=not per_tensor))
     result = qat_prep(request, params_path, progress=progress_factory(quiet))

@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 
 from . import __version__, qmath
 from .calibrate import ProgressFactory, _no_progress, collect_statistics
-from .cpu import default_weight_range, read_cpu_features
+from .cpu import default_weight_range, host_cpu
 from .data import model_input_specs, open_source
 from .errors import ModelError, UsageError
 from .evaluate import compare_models
@@ -506,7 +506,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
                                                   else "uint8")
     weight_settings = QuantSettings(method=request.method, percentile=request.percentile,
                                     symmetric=calib_type == "int8",
-                                    weight_range=default_weight_range(read_cpu_features()))
+                                    weight_range=default_weight_range(host_cpu().features))
     placement = place(graph, PlacementOptions(per_channel=True, fold_activations=True))
     if not any(d.status == "int8" for d in placement.nodes):
         raise ModelError("nothing to convert: no Conv, MatMul or Gemm can run in int8")
@@ -516,7 +516,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
     quantized = write_qdq(prepared.model, plan)
     if request.output_format == "qoperator":
         quantized = write_qoperator(quantized)
-    fusion = check_written_model(quantized)
+    fusion = check_written_model(quantized, {d.name: d.status for d in plan.nodes})
     fidelity = None
     held_path = request.data.eval_data or request.data.calib
     if held_path is not None:

@@ -6,37 +6,17 @@ written there) for `quantize --target-cpu`.
 
 from __future__ import annotations
 
-import json
-import platform
 from pathlib import Path
 
 import onnxruntime as ort
 
-from .cpu import CpuFeatures, default_weight_range, read_cpu_features
-from .errors import DataError
-
-# cpuinfo flag -> what it is, for the int8 kernels onnxruntime picks.
-INT8_FEATURES = {
-    "avx2": "AVX2 (256-bit integer SIMD)",
-    "avx512bw": "AVX-512 BW",
-    "avx512_vnni": "AVX-512 VNNI (int8 dot products, int32 accumulation)",
-    "avx_vnni": "AVX-VNNI (int8 dot products on 256-bit registers)",
-    "amx_int8": "AMX-INT8 (int8 tile matrix multiply)",
-    "asimddp": "ARM dot product (SDOT/UDOT)",
-    "i8mm": "ARM int8 matrix multiply (SMMLA)",
-}
+from .cpu import INT8_FEATURES, TargetCpu, default_weight_range, host_cpu, resolve_target
+from .speed_table import shipped_table
 
 
-def cpu_model_name(cpuinfo: str) -> str:
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "Model", "Hardware"):
-            return value.strip()
-    return platform.processor() or "unknown"
-
-
-def diagnose(features: CpuFeatures, model_name: str) -> dict:
-    """Features present and the defaults they lead to."""
+def diagnose(target: TargetCpu) -> dict:
+    """Features present, the CPU class, and the defaults they lead to."""
+    features = target.features
     weight_range = default_weight_range(features)
     implications = []
     if features.int8_products_may_saturate:
@@ -56,10 +36,20 @@ def diagnose(features: CpuFeatures, model_name: str) -> dict:
                             "float; expect the speed guard to keep many layers in float")
     if features.arch in ("aarch64", "arm64") and "asimddp" not in features.flags:
         implications.append("no ARM dot-product instructions: int8 gains are small on this CPU")
-    implications.append("the speed guard times int8 against float per kind of layer on the CPU that runs "
-                        "quantize; for another deployment CPU give --target-cpu and a --speed-profile made there")
+    table = shipped_table()
+    row_class, note = table.row_class_for(target.cpu_class)
+    measured = table.classes.get(row_class, {})
+    speed = (f"the speed guard decides from onnxq's speed table, {row_class} rows (measured on "
+             f"{measured.get('measured_on', '?')}, {measured.get('kernels', '?')})" + (f"; {note}" if note else ""))
+    implications.append(speed)
+    implications.append("quantize for another CPU class with --target-cpu avx2|avx512-vnni|amx|arm64 (or a file "
+                        "from `onnxq doctor --json` run there); --speed-guard measure times this machine instead")
     return {
-        "cpu": model_name,
+        "cpu": target.name,
+        "cpu_class": target.cpu_class,
+        "class_note": target.class_note or None,
+        "source": target.source,
+        "speed_table_rows": row_class,
         "arch": features.arch,
         "int8_features": {flag: (flag in features.flags) for flag in INT8_FEATURES},
         "onnxruntime": ort.__version__,
@@ -70,36 +60,13 @@ def diagnose(features: CpuFeatures, model_name: str) -> dict:
 
 
 def this_machine(cpuinfo_path: Path | None = None) -> dict:
-    """diagnose() for this machine, or for the cpuinfo text in `cpuinfo_path`."""
-    if cpuinfo_path is None:
-        source = Path("/proc/cpuinfo")
-        text = source.read_text(errors="replace") if source.exists() else ""
-        return diagnose(read_cpu_features(text), cpu_model_name(text))
-    return diagnose(*read_target_cpu(cpuinfo_path))
-
-
-def read_target_cpu(path: Path) -> tuple[CpuFeatures, str]:
-    """A deployment CPU from its /proc/cpuinfo text or from `onnxq doctor --json` output."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        raise DataError(f"cannot read CPU description {path}: {exc.strerror}") from None
-    if text.lstrip().startswith("{"):
-        try:
-            info = json.loads(text)
-            flags = frozenset(flag for flag, present in info["int8_features"].items() if present)
-            return CpuFeatures(str(info["arch"]).lower(), flags), str(info.get("cpu", "unknown"))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DataError(f"{path}: not `onnxq doctor --json` output ({type(exc).__name__})") from None
-    if not any(line.partition(":")[0].strip() in ("flags", "Features") for line in text.splitlines()):
-        raise DataError(f"{path}: no 'flags' or 'Features' line; give a copy of the target's /proc/cpuinfo "
-                        "or its `onnxq doctor --json` output")
-    arch = "aarch64" if any(line.startswith("Features") for line in text.splitlines()) else "x86_64"
-    return read_cpu_features(text, arch), cpu_model_name(text)
+    """diagnose() for this machine, or for the CPU a cpuinfo copy / doctor --json / class name describes."""
+    return diagnose(host_cpu() if cpuinfo_path is None else resolve_target(str(cpuinfo_path)))
 
 
 def format_diagnosis(info: dict) -> str:
-    lines = [f"CPU: {info['cpu']} ({info['arch']})"]
+    lines = [f"CPU: {info['cpu']} ({info['arch']}); class {info['cpu_class']} ({info['source']})"
+             + (f"; {info['class_note']}" if info["class_note"] else "")]
     for flag, present in info["int8_features"].items():
         lines.append(f"  {'yes' if present else 'no ':3} {INT8_FEATURES[flag]}")
     lines.append(f"onnxruntime {info['onnxruntime']}, providers: {', '.join(info['providers'])}")

@@ -25,14 +25,8 @@ import onnxruntime as ort
 
 from .errors import ModelError, first_line
 from .model_io import needs_external_data
-
-QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
-
-
-def is_integer_kernel(op_type: str) -> bool:
-    """onnxruntime's int8 kernels (standard and com.microsoft) by name."""
-    return (op_type.startswith(("QLinear", "DynamicQuantize", "MatMulInteger", "ConvInteger", "QGemm",
-                                "QAttention", "QOrdered", "MatMulNBits")) or op_type == "QEmbedLayerNormalization")
+from .ops import QUANTIZE_OPS, is_integer_kernel
+from .precision import NodePrecision, compare_precision, disagreements
 
 
 @dataclass
@@ -42,32 +36,37 @@ class FusionReport:
     dequantized_weights: list[dict] = field(default_factory=list)  # avoidable: int8 weight, float op
     unfused_pairs: list[dict] = field(default_factory=list)  # avoidable: Q -> DQ with nothing int8 around
     borders: dict[str, int] = field(default_factory=dict)  # expected at float regions' edges
+    precision: list[NodePrecision] = field(default_factory=list)  # planned vs executed, per compute node
 
     @property
     def avoidable(self) -> int:
         return len(self.dequantized_weights) + len(self.unfused_pairs)
 
+    @property
+    def disagreements(self) -> list[dict]:
+        """Compute nodes onnxruntime runs at another precision than planned (see onnxq.precision)."""
+        return disagreements(self.precision)
+
     def to_dict(self) -> dict:
         return {"int8_kernels": self.int8_kernels, "float_ops": self.float_ops,
                 "dequantized_weights": self.dequantized_weights, "unfused_pairs": self.unfused_pairs,
-                "borders": self.borders, "avoidable": self.avoidable}
-
-    def summary(self) -> str:
-        kernels = ", ".join(f"{op} {n}" for op, n in self.int8_kernels.items()) or "none"
-        return (f"onnxruntime runs int8 kernels: {kernels}; avoidable unfused: "
-                f"{len(self.dequantized_weights)} layers with int8 weights in float, "
-                f"{len(self.unfused_pairs)} Q/DQ pairs; float-region borders: "
-                f"{self.borders.get('dequantize', 0)} DQ, {self.borders.get('quantize', 0)} Q")
+                "borders": self.borders, "avoidable": self.avoidable,
+                "precision": [row.to_dict() for row in self.precision], "disagreements": self.disagreements}
 
 
-def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph onnxruntime's CPU provider runs, after all its optimizations."""
+LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def optimized_graph(model: onnx.ModelProto, level: str = "all") -> onnx.ModelProto:
+    """The graph onnxruntime's CPU provider runs, after its optimizations at `level`."""
     with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as tmp:
         source, target = Path(tmp) / "model.onnx", Path(tmp) / "optimized.onnx"
         large = needs_external_data(model)
         onnx.save_model(model, str(source), save_as_external_data=large, location="model.onnx.data")
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = LEVELS[level]
         options.optimized_model_filepath = str(target)
         options.log_severity_level = 4
         if large:
@@ -81,9 +80,16 @@ def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(str(target))
 
 
-def check_fusion(model: onnx.ModelProto) -> FusionReport:
-    """Sort what onnxruntime left of the model's Q/DQ nodes (see the module docstring)."""
-    graph = optimized_graph(model).graph
+def check_fusion(model: onnx.ModelProto, planned: dict[str, str] | None = None) -> FusionReport:
+    """Sort what onnxruntime left of the model's Q/DQ nodes (see the module docstring), and compare
+    each layer's planned precision with what runs (onnxq.precision; `planned`: label -> plan status)."""
+    graphs = {level: optimized_graph(model, level) for level in LEVELS}
+    report = _sort_quantize_ops(graphs["all"].graph)
+    report.precision = compare_precision(model, graphs, planned)
+    return report
+
+
+def _sort_quantize_ops(graph: onnx.GraphProto) -> FusionReport:
     constants = {t.name for t in graph.initializer}
     constants.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
     producer = {o: n for n in graph.node for o in n.output}

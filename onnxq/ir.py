@@ -113,3 +113,30 @@ def all_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                 yield from all_proto_nodes(attr.g)
             for sub in attr.graphs:
                 yield from all_proto_nodes(sub)
+
+
+def concrete_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
+                    ) -> dict[str, tuple[int | None, ...]]:
+    """Every tensor's inferred shape (None for unknown dims), with the graph inputs fixed to `input_shapes`
+    (a real sample's shapes, so dynamic models get concrete sizes too). The model is not changed."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    for value in work.graph.input:
+        shape = (input_shapes or {}).get(value.name)
+        if shape is not None and value.type.HasField("tensor_type"):
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shape:
+                dims.add().dim_value = int(size)
+    del work.graph.value_info[:]
+    try:
+        work = onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}  # inference is a help: unknown shapes make later stages fall back, not fail
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    for value in (*work.graph.input, *work.graph.value_info, *work.graph.output):
+        tensor_type = value.type.tensor_type
+        if value.type.HasField("tensor_type") and tensor_type.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                       for d in tensor_type.shape.dim)
+    return shapes

@@ -19,7 +19,7 @@ import onnx
 
 from . import __version__
 from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress
-from .cpu import default_weight_range, read_cpu_features
+from .cpu import TargetCpu, default_weight_range, resolve_target
 from .data import (
     ImagePreprocessing,
     InputSpec,
@@ -30,12 +30,11 @@ from .data import (
     split_holdout,
 )
 from .distributed import RayOptions, collect, evaluator_for
-from .doctor import read_target_cpu
 from .dynamic import WeightOnlyOptions, rewrite_dynamic, rewrite_weight_only
 from .errors import DataError, ModelError, UsageError
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion, is_integer_kernel
-from .ir import Graph, import_graph
+from .ir import Graph, concrete_shapes, import_graph
 from .model_io import check_output_path, load_model, model_digest, needs_external_data, save_model
 from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
@@ -57,12 +56,15 @@ from .rewrite_qop import write_qoperator
 from .sensitivity import SearchResult, SensitivityResult, Target, measure_sensitivity, search_fallbacks
 from .smooth import smooth_model, validate_alpha
 from .speed_guard import (
+    MODES,
     GuardResult,
     compare_latency,
     default_profile_path,
     guard_groups,
+    guarded_nodes,
     machine_key,
     run_speed_guard,
+    table_guard,
 )
 from .statistics import Statistics
 
@@ -94,9 +96,9 @@ class QuantizeRequest:
     save_stats: Path | None = None
     save_plan: Path | None = None
     exclude: tuple[str, ...] = ()
-    speed_guard: bool = True
-    speed_profile: Path | None = None  # None: the per-machine cache (see onnxq.speed_guard)
-    target_cpu: Path | None = None  # the deployment CPU's /proc/cpuinfo or `onnxq doctor --json`
+    speed_guard: str = "table"  # "table", "measure" (time on this machine) or "off" (see onnxq.speed_guard)
+    speed_profile: Path | None = None  # --speed-guard measure: None is the per-machine cache
+    target_cpu: str | None = None  # a CPU class (avx2, avx512-vnni, amx, arm64, host) or a file describing it
     output_format: str = "qdq"  # or "qoperator": integer operators (onnxq.rewrite_qop)
     target: Target | None = None  # accuracy target: fall back to float until it holds (onnxq.sensitivity)
     metric: Path | None = None  # a Python file with score(references, candidates, feeds) for Target.min_metric
@@ -144,20 +146,31 @@ class StageTimer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
-def resolve_settings(request: QuantizeRequest) -> tuple[QuantSettings, str]:
+def resolve_settings(request: QuantizeRequest, target: TargetCpu) -> tuple[QuantSettings, str]:
     """Fill in the CPU-dependent weight range; returns the settings and why that range."""
     settings = request.settings
     if request.weight_range == "auto":
-        features = read_target_cpu(request.target_cpu)[0] if request.target_cpu else read_cpu_features()
-        chosen = default_weight_range(features)
-        which = "target CPU" if request.target_cpu else "CPU"
-        why = (f"x86 {which} without VNNI: uint8 x int8 products can saturate, weights limited to 7 bits"
-               if chosen == "reduced" else f"{which} accumulates int8 products without saturation")
+        chosen = default_weight_range(target.features)
+        which = f"target CPU class {target.cpu_class} ({target.source})"
+        why = (f"{which}: x86 without VNNI, uint8 x int8 products can saturate, weights limited to 7 bits"
+               if chosen == "reduced" else f"{which}: accumulates int8 products without saturation")
     else:
         chosen, why = request.weight_range, "set by --weight-range"
     settings = QuantSettings(**{**settings.__dict__, "weight_range": chosen})
     settings.validate()
     return settings, why
+
+
+def check_speed_guard_options(request: QuantizeRequest, target: TargetCpu) -> None:
+    """Refuse speed-guard options that would do nothing, or decide for the wrong CPU."""
+    if request.speed_guard not in MODES:
+        raise UsageError(f"unknown --speed-guard {request.speed_guard!r}; choose one of {', '.join(MODES)}")
+    if request.speed_profile is not None and request.speed_guard != "measure":
+        raise UsageError("--speed-profile holds timings of --speed-guard measure; add --speed-guard measure "
+                         "(the default table decides without timing)")
+    if request.speed_guard == "measure" and request.speed_profile is None and not target.is_host:
+        raise UsageError(f"--speed-guard measure times this machine, which says nothing about {target.source}: "
+                         "use the default --speed-guard table, or a --speed-profile made on the target")
 
 
 def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, SampleSource | None, list[str]]:
@@ -204,6 +217,7 @@ class Calibrated:
     """Everything up to the statistics: what the speed guard, the target search and the plan build on."""
 
     request: QuantizeRequest
+    target: TargetCpu
     settings: QuantSettings
     weight_range_reason: str
     original: onnx.ModelProto
@@ -261,7 +275,9 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
     if writes_model:
         check_output_path(request.output, [request.model])
     _check_extra_outputs(request)
-    settings, weight_range_reason = resolve_settings(request)
+    target = resolve_target(request.target_cpu)
+    check_speed_guard_options(request, target)
+    settings, weight_range_reason = resolve_settings(request, target)
     if request.smooth_alpha is not None:
         validate_alpha(request.smooth_alpha)
         if request.load_stats is not None:
@@ -296,9 +312,9 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
         stats = _statistics(request, prepared.model, placement.statistics_tensors, graph, calib, digest, progress)
     if request.save_stats is not None:
         stats.save(request.save_stats)
-    return Calibrated(request, settings, weight_range_reason, original, prepared.model, prepared.reference, digest,
-                      graph, options, placement, stats, calib, held, prepared.notes + recipe_notes + notes, timer,
-                      choices, smoothing, recovery)
+    return Calibrated(request, target, settings, weight_range_reason, original, prepared.model, prepared.reference,
+                      digest, graph, options, placement, stats, calib, held, prepared.notes + recipe_notes + notes,
+                      timer, choices, smoothing, recovery)
 
 
 def _check_extra_outputs(request: QuantizeRequest) -> None:
@@ -342,7 +358,7 @@ def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: G
         values.update(smooth_alpha=request.smooth_alpha, smooth_mul=request.smooth_insert_mul)
     if request.mode == "static":
         values.update(method=settings.method, percentile=settings.percentile, symmetric=settings.symmetric,
-                      speed_guard=False, format=request.output_format, equalize=request.equalize,
+                      speed_guard="off", format=request.output_format, equalize=request.equalize,
                       bias_correction=request.bias_correction, adaround=request.adaround_seconds is not None)
         if request.adaround_seconds is not None:
             values["adaround_seconds"] = request.adaround_seconds
@@ -399,7 +415,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         if request.output_format == "qoperator":
             quantized = write_qoperator(quantized)
     with timer.stage("check"):
-        fusion = check_written_model(quantized)
+        fusion = check_written_model(quantized, {d.name: d.status for d in plan.nodes})
     fidelity = None
     if c.held is not None:
         with timer.stage("evaluate"):
@@ -412,7 +428,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         plan=plan, stats=c.stats, calib=c.calib, held=c.held, fidelity=fidelity, notes=c.notes,
         weight_range_reason=c.weight_range_reason, timings=timer.seconds,
         speed_guard=guard.to_report() if guard is not None else {"enabled": False}, fusion=fusion.to_dict(),
-        recovery=c.recovery or None,
+        recovery=c.recovery or None, target=c.target.to_dict(),
     )
     if c.smoothing is not None:
         report["smoothing"] = json_safe(c.smoothing)
@@ -450,26 +466,25 @@ def _apply_recovery(c: Calibrated, progress: ProgressFactory) -> None:
 
 def _apply_speed_guard(c: Calibrated, progress: ProgressFactory) -> GuardResult | None:
     request = c.request
-    if not request.speed_guard:
+    if request.speed_guard == "off":
         return None
     feed = _timing_feed(c.held, c.calib)
-    if request.target_cpu is not None and request.speed_profile is None:
-        c.notes.append("speed guard skipped: timings on this machine say nothing about the --target-cpu; "
-                       "give a --speed-profile made on the target")
-        return None
-    if feed is None:
-        c.notes.append("speed guard skipped: no sample to time the model with (give --calib or --eval-data)")
-        return None
+    nodes = guarded_nodes(c.graph, c.placement, pinned_int8(c.choices))
     with c.timer.stage("speed guard"):
-        key = json.dumps([c.digest, c.settings.symmetric, c.settings.per_channel, c.settings.weight_range,
-                          sorted(request.exclude), request.recipe.to_dict()["rules"]])
-        model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
-        path = request.speed_profile or default_profile_path(machine_key())
-        pinned = pinned_int8(c.choices)
-        groups = {kind: kept for kind, layers in guard_groups(c.graph, c.placement).items()
-                  if (kept := [label for label in layers if label not in pinned])}
-        guard = run_speed_guard(groups, c.build, feed, path, model_key, progress,
-                                pinned=request.speed_profile is not None)
+        if request.speed_guard == "table":
+            shapes = concrete_shapes(c.prepared, {k: v.shape for k, v in feed.items()} if feed else None)
+            guard = table_guard(nodes, shapes, c.target)
+        elif feed is None:
+            c.notes.append("speed guard skipped: no sample to time the model with (give --calib or --eval-data)")
+            return None
+        else:
+            key = json.dumps([c.digest, c.settings.symmetric, c.settings.per_channel, c.settings.weight_range,
+                              sorted(request.exclude), request.recipe.to_dict()["rules"]])
+            model_key = hashlib.sha256(key.encode()).hexdigest()[:16]
+            path = request.speed_profile or default_profile_path(machine_key())
+            guard = run_speed_guard(guard_groups(nodes), c.build, feed, path, model_key, progress,
+                                    pinned=request.speed_profile is not None)
+    c.notes.extend(guard.notes)
     if guard.keep_float:
         c.keep_float(guard.keep_float)
     return guard
@@ -542,7 +557,8 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     timer = StageTimer()
     check_output_path(request.output, [request.model])
     _check_extra_outputs(request)
-    settings, weight_range_reason = resolve_settings(request)
+    target = resolve_target(request.target_cpu)
+    settings, weight_range_reason = resolve_settings(request, target)
     if request.mode == "weight-only":  # float compute: no int8 products, nothing can saturate
         settings = QuantSettings(**{**settings.__dict__, "weight_range": "full"})
         weight_range_reason = "weight-only: float compute, full 8-bit weights"
@@ -573,8 +589,8 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         detail = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no Conv, MatMul or Gemm"
         raise ModelError(f"nothing to quantize in --mode {request.mode}"
                          f"{_already_quantized(n.op for n in graph.nodes)} ({detail})")
-    with timer.stage("check"):
-        fusion = check_written_model(quantized)
+    with timer.stage("check"):  # only float nodes have a precision to keep here: int ones are rewritten ops
+        fusion = check_written_model(quantized, {d.name: d.status for d in decisions if d.status == "float"})
     fidelity = None
     if held is not None:
         with timer.stage("evaluate"):
@@ -593,7 +609,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         request=request, version=__version__, original=original, quantized_bytes=quantized.ByteSize(), plan=plan,
         stats=Statistics(), calib=None, held=held, fidelity=fidelity, notes=list(prepared.notes) + recipe_notes,
         weight_range_reason=weight_range_reason, timings=timer.seconds, speed_guard={"enabled": False},
-        fusion=fusion_view,
+        fusion=fusion_view, target=target.to_dict(),
     )
     if smoothing is not None:
         report["smoothing"] = json_safe(smoothing)
@@ -606,7 +622,7 @@ def _require_something_to_quantize(placement: Placement) -> None:
         return
     reasons = Counter(node.reason for node in placement.nodes if node.op_type in HEAVY_OPS)
     detail = "; ".join(f"{count} Conv/MatMul/Gemm: {reason}" for reason, count in reasons.most_common(2))
-    hint = "; --no-speed-guard quantizes anyway" if any(r.startswith("speed guard") for r in reasons) else ""
+    hint = "; --speed-guard off quantizes anyway" if any(r.startswith("speed guard") for r in reasons) else ""
     already = _already_quantized(node.op_type for node in placement.nodes)
     why = f" ({detail}{hint})" if detail else ""
     if already:
@@ -654,10 +670,11 @@ def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[
     return stats
 
 
-def check_written_model(model: onnx.ModelProto) -> FusionReport:
+def check_written_model(model: onnx.ModelProto, planned: dict[str, str] | None = None) -> FusionReport:
     """The written model must pass onnx.checker and load in onnxruntime (failures are onnxq bugs).
 
-    Loading it is also the fusion check: what onnxruntime runs in int8 after optimizing it.
+    Loading it is also the fusion check: what onnxruntime runs in int8 after optimizing it, and
+    whether each compute node runs at the precision planned (`planned`: label -> plan status).
     """
     try:
         if not needs_external_data(model):  # a larger one is checked by onnxruntime loading it
@@ -666,7 +683,7 @@ def check_written_model(model: onnx.ModelProto) -> FusionReport:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"internal error: the quantized model fails onnx.checker: {reason}") from None
     try:
-        return check_fusion(model)
+        return check_fusion(model, planned)
     except ModelError as exc:
         raise ModelError(f"internal error: the quantized model does not load: {exc.message}") from None
 

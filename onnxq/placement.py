@@ -21,15 +21,16 @@ from dataclasses import dataclass, field, replace
 import onnx_graphsurgeon as gs
 
 from .ir import constant_values, is_constant, is_empty, is_float32, node_label
+from .ops import (
+    COMPUTE_OPS,
+    FLOAT_OUTPUT_OPS,
+    FOLDABLE_ACTIVATIONS,
+    HEAVY_OPS,
+    PASS_THROUGH_OPS,
+    VALUE_PRESERVING_OPS,
+)
 
-# Ops onnxruntime's CPU provider runs as int8 kernels when wrapped in DQ -> op -> Q.
-COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool",
-               "Sigmoid", "LeakyRelu"}
-# Ops that move or select values without arithmetic: they share their input's scale.
-PASS_THROUGH_OPS = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice",
-                    "Split", "Resize"}
-# Activations folded into the producer's output range (onnxruntime drops them before Q).
-FOLDABLE_ACTIVATIONS = {"Relu", "Clip"}
+__all__ = ["FOLDABLE_ACTIVATIONS", "HEAVY_OPS", "PASS_THROUGH_OPS"]  # re-exported for older imports
 
 
 @dataclass
@@ -87,13 +88,6 @@ class PlacementOptions:
         return self.per_channel_nodes.get(node_label(node), self.per_channel)
 
 
-# Heavy ops are worth a quantize/dequantize of their inputs; light ops only when their
-# inputs are quantized anyway (else they add error and conversions for little speed).
-HEAVY_OPS = {"Conv", "MatMul", "Gemm"}
-# Ops onnxruntime runs in int8 with a float output when no QuantizeLinear follows.
-FLOAT_OUTPUT_OPS = {"MatMul", "Gemm"}
-
-
 def place(graph: gs.Graph, options: PlacementOptions) -> Placement:
     placement = Placement()
     anchors: set[str] = set()
@@ -110,12 +104,15 @@ def place(graph: gs.Graph, options: PlacementOptions) -> Placement:
             placement.biases.update({b.name: b for b in biases})
         status = "int16" if wide else "int8"
         output = node.outputs[0]
-        if node.op in FLOAT_OUTPUT_OPS:
+        activation = _foldable_consumer(output, graph_outputs)
+        folded = activation if options.fold_activations and activation is not None else None
+        if node.op in FLOAT_OUTPUT_OPS and (wide or activation is None or activation.outputs[0].name in graph_outputs):
             # MatMulIntegerToFloat / QGemm give float output from int8 inputs: quantizing the
             # output would only add error, unless a quantized consumer needs it (it then anchors it).
+            # Not so with a Relu/Clip after it: onnxruntime then fuses only with a Q after the Relu
+            # (QLinearMatMul), or right before it; a Relu feeding a float op leaves the MatMul in float.
             decisions[id(node)] = NodeDecision(node_label(node), node.op, status)
             return
-        folded = _foldable_consumer(output, graph_outputs) if options.fold_activations else None
         if folded is not None and not options.excludes(folded):
             decisions[id(folded)] = NodeDecision(node_label(folded), folded.op, "folded",
                                                  f"absorbed by the quantized output of {node_label(node)}")
@@ -329,6 +326,35 @@ def _float_reason(node: gs.Node, options: PlacementOptions) -> str:
     return _why_not_compute(node, options) or "not an int8 op"
 
 
+def quantized_tensors_of(node: gs.Node, placement: Placement) -> list[str]:
+    """The node's quantized activation inputs and its quantized output (after a folded Relu/Clip)."""
+    names = [t.name for t in node.inputs if t.name in placement.activations]
+    output = node.outputs[0]
+    if output.name not in placement.activations and len(output.outputs) == 1 and output.outputs[0].outputs:
+        output = output.outputs[0].outputs[0]  # a folded Relu/Clip's output carries the pair
+    if output.name in placement.activations:
+        names.append(output.name)
+    return names
+
+
+def widened_decisions(graph: gs.Graph, placement: Placement, wide_sources: set[str]) -> list[NodeDecision]:
+    """The node decisions once some activation groups are 16-bit (`wide_sources`: their source tensors).
+
+    An int8 node that reads or writes a 16-bit activation has no int8 kernel: onnxruntime computes it
+    in float between its 16-bit (and 8-bit) pairs, like the int16 node next to it, so the plan says so.
+    """
+    wide = {tensor for tensor, source in placement.activations.items() if source in wide_sources}
+    nodes = {node_label(node): node for node in graph.nodes}
+    decisions = []
+    for decision in placement.nodes:
+        node = nodes.get(decision.name)
+        if decision.status == "int8" and node is not None and wide.intersection(quantized_tensors_of(node, placement)):
+            decision = NodeDecision(decision.name, decision.op_type, "int16",
+                                    "reads or writes a 16-bit activation of an int16 neighbour: computes in float")
+        decisions.append(decision)
+    return decisions
+
+
 def tensors_to_observe(graph: gs.Graph) -> list[str]:
     """Statistics that cover every placement a later run may choose (any symmetry, no exclusions).
 
@@ -340,10 +366,6 @@ def tensors_to_observe(graph: gs.Graph) -> list[str]:
     folded = place(graph, PlacementOptions(fold_activations=True))
     unfolded = place(graph, PlacementOptions(fold_activations=False))
     return sorted(set(folded.activations) | set(unfolded.activations))
-
-
-# Ops whose output holds exactly the input's values (only the shape or order changes).
-VALUE_PRESERVING_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 
 
 def value_aliases(graph: gs.Graph, tensors: list[str]) -> dict[str, str]:

@@ -17,8 +17,8 @@ from . import qmath
 from .errors import DataError, UsageError
 from .ir import constant_values
 from .model_io import atomic_write_bytes
-from .placement import NodeDecision, Placement
-from .ranges import DEFAULT_METHOD, METHODS, compute_range
+from .placement import NodeDecision, Placement, widened_decisions
+from .ranges import DEFAULT_METHOD, METHODS, compute_range, stable_range
 from .statistics import BINS_PER_SIDE, Statistics, TensorStats
 
 PLAN_FORMAT = "onnxq-plan/1"
@@ -28,7 +28,7 @@ PLAN_FORMAT = "onnxq-plan/1"
 class QuantSettings:
     method: str = DEFAULT_METHOD
     percentile: float = 99.99
-    symmetric: bool = False  # activations: False -> uint8 with zero point, True -> int8 zero point 0
+    symmetric: bool = False  # activations: False -> asymmetric range; True -> symmetric around zero
     per_channel: bool = True
     weight_range: str = "full"  # "reduced": 7-bit weights for x86 CPUs without VNNI
 
@@ -42,7 +42,13 @@ class QuantSettings:
 
     @property
     def activation_qtype(self) -> qmath.QType:
-        return qmath.INT8 if self.symmetric else qmath.UINT8
+        """uint8 either way: symmetric ranges get zero point 128, the same values as int8 with zero point 0.
+
+        onnxruntime's x86 int8 kernels take uint8 activations; it rewrites int8 Q/DQ pairs to uint8
+        only where a QuantizeLinear feeds a single DequantizeLinear, so an int8 tensor read by two
+        layers would leave their kernels unfused. Writing uint8 from the start fuses everywhere.
+        """
+        return qmath.UINT8
 
     @property
     def weight_qtype(self) -> qmath.QType:
@@ -137,9 +143,11 @@ def build_plan(
     `overrides` (by the source tensor of a shared-scale group) change method, percentile or width.
     """
     settings.validate()
-    plan = QuantPlan(settings=settings, nodes=list(placement.nodes), model_digest=model_digest)
-    sources = sorted(set(placement.activations.values()))
     overrides = overrides or {}
+    wide_sources = {source for source, override in overrides.items() if override.wide}
+    plan = QuantPlan(settings=settings, nodes=widened_decisions(graph, placement, wide_sources),
+                     model_digest=model_digest)
+    sources = sorted(set(placement.activations.values()))
     shared = {source: _activation_plan(source, source, stats, settings, overrides.get(source, ActivationOverride()))
               for source in sources}
     for name, source in sorted(placement.activations.items()):
@@ -162,8 +170,9 @@ def _activation_plan(name: str, source: str, stats: Statistics, settings: QuantS
     qtype = settings.activation_qtype
     if override.wide:
         qtype = qmath.INT16 if settings.symmetric else qmath.UINT16
-    lo, hi = compute_range(tensor_stats, override.method or settings.method, symmetric=settings.symmetric,
-                           levels=qtype.qmax - qtype.qmin, percentile=override.percentile or settings.percentile)
+    lo, hi = stable_range(*compute_range(tensor_stats, override.method or settings.method,
+                                         symmetric=settings.symmetric, levels=qtype.qmax - qtype.qmin,
+                                         percentile=override.percentile or settings.percentile))
     params = qmath.symmetric_params if settings.symmetric else qmath.asymmetric_params
     scale, zero_point = params(np.float64(lo), np.float64(hi), qtype)
     return TensorPlan(

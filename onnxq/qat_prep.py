@@ -46,7 +46,7 @@ def qat_prep(request: QuantizeRequest, params_path: Path | None = None,
     check_output_path(params_path, [request.model, request.output])
     if params_path.resolve() == request.output.resolve():
         raise UsageError(f"--params must be another file than the output model ({params_path})")
-    c = calibrated(replace(request, speed_guard=False), progress)
+    c = calibrated(replace(request, speed_guard="off"), progress)
     full = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
     plan = QuantPlan(settings=full.settings, nodes=full.nodes, model_digest=c.digest,
                      tensors={n: t for n, t in full.tensors.items() if t.role != "bias"})

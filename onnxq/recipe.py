@@ -32,7 +32,7 @@ import yaml
 from .errors import UsageError
 from .ir import all_graphs, node_label
 from .model_io import atomic_write_bytes
-from .placement import Placement
+from .placement import Placement, quantized_tensors_of
 from .plan import ActivationOverride
 from .ranges import METHODS
 
@@ -47,7 +47,7 @@ SETTINGS: dict[str, tuple[type, tuple | None]] = {
     "symmetric": (bool, None),
     "per_channel": (bool, None),
     "weight_range": (str, ("auto", "full", "reduced")),
-    "speed_guard": (bool, None),
+    "speed_guard": (str, ("table", "measure", "off")),
     "format": (str, ("qdq", "qoperator")),
     "weight_bits": (int, (4, 8)),
     "block_size": (int, None),
@@ -175,6 +175,8 @@ def _parse_settings(raw: object, where: str) -> dict:
     settings = {}
     for key, value in raw.items():
         kind, allowed = SETTINGS[key]
+        if key == "speed_guard" and isinstance(value, bool):  # recipes saved before the table: true/false
+            value = "table" if value else "off"
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         _require(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)), where,
@@ -270,20 +272,10 @@ def activation_overrides(graph: gs.Graph, placement: Placement, choices: dict[st
         wide = status.get(label) == "int16"  # by a rule or by the accuracy target's int16 fallback
         if not wide and (status.get(label) != "int8" or (choice.method is None and choice.percentile is None)):
             continue
-        for tensor in _quantized_tensors_of(node, placement):
+        for tensor in quantized_tensors_of(node, placement):
             source = placement.activations[tensor]
             old = overrides.get(source, ActivationOverride())
             overrides[source] = ActivationOverride(choice.method or old.method, choice.percentile or old.percentile,
                                                    old.wide or wide)
     return overrides
 
-
-def _quantized_tensors_of(node: gs.Node, placement: Placement) -> list[str]:
-    """The node's quantized activation inputs and its quantized output (after a folded Relu/Clip)."""
-    names = [t.name for t in node.inputs if t.name in placement.activations]
-    output = node.outputs[0]
-    if output.name not in placement.activations and len(output.outputs) == 1 and output.outputs[0].outputs:
-        output = output.outputs[0].outputs[0]  # a folded Relu/Clip's output carries the pair
-    if output.name in placement.activations:
-        names.append(output.name)
-    return names

@@ -21,13 +21,15 @@ QUANTIZED_STATUSES = ("int8", "int4", "folded", "shared-scale")
 def build_report(*, request: QuantizeRequest, version: str, original: onnx.ModelProto, quantized_bytes: int,
                  plan: QuantPlan, stats: Statistics, calib: SampleSource | None, held: SampleSource | None,
                  fidelity: Fidelity | None, notes: list[str], weight_range_reason: str,
-                 timings: dict[str, float], speed_guard: dict, fusion: dict, recovery: dict | None = None) -> dict:
+                 timings: dict[str, float], speed_guard: dict, fusion: dict, recovery: dict | None = None,
+                 target: dict | None = None) -> dict:
     original_bytes = original.ByteSize()
     nodes = _node_summary(plan)
     report = {
         "onnxq_version": version,
         "model": str(request.model),
         "output": str(request.output),
+        "target_cpu": None if target is None else {**target, "speed_decisions": _speed_decisions(speed_guard)},
         "settings": {**plan.settings.__dict__, "weight_range_reason": weight_range_reason,
                      "exclude": list(request.exclude), "format": request.output_format,
                      "mode": request.mode},
@@ -57,6 +59,12 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
     }
     report["gates"] = _gates(request, fidelity)
     return json_safe(report)
+
+
+def _speed_decisions(guard: dict) -> str:
+    if not guard.get("enabled"):
+        return "none (speed guard off)"
+    return f"{guard['mode']}: {guard['source']}"
 
 
 def _metric_change(target: dict) -> str:
@@ -124,6 +132,10 @@ def format_summary(report: dict) -> str:
     """A few human lines for stderr."""
     nodes, size = report["nodes"], report["size"]
     lines = [f"onnxq {report['onnxq_version']}: {report['model']} -> {report['output']}"]
+    target = report.get("target_cpu")
+    if target:
+        lines.append(f"  target CPU class {target['class']} ({target['source']}); speed decisions: "
+                     f"{target['speed_decisions']}")
     settings = report["settings"]
     if settings.get("mode", "static") != "static":
         what = ("MatMul/Gemm/LSTM weights int8, activations quantized at run time" if settings["mode"] == "dynamic"
@@ -165,12 +177,7 @@ def format_summary(report: dict) -> str:
         lines.append(f"  smoothing (alpha {smoothing['alpha']}): {smoothing['layers_smoothed']} activations, "
                      f"{smoothing['extra_ops']} extra ops; largest activation range "
                      f"{_num(smoothing['max_range_before'], 2)} -> {_num(smoothing['max_range_after'], 2)}")
-    guard = report.get("speed_guard") or {}
-    if guard.get("enabled"):
-        kept = [t for t in guard["trials"] if t["decision"] == "float"]
-        lines.append("  speed guard: " + ("; ".join(
-            f"kept {t['layers']} {t['kind']} float (model {t['float_ms']:.2f} ms vs {t['int8_ms']:.2f} ms in int8)"
-            for t in kept) if kept else f"all {len(guard['trials'])} kinds of layer are faster in int8"))
+    lines.extend(_speed_guard_lines(report.get("speed_guard") or {}))
     target = report.get("accuracy_target")
     if target:
         speed = target["speed"]
@@ -188,6 +195,21 @@ def format_summary(report: dict) -> str:
     total = sum(report["timings_s"].values())
     lines.append(f"  time: {total:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()) + ")")
     return "\n".join(lines)
+
+
+def _speed_guard_lines(guard: dict) -> list[str]:
+    if not guard.get("enabled"):
+        return []
+    if guard["mode"] == "table":
+        kept = Counter(layer["class"].split(" ")[0] for layer in guard["layers"] if layer["decision"] == "float")
+        if not kept:
+            return [f"  speed guard (table): all {len(guard['layers'])} guarded layers are faster in int8"]
+        return ["  speed guard (table): kept float " + ", ".join(f"{n} {kind}" for kind, n in sorted(kept.items()))
+                + f" of {len(guard['layers'])} guarded layers"]
+    kept = [t for t in guard["trials"] if t["decision"] == "float"]
+    return ["  speed guard (measured): " + ("; ".join(
+        f"kept {t['layers']} {t['kind']} float (model {t['float_ms']:.2f} ms vs {t['int8_ms']:.2f} ms in int8)"
+        for t in kept) if kept else f"all {len(guard['trials'])} kinds of layer are faster in int8")]
 
 
 def _recovery_lines(recovery: dict | None) -> list[str]:

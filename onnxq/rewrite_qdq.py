@@ -3,6 +3,18 @@
 Activations: the producer's output is renamed and a Q->DQ pair restores the original
 name, so consumers, graph outputs and subgraphs that read the tensor need no change.
 Weights and biases: stored as int8 / int32 initializers behind a DequantizeLinear.
+
+Layers the plan keeps in float (or computes in float from 16-bit inputs) must stay that way
+in the graph onnxruntime builds. Its WeightBiasQuantization transformer (basic level, so on
+in every session) quantizes the float weight of a Conv, ConvTranspose or Gemm per tensor
+whenever the layer reads a DequantizeLinear with a scalar scale and its output leads to a
+QuantizeLinear; its QDQ propagation moves such a DequantizeLinear forward through Reshape,
+Transpose, Squeeze, Unsqueeze, Slice and MaxPool first. So (onnxq.float_islands):
+- a float layer whose input comes from a float producer (or a graph input) reads that raw
+  float value, not its quantized copy (also more accurate);
+- one whose input only exists quantized (an int8 producer) reads it through its own
+  DequantizeLinear with the same scale repeated along an axis: a per-axis scale, which
+  neither transformer touches.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import qmath
+from .float_islands import isolate_float_layers
 from .ir import NameAllocator, constant_values, export_model, import_domain, import_graph
 from .plan import QuantPlan, TensorPlan
 
@@ -29,6 +42,7 @@ def write_qdq(prepared: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         _quantize_activation(graph, tensors[entry.name], entry, names, domain)
     for entry in plan.by_role("weight") + plan.by_role("bias"):
         _quantize_constant(graph, tensors[entry.name], entry, names)
+    isolate_float_layers(graph, plan.nodes, names)
     model = export_model(graph, prepared)
     model.producer_name = "onnxq"
     import_domain(model, MS)  # only declared when a 16-bit pair uses it

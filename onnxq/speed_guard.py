@@ -3,16 +3,16 @@
 int8 is not always faster: depthwise convolutions, tiny convolutions and layers where
 quantize/dequantize and layout changes outweigh the arithmetic often run slower in
 onnxruntime's int8 kernels than in its float ones, and which ones depends on the CPU.
-Timing a layer alone misleads (it misses the layout transforms onnxruntime inserts
-between int8 and float kernels), so the guard times the whole model, batch 1, one
-thread: for each kind of layer (depthwise 3x3 convs, 1x1 convs, MatMuls, ...) the
-model with that kind in int8 against the model with it in float.
 
-A kind goes back to float only when that takes at most FLOAT_MIN_GAIN of the int8
-time: a tie (within the noise of a shared machine) stays int8, the smaller file.
-Timings are kept in a profile per CPU and onnxruntime version (cached, or pinned with
---speed-profile), so the same inputs give the same decisions, and the same output
-bytes, on a machine.
+Two ways to decide (--speed-guard):
+- table (default): per layer, from the decision table shipped with onnxq (onnxq.speed_table),
+  keyed by the target CPU class and the layer's class. Nothing is timed: the same inputs and
+  target class give the same model on any machine and under any load.
+- measure: time the whole model on this machine, batch 1, one thread: for each kind of layer
+  (depthwise 3x3 convs, 1x1 convs, MatMuls, ...) the model with that kind in int8 against the
+  model with it in float; a kind goes back to float only when that takes at most
+  FLOAT_MIN_GAIN of the int8 time. Timings are kept in a profile per CPU and onnxruntime
+  version (cached, or pinned with --speed-profile), so reruns on one machine agree.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from .calibrate import ProgressFactory, _no_progress, session_for
-from .cpu import read_cpu_features
-from .doctor import INT8_FEATURES, cpu_model_name
+from .cpu import INT8_FEATURES, TargetCpu, host_cpu
 from .errors import DataError, OutputError
 from .ir import constant_values, is_constant, node_label
 from .latency import interleaved_runs
 from .placement import Placement
+from .speed_table import FLOAT_MIN_GAIN, SpeedTable, layer_class, shipped_table
 
 GUARDED_OPS = ("Conv", "MatMul", "Gemm")
-FLOAT_MIN_GAIN = 0.97
+MODES = ("table", "measure", "off")
 PROFILE_FORMAT = "onnxq-speed-profile/1"
 MIN_ROUNDS = 7
 MAX_ROUNDS = 41
@@ -93,11 +93,9 @@ class SpeedProfile:
 
 def machine_key() -> str:
     """What the timings depend on: CPU model, its int8-relevant flags, onnxruntime version."""
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text(errors="replace") if cpuinfo.exists() else ""
-    features = read_cpu_features(text)
-    flags = ",".join(sorted(flag for flag in features.flags if flag in INT8_FEATURES))
-    return f"{features.arch} {cpu_model_name(text)} [{flags}] onnxruntime {ort.__version__}"
+    host = host_cpu()
+    flags = ",".join(sorted(flag for flag in host.features.flags if flag in INT8_FEATURES))
+    return f"{host.features.arch} {host.name} [{flags}] onnxruntime {ort.__version__}"
 
 
 def default_profile_path(machine: str) -> Path:
@@ -121,14 +119,59 @@ def layer_kind(node: gs.Node) -> str:
     return f"Conv grouped {kernel}" if group > 1 else f"Conv {kernel}"
 
 
-def guard_groups(graph: gs.Graph, placement: Placement) -> dict[str, list[str]]:
-    """int8 Conv/MatMul/Gemm nodes with a constant weight, by kind: what the guard may keep float."""
+def guarded_nodes(graph: gs.Graph, placement: Placement, pinned: frozenset[str] = frozenset()) -> list[gs.Node]:
+    """int8 Conv/MatMul/Gemm nodes with a constant weight that no recipe pins: what the guard may keep float."""
     int8 = {d.name for d in placement.nodes if d.status == "int8"}
+    return [node for node in graph.nodes
+            if node.op in GUARDED_OPS and node_label(node) in int8 and node_label(node) not in pinned
+            and len(node.inputs) > 1 and is_constant(node.inputs[1])]
+
+
+def guard_groups(nodes: list[gs.Node]) -> dict[str, list[str]]:
+    """Guarded nodes by kind: what --speed-guard measure times together."""
     groups: dict[str, list[str]] = {}
-    for node in graph.nodes:
-        if node.op in GUARDED_OPS and node_label(node) in int8 and len(node.inputs) > 1 and is_constant(node.inputs[1]):
-            groups.setdefault(layer_kind(node), []).append(node_label(node))
+    for node in nodes:
+        groups.setdefault(layer_kind(node), []).append(node_label(node))
     return dict(sorted(groups.items()))
+
+
+def table_guard(nodes: list[gs.Node], shapes: dict[str, tuple[int | None, ...]], target: TargetCpu,
+                table: SpeedTable | None = None) -> GuardResult:
+    """Decide every guarded node from the decision table's row for the target CPU class (no timing)."""
+    table = table or shipped_table()
+    row_class, note = table.row_class_for(target.cpu_class)
+    measured = table.classes.get(row_class, {})
+    result = GuardResult(mode="table", source=f"onnxq's speed table, {row_class} rows ({_describe(measured)})")
+    if note:
+        result.notes.append(f"speed guard: {note}")
+    unknown, unmeasured = 0, set()
+    for node in nodes:
+        layer = layer_class(node, shapes)
+        if layer is None:
+            continue
+        unknown += layer.size == "?"
+        decision = table.decide(row_class, layer)
+        if decision is None:
+            unmeasured.add(layer.kind)
+            continue
+        result.layers.append({"node": node_label(node), **decision.to_dict()})
+        if decision.precision == "float":
+            result.keep_float[node_label(node)] = (
+                f"speed guard ({row_class} table, {decision.row_key}): a model took {decision.row.float_ms:.3f} ms "
+                f"with such a layer in float, {decision.row.int8_ms:.3f} ms in int8")
+    if unmeasured:
+        result.notes.append(f"speed guard: the {row_class} table has no rows for {', '.join(sorted(unmeasured))}; "
+                             "those layers stay int8")
+    if unknown:
+        result.notes.append(f"speed guard: {unknown} layers have no known output size (dynamic shapes and no "
+                            "sample to fix them); their table rows are the middle size of their kind")
+    return result
+
+
+def _describe(measured: dict) -> str:
+    parts = [measured.get("measured_on"), measured.get("kernels"), measured.get("onnxruntime") and
+             f"onnxruntime {measured['onnxruntime']}"]
+    return ", ".join(p for p in parts if p) or "source not recorded"
 
 
 def compare_latency(current: onnx.ModelProto, trial: onnx.ModelProto, feed: dict[str, np.ndarray],
@@ -144,14 +187,22 @@ def compare_latency(current: onnx.ModelProto, trial: onnx.ModelProto, feed: dict
 
 @dataclass
 class GuardResult:
+    mode: str = "measure"  # "table" or "measure"
+    source: str = ""  # where the decisions came from: the table's rows, or the timing profile
     keep_float: dict[str, str] = field(default_factory=dict)  # node name -> why
-    trials: list[dict] = field(default_factory=list)  # one row per kind of layer, for the report
-    timed_now: int = 0  # trials measured in this run (the rest came from the profile)
-    profile: str = ""
+    layers: list[dict] = field(default_factory=list)  # table: one row per guarded layer
+    trials: list[dict] = field(default_factory=list)  # measure: one row per kind of layer
+    timed_now: int = 0  # measure: trials timed in this run (the rest came from the profile)
+    notes: list[str] = field(default_factory=list)
 
     def to_report(self) -> dict:
-        return {"enabled": True, "profile": self.profile, "trials_timed_now": self.timed_now,
-                "kept_float": dict(sorted(self.keep_float.items())), "trials": self.trials}
+        report = {"enabled": True, "mode": self.mode, "source": self.source,
+                  "kept_float": dict(sorted(self.keep_float.items()))}
+        if self.mode == "table":
+            report["layers"] = self.layers
+        else:
+            report.update(trials=self.trials, trials_timed_now=self.timed_now)
+        return report
 
 
 def run_speed_guard(
@@ -175,7 +226,8 @@ def run_speed_guard(
     returns both latencies in ms (tests pass a fake).
     """
     profile = SpeedProfile.load(profile_path, machine_key())
-    result = GuardResult(profile=str(profile_path))
+    result = GuardResult(mode="measure", source=f"{'pinned' if pinned else 'cached'} timing profile {profile_path} "
+                                                f"({profile.machine})")
     kept_float: set[str] = set()
     current: onnx.ModelProto | None = None
     bar = progress(len(groups), "speed guard")

@@ -7,6 +7,7 @@ are random with fan-in scaling so activations keep a sensible range through the 
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -327,16 +328,52 @@ def out_dir(tmp_path: Path) -> Path:
     return folder
 
 
+# Every test runs with a forced CPU class, never the host's: ONNXQ_TEST_CPU picks it for the whole suite
+# (`ONNXQ_TEST_CPU=amx make test`), avx2 by default. Tests whose result depends on the class take
+# `cpu_class`, which runs them under each class in CPU_CLASSES_TESTED.
+SUITE_CPU_CLASS = os.environ.get("ONNXQ_TEST_CPU", "avx2")
+CPU_CLASSES_TESTED = ("avx2", "amx")
+
+
+@pytest.fixture(autouse=True)
+def forced_cpu_class(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("ONNXQ_HOST_CPU", SUITE_CPU_CLASS)
+    return SUITE_CPU_CLASS
+
+
+@pytest.fixture(params=CPU_CLASSES_TESTED)
+def cpu_class(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test as if on each CPU class (onnxq reads the class; onnxruntime still runs on the host)."""
+    monkeypatch.setenv("ONNXQ_HOST_CPU", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def speed_guard_off_unless_asked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
                                  tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Timing decisions depend on the machine: tests keep every int8 layer unless marked `speed_guard`.
-
-    The per-machine timing cache goes to a temporary folder, never the user's home.
-    """
+    """Tests keep every int8 layer unless marked `speed_guard`: what the shipped table decides for
+    these tiny models would change with every re-measured table. The per-machine timing cache goes
+    to a temporary folder, never the user's home."""
     monkeypatch.setenv("ONNXQ_CACHE_DIR", str(tmp_path_factory.mktemp("onnxq-cache")))
     if request.node.get_closest_marker("speed_guard") is None:
         from onnxq import pipeline
         from onnxq.speed_guard import GuardResult
 
-        monkeypatch.setattr(pipeline, "run_speed_guard", lambda *args, **kwargs: GuardResult(profile="(tests)"))
+        monkeypatch.setattr(pipeline, "run_speed_guard", lambda *args, **kwargs: GuardResult(source="(tests)"))
+        monkeypatch.setattr(pipeline, "table_guard", lambda *args, **kwargs: GuardResult("table", "(tests)"))
+
+
+@pytest.fixture(autouse=True)
+def planned_precision_is_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every model onnxq writes in a test must run, in onnxruntime's optimized graph at every level,
+    at the precision its plan says (onnxq.precision): a disagreement fails the test that wrote it."""
+    from onnxq import pipeline
+
+    check = pipeline.check_fusion
+
+    def checked(model: onnx.ModelProto, planned: dict[str, str] | None = None):
+        report = check(model, planned)
+        assert planned is None or not report.disagreements, report.disagreements
+        return report
+
+    monkeypatch.setattr(pipeline, "check_fusion", checked)

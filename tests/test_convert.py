@@ -383,7 +383,7 @@ def test_qat_prep_runs_close_to_fp32_with_the_json_parameters(prepped) -> None:
 def test_qat_prep_then_convert_equals_quantize(prepped, tmp_path: Path) -> None:
     source, calib, request, _ = prepped
     converted = convert(ConvertRequest(model=request.output, output=tmp_path / "rt.int8.onnx"))
-    direct = quantize_simple(source, tmp_path / "direct.int8.onnx", calib, speed_guard=False,
+    direct = quantize_simple(source, tmp_path / "direct.int8.onnx", calib, speed_guard="off",
                              settings=QuantSettings())
     assert converted.report["tensors"]["calibrated"] == []
     assert set(converted.plan.tensors) == set(direct.plan.tensors)

@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from onnxq.cli import main
-from onnxq.doctor import read_target_cpu, this_machine
+from onnxq.cpu import read_cpu_description
+from onnxq.doctor import this_machine
 
 AVX2_ONLY = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse sse2 avx avx2 fma bmi2\n"
 VNNI = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
@@ -26,18 +27,21 @@ def write(tmp_path: Path, text: str, name: str = "cpuinfo") -> Path:
     return path
 
 
-@pytest.mark.parametrize(("text", "weight_range", "features", "phrase"), [
-    (AVX2_ONLY, "reduced", {"avx2"}, "saturating int16"),
-    (VNNI, "full", {"avx2", "avx512bw", "avx512_vnni", "amx_int8"}, "int32"),
-    (AVX_VNNI, "full", {"avx2", "avx_vnni"}, "int32"),
-    (ARM, "full", {"asimddp", "i8mm"}, "aarch64"),
-    (NO_AVX2, "reduced", set(), "no AVX2"),
+@pytest.mark.parametrize(("text", "weight_range", "features", "phrase", "cpu_class"), [
+    (AVX2_ONLY, "reduced", {"avx2"}, "saturating int16", "avx2"),
+    (VNNI, "full", {"avx2", "avx512bw", "avx512_vnni", "amx_int8"}, "int32", "amx"),
+    (AVX_VNNI, "full", {"avx2", "avx_vnni"}, "int32", "avx512-vnni"),
+    (ARM, "full", {"asimddp", "i8mm"}, "aarch64", "arm64"),
+    (NO_AVX2, "reduced", set(), "no AVX2", "avx2"),
 ])
-def test_features_and_defaults(tmp_path: Path, text: str, weight_range: str, features: set[str], phrase: str) -> None:
+def test_features_and_defaults(tmp_path: Path, text: str, weight_range: str, features: set[str], phrase: str,
+                               cpu_class: str) -> None:
     info = this_machine(write(tmp_path, text))
     assert {flag for flag, present in info["int8_features"].items() if present} == features
     assert info["defaults"]["weight_range"] == weight_range
+    assert info["cpu_class"] == cpu_class
     assert any(phrase in line for line in info["implications"]), info["implications"]
+    assert any("speed table" in line for line in info["implications"])
 
 
 def test_doctor_json_round_trips_as_target(tmp_path: Path) -> None:
@@ -45,14 +49,14 @@ def test_doctor_json_round_trips_as_target(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["cpu"] == "Intel(R) Xeon(R) Platinum 8480+" and info["arch"] == "x86_64"
-    features, name = read_target_cpu(write(tmp_path, result.stdout, "target.json"))
+    features, name = read_cpu_description(write(tmp_path, result.stdout, "target.json"))
     assert features.has_vnni and not features.int8_products_may_saturate and name == info["cpu"]
 
 
 def test_doctor_text(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["doctor", "--cpuinfo", str(write(tmp_path, AVX2_ONLY))])
     assert result.exit_code == 0
-    assert "CPU: AMD EPYC 7B12 (x86_64)" in result.stdout and "--weight-range reduced" in result.stdout
+    assert "CPU: AMD EPYC 7B12 (x86_64); class avx2" in result.stdout and "--weight-range reduced" in result.stdout
 
 
 @pytest.mark.parametrize("text", ["", "{\"arch\": 1}", "model name : x\n"])
@@ -70,5 +74,4 @@ def test_quantize_for_a_target_cpu(tmp_path: Path, conv_model_path: Path, conv_c
     report = json.loads(result.stdout)
     assert report["settings"]["weight_range"] == expected
     assert "target CPU" in report["settings"]["weight_range_reason"]
-    assert report["speed_guard"] == {"enabled": False}
-    assert any("--target-cpu" in note for note in report["notes"])
+    assert report["target_cpu"]["source"] == f"--target-cpu {tmp_path / 'cpuinfo'}"

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnxq import qmath
-from onnxq.ranges import METHODS, compute_range
+from onnxq.ranges import METHODS, RANGE_GRID, compute_range, stable_range
 from onnxq.statistics import BINS_PER_SIDE, TensorStats
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -425,3 +425,42 @@ def test_percentile_on_single_bin_data_stays_ordered(value: float, sign: float, 
     stats = fold([x])
     lo, hi = compute_range(stats, "percentile", symmetric=False, levels=LEVELS, percentile=percentile)
     assert stats.min <= lo <= hi <= stats.max
+
+
+# ---------------------------------------------------------------- ranges that do not depend on the CPU
+
+
+@given(lo=st.floats(-1e6, 0.0, allow_subnormal=False), hi=st.floats(0.0, 1e6, allow_subnormal=False))
+def test_stable_range_only_widens_and_by_a_little(lo: float, hi: float) -> None:
+    s_lo, s_hi = stable_range(lo, hi)
+    assert s_lo <= lo and s_hi >= hi
+    magnitude = max(abs(lo), abs(hi))
+    assert (s_hi - s_lo) - (hi - lo) <= 2 * magnitude / RANGE_GRID + 1e-300
+    assert stable_range(s_lo, s_hi) == (s_lo, s_hi)
+
+
+def test_last_bit_differences_in_activations_give_the_same_plan(tmp_path) -> None:
+    """Another CPU's fp32 kernels round differently (~1e-7 relative): the plan must not change."""
+    from onnxq.ir import import_graph
+    from onnxq.placement import PlacementOptions, place
+    from onnxq.plan import QuantSettings, build_plan
+    from onnxq.prepare import prepare_model
+    from onnxq.statistics import Statistics
+    from tests.conftest import conv_relu_model
+
+    graph = import_graph(prepare_model(conv_relu_model()).model)
+    placement = place(graph, PlacementOptions())
+    assert placement.statistics_tensors
+    rng = np.random.default_rng(5)
+    batches = {name: [rng.normal(0.3, 1.7, 4096).astype(np.float32) for _ in range(6)]
+               for name in placement.statistics_tensors}
+    plans = []
+    for perturbation in (0.0, 1e-6):
+        stats = Statistics()
+        noise = np.random.default_rng(9)
+        for name, values in batches.items():
+            for batch in values:
+                stats.update(name, batch * (1 + perturbation * noise.standard_normal(batch.shape)).astype(np.float32))
+        plans.append({n: (t.scale, t.zero_point) for n, t in
+                      build_plan(graph, placement, stats, QuantSettings(method="global")).tensors.items()})
+    assert plans[0] == plans[1]

@@ -118,7 +118,7 @@ def test_float_rule_by_regex_keeps_that_layer_float(tmp_path: Path, conv_model_p
 
 
 def test_int16_rule_writes_16_bit_pairs_and_is_more_accurate(tmp_path: Path, conv_model_path: Path,
-                                                             conv_calib: Path) -> None:
+                                                             conv_calib: Path, cpu_class: str) -> None:
     plain = quantize(conv_request(conv_model_path, conv_calib, tmp_path / "int8.onnx", Recipe()))
     recipe = parse_recipe({"rules": [{"match": {"op_type": "Conv"}, "precision": "int16"}]}, "r")
     wide = quantize(conv_request(conv_model_path, conv_calib, tmp_path / "int16.onnx", recipe))
@@ -134,8 +134,12 @@ def test_int16_rule_writes_16_bit_pairs_and_is_more_accurate(tmp_path: Path, con
     assert {n.status for n in wide.plan.nodes if n.op_type == "Conv"} == {"int16"}
     feed = {"x": image_batch(np.random.default_rng(99))}
     reference = run(conv_model_path, feed)[0]
+    # int16 activations leave only the weights' rounding: well above int8, more so where int8 weights are
+    # limited to 7 bits (CPU classes without VNNI).
+    margin = 6 if plain.report["settings"]["weight_range"] == "reduced" else 3
     assert sqnr(reference, run(tmp_path / "int16.onnx", feed)[0]) > sqnr(reference, run(tmp_path / "int8.onnx",
-                                                                                       feed)[0]) + 6
+                                                                                       feed)[0]) + margin
+    assert plain.report["settings"]["weight_range"] == ("reduced" if cpu_class == "avx2" else "full")
     assert plain.report["recipe"]["int16_nodes"] == [] and set(wide.report["recipe"]["int16_nodes"]) == {"conv1",
                                                                                                        "conv2"}
 
@@ -210,11 +214,11 @@ def test_saved_recipe_rebuilds_the_target_search_result_byte_for_byte(tmp_path: 
     calib = write_npz_folder(tmp_path / "calib", near_constant, 24)
     held = write_npz_folder(tmp_path / "held", near_constant, 12, seed=7)
     data = DataOptions(calib=calib, eval_data=held)
-    searched = quantize(QuantizeRequest(model=model, output=tmp_path / "a.onnx", data=data, speed_guard=False,
+    searched = quantize(QuantizeRequest(model=model, output=tmp_path / "a.onnx", data=data, speed_guard="off",
                                         target=Target(min_sqnr_db=20.0), save_recipe=tmp_path / "r.yaml"))
     assert searched.report["accuracy_target"]["float_nodes"] == ["fragile"]
     saved = Recipe.load(tmp_path / "r.yaml")
-    assert saved.settings["speed_guard"] is False and saved.settings["method"] == "global"
+    assert saved.settings["speed_guard"] == "off" and saved.settings["method"] == "global"
     assert [(r.match.name, r.precision) for r in saved.rules] == [("fragile", "float")]
     rebuilt = quantize(QuantizeRequest(model=model, output=tmp_path / "b.onnx", data=data, recipe=saved,
                                        speed_guard=saved.settings["speed_guard"]))
@@ -247,13 +251,14 @@ def test_int16_fallback_for_the_accuracy_target(tmp_path: Path) -> None:
     model = save(outlier_model(), tmp_path / "outlier.onnx")
     calib = write_npz_folder(tmp_path / "calib", with_outlier, 24)
     held = write_npz_folder(tmp_path / "held", with_outlier, 12, seed=7)
-    result = quantize(QuantizeRequest(model=model, output=tmp_path / "a.onnx", speed_guard=False,
+    result = quantize(QuantizeRequest(model=model, output=tmp_path / "a.onnx", speed_guard="off",
                                       data=DataOptions(calib=calib, eval_data=held), target=Target(min_sqnr_db=20.0),
                                       fallback="int16", save_recipe=tmp_path / "r.yaml"))
     target = result.report["accuracy_target"]
     assert target["start"]["min_sqnr_db"] < 20.0
     assert target["met"] and target["fallback"] == "int16" and target["float_nodes"] == ["first"]
-    assert {n.name: n.status for n in result.plan.nodes} == {"first": "int16", "next": "int8"}
+    # `next` reads the 16-bit output of `first`: no int8 kernel takes it, so it computes in float too
+    assert {n.name: n.status for n in result.plan.nodes} == {"first": "int16", "next": "int16"}
     assert result.plan.tensors["x"].qtype == "uint16"
     saved = Recipe.load(tmp_path / "r.yaml")
     assert [(r.match.name, r.precision) for r in saved.rules] == [("first", "int16")]
@@ -305,7 +310,7 @@ def test_accuracy_target_on_a_user_metric(tmp_path: Path) -> None:
     calib = write_npz_folder(tmp_path / "calib", near_constant, 24)
     held = write_npz_folder(tmp_path / "held", near_constant, 12, seed=7)
     script = write_recipe(tmp_path / "metric.py", AGREEMENT_METRIC)
-    result = quantize(QuantizeRequest(model=model, output=tmp_path / "a.onnx", speed_guard=False,
+    result = quantize(QuantizeRequest(model=model, output=tmp_path / "a.onnx", speed_guard="off",
                                       data=DataOptions(calib=calib, eval_data=held), metric=script,
                                       target=Target(min_metric=1.0), target_samples=8, target_data=calib))
     target = result.report["accuracy_target"]

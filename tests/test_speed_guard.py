@@ -83,6 +83,11 @@ def use_timer(monkeypatch: pytest.MonkeyPatch, timer: FakeTimer) -> None:
     monkeypatch.setattr(pipeline, "run_speed_guard", functools.partial(run_speed_guard, compare=timer))
 
 
+def measured(model: Path, output: Path, calib: Path, **kwargs) -> pipeline.QuantizeResult:
+    """quantize with --speed-guard measure (the timing path these tests fake)."""
+    return quantize_simple(model, output, calib, speed_guard="measure", **kwargs)
+
+
 def statuses(result: pipeline.QuantizeResult) -> dict[str, tuple[str, str]]:
     return {n.name: (n.status, n.reason) for n in result.plan.nodes}
 
@@ -97,7 +102,7 @@ def test_kind_where_float_is_faster_goes_float(tmp_path: Path, separable, monkey
     model, calib = separable
     timer = FakeTimer({"Conv 1x1": (10.0, 14.0), "Conv depthwise 3x3": (10.0, 9.0), "MatMul": (10.0, 10.0)})
     use_timer(monkeypatch, timer)
-    result = quantize_simple(model, tmp_path / "q.onnx", calib)
+    result = measured(model, tmp_path / "q.onnx", calib)
     nodes = statuses(result)
     assert nodes["dw"][0] == "float" and nodes["dw"][1].startswith("speed guard (Conv depthwise 3x3)")
     assert nodes["pw1"][0] == nodes["pw2"][0] == "int8"
@@ -130,13 +135,13 @@ def test_profile_is_reused_and_output_is_identical(tmp_path: Path, separable,
     model, calib = separable
     timer = FakeTimer({"Conv 1x1": (10.0, 14.0), "Conv depthwise 3x3": (10.0, 8.0), "MatMul": (10.0, 12.0)})
     use_timer(monkeypatch, timer)
-    first = quantize_simple(model, tmp_path / "a.onnx", calib)
+    first = measured(model, tmp_path / "a.onnx", calib, weight_range="reduced")
     assert len(timer.calls) == 3 and first.report["speed_guard"]["trials_timed_now"] == 3
-    second = quantize_simple(model, tmp_path / "b.onnx", calib)
+    second = measured(model, tmp_path / "b.onnx", calib, weight_range="reduced")
     assert len(timer.calls) == 3 and second.report["speed_guard"]["trials_timed_now"] == 0
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     # Another setting is another key: it is timed anew.
-    quantize_simple(model, tmp_path / "c.onnx", calib, weight_range="full")
+    measured(model, tmp_path / "c.onnx", calib, weight_range="full")
     assert len(timer.calls) == 6
 
 
@@ -145,7 +150,7 @@ def test_pinned_profile_is_written_and_read(tmp_path: Path, separable, monkeypat
     profile = tmp_path / "ci" / "speed.json"
     timer = FakeTimer({"Conv 1x1": (10.0, 14.0), "Conv depthwise 3x3": (10.0, 8.0), "MatMul": (10.0, 12.0)})
     use_timer(monkeypatch, timer)
-    quantize_simple(model, tmp_path / "a.onnx", calib, speed_profile=profile)
+    measured(model, tmp_path / "a.onnx", calib, speed_profile=profile)
     body = json.loads(profile.read_text())
     assert body["format"] == "onnxq-speed-profile/1" and len(body["timings"]) == 3
     loaded = SpeedProfile.load(profile, "any")
@@ -153,7 +158,7 @@ def test_pinned_profile_is_written_and_read(tmp_path: Path, separable, monkeypat
                                                                                (10.0, 14.0)]
     # A pinned profile decides without timing, even with another cache folder.
     monkeypatch.setenv("ONNXQ_CACHE_DIR", str(tmp_path / "elsewhere"))
-    result = quantize_simple(model, tmp_path / "b.onnx", calib, speed_profile=profile)
+    result = measured(model, tmp_path / "b.onnx", calib, speed_profile=profile)
     assert len(timer.calls) == 3 and set(result.report["speed_guard"]["kept_float"]) == {"dw"}
 
 
@@ -162,9 +167,9 @@ def test_bad_profile_is_a_data_error(tmp_path: Path, separable) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(DataError, match="not an onnxq speed profile"):
-        quantize_simple(model, tmp_path / "q.onnx", calib, speed_profile=bad)
+        measured(model, tmp_path / "q.onnx", calib, speed_profile=bad)
     result = CliRunner().invoke(main, ["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib),
-                                       "--speed-profile", str(bad)])
+                                       "--speed-guard", "measure", "--speed-profile", str(bad)])
     assert result.exit_code == 4 and "not an onnxq speed profile" in result.stderr
     assert not (tmp_path / "q.onnx").exists()
 
@@ -173,8 +178,8 @@ def test_everything_float_says_how_to_force_int8(tmp_path: Path, separable, monk
     model, calib = separable
     use_timer(monkeypatch, FakeTimer({"Conv 1x1": (10.0, 5.0), "Conv depthwise 3x3": (10.0, 5.0),
                                       "MatMul": (10.0, 5.0)}))
-    with pytest.raises(ModelError, match=r"nothing to quantize.*--no-speed-guard"):
-        quantize_simple(model, tmp_path / "q.onnx", calib)
+    with pytest.raises(ModelError, match=r"nothing to quantize.*--speed-guard off"):
+        measured(model, tmp_path / "q.onnx", calib)
     assert not (tmp_path / "q.onnx").exists()
 
 
@@ -192,9 +197,9 @@ def test_no_speed_guard_times_nothing(tmp_path: Path, separable, monkeypatch: py
 def test_real_timing_keeps_float_exactly_what_it_decided(tmp_path: Path, separable) -> None:
     model, calib = separable
     try:
-        result = quantize_simple(model, tmp_path / "q.onnx", calib)
+        result = measured(model, tmp_path / "q.onnx", calib)
     except ModelError as exc:  # this tiny model may well be faster in float everywhere: then say so, write nothing
-        assert "speed guard" in exc.message and "--no-speed-guard" in exc.message
+        assert "speed guard" in exc.message and "--speed-guard off" in exc.message
         assert not (tmp_path / "q.onnx").exists()
         return
     guard = result.report["speed_guard"]
@@ -205,4 +210,4 @@ def test_real_timing_keeps_float_exactly_what_it_decided(tmp_path: Path, separab
     float_by_guard = {n for n, (status, reason) in statuses(result).items()
                       if status == "float" and reason.startswith("speed guard")}
     assert float_by_guard == set(guard["kept_float"])
-    assert Path(guard["profile"]).exists()
+    assert guard["mode"] == "measure" and "timing profile" in guard["source"]
