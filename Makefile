@@ -14,7 +14,7 @@ DEMO_PREP := --image-size 320x48 --mean 0.5 --std 0.5
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -191,7 +191,40 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
                 model_table(res), ""]
         out += weight_only_lines(res)
         out += target_lines(res)
+    out += quantize_time_lines(results_dir / "timing")
     path.write_text("\n".join(out))
+
+
+def quantize_time_lines(folder: Path) -> list[str]:
+    """The quantize-time table from bench/quantize_time.py's JSON, when there is one."""
+    path = folder / "quantize_time.json"
+    if not path.exists():
+        return []
+    res = json.loads(path.read_text())
+    m = res["machine"]
+    rows = next(iter(res["models"].values()))
+    methods = [k.split()[1] for k in rows if k.startswith("quantize ") and "(before)" not in k]
+    before = any("(before)" in k for k in rows)
+    out = ["## Quantize time against its floor", "",
+           f"`python -m bench.quantize_time --rounds {res['rounds']}"
+           + (" --before <the previous commit's checkout>" if before else "") + "` on "
+           f"{m['cpu']}, {m['cores']} cores, VNNI: {m['vnni']}, AMX: {m['amx']} (see bench/README.md). "
+           "Floor: process start + model load + one plain "
+           "fp32 onnxruntime pass over the calibration data. Each cell: median over rounds of (time ÷ the same "
+           "round's floor)" + ("; before → now" if before else "") + ". quantize runs --no-speed-guard and "
+           "includes its evaluation of the held-back samples.", "",
+           "| model | floor s | calibrate | " + " | ".join(f"quantize {x}" for x in methods)
+           + " | peak RSS MB |", "|---|---|---|" + "---|" * len(methods) + "---|"]
+    for name, rows in res["models"].items():
+        def cell(key: str, rows=rows) -> str:
+            now = rows[key]["ratio_to_floor"]
+            return (f"{rows[key + ' (before)']['ratio_to_floor']:.2f} → {now:.2f}" if before else f"{now:.2f}")
+        keys = ["calibrate", *(f"quantize {x}" for x in methods)]
+        rss = f"{max(rows[k]['peak_rss_mb'] for k in keys):.0f}"
+        rss_cell = f"{max(rows[k + ' (before)']['peak_rss_mb'] for k in keys):.0f} → {rss}" if before else rss
+        out.append(f"| {name} | {rows['floor']['median_s']:.2f} | " + " | ".join(cell(k) for k in keys)
+                   + f" | {rss_cell} |")
+    return [*out, ""]
 
 
 def fallback_section(path: Path) -> list[str]:

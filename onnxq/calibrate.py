@@ -9,9 +9,11 @@ group is one pass over the data. Nothing is kept between batches but statistics.
 from __future__ import annotations
 
 import copy
+import queue
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from .model_io import needs_external_data
 from .statistics import Statistics
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+PREFETCH_BYTES = 256 * 1024**2  # two batches' activations at most, for the next batch to run during the fold
 
 ProgressFactory = Callable[[int, str], "Progress"]
 
@@ -54,12 +57,19 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return augmented
 
 
-def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`) or on disk."""
+def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0, *,
+                spin: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`) or on disk.
+
+    `spin=False`: idle onnxruntime threads sleep instead of spinning, leaving the cores to
+    another thread of this process (calibration folds statistics while the next batch runs).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 4  # errors reach the user as onnxq's one line
     path = model if isinstance(model, Path) else workdir / f"model_{id(model)}.onnx"
     if isinstance(model, onnx.ModelProto):
@@ -89,33 +99,37 @@ def collect_statistics(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: ProgressFactory = _no_progress,
     aliases: dict[str, str] | None = None,
+    threads: int = 0,
+    keep_batch_extremes: bool = False,
+    batch_sizes: list[int] | None = None,
 ) -> Statistics:
     """Statistics of `tensors` (graph inputs or node outputs) over every sample of `source`.
 
     `aliases` maps tensors holding exactly another tensor's values to that tensor: their
-    statistics are copied rather than collected.
+    statistics are copied rather than collected. `threads`: onnxruntime's (0: all cores).
+    `keep_batch_extremes` and `batch_sizes` (appended to) are for merging shards exactly
+    (onnxq.distributed).
     """
     aliases = aliases or {}
-    stats = Statistics(samples=len(source), source=source.description)
+    stats = Statistics(samples=len(source), source=source.description, keep_batch_extremes=keep_batch_extremes)
     input_names = {i.name for i in model.graph.input}
     observed = [t for t in tensors if t not in aliases]
     from_feed = [t for t in observed if t in input_names]
     from_model = [t for t in observed if t not in input_names]
     with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
-        session = session_for(with_outputs(model, from_model), Path(tmp))
-        groups = _groups_within_budget(session, source, from_model, batch_size, memory_budget)
+        session = session_for(with_outputs(model, from_model), Path(tmp), threads, spin=False)
+        groups, largest = _groups_and_largest(session, source, from_model, batch_size, memory_budget)
+        ahead = 2 * largest <= min(PREFETCH_BYTES, memory_budget)
         bar = progress(len(source) * max(1, len(groups)), "calibrating")
         try:
             for index, group in enumerate(groups or [[]]):
-                for feed, count in batches(source, batch_size):
-                    if index == 0:
-                        for name in from_feed:
-                            stats.update(name, feed[name])
-                    if group:
-                        for name, values in zip(group, run(session, feed, group), strict=True):
-                            stats.update(name, values)
-                            del values
+                for feed, outputs, count in prefetched(session, source, batch_size, group, ahead=ahead):
+                    _fold(stats, [(name, feed[name]) for name in from_feed] if index == 0 else [])
+                    _fold(stats, zip(group, outputs, strict=True))
+                    del feed, outputs  # before the next batch's activations arrive
                     bar.update(count)
+                    if index == 0 and batch_sizes is not None:
+                        batch_sizes.append(count)
         finally:
             bar.close()
     for alias, original in sorted(aliases.items()):
@@ -127,17 +141,71 @@ def collect_statistics(
     return stats
 
 
+def _fold(stats: Statistics, named_values) -> None:
+    for name, values in named_values:
+        stats.update(name, values)
+
+
+def prefetched(session: ort.InferenceSession, source: SampleSource, batch_size: int, names: list[str], *,
+               ahead: bool = True) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray], int]]:
+    """(feed, outputs `names`, samples) per batch, in order. `ahead`: the next batch is read and run in a
+    background thread while the caller folds this one. Errors surface here, in order."""
+    if not ahead:
+        for feed, count in batches(source, batch_size):
+            yield feed, run(session, feed, names) if names else [], count
+            del feed
+        return
+    slots = threading.Semaphore(2)  # batches computed and not yet folded
+    results: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for feed, count in batches(source, batch_size):
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                results.put((feed, run(session, feed, names) if names else [], count))
+                del feed
+            results.put(done)
+        except BaseException as exc:  # re-raised in the caller's thread
+            results.put(exc)
+
+    worker = threading.Thread(target=produce, name="onnxq-calibrate", daemon=True)
+    worker.start()
+    try:
+        while (item := results.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            del item
+            slots.release()
+    finally:
+        stop.set()
+        worker.join()
+
+
 def _groups_within_budget(
     session: ort.InferenceSession, source: SampleSource, names: list[str], batch_size: int, budget: int
 ) -> list[list[str]]:
     """Split tensors so one batch of a group fits the memory budget (sizes from a one-sample probe)."""
+    return _groups_and_largest(session, source, names, batch_size, budget)[0]
+
+
+def _groups_and_largest(
+    session: ort.InferenceSession, source: SampleSource, names: list[str], batch_size: int, budget: int
+) -> tuple[list[list[str]], int]:
+    """_groups_within_budget's groups, and the bytes of one batch of the largest."""
     if not names:
-        return []
+        return [], 0
     probe = run(session, source.sample(0), names)
     sizes = [a.nbytes * batch_size for a in probe]
     del probe
     if sum(sizes) <= budget:
-        return [names]
+        return [names], sum(sizes)
     groups: list[list[str]] = [[]]
     used = 0
     for name, size in zip(names, sizes, strict=True):
@@ -147,4 +215,5 @@ def _groups_within_budget(
         groups[-1].append(name)
         used += size
     print(f"onnxq: activations exceed the memory budget; calibrating in {len(groups)} passes", file=sys.stderr)
-    return groups
+    size_of = dict(zip(names, sizes, strict=True))
+    return groups, max(sum(size_of[name] for name in group) for group in groups)

@@ -16,6 +16,7 @@ from . import __version__
 from .calibrate import Progress
 from .convert import ACTIVATION_TYPES, ConvertRequest, convert, format_convert_summary
 from .data import ImagePreprocessing, model_input_specs, open_source
+from .distributed import RayOptions
 from .doctor import format_diagnosis, this_machine
 from .dynamic import WeightOnlyOptions
 from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError
@@ -159,6 +160,24 @@ def verbosity_options(func):
     return click.option("-q", "--quiet", is_flag=True, help="No summary and no progress bar on stderr.")(func)
 
 
+def ray_options(func):
+    """--ray [ADDRESS] and --workers N (calibrate, quantize)."""
+    func = click.option("--workers", type=click.IntRange(min=1), help="--ray: tasks at once: calibration shards "
+                        "and accuracy-search candidates (default: one per CPU of the cluster).")(func)
+    return click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+                        help="Calibrate (and run the accuracy search) as Ray tasks: on the cluster at ADDRESS, else "
+                             "RAY_ADDRESS, else a local Ray; same statistics and model as without "
+                             "(pip install 'onnxq[ray]'; see README).")(func)
+
+
+def _ray_options(ray_address: str | None, workers: int | None) -> RayOptions | None:
+    if ray_address is None:
+        if workers is not None:
+            raise UsageError("--workers applies to --ray only")
+        return None
+    return RayOptions(address=ray_address or None, workers=workers)
+
+
 def _images(image_size, layout, pixel_scale, mean, std, channel_order) -> ImagePreprocessing:
     images = ImagePreprocessing(size=_parse_size(image_size), layout=layout, scale=pixel_scale,
                                 mean=_parse_floats(mean, "--mean"), std=_parse_floats(std, "--std"),
@@ -255,6 +274,8 @@ def main() -> None:
 @click.option("--target-metric", type=float, help="Accuracy target on --metric's score (as --target-sqnr).")
 @click.option("--target-samples", type=click.IntRange(min=1), default=32, show_default=True,
               help="Samples the accuracy target is measured on.")
+@click.option("--eval-samples", default="32", show_default=True, help="Held-back samples the fidelity report "
+              "measures (the first N; 'all': every one).")
 @click.option("--target-data", type=click.Path(path_type=Path), help="Samples for the accuracy target (default: "
               "the held-back ones; give others to keep --eval-data untouched by the search).")
 @click.option("--fallback", type=click.Choice(["float", "int16", "int8"]), default=None,
@@ -279,6 +300,7 @@ def main() -> None:
               "layer's output error on the calibration samples.")
 @click.option("--adaround-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="--adaround: approximate optimisation budget over all layers.")
+@ray_options
 @verbosity_options
 @handle_errors
 def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
@@ -287,12 +309,14 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                      output_format, weight_range, exclude, recipe_path, save_recipe, speed_guard, no_speed_guard,
                      speed_profile,
                      target_cpu, load_stats, save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine,
-                     metric, target_metric, target_samples, target_data, fallback, max_fallbacks, min_cosine,
+                     metric, target_metric, target_samples, eval_samples, target_data, fallback, max_fallbacks,
+                     min_cosine,
                      min_sqnr, smooth_alpha, smooth_mul, equalize, bias_correction, adaround,
-                     adaround_seconds, quiet, verbose) -> None:
+                     adaround_seconds, ray_address, workers, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
+    data.ray = _ray_options(ray_address, workers)
     if report_path is not None:
         check_output_path(report_path, [model, output])
     recipe = Recipe.load(recipe_path) if recipe_path is not None else Recipe()
@@ -312,7 +336,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
         speed_guard=o["speed_guard"], speed_profile=speed_profile, target_cpu=target_cpu,
         output_format=o["output_format"],
         target=_target(target_sqnr, target_cosine, target_metric), metric=metric, target_samples=target_samples,
-        target_data=target_data,
+        target_data=target_data, eval_samples=_count_or_all(eval_samples, "--eval-samples"),
         max_fallbacks=max_fallbacks, fallback=fallback or ("int8" if o["mode"] == "weight-only" else "float"),
         mode=o["mode"], weight_only=WeightOnlyOptions(bits=int(o["weight_bits"]), block_size=o["block_size"],
                                                       symmetric=not o["weight_zero_points"],
@@ -353,6 +377,19 @@ RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
 }
 
 
+def _count_or_all(value: str, option: str) -> int | None:
+    """A positive count, or None for 'all'."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UsageError(f"{option} takes a positive number or 'all', got {value!r}")
+    return count
+
+
 def _target(sqnr: float | None, cosine: float | None, metric: float | None) -> Target | None:
     return Target(sqnr, cosine, metric) if (sqnr, cosine, metric) != (None, None, None) else None
 
@@ -372,17 +409,20 @@ def _recipe_defaults(recipe: Recipe, values: dict) -> dict:
 Example:
   onnxq calibrate model.onnx --calib data/ -o model.stats.npz
   onnxq quantize model.onnx -o model.int8.onnx --load-stats model.stats.npz --method mse
+  onnxq calibrate model.onnx --calib /shared/data/ -o model.stats.npz --ray --workers 8   # on RAY_ADDRESS
 """)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Statistics file to write (.npz).")
 @data_options
+@ray_options
 @verbosity_options
 @handle_errors
 def calibrate(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
-              pixel_scale, mean, std, channel_order, quiet, verbose) -> None:
+              pixel_scale, mean, std, channel_order, ray_address, workers, quiet, verbose) -> None:
     """Collect activation statistics once; quantize later with any method via --load-stats."""
     data = _data(calib, None, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
+    data.ray = _ray_options(ray_address, workers)
     stats = calibrate_only(model, output, data, progress=progress_factory(quiet))
     if not quiet:
         click.echo(f"onnxq: statistics of {len(stats.tensors)} tensors over {stats.samples} samples -> {output}",

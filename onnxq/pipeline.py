@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from . import __version__
-from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics
+from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress
 from .cpu import TargetCpu, default_weight_range, resolve_target
 from .data import (
     ImagePreprocessing,
@@ -29,6 +29,7 @@ from .data import (
     random_source,
     split_holdout,
 )
+from .distributed import RayOptions, collect, evaluator_for
 from .dynamic import WeightOnlyOptions, rewrite_dynamic
 from .errors import DataError, ModelError, UsageError
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
@@ -70,6 +71,7 @@ from .weight_only import run_weight_only, target_gates
 
 RANDOM_SAMPLES = 16
 TARGET_SAMPLES = 32  # held-back samples the target search measures on (default)
+EVAL_SAMPLES = 32  # held-back samples the fidelity report measures on (default; None: all)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class DataOptions:
     max_samples: int | None = None
     images: ImagePreprocessing | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    ray: RayOptions | None = None  # calibrate (and search) on Ray (onnxq.distributed)
 
 
 @dataclass
@@ -101,6 +104,7 @@ class QuantizeRequest:
     target: Target | None = None  # accuracy target: fall back to float until it holds (onnxq.sensitivity)
     metric: Path | None = None  # a Python file with score(references, candidates, feeds) for Target.min_metric
     target_samples: int = TARGET_SAMPLES
+    eval_samples: int | None = EVAL_SAMPLES  # the fidelity report's first N held-back samples; None: all
     target_data: Path | None = None  # samples the target is measured on (default: the held-back ones)
     max_fallbacks: int | None = None
     sensitivity_samples: int = 16
@@ -232,6 +236,7 @@ class Calibrated:
     choices: dict[str, NodeChoice] = field(default_factory=dict)  # the recipe's, by node label
     smoothing: dict | None = None  # onnxq.smooth's report, when --smooth-alpha was given
     recovery: dict = field(default_factory=dict)  # what onnxq.recovery did, for the report
+    cached_reference: CachedReference | None = None  # fp32 outputs the target search computed (reused)
 
     def keep_float(self, nodes: dict[str, str]) -> None:
         """Place again with these nodes (label -> why) kept in float, on top of earlier ones."""
@@ -418,7 +423,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
     if c.held is not None:
         with timer.stage("evaluate"):
             fidelity = compare_models(c.reference, quantized, c.held, batch_size=request.data.batch_size,
-                                      progress=progress)
+                                      progress=progress, limit=request.eval_samples, cached=c.cached_reference)
     with timer.stage("write"):
         save_model(quantized, request.output)
     report = build_report(
@@ -498,15 +503,18 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
     with c.timer.stage("accuracy target"):
         reference = CachedReference(c.reference, samples, request.target_samples,
                                     load_metric(request.metric) if request.metric is not None else None)
+        c.cached_reference = reference
         all_int8 = c.build(frozenset())
         start = reference.fidelity_of(all_int8)
         result = SearchResult([], True, [])
         ranking: list[str] = []
         if not target.met_by(start):
             candidates = c.int8_layers()
-            ranking = measure_sensitivity(c.build, candidates, reference, progress, all_but=False).ranked_nodes()
+            evaluator = evaluator_for(request.data.ray, c.build, reference)
+            ranking = measure_sensitivity(c.build, candidates, reference, progress, all_but=False,
+                                          evaluator=evaluator).ranked_nodes()
             limit = request.max_fallbacks if request.max_fallbacks is not None else len(ranking)
-            result = search_fallbacks(c.build, ranking, target, reference, limit, progress)
+            result = search_fallbacks(c.build, ranking, target, reference, limit, progress, evaluator=evaluator)
         if result.float_nodes and request.fallback == "int16":
             c.widen(frozenset(result.float_nodes))
         elif result.float_nodes:
@@ -592,7 +600,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     if held is not None:
         with timer.stage("evaluate"):
             fidelity = compare_models(prepared.reference, quantized, held, batch_size=request.data.batch_size,
-                                      progress=progress)
+                                      progress=progress, limit=request.eval_samples)
     with timer.stage("write"):
         save_model(quantized, request.output)
     if request.save_recipe is not None:
@@ -669,9 +677,8 @@ def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[
         return stats
     assert calib is not None
     observe = tensors_to_observe(graph)
-    stats = collect_statistics(model, observe, calib, batch_size=request.data.batch_size,
-                               memory_budget=request.data.memory_budget, progress=progress,
-                               aliases=value_aliases(graph, observe))
+    stats = collect(model, observe, calib, request.data.ray, batch_size=request.data.batch_size,
+                    memory_budget=request.data.memory_budget, progress=progress, aliases=value_aliases(graph, observe))
     stats.model_digest = digest
     return stats
 
@@ -712,9 +719,8 @@ def calibrate_only(model_path: Path, output: Path, data: DataOptions,
         source = open_source(data.calib, specs, data.images)
     if data.max_samples is not None:
         source = source.subset(range(min(data.max_samples, len(source))), source.description)
-    stats = collect_statistics(prepared.model, tensors, source, batch_size=data.batch_size,
-                               memory_budget=data.memory_budget, progress=progress,
-                               aliases=value_aliases(graph, tensors))
+    stats = collect(prepared.model, tensors, source, data.ray, batch_size=data.batch_size,
+                    memory_budget=data.memory_budget, progress=progress, aliases=value_aliases(graph, tensors))
     stats.model_digest = model_digest(prepared.model)
     stats.save(output)
     return stats

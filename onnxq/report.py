@@ -46,6 +46,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
         "size": {"fp32_bytes": original_bytes, "int8_bytes": quantized_bytes,
                  "ratio": round(original_bytes / quantized_bytes, 3) if quantized_bytes else None},
         "fidelity": None if fidelity is None else {"samples": fidelity.samples, "source": fidelity.source,
+                                                   "available_samples": fidelity.available or fidelity.samples,
                                                    "outputs": fidelity.outputs},
         "tensors": [_tensor_row(t) for t in plan.tensors.values()],
         "float_nodes": [{"name": n.name, "op_type": n.op_type, "reason": n.reason}
@@ -156,7 +157,10 @@ def format_summary(report: dict) -> str:
                  f"({size['ratio']}x smaller)")
     fidelity = report["fidelity"]
     if fidelity:
-        lines.append(f"  fidelity on {fidelity['samples']} samples ({fidelity['source']}):")
+        measured = fidelity["samples"]
+        available = fidelity.get("available_samples") or measured
+        of, every = (f" of {available}", "; --eval-samples all for every one") if available > measured else ("", "")
+        lines.append(f"  fidelity on {measured}{of} samples ({fidelity['source']}{every}):")
         for out in fidelity["outputs"]:
             top1 = f", top-1 agreement {out['top1_agreement']:.2%}" if out["top1_agreement"] is not None else ""
             lines.append(f"    {out['name']}: cosine {_num(out['cosine'], 5)} "

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import onnx
 
@@ -28,6 +29,39 @@ from .calibrate import ProgressFactory, _no_progress
 from .evaluate import CachedReference, Fidelity
 
 Build = Callable[[frozenset[str]], onnx.ModelProto]  # float nodes -> quantized model
+
+
+class Evaluator(Protocol):
+    """Scores candidates (sets of layers in the fallback precision) against the fp32 reference.
+
+    Every candidate is independent of the others, so an evaluator may score them in any
+    order or at once (onnxq.distributed.RayEvaluator); the searches only ask for lists.
+    `width` is how many it scores at once: a search that can stop early asks for that many.
+    """
+
+    width: int
+
+    def fidelities(self, candidates: Sequence[frozenset[str]],
+                   done: Callable[[int], None] | None = None) -> list[Fidelity]: ...
+
+
+class SerialEvaluator:
+    """One candidate after the other, in this process."""
+
+    width = 1
+
+    def __init__(self, build: Build, reference: CachedReference) -> None:
+        self.build = build
+        self.reference = reference
+
+    def fidelities(self, candidates: Sequence[frozenset[str]],
+                   done: Callable[[int], None] | None = None) -> list[Fidelity]:
+        scores = []
+        for candidate in candidates:
+            scores.append(self.reference.fidelity_of(self.build(candidate)))
+            if done is not None:
+                done(1)
+        return scores
 
 
 @dataclass
@@ -102,27 +136,25 @@ def _finite(value: float) -> float | str | None:
 
 
 def measure_sensitivity(build: Build, candidates: dict[str, str], reference: CachedReference,
-                        progress: ProgressFactory = _no_progress, *, all_but: bool = True) -> SensitivityResult:
+                        progress: ProgressFactory = _no_progress, *, all_but: bool = True,
+                        evaluator: Evaluator | None = None) -> SensitivityResult:
     """`candidates`: node -> op type of every int8 layer to rank. `all_but=False` skips the
     all-but-this-layer models (the ranking needs only the others): half the work."""
+    evaluator = evaluator or SerialEvaluator(build, reference)
     names = sorted(candidates)
-    bar = progress((2 if all_but else 1) * len(names) + 1, "sensitivity")
+    trials = [frozenset()] + [frozenset(n for n in names if n != name) for name in names]
+    if all_but:
+        trials += [frozenset([name]) for name in names]
+    bar = progress(len(trials), "sensitivity")
     try:
-        baseline = reference.fidelity_of(build(frozenset())).min_sqnr
-        bar.update(1)
-        layers = []
-        for name in names:
-            only = reference.fidelity_of(build(frozenset(n for n in names if n != name))).min_sqnr
-            bar.update(1)
-            rest = math.nan
-            if all_but:
-                rest = reference.fidelity_of(build(frozenset([name]))).min_sqnr
-                bar.update(1)
-            layers.append(LayerSensitivity(name, candidates[name], only, rest))
+        scores = [f.min_sqnr for f in evaluator.fidelities(trials, bar.update)]
     finally:
         bar.close()
+    rest = scores[1 + len(names):] if all_but else [math.nan] * len(names)
+    layers = [LayerSensitivity(name, candidates[name], only, other)
+              for name, only, other in zip(names, scores[1:1 + len(names)], rest, strict=True)]
     layers.sort(key=lambda layer: (layer.only_this_sqnr_db, layer.node))
-    return SensitivityResult(baseline, len(reference.feeds), layers)
+    return SensitivityResult(scores[0], len(reference.feeds), layers)
 
 
 @dataclass
@@ -160,25 +192,32 @@ class SearchResult:
 
 
 def search_fallbacks(build: Build, ranked: list[str], target: Target, reference: CachedReference,
-                     max_fallbacks: int, progress: ProgressFactory = _no_progress) -> SearchResult:
-    """Keep ranked layers in float one by one until `target` holds; the best model's float nodes."""
-    chosen: list[str] = []
+                     max_fallbacks: int, progress: ProgressFactory = _no_progress, *,
+                     evaluator: Evaluator | None = None) -> SearchResult:
+    """Keep ranked layers in float one by one until `target` holds; the best model's float nodes.
+
+    Step k keeps the first k ranked layers in float. The evaluator scores `width` steps at once;
+    steps after the first that meets the target are dropped, so the result (and the steps
+    listed) is the serial search's for any width.
+    """
+    evaluator = evaluator or SerialEvaluator(build, reference)
+    last = min(len(ranked), max_fallbacks)
     best: tuple[float, list[str]] | None = None
     steps = []
-    bar = progress(min(len(ranked), max_fallbacks) + 1, "target search")
+    bar = progress(last + 1, "target search")
     try:
-        for step in range(min(len(ranked), max_fallbacks) + 1):
-            if step:
-                chosen.append(ranked[step - 1])
-            fidelity = reference.fidelity_of(build(frozenset(chosen)))
-            bar.update(1)
-            steps.append({"float_nodes": len(chosen), "added": chosen[-1] if chosen else None,
-                          "min_sqnr_db": _finite(fidelity.min_sqnr), "min_cosine": fidelity.min_cosine,
-                          "metric": fidelity.metric})
-            if best is None or target.score(fidelity) > best[0]:
-                best = (target.score(fidelity), list(chosen))
-            if target.met_by(fidelity):
-                return SearchResult(list(chosen), True, steps)
+        for first in range(0, last + 1, evaluator.width):
+            wave = range(first, min(last, first + evaluator.width - 1) + 1)
+            for step, fidelity in zip(wave, evaluator.fidelities([frozenset(ranked[:k]) for k in wave]), strict=True):
+                bar.update(1)
+                chosen = ranked[:step]
+                steps.append({"float_nodes": step, "added": chosen[-1] if chosen else None,
+                              "min_sqnr_db": _finite(fidelity.min_sqnr), "min_cosine": fidelity.min_cosine,
+                              "metric": fidelity.metric})
+                if best is None or target.score(fidelity) > best[0]:
+                    best = (target.score(fidelity), list(chosen))
+                if target.met_by(fidelity):
+                    return SearchResult(list(chosen), True, steps)
     finally:
         bar.close()
     assert best is not None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,10 @@ class TensorStats:
     # Bin i covers [(i - BINS_PER_SIDE) * width, (i - BINS_PER_SIDE + 1) * width).
     width_exp: int | None = None
     counts: np.ndarray = field(default_factory=lambda: np.zeros(2 * BINS_PER_SIDE, dtype=np.int64))
+    # min, max, min, max, ... of every batch in order, when a caller asks for them (not saved):
+    # sharded calibration re-adds them in the single-process order, so the sums match it bit
+    # for bit. float32 holds them exactly (they are float32 values): 8 bytes a batch.
+    batch_extremes: array | None = field(default=None, compare=False, repr=False)
 
     @property
     def width(self) -> float:
@@ -69,16 +74,17 @@ class TensorStats:
         self.max = max(self.max, batch_max)
         self.batches += 1
         self.count += int(x.size)
-        self.zeros += int(x.size - np.count_nonzero(x))
+        self.zeros += int(np.count_nonzero(x == 0))  # 5x faster than size - count_nonzero(x) on floats
         self.sum_batch_min += batch_min
         self.sum_batch_max += batch_max
+        if self.batch_extremes is not None:
+            self.batch_extremes.extend((batch_min, batch_max))
         self._grow_to(max(abs(batch_min), abs(batch_max)))
         if self.width_exp is None:  # all values so far are exactly zero
             self.counts[BINS_PER_SIDE] += x.size
             return
-        index = _bin_index(x, -self.width_exp, batch_min < 0)
-        index += BINS_PER_SIDE  # in [0, 2 * BINS_PER_SIDE): the width covers max |x| (see _grow_to)
-        self.counts += np.bincount(index, minlength=2 * BINS_PER_SIDE)
+        # the width covers max |x| (see _grow_to): every index is in [0, 2 * BINS_PER_SIDE)
+        self.counts += np.bincount(_bin_index(x, -self.width_exp, batch_min < 0), minlength=2 * BINS_PER_SIDE)
 
     def _grow_to(self, bound: float) -> None:
         """Coarsen the grid until [-bound, bound] is covered."""
@@ -117,20 +123,25 @@ class TensorStats:
 
 
 def _bin_index(x: np.ndarray, factor_exp: int, has_negatives: bool) -> np.ndarray:
-    """floor(x * 2**factor_exp) as int64, exactly, for float32 x.
+    """floor(x * 2**factor_exp) + BINS_PER_SIDE as int64, exactly, for float32 x.
 
     Multiplying by a power of two is exact in float32 (and ~20x faster than float64
     or ldexp) while the factor is a normal float32. The one inexact case is a tiny
-    negative value underflowing to -0.0: it belongs to bin -1, not 0.
+    negative value underflowing to -0.0: it belongs to bin -1, not 0. The floored
+    values are integers below 2**24 in magnitude, so adding the offset in float32 is
+    exact too; the sum is written straight into the int64 result (one pass fewer).
     """
     if not -126 <= factor_exp <= 127:  # factor not a normal float32: exact in float64
-        return np.floor(np.ldexp(x.astype(np.float64), factor_exp)).astype(np.int64)
-    scaled = np.floor(x * np.float32(math.ldexp(1.0, factor_exp)))
+        return np.floor(np.ldexp(x.astype(np.float64), factor_exp)).astype(np.int64) + BINS_PER_SIDE
+    scaled = np.multiply(x, np.float32(math.ldexp(1.0, factor_exp)))
+    np.floor(scaled, out=scaled)
     if factor_exp < 0 and has_negatives:
         underflowed = (scaled == 0) & (x < 0)
         if underflowed.any():
             scaled[underflowed] = -1
-    return scaled.astype(np.int64)
+    index = np.empty(x.size, dtype=np.int64)
+    np.add(scaled, np.float32(BINS_PER_SIDE), out=index, casting="unsafe")
+    return index
 
 
 def required_width_exp(bound: float) -> int:
@@ -173,9 +184,12 @@ class Statistics:
     samples: int = 0
     model_digest: str = ""
     source: str = ""
+    keep_batch_extremes: bool = field(default=False, compare=False, repr=False)  # see TensorStats.batch_extremes
 
     def update(self, name: str, values: np.ndarray) -> None:
-        self.tensors.setdefault(name, TensorStats()).update(values)
+        if name not in self.tensors:
+            self.tensors[name] = TensorStats(batch_extremes=array("f") if self.keep_batch_extremes else None)
+        self.tensors[name].update(values)
 
     def merge(self, other: Statistics) -> Statistics:
         if self.model_digest and other.model_digest and self.model_digest != other.model_digest:

@@ -45,6 +45,7 @@ from conftest import (
 from onnx import numpy_helper
 
 import onnxq.calibrate
+import onnxq.distributed
 import onnxq.pipeline
 from onnxq.cli import main
 from onnxq.errors import EXIT_GATE_MISSED
@@ -343,9 +344,9 @@ def test_load_stats_needs_no_inference(tmp_path: Path, conv_model_path: Path, co
     def no_inference(*args, **kwargs):
         raise AssertionError("an inference pass ran although statistics were loaded")
 
-    # pipeline imported the function by name: patch both bindings, and the runner they use
+    # onnxq.distributed (pipeline's way in) imported the function by name: patch both bindings, and the runner
     monkeypatch.setattr(onnxq.calibrate, "collect_statistics", no_inference)
-    monkeypatch.setattr(onnxq.pipeline, "collect_statistics", no_inference)
+    monkeypatch.setattr(onnxq.distributed, "collect_statistics", no_inference)
     monkeypatch.setattr(onnxq.calibrate, "run", no_inference)
     report = tmp_path / "report.json"
     code, _, err = _cli(["quantize", conv_model_path, "-o", tmp_path / "b.onnx", "--load-stats", stats,

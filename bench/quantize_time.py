@@ -1,0 +1,209 @@
+"""Quantize time against its floor, side by side in one run.
+
+The floor is what any quantizer must pay: process start, model load and one plain fp32
+onnxruntime pass over the calibration data (a child that imports only numpy and
+onnxruntime). Each round runs the floor, `onnxq calibrate` and `onnxq quantize
+--no-speed-guard --method M` for every method, one after the other, as child processes;
+ratios are taken per round (same machine state) and their median is reported.
+
+python -m bench.quantize_time                                  # every bench model in bench/.cache
+python -m bench.quantize_time --models ppocr-rec --rounds 5
+python -m bench.quantize_time --models ppocr-rec --rss-samples 100,1000 --rounds 1
+python -m bench.quantize_time --before /path/to/other/checkout   # also that onnxq's rows, same rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+
+METHODS = ("global", "max", "percentile", "mse", "kl")
+
+
+def floor_child(model: str, folder: str) -> None:
+    """The floor itself: load the model, run every .npz feed of `folder` once."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    files = sorted(Path(folder).glob("*.npz"), key=lambda p: [int(t) if t.isdigit() else t
+                                                               for t in re.split(r"(\d+)", p.name)])
+    for file in files:
+        with np.load(file) as data:
+            session.run(None, {k: data[k] for k in data.files if k in names})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--floor", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
+    p.add_argument("--models", help="comma-separated bench models (default: every one whose model is cached)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rss-samples", help="instead: peak RSS of calibrate/quantize at these sample counts "
+                   "(the calibration set repeated), e.g. 100,1000")
+    p.add_argument("--before", type=Path, help="another onnxq checkout (e.g. `git worktree add /tmp/base main`): "
+                   "its calibrate/quantize rows run in the same rounds, marked 'before'")
+    p.add_argument("--out", type=Path, help="JSON results (default bench/results/timing/quantize_time[_rss].json)")
+    args = p.parse_args(argv)
+    if args.floor:
+        floor_child(*args.floor)
+        return 0
+    from bench import models
+
+    names = args.models.split(",") if args.models else [n for n, s in models.MODELS.items() if _cached(s)]
+    if args.rss_samples:
+        result = rss_run(names, [int(n) for n in args.rss_samples.split(",")], args.rounds)
+        out = args.out or models.REPO / "bench" / "results" / "timing" / "quantize_time_rss.json"
+    else:
+        result = time_run(names, args.methods.split(","), args.rounds, args.before)
+        out = args.out or models.REPO / "bench" / "results" / "timing" / "quantize_time.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    return 0
+
+
+def _cached(spec) -> bool:
+    from bench import models
+
+    return bool(spec.local) or (models.CACHE / "models" / f"{spec.name}.onnx").exists()
+
+
+def _data(name: str) -> tuple[Path, Path]:
+    """The model and its calibration folder, as bench.run prepares them."""
+    from bench import datasets, models
+    from bench.run import DEFAULT_SAMPLES
+
+    spec = models.MODELS[name]
+    model = models.prepare(spec)
+    n_calib, n_eval = DEFAULT_SAMPLES[name]
+    return model, datasets.build(spec.name, spec.task, model, n_calib, n_eval).calib
+
+
+def _onnxq(*args: str | Path) -> list[str]:
+    from bench import runners
+
+    return runners.onnxq_cmd(*args)  # the venv's console script: a PYTHONPATH (--before) comes first
+
+
+def _env(source: Path | None = None) -> dict[str, str]:
+    """`source` (another checkout) first on the path: its onnxq runs instead of this one."""
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    return env
+
+
+def commands(name: str, methods: list[str], work: Path, before: Path | None = None
+             ) -> dict[str, tuple[list[str], Path | None]]:
+    """Row name -> (command, onnxq checkout or None for this one)."""
+    model, calib = _data(name)
+    cmds: dict[str, tuple[list[str], Path | None]] = {
+        "floor": ([sys.executable, "-m", "bench.quantize_time", "--floor", str(model), str(calib)], None)}
+    for source, mark in ((before, " (before)"), (None, "")) if before else ((None, ""),):
+        cmds[f"calibrate{mark}"] = (_onnxq("calibrate", model, "--calib", calib, "-o", work / "stats.npz", "-q"),
+                                    source)
+        for method in methods:
+            cmds[f"quantize {method}{mark}"] = (_onnxq("quantize", model, "-o", work / f"{method}.onnx", "--calib",
+                                                       calib, "--method", method, "--no-speed-guard", "-q"), source)
+    return cmds
+
+
+def time_run(names: list[str], methods: list[str], rounds: int, before: Path | None = None) -> dict:
+    from bench import models, report, runners
+
+    result = {"machine": report.machine(), "before": str(before) if before else None,
+              "rounds": rounds, "models": {}}
+    for name in names:
+        work = models.CACHE / "work" / f"quantize-time-{name}"
+        work.mkdir(parents=True, exist_ok=True)
+        cmds = commands(name, methods, work, before)
+        runs: dict[str, list] = {key: [] for key in cmds}
+        for _ in range(rounds):
+            for key, (cmd, source) in cmds.items():
+                for old in work.glob("*.onnx*"):
+                    old.unlink()
+                (work / "stats.npz").unlink(missing_ok=True)
+                res = runners.run_child(cmd, log=work / f"{key.replace(' ', '-')}.log", timeout_s=1800,
+                                        rss_limit_mb=12_000, env=_env(source))
+                runs[key].append(res.to_dict())
+                print(f"  {name} {key}: {res.status} {res.wall_s:.2f} s {res.peak_rss_mb:.0f} MB", flush=True)
+        result["models"][name] = summarise(runs, rounds)
+    return result
+
+
+def summarise(runs: dict[str, list], rounds: int) -> dict:
+    floor = [r["wall_s"] for r in runs["floor"]]
+    rows = {}
+    for key, results in runs.items():
+        walls = [r["wall_s"] for r in results]
+        ok = all(r["status"] == "ok" for r in results)
+        rows[key] = {"status": "ok" if ok else results[-1]["status"], "wall_s": walls,
+                     "median_s": round(statistics.median(walls), 3),
+                     "ratio_to_floor": round(statistics.median(w / f for w, f in zip(walls, floor, strict=True)), 2),
+                     "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+                     "error": None if ok else results[-1]["log_tail"][-400:]}
+    return rows
+
+
+def rss_run(names: list[str], counts: list[int], rounds: int) -> dict:
+    from bench import models, report, runners
+
+    result = {"machine": report.machine(), "models": {}}
+    for name in names:
+        model, calib = _data(name)
+        files = sorted(calib.glob("*.npz"))
+        rows = {}
+        for count in counts:
+            folder = models.CACHE / "data" / f"{name}-repeat-{count}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):  # the calibration set repeated: links, no copies
+                link = folder / f"{i:06d}.npz"
+                if not link.exists():
+                    link.symlink_to(files[i % len(files)])
+            work = models.CACHE / "work" / f"quantize-rss-{name}-{count}"
+            work.mkdir(parents=True, exist_ok=True)
+            for key, cmd in {"calibrate": _onnxq("calibrate", model, "--calib", folder, "-o", work / "s.npz", "-q"),
+                             "quantize": _onnxq("quantize", model, "-o", work / "m.onnx", "--calib", folder,
+                                                "--no-speed-guard", "-q")}.items():
+                peaks, walls = [], []
+                for _ in range(rounds):
+                    for old in work.glob("*"):
+                        old.unlink()
+                    res = runners.run_child(cmd, log=models.CACHE / "work" / f"rss-{name}-{count}-{key}.log",
+                                            timeout_s=3600, rss_limit_mb=12_000, env=_env())
+                    peaks.append(res.peak_rss_mb)
+                    walls.append(res.wall_s)
+                    print(f"  {name} {count} {key}: {res.status} {res.wall_s:.1f} s {res.peak_rss_mb:.0f} MB",
+                          flush=True)
+                rows[f"{key} {count}"] = {"samples": count, "peak_rss_mb": max(peaks), "wall_s": walls}
+        result["models"][name] = rows
+    return result
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"{m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}"
+             + (f"; 'before' rows: onnxq from {result['before']}" if result.get("before") else ""), ""]
+    for name, rows in result["models"].items():
+        if "floor" in rows:
+            lines += [f"{name} (median of {result['rounds']} rounds)", "",
+                      "| command | median s | × floor | peak RSS MB |", "|---|---|---|---|"]
+            lines += [f"| {key} | {row['median_s']:.2f} | {row['ratio_to_floor']:.2f} | {row['peak_rss_mb']:.0f} |"
+                      + ("" if row["status"] == "ok" else f" {row['status']}") for key, row in rows.items()]
+        else:
+            lines += [f"{name}", "", "| command | samples | peak RSS MB | wall s |", "|---|---|---|---|"]
+            lines += [f"| {key.split()[0]} | {row['samples']} | {row['peak_rss_mb']:.0f} | "
+                      f"{statistics.median(row['wall_s']):.1f} |" for key, row in rows.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
