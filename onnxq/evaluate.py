@@ -6,7 +6,9 @@ grow with the number of samples:
 - SQNR (dB): 10·log10(Σ fp32² / Σ (fp32 − int8)²);
 - top-1 agreement: share of positions whose argmax over the last axis matches
   for [N, classes] and [N, steps, classes] outputs (the classifier's "same class";
-  per time step for sequences); not for images or feature maps.
+  per time step for sequences); not for images or feature maps;
+- task agreement (onnxq.agreement): the share of samples whose answer is the same as fp32's,
+  by the kind of answer the output carries (same class, same sequence, same decisions, ...).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import agreement as task_agreement
 from .calibrate import Progress, ProgressFactory, _no_progress, run, session_for
 from .data import SampleSource, batches
 from .errors import DataError, UsageError
@@ -37,8 +40,11 @@ class OutputAgreement:
     worst_sample_cosine: float = 1.0
     argmax_total: int = 0
     argmax_same: int = 0
+    task: task_agreement.OutputAgreement | None = None  # set once the answer the output carries is known
 
     def add(self, reference: np.ndarray, test: np.ndarray) -> None:
+        if self.task is not None:
+            self.task.add(reference, test)
         ref = reference.astype(np.float64)
         out = test.astype(np.float64)
         self.dot += float(np.vdot(ref, out))
@@ -63,6 +69,7 @@ class OutputAgreement:
             "sqnr_db": _sqnr(self.ref_energy, self.noise_energy),
             "max_abs_error": self.max_abs_error,
             "top1_agreement": (self.argmax_same / self.argmax_total) if self.argmax_total else None,
+            "task": self.task.summary() if self.task is not None else None,
         }
 
 
@@ -102,6 +109,22 @@ class Fidelity:
     def min_sqnr(self) -> float:
         return min((o["sqnr_db"] for o in self.outputs), default=math.inf)
 
+    @property
+    def agreement(self) -> float | None:
+        """The model's task agreement with fp32 (onnxq.agreement.model_agreement)."""
+        return task_agreement.model_agreement(self.outputs)
+
+
+def measures_for(reference: onnx.ModelProto, names: list[str], fp32: list[list[np.ndarray]]
+                 ) -> dict[str, task_agreement.OutputMeasure]:
+    """The answer each output carries, from the graph and some feeds' fp32 outputs (per feed, by `names`)."""
+    samples = [dict(zip(names, values, strict=True)) for values in fp32]
+    return {m.name: m for m in task_agreement.infer_measures(reference, samples)}
+
+
+def _agreements(measures: dict[str, task_agreement.OutputMeasure], names: list[str]) -> dict[str, OutputAgreement]:
+    return {name: OutputAgreement(name, task=task_agreement.OutputAgreement(measures[name])) for name in names}
+
 
 EVAL_CHUNK = 16  # samples run through one model, then the other: sessions alternating per sample fight
 # over the cores (each one's thread pool spins after its run), which made evaluation 2-3x slower
@@ -124,7 +147,7 @@ def compare_models(
                                                  onnx.TensorProto.DOUBLE)]
     total = len(source) if limit is None else min(limit, len(source))
     known = cached.outputs if cached is not None and batch_size == 1 and cached.source == source.description else []
-    agreement = {name: OutputAgreement(name) for name in names}
+    agreement: dict[str, OutputAgreement] = {}
     bar: Progress = progress(total, "evaluating")
     with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:
         test_session = session_for(quantized, Path(tmp))
@@ -139,12 +162,14 @@ def compare_models(
                     else:
                         expected.append(run(ref_session, feed, names))
                     done += count
+                agreement = agreement or _agreements(measures_for(reference, names, expected), names)
                 for (feed, count), ref_values in zip(chunk, expected, strict=True):
                     for name, ref, test in zip(names, ref_values, run(test_session, feed, names), strict=True):
                         agreement[name].add(ref, test)
                     bar.update(count)
         finally:
             bar.close()
+    agreement = agreement or {name: OutputAgreement(name) for name in names}
     return Fidelity(total, source.description, [agreement[n].summary() for n in names],
                     available=len(source) if total < len(source) else None)
 
@@ -181,12 +206,14 @@ class CachedReference:
         with tempfile.TemporaryDirectory(prefix="onnxq-ref-") as tmp:
             session = session_for(reference, Path(tmp))
             self.outputs = [self._run(session, feed) for feed in self.feeds]
+        self.measures = measures_for(reference, self.names, [[out[n] for n in self.names] for out in self.outputs])
 
     def _run(self, session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.wanted, run(session, feed, self.wanted), strict=True))
 
     def fidelity_of(self, model: onnx.ModelProto) -> Fidelity:
-        agreement = {name: OutputAgreement(name) for name in self.names}
+        agreement = (_agreements(self.measures, self.names) if self.measures
+                     else {name: OutputAgreement(name) for name in self.names})
         candidates = []
         with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:
             session = session_for(model, Path(tmp))
