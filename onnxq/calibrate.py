@@ -9,6 +9,7 @@ group is one pass over the data. Nothing is kept between batches but statistics.
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 import tempfile
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import onnxruntime as ort
 
 from .data import SampleSource, batches
 from .errors import DataError, ModelError, first_line
-from .model_io import needs_external_data
+from .model_io import save_for_onnxruntime
 from .statistics import Statistics
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -54,6 +55,9 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return augmented
 
 
+_saved = itertools.count()  # unique scratch names: a session may still map an earlier model's data file
+
+
 def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0) -> ort.InferenceSession:
     """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`) or on disk."""
     options = ort.SessionOptions()
@@ -61,10 +65,7 @@ def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0) 
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors reach the user as onnxq's one line
-    path = model if isinstance(model, Path) else workdir / f"model_{id(model)}.onnx"
-    if isinstance(model, onnx.ModelProto):
-        large = needs_external_data(model)
-        onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    path = model if isinstance(model, Path) else save_for_onnxruntime(model, workdir, f"model_{next(_saved)}.onnx")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

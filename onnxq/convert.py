@@ -35,7 +35,8 @@ from .data import model_input_specs, open_source
 from .errors import ModelError, UsageError
 from .evaluate import compare_models
 from .ir import NameAllocator, export_model, import_graph, is_constant, node_label
-from .model_io import check_output_path, load_model, save_model
+from .model_io import load_model, save_model
+from .paths import DATA, MODEL, MODEL_OUTPUT, PathArg, check_paths
 from .pipeline import DataOptions, check_batch_size, check_written_model
 from .placement import FOLDABLE_ACTIVATIONS, PASS_THROUGH_OPS, Placement, PlacementOptions, place
 from .plan import QuantPlan, QuantSettings, TensorPlan, bias_plan, clipped_fraction, weight_plan
@@ -491,7 +492,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
         raise UsageError(f"unknown format {request.output_format!r}; choose qdq or qoperator")
     if request.activations not in ACTIVATION_TYPES:
         raise UsageError(f"--activations must be one of {', '.join(ACTIVATION_TYPES)}, got {request.activations!r}")
-    check_output_path(request.output, [request.model])
+    check_paths(convert_paths(request))
     original = load_model(request.model)
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in original.graph.node):
         raise ModelError(f"{request.model} has no QuantizeLinear/DequantizeLinear nodes; use `onnxq quantize` "
@@ -539,6 +540,11 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
         "seconds": round(time.perf_counter() - start, 3),
     }
     return ConvertResult(json_safe(report), plan)
+
+
+def convert_paths(request: ConvertRequest) -> list[PathArg]:
+    return [PathArg("MODEL", request.model, MODEL), PathArg("--calib", request.data.calib, DATA),
+            PathArg("--eval-data", request.data.eval_data, DATA), PathArg("-o", request.output, MODEL_OUTPUT)]
 
 
 def _roots_without_params(graph: gs.Graph, placement: Placement, learned: dict[str, Learned]) -> list[str]:

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import ModelError, first_line
-from .model_io import needs_external_data
+from .model_io import needs_external_data, save_for_onnxruntime
 
 QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 
@@ -63,9 +63,9 @@ class FusionReport:
 def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """The graph onnxruntime's CPU provider runs, after all its optimizations."""
     with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as tmp:
-        source, target = Path(tmp) / "model.onnx", Path(tmp) / "optimized.onnx"
+        target = Path(tmp) / "optimized.onnx"
         large = needs_external_data(model)
-        onnx.save_model(model, str(source), save_as_external_data=large, location="model.onnx.data")
+        source = save_for_onnxruntime(model, Path(tmp))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(target)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from .errors import ModelError, OutputError, first_line
+from .outputs import staged
 
 # protobuf cannot serialise a single message over 2 GiB; above this we use external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Tensors smaller than this stay inside the .onnx file when data goes external.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
+NAME_MAX = 255  # bytes in one file name on common file systems
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
@@ -65,41 +67,10 @@ def model_digest(model: onnx.ModelProto) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_output_path(output: Path, inputs: list[Path]) -> None:
-    """Refuse to overwrite an input, or to write into a folder that is missing or read-only."""
-    resolved = output.resolve()
-    for path in inputs:
-        if path.exists() and resolved == path.resolve():
-            raise OutputError(f"output path {output} is the input model; choose another name")
-    folder = resolved.parent
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"output folder is a file, not a folder: {folder}")
-    if not folder.is_dir():
-        raise OutputError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"output folder is not writable: {folder}")
-    if output.exists() and output.is_dir():
-        raise OutputError(f"output path is a folder: {output}")
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file next to `path`, then rename: no half-written files."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    except OSError as exc:
-        raise OutputError(f"cannot write to {path.parent}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write through a temporary file beside `path`, renamed when complete (see onnxq.outputs)."""
+    with staged(Path(path)) as temporary:
+        temporary.write_bytes(data)
 
 
 def serialize(model: onnx.ModelProto) -> bytes:
@@ -108,22 +79,78 @@ def serialize(model: onnx.ModelProto) -> bytes:
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:
-    """Save atomically; models over 2 GiB get their tensors in `<name>.data` beside them."""
+    """Save atomically; models over 2 GiB get their tensors in `<name>.data` beside them. `model` is not changed."""
     path = Path(path)
     if not needs_external_data(model):
         atomic_write_bytes(path, serialize(model))
         return
-    _save_with_external_data(model, path)
-
-
-def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
     data_name = f"{path.name}.data"
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as staging:
-        staged = Path(staging) / path.name
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
-        if (Path(staging) / data_name).exists():  # absent when every tensor is tiny
-            os.replace(Path(staging) / data_name, path.parent / data_name)
-        os.replace(staged, path)
+    if len(os.fsencode(data_name)) > NAME_MAX:
+        raise OutputError(f"cannot write {path}: the model is over 2 GiB and its weights file name "
+                          f"{data_name} would be longer than {NAME_MAX} bytes; choose a shorter name")
+    with staged(path.parent / data_name) as data_file:
+        skeleton = externalize(model, data_file, data_name)
+    atomic_write_bytes(path, serialize(skeleton))
+
+
+def save_for_onnxruntime(model: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path:
+    """Write a copy of `model` into a scratch `folder` for onnxruntime to load; `model` is not changed.
+
+    `onnx.save_model(..., save_as_external_data=True)` would turn the caller's tensors into
+    references to a file in the scratch folder, which is deleted afterwards.
+    """
+    path = Path(folder) / name
+    if needs_external_data(model):
+        data_name = f"{name}.data"
+        path.write_bytes(serialize(externalize(model, Path(folder) / data_name, data_name)))
+    else:
+        path.write_bytes(serialize(model))
+    return path
+
+
+EXTERNAL_ALIGNMENT = 4096  # tensor offsets in the .data file: page-aligned, so onnxruntime can map them
+
+
+def externalize(model: onnx.ModelProto, data_path: Path, location: str) -> onnx.ModelProto:
+    """The model with its main-graph initializers of at least EXTERNAL_TENSOR_MIN_BYTES written to `data_path`.
+
+    Returns a new proto that refers to them by `location`; `model` is read, never changed, and
+    no copy of the large tensors is made (they are written one at a time).
+    """
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    with open(data_path, "wb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() < EXTERNAL_TENSOR_MIN_BYTES:
+                skeleton.graph.initializer.append(tensor)
+                continue
+            raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            data.write(b"\0" * (-data.tell() % EXTERNAL_ALIGNMENT))
+            offset = data.tell()
+            data.write(raw)
+            del raw
+            entry = skeleton.graph.initializer.add()
+            entry.name, entry.data_type, entry.data_location = tensor.name, tensor.data_type, onnx.TensorProto.EXTERNAL
+            entry.dims.extend(tensor.dims)
+            if tensor.doc_string:
+                entry.doc_string = tensor.doc_string
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(data.tell() - offset))):
+                entry.external_data.add(key=key, value=value)
+    return skeleton
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of a protobuf message except `skip` (which stays empty in `target`)."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        repeated = getattr(descriptor, "is_repeated", None)  # protobuf >= 6; older ones have `label`
+        if repeated if repeated is not None else descriptor.label == descriptor.LABEL_REPEATED:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+

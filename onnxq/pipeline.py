@@ -35,7 +35,9 @@ from .errors import DataError, ModelError, UsageError
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion, is_integer_kernel
 from .ir import Graph, import_graph
-from .model_io import check_output_path, load_model, model_digest, needs_external_data, save_model
+from .model_io import load_model, model_digest, needs_external_data, save_model
+from .outputs import transaction
+from .paths import DATA, MODEL, OUTPUT, PathArg, check_paths, quantize_paths
 from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import PreparedModel, prepare_model
@@ -253,9 +255,7 @@ class Calibrated:
 def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progress, *,
                writes_model: bool = True) -> Calibrated:
     timer = StageTimer()
-    if writes_model:
-        check_output_path(request.output, [request.model])
-    _check_extra_outputs(request)
+    check_paths(quantize_paths(request, writes_model))
     settings, weight_range_reason = resolve_settings(request)
     if request.smooth_alpha is not None:
         validate_alpha(request.smooth_alpha)
@@ -294,12 +294,6 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
     return Calibrated(request, settings, weight_range_reason, original, prepared.model, prepared.reference, digest,
                       graph, options, placement, stats, calib, held, prepared.notes + recipe_notes + notes, timer,
                       choices, smoothing, recovery)
-
-
-def _check_extra_outputs(request: QuantizeRequest) -> None:
-    for extra in (request.save_stats, request.save_plan, request.save_recipe):
-        if extra is not None:
-            check_output_path(extra, [request.model, request.output])
 
 
 def _recipe_choices(request: QuantizeRequest, graph: Graph, *, with_exclude: bool = False
@@ -363,8 +357,15 @@ def _smooth(request: QuantizeRequest, prepared: PreparedModel, calib: SampleSour
 
 
 def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
-    if request.mode != "static":
-        return quantize_without_calibration(request, progress)
+    """Quantize `request.model`; its outputs (model, statistics, plan, recipe) are all written at the end, or none."""
+    check_paths(quantize_paths(request))
+    with transaction():
+        if request.mode != "static":
+            return quantize_without_calibration(request, progress)
+        return quantize_static(request, progress)
+
+
+def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
     if (request.target is not None and request.target_data is None and request.data.eval_data is None
             and request.data.calib is None):
         raise UsageError("an accuracy target needs samples to measure it on: give --eval-data or --calib")
@@ -532,8 +533,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     if request.equalize or _recovery_options(request).needs_data:
         raise UsageError("--equalize, --bias-correction and --adaround apply to --mode static only")
     timer = StageTimer()
-    check_output_path(request.output, [request.model])
-    _check_extra_outputs(request)
+    check_paths(quantize_paths(request))
     settings, weight_range_reason = resolve_settings(request)
     if request.mode == "weight-only":  # float compute: no int8 products, nothing can saturate
         settings = QuantSettings(**{**settings.__dict__, "weight_range": "full"})
@@ -667,7 +667,8 @@ def check_written_model(model: onnx.ModelProto) -> FusionReport:
 def calibrate_only(model_path: Path, output: Path, data: DataOptions,
                    progress: ProgressFactory = _no_progress) -> Statistics:
     """Collect and save statistics for every tensor quantize may need (for --load-stats later)."""
-    check_output_path(output, [model_path])
+    check_paths([PathArg("MODEL", model_path, MODEL), PathArg("--calib", data.calib, DATA),
+                 PathArg("-o", output, OUTPUT)])
     original = load_model(model_path)
     prepared = prepare_model(original)
     graph = import_graph(prepared.model)

@@ -23,7 +23,7 @@ from onnx import version_converter
 
 from .errors import ModelError, first_line
 from .ir import all_proto_nodes
-from .model_io import needs_external_data
+from .model_io import needs_external_data, save_for_onnxruntime
 from .simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
 
 MIN_OPSET = 13
@@ -101,10 +101,9 @@ def _has_foldable_nodes(model: onnx.ModelProto) -> bool:
 
 def _optimize_once(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory(prefix="onnxq-prepare-") as tmp:
-        source = Path(tmp) / "source.onnx"
         target = Path(tmp) / "optimized.onnx"
         large = needs_external_data(model)
-        onnx.save_model(model, str(source), save_as_external_data=large, location="source.data")
+        source = save_for_onnxruntime(model, Path(tmp), "source.onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(target)

@@ -19,10 +19,11 @@ import onnx_graphsurgeon as gs
 
 from . import __version__, qmath
 from .calibrate import ProgressFactory, _no_progress
-from .errors import UsageError
 from .evaluate import compare_models
 from .ir import NameAllocator, export_model, import_graph
-from .model_io import check_output_path, save_model
+from .model_io import save_model
+from .outputs import transaction
+from .paths import OUTPUT, PathArg, check_paths, quantize_paths
 from .pipeline import QuantizeRequest, calibrated, check_written_model
 from .plan import QuantPlan, TensorPlan, build_plan
 from .report import json_safe
@@ -43,9 +44,12 @@ def params_path_for(output: Path) -> Path:
 def qat_prep(request: QuantizeRequest, params_path: Path | None = None,
              progress: ProgressFactory = _no_progress) -> PrepResult:
     params_path = params_path or params_path_for(request.output)
-    check_output_path(params_path, [request.model, request.output])
-    if params_path.resolve() == request.output.resolve():
-        raise UsageError(f"--params must be another file than the output model ({params_path})")
+    check_paths([*quantize_paths(request), PathArg("--params", params_path, OUTPUT)])
+    with transaction():  # the model and its parameters file are written together, or neither
+        return _qat_prep(request, params_path, progress)
+
+
+def _qat_prep(request: QuantizeRequest, params_path: Path, progress: ProgressFactory) -> PrepResult:
     c = calibrated(replace(request, speed_guard=False), progress)
     full = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
     plan = QuantPlan(settings=full.settings, nodes=full.nodes, model_digest=c.digest,
