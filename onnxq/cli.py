@@ -15,6 +15,7 @@ import click
 
 from . import __version__
 from .calibrate import Progress
+from .checks import check_effective
 from .convert import ACTIVATION_TYPES, ConvertRequest, convert, convert_paths, format_convert_summary
 from .data import ImagePreprocessing, model_input_specs, open_source
 from .doctor import format_diagnosis, this_machine
@@ -115,6 +116,8 @@ def _parse_floats(value: str, option: str) -> tuple[float, ...]:
         numbers = tuple(float(v) for v in value.split(","))
     except ValueError:
         raise UsageError(f"{option} takes comma-separated numbers, got {value!r}") from None
+    if not all(math.isfinite(n) for n in numbers):
+        raise UsageError(f"{option} takes finite numbers, got {value!r}")
     if len(numbers) == 1:
         numbers = numbers * 3
     if len(numbers) != 3:
@@ -311,6 +314,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                                       weight_zero_points=weight_zero_points, smooth_alpha=smooth_alpha,
                                       smooth_mul=smooth_mul, equalize=equalize, bias_correction=bias_correction,
                                       adaround=adaround, adaround_seconds=adaround_seconds))
+    check_effective(_given_options(), {**o, "target_sqnr": target_sqnr, "target_cosine": target_cosine,
+                                       "target_metric": target_metric})
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=o["weight_range"], exclude=tuple(exclude),
         speed_guard=o["speed_guard"], speed_profile=speed_profile, target_cpu=target_cpu,
@@ -356,6 +361,13 @@ RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
     "smooth_mul": ("smooth_mul", bool), "equalize": ("equalize", bool), "bias_correction": ("bias_correction", bool),
     "adaround": ("adaround", bool), "adaround_seconds": ("adaround_seconds", float),
 }
+
+
+def _given_options() -> set[str]:
+    """Parameters typed on the command line (not defaults, not recipe settings)."""
+    context = click.get_current_context()
+    return {name for name in context.params
+            if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
 def _target(sqnr: float | None, cosine: float | None, metric: float | None) -> Target | None:
@@ -547,13 +559,15 @@ the message names the node), 4 bad data, 5 cannot write output, 1 internal error
 @data_options
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Samples to compare the output with the input "
               "(fake-quant) model on (default: --calib, if given).")
+@click.option("--calibrate-missing", is_flag=True, help="Calibrate the tensors the input model leaves float (needs "
+              "--calib) and run their nodes in int8 too (default: those nodes stay float, as in the input).")
 @method_options  # for tensors without learned parameters
 @report_options
 @verbosity_options
 @handle_errors
 def convert_command(model, output, output_format, activations, calib, allow_random, batch_size, max_samples,
-                    memory_budget, image_size, layout, pixel_scale, mean, std, channel_order, eval_data, method,
-                    percentile, report_path, as_json, quiet, verbose) -> None:
+                    memory_budget, image_size, layout, pixel_scale, mean, std, channel_order, eval_data,
+                    calibrate_missing, method, percentile, report_path, as_json, quiet, verbose) -> None:
     """Convert a model with QuantizeLinear/DequantizeLinear pairs (a QAT export) to onnxq's int8 form,
     keeping its learned scales and zero points."""
     if allow_random:
@@ -561,7 +575,7 @@ def convert_command(model, output, output_format, activations, calib, allow_rand
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
     request = ConvertRequest(model=model, output=output, output_format=output_format, activations=activations,
-                             data=data, method=method, percentile=percentile)
+                             data=data, method=method, percentile=percentile, calibrate_missing=calibrate_missing)
     check_paths([*convert_paths(request), PathArg("--report", report_path, OUTPUT)])
     result = convert(request, progress=progress_factory(quiet))
     _write_report(result.report, report_path)

@@ -7,23 +7,27 @@ makes goes inside one scratch folder, removed on the way out however the run end
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 
 from . import interrupts
-from .errors import one_line
-from .interrupts import Interrupted
-from .outputs import interrupt_message
+
+interrupts.install()  # first of all: this module is only imported to run the command line
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager, suppress  # noqa: E402
+
+from .errors import one_line  # noqa: E402
+from .interrupts import Interrupted  # noqa: E402
+from .outputs import interrupt_message  # noqa: E402
 
 
 def run() -> None:
     """Run the command line and exit with its code."""
     try:
-        interrupts.install()
+        interrupts.install(armed=True)  # from here on a signal unwinds: temporary files go, outputs are checked
         with scratch_folder():
             from .cli import run_click
 
@@ -42,10 +46,11 @@ def run() -> None:
 @contextmanager
 def scratch_folder() -> Iterator[str]:
     """A temporary folder that holds every temporary file of this run (tempfile's default), then goes."""
-    folder = tempfile.mkdtemp(prefix="onnxq-run-")
-    previous, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir = os.environ["TMPDIR"] = folder  # the environment for native code (onnxruntime's files)
+    folder, previous, previous_env = "", tempfile.tempdir, os.environ.get("TMPDIR")
     try:
+        with interrupts.held():  # a signal now is raised inside the try, with the folder known
+            folder = tempfile.mkdtemp(prefix="onnxq-run-")
+            tempfile.tempdir = os.environ["TMPDIR"] = folder  # the environment for native code too
         yield folder
     finally:
         tempfile.tempdir = previous
@@ -53,8 +58,9 @@ def scratch_folder() -> Iterator[str]:
             os.environ.pop("TMPDIR", None)
         else:
             os.environ["TMPDIR"] = previous_env
-        with interrupts.held():
-            shutil.rmtree(folder, ignore_errors=True)
+        if folder:
+            with interrupts.held():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _say(line: str) -> None:

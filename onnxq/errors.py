@@ -62,3 +62,22 @@ def first_line(exc: BaseException) -> str:
 def one_line(message: str) -> str:
     """A message as one printable line: line breaks and other control characters (in paths, too) escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+def read_problem(exc: BaseException) -> str:
+    """Why a data file could not be read, in words (not a bare exception name)."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "BadZipFile" or "zip file" in text.lower():
+        return "not a valid .npz (zip) file: truncated or another format"
+    if isinstance(exc, ValueError) and "pickle" in text.lower():
+        return "it holds Python objects (pickled), which onnxq does not load; save plain numeric arrays"
+    if isinstance(exc, KeyError):
+        return f"it lacks the entry {text}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not text in UTF-8"
+    if isinstance(exc, EOFError):
+        return "the file ends early (truncated)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return first_line(exc) if text else f"unreadable ({name})"

@@ -1,6 +1,8 @@
 """Ctrl-C and SIGTERM as one exception that unwinds cleanly (standard library only: installed before imports).
 
-The handler raises `Interrupted` once and ignores every later SIGINT/SIGTERM, so the
+Until the command line is ready to catch it (`install(armed=True)`), a signal ends the process at
+once with one line: while modules import there is nothing to clean up. Then the handler raises
+`Interrupted` once and ignores every later SIGINT/SIGTERM, so the
 unwinding it starts (temporary folders and files removed by their context managers) is
 not cut short by a second signal. While `held()` is active (renaming outputs into place)
 a signal is only recorded and raised when the block ends.
@@ -8,6 +10,8 @@ a signal is only recorded and raised when the block ends.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +35,7 @@ class Interrupted(BaseException):
         return "interrupted" if self.signum == signal.SIGINT else "terminated"
 
 
-_state = {"held": 0, "pending": 0, "installed": False}
+_state = {"held": 0, "pending": 0, "armed": False}
 
 
 def _handler(signum: int, frame: object) -> None:
@@ -39,17 +43,21 @@ def _handler(signum: int, frame: object) -> None:
         _state["pending"] = _state["pending"] or signum
         return
     ignore()
+    if not _state["armed"]:  # still importing: nothing to clean up, no code ready to catch an exception
+        verb = "interrupted" if signum == signal.SIGINT else "terminated"
+        with contextlib.suppress(OSError):
+            os.write(2, f"onnxq: {verb}; no output written\n".encode())
+        os._exit(128 + signum)
     raise Interrupted(signum)
 
 
-def install() -> None:
-    """Route SIGINT and SIGTERM to `Interrupted` (main thread only; a no-op elsewhere)."""
-    try:
+def install(armed: bool = False) -> None:
+    """Handle SIGINT and SIGTERM (main thread only; a no-op elsewhere): exit at once until `armed`, then raise
+    `Interrupted` so the code running unwinds."""
+    _state["armed"] = _state["armed"] or armed
+    with contextlib.suppress(ValueError):  # not the main thread
         for signum in SIGNALS:
             signal.signal(signum, _handler)
-    except ValueError:  # not the main thread
-        return
-    _state["installed"] = True
 
 
 def ignore() -> None:

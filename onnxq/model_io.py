@@ -38,7 +38,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise ModelError(f"cannot read {path} as an ONNX model (truncated or not ONNX?): {reason}") from None
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path} does not contain an ONNX graph (empty or not an ONNX file)")

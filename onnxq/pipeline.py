@@ -19,6 +19,7 @@ import onnx
 
 from . import __version__
 from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics
+from .checks import check_finite_weights, check_not_qdq, check_targets, unmatched_excludes
 from .cpu import default_weight_range, read_cpu_features
 from .data import (
     ImagePreprocessing,
@@ -31,7 +32,7 @@ from .data import (
 )
 from .doctor import read_target_cpu
 from .dynamic import WeightOnlyOptions, rewrite_dynamic, rewrite_weight_only
-from .errors import DataError, ModelError, UsageError
+from .errors import DataError, ModelError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion, is_integer_kernel
 from .ir import Graph, import_graph
@@ -164,6 +165,7 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
     calib: SampleSource | None = None
     if options.calib is not None:
         calib = open_source(options.calib, specs, options.images)
+        notes += filter(None, [calib.note("--calib")])
     elif options.allow_random:
         calib = random_source(specs, RANDOM_SAMPLES)
         notes.append("calibrated on RANDOM data (--allow-random): ranges and fidelity say little about real inputs")
@@ -172,6 +174,7 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
     held: SampleSource | None = None
     if options.eval_data is not None:
         held = open_source(options.eval_data, specs, options.images)
+        notes += filter(None, [held.note("--eval-data")])
     elif calib is not None and request.load_stats is None:
         calib, held = split_holdout(calib)
         if held is None:
@@ -264,6 +267,7 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
                              "give --calib instead of --load-stats")
     with timer.stage("load"):
         original = load_model(request.model)
+        check_model_to_quantize(original, request.model)
     with timer.stage("prepare"):
         prepared = prepare_model(original)
     recovery: dict = {}
@@ -306,7 +310,7 @@ def _recipe_choices(request: QuantizeRequest, graph: Graph, *, with_exclude: boo
     rules = request.recipe.rules + (_exclude_rules(request, graph) if with_exclude else [])
     choices = Recipe(rules=rules).choices(nodes)
     notes = [f"recipe rule {n} ({request.recipe.rules[n - 1].match.to_dict()}) selects no node"
-             for n in request.recipe.unmatched_rules(nodes)]
+             for n in request.recipe.unmatched_rules(nodes)] + unmatched_excludes(request.exclude, nodes)
     if request.output_format == "qoperator" and any(c.precision == "int16" for c in choices.values()):
         raise UsageError("16-bit activations (recipe precision: int16) have no integer operators: use --format qdq")
     if request.mode == "static" and any(c.weights == "int4" for c in choices.values()):
@@ -359,6 +363,8 @@ def _smooth(request: QuantizeRequest, prepared: PreparedModel, calib: SampleSour
 def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
     """Quantize `request.model`; its outputs (model, statistics, plan, recipe) are all written at the end, or none."""
     check_paths(quantize_paths(request))
+    target = request.target or Target()
+    check_targets(request.min_cosine, request.min_sqnr, target.min_cosine, target.min_sqnr_db, target.min_metric)
     with transaction():
         if request.mode != "static":
             return quantize_without_calibration(request, progress)
@@ -532,6 +538,9 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         validate_alpha(request.smooth_alpha)
     if request.equalize or _recovery_options(request).needs_data:
         raise UsageError("--equalize, --bias-correction and --adaround apply to --mode static only")
+    if request.target is not None:
+        raise UsageError("an accuracy target (--target-sqnr/--target-cosine/--target-metric) applies to --mode static "
+                         "only")
     timer = StageTimer()
     check_paths(quantize_paths(request))
     settings, weight_range_reason = resolve_settings(request)
@@ -541,10 +550,12 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     request.weight_only.validate()
     with timer.stage("load"):
         original = load_model(request.model)
+        check_model_to_quantize(original, request.model)
     with timer.stage("prepare"):
         prepared = prepare_model(original)
     held_path = request.data.eval_data or request.data.calib
     held = open_source(held_path, model_input_specs(original), request.data.images) if held_path else None
+    held_notes = [held.note("--eval-data" if request.data.eval_data else "--calib")] if held is not None else []
     smoothing = None
     if request.smooth_alpha is not None:  # fewer activation outliers help run-time quantization too
         calib = open_source(request.data.calib, model_input_specs(original),
@@ -583,13 +594,20 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         fusion_view["avoidable"] = len(fusion.unfused_pairs)
     report = build_report(
         request=request, version=__version__, original=original, quantized_bytes=quantized.ByteSize(), plan=plan,
-        stats=Statistics(), calib=None, held=held, fidelity=fidelity, notes=list(prepared.notes) + recipe_notes,
+        stats=Statistics(), calib=None, held=held, fidelity=fidelity,
+        notes=list(prepared.notes) + recipe_notes + [n for n in held_notes if n],
         weight_range_reason=weight_range_reason, timings=timer.seconds, speed_guard={"enabled": False},
         fusion=fusion_view,
     )
     if smoothing is not None:
         report["smoothing"] = json_safe(smoothing)
     return QuantizeResult(report, plan, fidelity)
+
+
+def check_model_to_quantize(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse models quantizing would break: NaN/Inf weights, Q/DQ already in place (onnxq.checks)."""
+    check_not_qdq(model, path)
+    check_finite_weights(model)
 
 
 def _require_something_to_quantize(placement: Placement) -> None:
@@ -656,7 +674,7 @@ def check_written_model(model: onnx.ModelProto) -> FusionReport:
         if not needs_external_data(model):  # a larger one is checked by onnxruntime loading it
             onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise ModelError(f"internal error: the quantized model fails onnx.checker: {reason}") from None
     try:
         return check_fusion(model)

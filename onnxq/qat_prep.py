@@ -26,7 +26,7 @@ from .outputs import transaction
 from .paths import OUTPUT, PathArg, check_paths, quantize_paths
 from .pipeline import QuantizeRequest, calibrated, check_written_model
 from .plan import QuantPlan, TensorPlan, build_plan
-from .report import json_safe
+from .report import json_safe, number
 from .rewrite_qdq import write_qdq
 
 
@@ -111,6 +111,6 @@ def format_prep_summary(report: dict) -> str:
     if fidelity is not None:
         for out in fidelity["outputs"]:
             lines.append(f"  vs fp32 on {fidelity['samples']} held-back samples, {out['name']}: "
-                         f"cosine {out['cosine']:.5f}, SQNR {out['sqnr_db']:.1f} dB")
+                         f"cosine {number(out['cosine'], 5)}, SQNR {number(out['sqnr_db'], 1)} dB")
     lines.append(f"  after training: onnxq convert {report['output']} -o MODEL.int8.onnx")
     return "\n".join(lines)

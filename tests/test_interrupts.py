@@ -62,10 +62,12 @@ def test_ctrl_c_at_start_up(job: dict[str, Path], delay: float) -> None:
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
+    if process.returncode == -signal.SIGINT or "init_import_site" in stderr:
+        # Python itself was still starting (before any onnxq code): its default handling, nothing written
+        assert os.listdir(job["out"]) == [] and os.listdir(job["tmp"]) == []
+        return
     assert "Traceback" not in stderr
-    if process.returncode == -signal.SIGINT:  # before Python set up any handler: killed, nothing printed or written
-        assert stderr == "" and os.listdir(job["out"]) == []
-    elif process.returncode == 0:  # the run finished before the signal: both outputs complete
+    if process.returncode == 0:  # the run finished before the signal: both outputs complete
         assert sorted(os.listdir(job["out"])) == ["q.onnx", "r.json"]
     else:
         assert process.returncode == 130 and stderr.count("\n") == 1 and stderr.startswith("onnxq: interrupted")
