@@ -111,25 +111,29 @@ def save_for_onnxruntime(model: onnx.ModelProto, folder: Path, name: str = "mode
 EXTERNAL_ALIGNMENT = 4096  # tensor offsets in the .data file: page-aligned, so onnxruntime can map them
 
 
-def externalize(model: onnx.ModelProto, data_path: Path, location: str) -> onnx.ModelProto:
+def externalize(model: onnx.ModelProto, data_path: Path | None, location: str) -> onnx.ModelProto:
     """The model with its main-graph initializers of at least EXTERNAL_TENSOR_MIN_BYTES written to `data_path`.
 
     Returns a new proto that refers to them by `location`; `model` is read, never changed, and
-    no copy of the large tensors is made (they are written one at a time).
+    no copy of the large tensors is made (they are written one at a time). With `data_path` None
+    nothing is written: a skeleton for passes that need shapes and types only.
     """
     skeleton = onnx.ModelProto()
     _copy_fields(model, skeleton, skip="graph")
     _copy_fields(model.graph, skeleton.graph, skip="initializer")
-    with open(data_path, "wb") as data:
+    with open(data_path if data_path is not None else os.devnull, "wb") as data:
         for tensor in model.graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() < EXTERNAL_TENSOR_MIN_BYTES:
                 skeleton.graph.initializer.append(tensor)
                 continue
-            raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
             data.write(b"\0" * (-data.tell() % EXTERNAL_ALIGNMENT))
             offset = data.tell()
-            data.write(raw)
-            del raw
+            if data_path is not None:
+                raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+                data.write(raw)
+                del raw
+            else:
+                data.seek(offset + _tensor_bytes(tensor))
             entry = skeleton.graph.initializer.add()
             entry.name, entry.data_type, entry.data_location = tensor.name, tensor.data_type, onnx.TensorProto.EXTERNAL
             entry.dims.extend(tensor.dims)
@@ -138,6 +142,14 @@ def externalize(model: onnx.ModelProto, data_path: Path, location: str) -> onnx.
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(data.tell() - offset))):
                 entry.external_data.add(key=key, value=value)
     return skeleton
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * itemsize
 
 
 def _copy_fields(source, target, skip: str) -> None:

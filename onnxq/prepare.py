@@ -23,7 +23,7 @@ from onnx import version_converter
 
 from .errors import ModelError, first_line
 from .ir import all_proto_nodes
-from .model_io import needs_external_data, save_for_onnxruntime
+from .model_io import externalize, needs_external_data, save_for_onnxruntime
 from .simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
 
 MIN_OPSET = 13
@@ -134,8 +134,19 @@ def _keep_used_opsets(model: onnx.ModelProto) -> None:
 
 
 def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with inferred shapes and types (value_info).
+
+    Over 2 GiB (one protobuf message cannot hold it) inference runs on the model without its large
+    weights and the value_info of `model` itself is replaced: copying the weights would double memory.
+    """
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        if not needs_external_data(model):
+            return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(externalize(model, None, "weights"), check_type=False,
+                                                     strict_mode=False, data_prop=True)
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(inferred.graph.value_info)
+        return model
     except Exception:
         return model  # inference is a help, not a requirement: unknown tensors simply stay float
 

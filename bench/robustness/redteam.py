@@ -289,7 +289,6 @@ def clash_cases() -> list[Case]:
             args = ["quantize", "m.onnx", "--no-speed-guard", "--calib", calib, *extra.get(in_option, [])]
             args += ["-o", path] if out_option == "-o" else ["-o", "out.onnx", out_option, path]
             cases.append(Case(f"clash {out_option} = {in_option}", args, (2,), kind="path clash",
-                              fast=out_option == "-o" and in_option in ("MODEL", "--calib"),
                               words=(out_option.split()[0], in_option.split()[0])))
     names = [o for o, _ in outputs]
     for i, first in enumerate(names):
@@ -301,16 +300,16 @@ def clash_cases() -> list[Case]:
             cases.append(Case(f"clash {first} = {second}", args, (2,), kind="path clash", words=(first, second)))
     cases += [
         Case("clash symlink to model", [*QC[:2], "-o", "link.onnx", *QC[4:]], (2,), setup=_link("m.onnx", "link.onnx"),
-             kind="path clash", fast=True),
+             kind="path clash"),
         Case("clash hard link to model", [*QC[:2], "-o", "hard.onnx", *QC[4:]], (2,),
-             setup=_link("m.onnx", "hard.onnx", hard=True), kind="path clash", fast=True),
+             setup=_link("m.onnx", "hard.onnx", hard=True), kind="path clash"),
         Case("clash -o in calib folder", [*QC[:2], "-o", "calib/new.onnx", *QC[4:]], (2,), kind="path clash"),
         Case("clash -o = input external data", ["quantize", "ext/a.onnx", "-o", "ext/b.onnx.data", "--calib",
-                                                 "calib", "--no-speed-guard"], (2,), kind="path clash", fast=True),
+                                                 "calib", "--no-speed-guard"], (2,), kind="path clash"),
         Case("clash -o data file over input's", ["quantize", "ext/a.onnx", "-o", "ext/b.onnx", "--calib", "calib",
                                                   "--no-speed-guard"], (2,), kind="path clash"),
         Case("calibrate -o = --calib", ["calibrate", "m.onnx", "-o", "calib.npz", "--calib", "calib.npz"], (2,),
-             kind="path clash", fast=True),
+             kind="path clash"),
         Case("qat-prep --params = -o", ["qat-prep", "m.onnx", "-o", "f.onnx", "--params", "f.onnx", "--calib",
                                         "calib"], (2,), kind="path clash"),
         Case("qat-prep --params = model", ["qat-prep", "m.onnx", "-o", "f.onnx", "--params", "m.onnx", "--calib",
@@ -328,12 +327,12 @@ def clash_cases() -> list[Case]:
 
 def model_cases() -> list[Case]:
     return [
-        Case("model missing", ["quantize", "nope.onnx", "-o", "out.onnx", "--calib", "calib"], (3,), fast=True),
+        Case("model missing", ["quantize", "nope.onnx", "-o", "out.onnx", "--calib", "calib"], (3,)),
         Case("model is a folder", ["quantize", "calib", "-o", "out.onnx", "--calib", "calib.npz"], (3,)),
         Case("model empty", ["quantize", "e.onnx", "-o", "out.onnx", "--calib", "calib"], (3,),
              setup=_write("e.onnx", b"")),
         Case("model garbage", ["quantize", "g.onnx", "-o", "out.onnx", "--calib", "calib"], (3,),
-             setup=_write("g.onnx", os.urandom(0) + bytes(range(256)) * 4), fast=True),
+             setup=_write("g.onnx", os.urandom(0) + bytes(range(256)) * 4)),
         Case("model is text", ["quantize", "user.txt", "-o", "out.onnx", "--calib", "calib"], (3,)),
         Case("model truncated", ["quantize", "t.onnx", "-o", "out.onnx", "--calib", "calib"], (3,),
              setup=lambda f: (f / "t.onnx").write_bytes((f / "m.onnx").read_bytes()[:700])),
@@ -352,16 +351,15 @@ def model_cases() -> list[Case]:
         Case("NaN weights static", [*QC[:2], "-o", "out.onnx", "--calib", "calib", "--no-speed-guard"], (3,),
              setup=_copy("nan.onnx", "m.onnx")),
         Case("NaN weights dynamic", ["quantize", "mmnan.onnx", "-o", "out.onnx", "--mode", "dynamic"], (3,),
-             fast=True, words=("NaN",)),
+             words=("NaN",)),
         Case("Inf weights dynamic", ["quantize", "mminf.onnx", "-o", "out.onnx", "--mode", "dynamic"], (3,)),
-        Case("NaN weights weight-only", ["quantize", "nan.onnx", "-o", "out.onnx", "--mode", "weight-only"], (3,),
-             fast=True),
+        Case("NaN weights weight-only", ["quantize", "nan.onnx", "-o", "out.onnx", "--mode", "weight-only"], (3,)),
         Case("Inf weights weight-only int4", ["quantize", "mminf.onnx", "-o", "out.onnx", "--mode", "weight-only",
                                               "--weight-bits", "4"], (3,)),
         Case("Inf weights static", ["quantize", "inf.onnx", "-o", "out.onnx", "--calib", "calib",
                                     "--no-speed-guard"], (3,)),
         Case("already QDQ model", ["quantize", "qdq.onnx", "-o", "out.onnx", "--calib", "calib",
-                                   "--no-speed-guard"], (3,), words=("convert",), fast=True),
+                                   "--no-speed-guard"], (3,), words=("convert",)),
         Case("already QDQ dynamic", ["quantize", "qdq.onnx", "-o", "out.onnx", "--mode", "dynamic"], (3,),
              words=("convert",)),
         Case("convert a float model", ["convert", "m.onnx", "-o", "out.onnx"], (3,)),
@@ -373,25 +371,25 @@ def model_cases() -> list[Case]:
 def data_cases() -> list[Case]:
     img = lambda shape=(1, 3, 16, 16), dtype=np.float32: np.zeros(shape, dtype)  # noqa: E731
     return [
-        Case("calib missing", [*Q, "--calib", "nope"], (4,), fast=True),
+        Case("calib missing", [*Q, "--calib", "nope"], (4,)),
         Case("calib empty folder", [*Q, "--calib", "empty"], (4,), setup=lambda f: (f / "empty").mkdir()),
         Case("calib text file", [*Q, "--calib", "user.txt"], (4,)),
         Case("calib float64", [*Q, "--calib", "d"], (4,), setup=_npz("d/0.npz", x=img(dtype=np.float64))),
         Case("calib wrong shape", [*Q, "--calib", "d"], (4,), setup=_npz("d/0.npz", x=img((1, 3, 8, 8)))),
         Case("calib wrong rank", [*Q, "--calib", "d"], (4,),
              setup=_npz("d/0.npz", x=np.zeros((3, 16, 16), np.float32))),
-        Case("calib NaN", [*Q, "--calib", "d"], (4,), setup=_npz("d/0.npz", x=img() * np.nan), fast=True),
+        Case("calib NaN", [*Q, "--calib", "d"], (4,), setup=_npz("d/0.npz", x=img() * np.nan)),
         Case("calib Inf", [*Q, "--calib", "d.npz"], (4,), setup=_npz("d.npz", x=img() + np.inf)),
         Case("calib wrong name", [*Q, "--calib", "d"], (4,), setup=_npz("d/0.npz", y=img())),
         Case("calib extra name", [*Q, "--calib", "d"], (4,), setup=_npz("d/0.npz", x=img(), z=img())),
         Case("calib scalar npz", [*Q, "--calib", "s.npz"], (4,), setup=_npz("s.npz", x=np.float32(1)),
              words=("single number",)),
-        Case("calib pickled npy", [*Q, "--calib", "pk"], (4,), setup=_pickled, words=("pickle",), fast=True),
+        Case("calib pickled npy", [*Q, "--calib", "pk"], (4,), setup=_pickled, words=("pickle",)),
         Case("calib corrupt npz", [*Q, "--calib", "d"], (4,), setup=_write("d/0.npz", b"PK\x03\x04 broken"),
              words=("zip",)),
         Case("calib corrupt npy", [*Q, "--calib", "c.npy"], (4,), setup=_write("c.npy", b"\x93NUMPY broken")),
         Case("calib corrupt png", [*Q, "--calib", "d"], (4,), setup=_write("d/0.png", b"\x89PNG\r\n\x1a\n cut")),
-        Case("calib mixed npz and png", [*Q, "--calib", "mix"], (4,), fast=True,
+        Case("calib mixed npz and png", [*Q, "--calib", "mix"], (4,),
              setup=_all(_npz("mix/0.npz", x=img()), _copy("imgs/0.png", "mix/1.png")), words=(".npz", ".png")),
         Case("calib mixed npz and npy", [*Q, "--calib", "mix"], (4,),
              setup=_all(_npz("mix/0.npz", x=img()), lambda f: np.save(f / "mix" / "1.npy", img()))),
@@ -418,8 +416,8 @@ def data_cases() -> list[Case]:
 
 
 def stats_cases() -> list[Case]:
-    cases = [Case(f"stats hand-edited {name}", [*Q, "--load-stats", f"stats-{name}.npz"], (4,),
-                  fast=name in ("minmax", "width")) for name in STATS_EDITS]
+    cases = [Case(f"stats hand-edited {name}", [*Q, "--load-stats", f"stats-{name}.npz"], (4,))
+             for name in STATS_EDITS]
     cases += [
         Case("stats corrupt", [*Q, "--load-stats", "user.txt"], (4,)),
         Case("stats of another model", [*Q, "--load-stats", "other-stats.npz"], (4,)),
@@ -473,9 +471,7 @@ def option_cases() -> list[Case]:
         ("convert --allow-random", ["convert", "qdq.onnx", "-o", "c.onnx", "--allow-random"]),
     ]
     setup = _all(_write("bad.yaml", "rules: [unclosed\n"), _write("broken.py", "def score(:\n"))
-    cases = [Case(name, args, (2,), setup=setup, fast=name in ("--target-cosine nan", "--target-cosine 2",
-                                                                "--weight-bits 4 static", "--block-size static"))
-             for name, args in usage]
+    cases = [Case(name, args, (2,), setup=setup) for name, args in usage]
     cases += [
         Case("--exclude matches nothing", [*QC, "--exclude", "nothing_by_this_name", "--json", "-q"], (0,),
              outputs=("out.onnx",), words=("nothing_by_this_name",)),
@@ -493,7 +489,7 @@ def option_cases() -> list[Case]:
         Case("output name 250 bytes", [*QC[:2], "-o", "n" * 245 + ".onnx", *QC[4:], "-q"], (0,),
              outputs=("n" * 245 + ".onnx",)),
         Case("qat-prep --params folder missing", ["qat-prep", "m.onnx", "-o", "f.onnx", "--calib", "calib",
-                                                  "--params", "no/p.json"], (5,), fast=True),
+                                                  "--params", "no/p.json"], (5,)),
         Case("convert respects the input's float tensors", ["convert", "qdq.onnx", "-o", "c.onnx", "-q"], (0,),
              outputs=("c.onnx",)),
         Case("doctor cpuinfo garbage", ["doctor", "--cpuinfo", "calib.npz"], (0, 4)),
@@ -520,8 +516,7 @@ def signal_cases() -> list[Case]:
     for signum in (signal.SIGINT, signal.SIGTERM):
         for trigger in triggers:
             cases.append(Case(f"{signum.name} at {trigger}", big, (128 + signum, 0), outputs=("out.onnx", "r.json"),
-                              signal=(signum, trigger), kind="signal",
-                              fast=trigger in ("onnxq-run-*+0.1", "onnxq-run-*/onnxq-calib-*")))
+                              signal=(signum, trigger), kind="signal"))
     for args in (["calibrate", "m.onnx", "--calib", "big", "-o", "s.npz"],
                  ["quantize", "mm.onnx", "-o", "out.onnx", "--mode", "dynamic", "--eval-data", "mmcalib"],
                  ["qat-prep", "m.onnx", "-o", "f.onnx", "--calib", "big"],
@@ -559,13 +554,23 @@ def determinism_cases() -> list[Case]:
         ("convert qoperator", ["convert", "qdq.onnx", "-o", "c.onnx", "--format", "qoperator"], ("c.onnx",)),
         ("sensitivity", ["sensitivity", "m.onnx", "--calib", "calib", "-o", "s.json"], ("s.json",)),
     ]
-    return [Case(f"deterministic {name}", [*args, "-q"], (0,), outputs=outputs, repeat=True, kind="determinism",
-                 fast=name in ("static", "weight-only 4", "convert")) for name, args, outputs in runs]
+    return [Case(f"deterministic {name}", [*args, "-q"], (0,), outputs=outputs, repeat=True, kind="determinism")
+            for name, args, outputs in runs]
+
+
+FAST = {"clash -o = MODEL", "clash hard link to model", "clash -o = input external data", "NaN weights dynamic",
+        "already QDQ model", "calib pickled npy", "calib mixed npz and png", "stats hand-edited width",
+        "--target-cosine 2", "--weight-bits 4 static", "qat-prep --params folder missing",
+        "SIGINT at onnxq-run-*+0.1", "SIGTERM at onnxq-run-*/onnxq-calib-*", "deterministic static",
+        "deterministic convert"}  # `make test`: every kind of case, about half a minute on two cores
 
 
 def all_cases() -> list[Case]:
-    return [*clash_cases(), *model_cases(), *data_cases(), *stats_cases(), *option_cases(), *signal_cases(),
-            *determinism_cases()]
+    cases = [*clash_cases(), *model_cases(), *data_cases(), *stats_cases(), *option_cases(), *signal_cases(),
+             *determinism_cases()]
+    for case in cases:
+        case.fast = case.name in FAST
+    return cases
 
 
 # ------------------------------------------------------------------ running and judging
