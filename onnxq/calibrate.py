@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .data import SampleSource, batches
 from .errors import DataError, ModelError, first_line
-from .model_io import save_for_onnxruntime
+from .model_io import add_outputs, save_for_onnxruntime
 from .statistics import Statistics
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -44,28 +44,27 @@ def _no_progress(total: int, label: str) -> Progress:
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of the model that also returns the named float tensors."""
+    """A copy of the model that also returns the named float tensors (session_for(outputs=...) avoids the copy)."""
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    graph_inputs = {i.name for i in augmented.graph.input}
-    for name in names:
-        if name not in existing and name not in graph_inputs:
-            augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    add_outputs(augmented, names)
     return augmented
 
 
 _saved = itertools.count()  # unique scratch names: a session may still map an earlier model's data file
 
 
-def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`) or on disk."""
+def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0,
+                outputs: list[str] | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`, also returning
+    `outputs`) or on disk."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors reach the user as onnxq's one line
-    path = model if isinstance(model, Path) else save_for_onnxruntime(model, workdir, f"model_{next(_saved)}.onnx")
+    path = model if isinstance(model, Path) else save_for_onnxruntime(model, workdir, f"model_{next(_saved)}.onnx",
+                                                                      outputs or ())
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -103,7 +102,7 @@ def collect_statistics(
     from_feed = [t for t in observed if t in input_names]
     from_model = [t for t in observed if t not in input_names]
     with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
-        session = session_for(with_outputs(model, from_model), Path(tmp))
+        session = session_for(model, Path(tmp), outputs=from_model)
         groups = _groups_within_budget(session, source, from_model, batch_size, memory_budget)
         bar = progress(len(source) * max(1, len(groups)), "calibrating")
         try:

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import ModelError, UsageError
+from .model_io import is_spilled, read_tensor
 
 # inputs of these ops that onnxq quantizes (or a kernel reads) as weights
 WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (0, 1), "Gemm": (0, 1, 2), "LSTM": (1, 2, 3),
@@ -48,10 +48,11 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
         for index in WEIGHT_INPUTS.get(node.op_type, ()):
             name = node.input[index] if index < len(node.input) else ""
             tensor = initializers.get(name)
-            if tensor is None or name in checked or tensor.data_type not in FLOAT_TYPES:
+            if tensor is None or name in checked or tensor.data_type not in FLOAT_TYPES or (
+                    tensor.data_location == onnx.TensorProto.EXTERNAL and not is_spilled(tensor)):
                 continue
             checked.add(name)
-            values = numpy_helper.to_array(tensor)
+            values = read_tensor(tensor)
             bad = int(values.size - np.count_nonzero(np.isfinite(values)))
             if bad:
                 raise ModelError(f"weight {name} of {node.op_type} {node.name or node.output[0]} holds {bad} NaN or "

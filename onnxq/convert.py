@@ -35,7 +35,7 @@ from .cpu import default_weight_range, read_cpu_features
 from .data import model_input_specs, open_source
 from .errors import ModelError, UsageError
 from .evaluate import compare_models
-from .ir import NameAllocator, export_model, import_graph, is_constant, node_label
+from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, node_label
 from .model_io import load_model, save_model
 from .paths import DATA, MODEL, MODEL_OUTPUT, PathArg, check_paths
 from .pipeline import DataOptions, check_batch_size, check_written_model
@@ -97,7 +97,7 @@ class Learned:
 def _constant(tensor: gs.Tensor) -> np.ndarray | None:
     """A tensor's value if it is constant: an initializer, a Constant node, or an Identity of either."""
     if is_constant(tensor):
-        return np.asarray(tensor.values)
+        return constant_values(tensor)
     if len(tensor.inputs) == 1:
         producer = tensor.inputs[0]
         if producer.op == "Identity":
@@ -422,11 +422,11 @@ def build_convert_plan(graph: gs.Graph, placement: Placement, learned: dict[str,
                                             zero_point=list(params.zero_point), axis=params.axis)
             origins.learned.append(name)
         else:
-            plan.tensors[name] = weight_plan(name, np.asarray(constants[name].values), target_weight.axis,
+            plan.tensors[name] = weight_plan(name, constant_values(constants[name]), target_weight.axis,
                                              weight_settings.weight_qtype)
             origins.computed.append(name)
     for name, target_bias in sorted(placement.biases.items()):
-        entry = bias_plan(name, np.asarray(constants[name].values), plan.tensors[target_bias.input_name],
+        entry = bias_plan(name, constant_values(constants[name]), plan.tensors[target_bias.input_name],
                           plan.tensors[target_bias.weight_name])
         if name in learned:
             used.add(name)

@@ -27,11 +27,13 @@ from .outputs import interrupt_message  # noqa: E402
 def run() -> None:
     """Run the command line and exit with its code."""
     try:
-        interrupts.install(armed=True)  # from here on a signal unwinds: temporary files go, outputs are checked
         with scratch_folder():
-            from .cli import run_click
+            from .cli import run_click  # numpy, onnx, onnxruntime: a signal now exits at once
 
+            interrupts.install(armed=True)  # from here on a signal unwinds: temporary files go, outputs are checked
             code = run_click()
+            if code in (0, 6):
+                interrupts.check()  # a signal whose exception a library swallowed: still an interrupted run
     except Interrupted as exc:
         _say(interrupt_message(exc.verb))
         code = exc.exit_code
@@ -48,8 +50,9 @@ def scratch_folder() -> Iterator[str]:
     """A temporary folder that holds every temporary file of this run (tempfile's default), then goes."""
     folder, previous, previous_env = "", tempfile.tempdir, os.environ.get("TMPDIR")
     try:
-        with interrupts.held():  # a signal now is raised inside the try, with the folder known
+        with interrupts.held():  # a signal now arrives inside the try, with the folder known
             folder = tempfile.mkdtemp(prefix="onnxq-run-")
+            interrupts.remove_on_exit(folder)
             tempfile.tempdir = os.environ["TMPDIR"] = folder  # the environment for native code too
         yield folder
     finally:
@@ -61,6 +64,7 @@ def scratch_folder() -> Iterator[str]:
         if folder:
             with interrupts.held():
                 shutil.rmtree(folder, ignore_errors=True)
+                interrupts.remove_on_exit(None)
 
 
 def _say(line: str) -> None:

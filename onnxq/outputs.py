@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError
-from .interrupts import held
+from .interrupts import check, held
 
 TEMP_PREFIX = ".onnxq-"
 TEMP_SUFFIX = ".tmp"
@@ -39,6 +39,7 @@ class Transaction:
         self.staged[target] = temporary
 
     def commit(self) -> None:
+        check()  # an interrupt some library swallowed still means: no outputs
         with held():
             for target, temporary in list(self.staged.items()):
                 _rename(temporary, target)
@@ -119,6 +120,11 @@ def staged(target: Path) -> Iterator[Path]:
     if _active:
         _active[-1].add(target, temporary)
         return
+    try:
+        check()
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     with held():
         _rename(temporary, target)
 

@@ -6,6 +6,7 @@ and the plan (--save-plan) are files; the report says what every stage did and h
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
@@ -36,7 +37,15 @@ from .errors import DataError, ModelError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion, is_integer_kernel
 from .ir import Graph, import_graph
-from .model_io import load_model, model_digest, needs_external_data, save_model
+from .model_io import (
+    externalize,
+    load_model,
+    model_bytes,
+    model_digest,
+    needs_external_data,
+    save_model,
+    weights_on_disk,
+)
 from .outputs import transaction
 from .paths import DATA, MODEL, OUTPUT, PathArg, check_paths, quantize_paths
 from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
@@ -266,10 +275,11 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
             raise UsageError("--smooth-alpha changes the model, so saved statistics do not fit it: "
                              "give --calib instead of --load-stats")
     with timer.stage("load"):
-        original = load_model(request.model)
-        check_model_to_quantize(original, request.model)
+        original = load_model(request.model, lazy_weights=True)  # over 2 GiB: weights stay on disk
+        check_not_qdq(original, request.model)
     with timer.stage("prepare"):
-        prepared = prepare_model(original)
+        prepared = prepare_model(original, request.model)
+        check_finite_weights(prepared.model)
     recovery: dict = {}
     if request.equalize:
         with timer.stage("equalize"):
@@ -410,7 +420,7 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
     with timer.stage("write"):
         save_model(quantized, request.output)
     report = build_report(
-        request=request, version=__version__, original=c.original, quantized_bytes=quantized.ByteSize(),
+        request=request, version=__version__, original=c.original, quantized_bytes=model_bytes(quantized),
         plan=plan, stats=c.stats, calib=c.calib, held=c.held, fidelity=fidelity, notes=c.notes,
         weight_range_reason=c.weight_range_reason, timings=timer.seconds,
         speed_guard=guard.to_report() if guard is not None else {"enabled": False}, fusion=fusion.to_dict(),
@@ -549,10 +559,11 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         weight_range_reason = "weight-only: float compute, full 8-bit weights"
     request.weight_only.validate()
     with timer.stage("load"):
-        original = load_model(request.model)
-        check_model_to_quantize(original, request.model)
+        original = load_model(request.model, lazy_weights=True)  # over 2 GiB: weights stay on disk
+        check_not_qdq(original, request.model)
     with timer.stage("prepare"):
-        prepared = prepare_model(original)
+        prepared = prepare_model(original, request.model)
+        check_finite_weights(prepared.model)
     held_path = request.data.eval_data or request.data.calib
     held = open_source(held_path, model_input_specs(original), request.data.images) if held_path else None
     held_notes = [held.note("--eval-data" if request.data.eval_data else "--calib")] if held is not None else []
@@ -562,7 +573,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
                             request.data.images) if request.data.calib else None
         with timer.stage("smooth"):
             smoothing = _smooth(request, prepared, calib, progress)
-    graph = import_graph(prepared.model)
+    graph = import_graph(externalize(prepared.model, None, "weights"))  # names and op types: no weights held
     choices, recipe_notes = _recipe_choices(request, graph, with_exclude=True)
     with timer.stage("rewrite"):
         if request.mode == "dynamic":
@@ -571,6 +582,9 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         else:
             quantized, decisions = rewrite_weight_only(prepared.model, request.weight_only, settings.weight_qtype,
                                                        choices)
+        notes, reference = list(prepared.notes), prepared.reference if held is not None else None
+        del prepared  # the fp32 weights go unless the comparison needs them (a model over 2 GiB: half the memory)
+        gc.collect()  # the rewrite's graph (reference cycles) holds arrays as large as the model
     if not any(d.status in ("int8", "int4") for d in decisions):
         reasons = Counter(f"{d.op_type}: {d.reason}" for d in decisions)
         detail = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no Conv, MatMul or Gemm"
@@ -581,7 +595,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     fidelity = None
     if held is not None:
         with timer.stage("evaluate"):
-            fidelity = compare_models(prepared.reference, quantized, held, batch_size=request.data.batch_size,
+            fidelity = compare_models(reference, quantized, held, batch_size=request.data.batch_size,
                                       progress=progress)
     with timer.stage("write"):
         save_model(quantized, request.output)
@@ -593,21 +607,15 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         fusion_view["expected_dequantized_weights"] = fusion_view.pop("dequantized_weights")
         fusion_view["avoidable"] = len(fusion.unfused_pairs)
     report = build_report(
-        request=request, version=__version__, original=original, quantized_bytes=quantized.ByteSize(), plan=plan,
+        request=request, version=__version__, original=original, quantized_bytes=model_bytes(quantized), plan=plan,
         stats=Statistics(), calib=None, held=held, fidelity=fidelity,
-        notes=list(prepared.notes) + recipe_notes + [n for n in held_notes if n],
+        notes=notes + recipe_notes + [n for n in held_notes if n],
         weight_range_reason=weight_range_reason, timings=timer.seconds, speed_guard={"enabled": False},
         fusion=fusion_view,
     )
     if smoothing is not None:
         report["smoothing"] = json_safe(smoothing)
     return QuantizeResult(report, plan, fidelity)
-
-
-def check_model_to_quantize(model: onnx.ModelProto, path: Path) -> None:
-    """Refuse models quantizing would break: NaN/Inf weights, Q/DQ already in place (onnxq.checks)."""
-    check_not_qdq(model, path)
-    check_finite_weights(model)
 
 
 def _require_something_to_quantize(placement: Placement) -> None:
@@ -671,7 +679,7 @@ def check_written_model(model: onnx.ModelProto) -> FusionReport:
     Loading it is also the fusion check: what onnxruntime runs in int8 after optimizing it.
     """
     try:
-        if not needs_external_data(model):  # a larger one is checked by onnxruntime loading it
+        if not needs_external_data(model) and not weights_on_disk(model):  # else onnxruntime loading it checks it
             onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
         reason = first_line(exc)
@@ -687,8 +695,8 @@ def calibrate_only(model_path: Path, output: Path, data: DataOptions,
     """Collect and save statistics for every tensor quantize may need (for --load-stats later)."""
     check_paths([PathArg("MODEL", model_path, MODEL), PathArg("--calib", data.calib, DATA),
                  PathArg("-o", output, OUTPUT)])
-    original = load_model(model_path)
-    prepared = prepare_model(original)
+    original = load_model(model_path, lazy_weights=True)
+    prepared = prepare_model(original, model_path)
     graph = import_graph(prepared.model)
     tensors = tensors_to_observe(graph)
     specs = model_input_specs(original)

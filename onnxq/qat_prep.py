@@ -83,7 +83,7 @@ def add_weight_fake_quant(model: onnx.ModelProto, weights: list[TensorPlan]) -> 
     tensors = graph.tensors()
     for entry in weights:
         constant = tensors[entry.name]
-        shape = list(np.asarray(constant.values).shape)
+        shape = list(constant.shape)
         params = [gs.Constant(names.new(f"{entry.name}_scale"), entry.scale_array()),
                   gs.Constant(names.new(f"{entry.name}_zero_point"), entry.zero_point_array())]
         qtype = qmath.qtype_by_name(entry.qtype)

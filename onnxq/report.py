@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from .model_io import model_bytes
+
 if TYPE_CHECKING:
     from .data import SampleSource
     from .evaluate import Fidelity
@@ -22,7 +24,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
                  plan: QuantPlan, stats: Statistics, calib: SampleSource | None, held: SampleSource | None,
                  fidelity: Fidelity | None, notes: list[str], weight_range_reason: str,
                  timings: dict[str, float], speed_guard: dict, fusion: dict, recovery: dict | None = None) -> dict:
-    original_bytes = original.ByteSize()
+    original_bytes = model_bytes(original)
     nodes = _node_summary(plan)
     report = {
         "onnxq_version": version,

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibrate import ProgressFactory, _no_progress, run, session_for, with_outputs
+from .calibrate import ProgressFactory, _no_progress, run, session_for
 from .data import SampleSource, batches
 from .errors import UsageError
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_float32, node_label
@@ -123,7 +123,7 @@ def channel_absmax(model: onnx.ModelProto, tensors: list[str], source: SampleSou
     inputs = {i.name for i in model.graph.input}
     computed = [t for t in tensors if t not in inputs]
     with tempfile.TemporaryDirectory(prefix="onnxq-smooth-") as tmp:
-        session = session_for(with_outputs(model, computed), Path(tmp)) if computed else None
+        session = session_for(model, Path(tmp), outputs=computed) if computed else None
         bar = progress(len(source), "smoothing statistics")
         try:
             for feed, count in batches(source, batch_size):

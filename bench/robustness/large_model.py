@@ -128,7 +128,7 @@ def main() -> int:
         if result.status == "ok":
             row.update(output_gb=round(size_on_disk(out) / 1e9, 3), **agreement(reference, outputs(out, held)))
         else:
-            row["error"] = result.tail[-300:]
+            row["error"] = result.log_tail[-300:]
         rows.append(row)
         print(json.dumps(row), flush=True)
         if not args.keep:
