@@ -112,6 +112,10 @@ ONLY_WHEN = [
     ("--speed-profile", "speed_profile", lambda v: v["mode"] == "static" and v["speed_guard"],
      "is the speed guard's timing profile (static mode, without --no-speed-guard)"),
     ("--memory-budget", "memory_budget", lambda v: v["mode"] == "static", "bounds static mode's calibration"),
+    ("--max-samples", "max_samples", lambda v: v["mode"] == "static", "limits static mode's calibration samples"),
+    ("--allow-random", "allow_random", lambda v: v["mode"] == "static", "lets static mode calibrate on random data"),
+    ("--target-cpu", "target_cpu", lambda v: v["mode"] != "weight-only", "sets the int8 weight range (static and "
+     "dynamic modes; weight-only computes in float)"),
     ("--smooth-mul", "smooth_mul", lambda v: v["smooth_alpha"] is not None, "applies with --smooth-alpha"),
     ("--adaround-seconds", "adaround_seconds", lambda v: v["adaround"], "applies with --adaround"),
 ]

@@ -39,12 +39,16 @@ class Transaction:
         self.staged[target] = temporary
 
     def commit(self) -> None:
-        check()  # an interrupt some library swallowed still means: no outputs
-        with held():
-            for target, temporary in list(self.staged.items()):
-                _rename(temporary, target)
-                del self.staged[target]
-                self.written.append(target)
+        try:
+            check()  # an interrupt some library swallowed still means: no outputs
+            with held():
+                for target, temporary in list(self.staged.items()):
+                    _rename(temporary, target)
+                    del self.staged[target]
+                    self.written.append(target)
+        except BaseException:
+            self.discard()
+            raise
 
     def discard(self) -> None:
         for temporary in self.staged.values():
@@ -101,32 +105,28 @@ def committed() -> list[Path]:
 def staged(target: Path) -> Iterator[Path]:
     """A temporary file beside `target` to write; it becomes `target` on success (now, or at commit)."""
     target = Path(target)
-    folder = target.parent
+    temporary: Path | None = None
     try:
-        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {folder}: {exc.strerror}") from None
-    os.close(fd)
-    temporary = Path(name)
-    try:
+        with held():  # a signal cannot fall between creating the file and knowing its name
+            fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=target.parent)
+            os.close(fd)
+            temporary = Path(name)
         yield temporary
         os.chmod(temporary, 0o644)
+        with held():
+            if _active:
+                _active[-1].add(target, temporary)
+                return
+            check()
+            _rename(temporary, target)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         raise OutputError(f"cannot write {target}: {exc.strerror}") from None
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None and temporary.exists() and not (_active and temporary in _active[-1].staged.values()):
+            temporary.unlink(missing_ok=True)
         raise
-    if _active:
-        _active[-1].add(target, temporary)
-        return
-    try:
-        check()
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    with held():
-        _rename(temporary, target)
 
 
 def _rename(temporary: Path, target: Path) -> None:

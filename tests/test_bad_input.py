@@ -149,6 +149,8 @@ def test_mixed_sample_files_are_refused_and_other_files_named(ws: Path) -> None:
     ["--mode", "dynamic", "--calib", "calib", "--target-cosine", "0.9"], ["--calib", "calib", "--fallback", "int16"],
     ["--calib", "calib", "--max-fallbacks", "2"], ["--calib", "calib", "--adaround-seconds", "3"],
     ["--calib", "calib", "--smooth-mul"], ["--calib", "calib", "--no-speed-guard", "--speed-profile", "p.json"],
+    ["--mode", "dynamic", "--max-samples", "3"], ["--mode", "dynamic", "--allow-random"],
+    ["--mode", "weight-only", "--target-cpu", "m.onnx"],
 ])
 def test_options_that_would_do_nothing_are_refused(ws: Path, args: list[str]) -> None:
     model = "mm.onnx" if "--mode" in args else "m.onnx"

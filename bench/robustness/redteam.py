@@ -120,7 +120,8 @@ def write_pool(pool: Path) -> None:
     images = lambda: rng.standard_normal((1, 3, 16, 16)).astype(np.float32)  # noqa: E731
     tokens = lambda: rng.standard_normal((1, 4, 64)).astype(np.float32)  # noqa: E731
     for folder, count, feed in (("calib", 12, lambda: {"x": images()}), ("eval", 4, lambda: {"x": images()}),
-                                ("big", 200, lambda: {"x": images()}), ("mmcalib", 10, lambda: {"x": tokens()})):
+                                ("big", 200, lambda: {"x": images()}), ("mmcalib", 10, lambda: {"x": tokens()}),
+                                ("mmbig", 300, lambda: {"x": tokens()})):
         (pool / folder).mkdir()
         for i in range(count):
             np.savez(pool / folder / f"s{i:03d}.npz", **feed())
@@ -517,13 +518,15 @@ def signal_cases() -> list[Case]:
         for trigger in triggers:
             cases.append(Case(f"{signum.name} at {trigger}", big, (128 + signum, 0), outputs=("out.onnx", "r.json"),
                               signal=(signum, trigger), kind="signal"))
-    for args in (["calibrate", "m.onnx", "--calib", "big", "-o", "s.npz"],
-                 ["quantize", "mm.onnx", "-o", "out.onnx", "--mode", "dynamic", "--eval-data", "mmcalib"],
-                 ["qat-prep", "m.onnx", "-o", "f.onnx", "--calib", "big"],
-                 ["convert", "qdq.onnx", "-o", "c.onnx", "--eval-data", "big"]):
+    for args, outputs, stage in (
+            (["calibrate", "m.onnx", "--calib", "big", "-o", "s.npz"], ("s.npz",), "calib"),
+            (["quantize", "mm.onnx", "-o", "out.onnx", "--mode", "dynamic", "--eval-data", "mmbig"], ("out.onnx",),
+             "eval"),
+            (["qat-prep", "m.onnx", "-o", "f.onnx", "--calib", "big"], ("f.onnx", "f.params.json"), "calib"),
+            (["convert", "qdq.onnx", "-o", "c.onnx", "--eval-data", "big"], ("c.onnx",), "eval")):
         for signum in (signal.SIGINT, signal.SIGTERM):
-            cases.append(Case(f"{signum.name} {args[0]} {args[-1]}", args, (128 + signum, 0), signal=(signum, "t+0.9"),
-                              kind="signal"))
+            cases.append(Case(f"{signum.name} {args[0]} {args[-1]}", args, (128 + signum, 0), outputs=outputs,
+                              signal=(signum, f"onnxq-run-*/onnxq-{stage}-*"), kind="signal"))
     return cases
 
 
