@@ -21,6 +21,7 @@ from onnxq import pipeline
 from onnxq.cli import main
 from onnxq.errors import DataError, ModelError
 from onnxq.ir import import_graph
+from onnxq.plan import QuantSettings
 from onnxq.speed_guard import FLOAT_MIN_GAIN, LayerTiming, SpeedProfile, layer_kind, run_speed_guard
 from tests.conftest import IMAGE, bias, image_batch, make_model, quantize_simple, save, tensor, weight, write_npz_folder
 
@@ -136,7 +137,7 @@ def test_profile_is_reused_and_output_is_identical(tmp_path: Path, separable,
     assert len(timer.calls) == 3 and second.report["speed_guard"]["trials_timed_now"] == 0
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     # Another setting is another key: it is timed anew.
-    quantize_simple(model, tmp_path / "c.onnx", calib, weight_range="full")
+    quantize_simple(model, tmp_path / "c.onnx", calib, settings=QuantSettings(symmetric=True))  # on every CPU
     assert len(timer.calls) == 6
 
 

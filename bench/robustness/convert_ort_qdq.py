@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.robustness.convert_ort_qdq [--root /tmp/robust] [--only NAME ...]
 
-For each OUT/models/<name>.onnx (export_corpus.py) quantize_static writes a QDQ model (per channel,
+For each OUT/models/<name>.onnx (export_corpus.py), after quant_pre_process (shapes, no symbolic
+inference), quantize_static writes a QDQ model (per channel,
 uint8 activations, its MinMax calibration on the export's 8 feeds), twice: all op types, and only
 Conv (op_types_to_quantize), which leaves residual Adds, pooling and the classifier float. Then
 `onnxq convert` runs on each with the defaults (tensors the input leaves float stay float) and with
@@ -52,10 +53,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def one(name: str, root: Path, work: Path) -> list[dict]:
     source, calib = root / "models" / f"{name}.onnx", root / "calib" / name
+    prepared = work / f"{name}.pre.onnx"  # as onnxruntime recommends before quantize_static
+    quantization.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     rows = []
     for variant, op_types in (("all ops", None), ("Conv only", ["Conv"])):
         qdq = work / f"{name}.{'conv' if op_types else 'all'}.qdq.onnx"
-        quantization.quantize_static(str(source), str(qdq), Feeds(calib), quant_format=quantization.QuantFormat.QDQ,
+        quantization.quantize_static(str(prepared), str(qdq), Feeds(calib), quant_format=quantization.QuantFormat.QDQ,
                                      per_channel=True, op_types_to_quantize=op_types)
         reference = outputs(qdq, calib)
         for mode, extra in (("default", []), ("--calibrate-missing", ["--calibrate-missing", "--calib", str(calib)])):
