@@ -9,6 +9,7 @@ group is one pass over the data. Nothing is kept between batches but statistics.
 from __future__ import annotations
 
 import copy
+import itertools
 import queue
 import sys
 import tempfile
@@ -22,7 +23,7 @@ import onnxruntime as ort
 
 from .data import SampleSource, batches
 from .errors import DataError, ModelError, first_line
-from .model_io import needs_external_data
+from .model_io import add_outputs, save_for_onnxruntime
 from .statistics import Statistics
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -46,20 +47,20 @@ def _no_progress(total: int, label: str) -> Progress:
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of the model that also returns the named float tensors."""
+    """A copy of the model that also returns the named float tensors (session_for(outputs=...) avoids the copy)."""
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
-    existing = {o.name for o in augmented.graph.output}
-    graph_inputs = {i.name for i in augmented.graph.input}
-    for name in names:
-        if name not in existing and name not in graph_inputs:
-            augmented.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    add_outputs(augmented, names)
     return augmented
 
 
-def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0, *,
-                spin: bool = True) -> ort.InferenceSession:
-    """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`) or on disk.
+_saved = itertools.count()  # unique scratch names: a session may still map an earlier model's data file
+
+
+def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0,
+                outputs: list[str] | None = None, *, spin: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`, also returning
+    `outputs`) or on disk.
 
     `spin=False`: idle onnxruntime threads sleep instead of spinning, leaving the cores to
     another thread of this process (calibration folds statistics while the next batch runs).
@@ -71,10 +72,8 @@ def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0, 
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 4  # errors reach the user as onnxq's one line
-    path = model if isinstance(model, Path) else workdir / f"model_{id(model)}.onnx"
-    if isinstance(model, onnx.ModelProto):
-        large = needs_external_data(model)
-        onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    path = model if isinstance(model, Path) else save_for_onnxruntime(model, workdir, f"model_{next(_saved)}.onnx",
+                                                                      outputs or ())
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -117,7 +116,7 @@ def collect_statistics(
     from_feed = [t for t in observed if t in input_names]
     from_model = [t for t in observed if t not in input_names]
     with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
-        session = session_for(with_outputs(model, from_model), Path(tmp), threads, spin=False)
+        session = session_for(model, Path(tmp), threads, outputs=from_model, spin=False)
         groups, largest = _groups_and_largest(session, source, from_model, batch_size, memory_budget)
         ahead = 2 * largest <= min(PREFETCH_BYTES, memory_budget)
         bar = progress(len(source) * max(1, len(groups)), "calibrating")

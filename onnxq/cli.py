@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import traceback
@@ -14,19 +15,23 @@ import click
 
 from . import __version__
 from .calibrate import Progress
-from .convert import ACTIVATION_TYPES, ConvertRequest, convert, format_convert_summary
+from .checks import check_effective
+from .convert import ACTIVATION_TYPES, ConvertRequest, convert, convert_paths, format_convert_summary
 from .data import ImagePreprocessing, model_input_specs, open_source
 from .distributed import RayOptions
 from .doctor import format_diagnosis, this_machine
 from .dynamic import WeightOnlyOptions
-from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError
+from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError, first_line, one_line
 from .inspect_model import format_inspection, inspect_model
+from .interrupts import Interrupted
 from .latency import all_threads, compare_fp32_int8, format_comparison
-from .model_io import atomic_write_bytes, check_output_path, load_model
+from .model_io import atomic_write_bytes, load_model
+from .outputs import commit, interrupt_message, transaction
+from .paths import INPUT, OUTPUT, PathArg, check_paths, quantize_paths
 from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from .pipeline import sensitivity as run_sensitivity
 from .plan import QuantSettings
-from .qat_prep import format_prep_summary, qat_prep
+from .qat_prep import format_prep_summary, params_path_for, qat_prep
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from .recipe import Recipe
 from .report import format_summary
@@ -54,29 +59,45 @@ def progress_factory(quiet: bool):
 
 
 def handle_errors(func):
-    """Turn expected failures into one line on stderr and a documented exit code."""
+    """Turn expected failures into one line on stderr and a documented exit code; outputs appear only when the
+    command succeeds (onnxq.outputs)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         verbose = kwargs.get("verbose", False)
         try:
-            return func(*args, **kwargs)
+            check_finite_options(kwargs)
+            with transaction():
+                return func(*args, **kwargs)
         except OnnxqError as exc:
-            click.echo(f"onnxq: error: {exc.message}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("onnxq: interrupted; no output written", err=True)
-            sys.exit(130)
+            _fail(f"onnxq: error: {exc.message}", exc.exit_code)
+        except Interrupted as exc:
+            _fail(interrupt_message(exc.verb), exc.exit_code)
+        except KeyboardInterrupt:  # the default handler (the library called without onnxq.entry)
+            _fail(interrupt_message("interrupted"), 130)
         except MemoryError:
-            click.echo("onnxq: error: out of memory (try --batch-size 1 or a smaller --memory-budget)", err=True)
-            sys.exit(EXIT_INTERNAL)
+            _fail("onnxq: error: out of memory (try --batch-size 1 or a smaller --memory-budget)", EXIT_INTERNAL)
         except Exception as exc:  # a bug: still one line unless -v
             if verbose:
                 traceback.print_exc()
-            click.echo(f"onnxq: internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", err=True)
-            sys.exit(EXIT_INTERNAL)
+            _fail(f"onnxq: internal error: {type(exc).__name__}: {first_line(exc)} (rerun with -v for details)",
+                  EXIT_INTERNAL)
 
     return wrapper
+
+
+def _fail(line: str, code: int) -> None:
+    click.echo(one_line(line), err=True)
+    sys.exit(code)
+
+
+def check_finite_options(values: dict) -> None:
+    """NaN or infinity in a number option is a usage error naming the option (click lets them through)."""
+    context = click.get_current_context(silent=True)
+    options = {p.name: p.opts[-1] for p in context.command.params} if context is not None else {}
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{options.get(name, name)} must be a finite number, got {value}")
 
 
 def _parse_size(value: str | None) -> tuple[int, int] | None:
@@ -96,6 +117,8 @@ def _parse_floats(value: str, option: str) -> tuple[float, ...]:
         numbers = tuple(float(v) for v in value.split(","))
     except ValueError:
         raise UsageError(f"{option} takes comma-separated numbers, got {value!r}") from None
+    if not all(math.isfinite(n) for n in numbers):
+        raise UsageError(f"{option} takes finite numbers, got {value!r}")
     if len(numbers) == 1:
         numbers = numbers * 3
     if len(numbers) != 3:
@@ -317,8 +340,6 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
     data.ray = _ray_options(ray_address, workers)
-    if report_path is not None:
-        check_output_path(report_path, [model, output])
     recipe = Recipe.load(recipe_path) if recipe_path is not None else Recipe()
     if no_speed_guard:
         if click.get_current_context().get_parameter_source("speed_guard") == click.core.ParameterSource.COMMANDLINE:
@@ -331,6 +352,8 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                                       smooth_alpha=smooth_alpha,
                                       smooth_mul=smooth_mul, equalize=equalize, bias_correction=bias_correction,
                                       adaround=adaround, adaround_seconds=adaround_seconds))
+    check_effective(_given_options(), {**o, "target_sqnr": target_sqnr, "target_cosine": target_cosine,
+                                       "target_metric": target_metric})
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=o["weight_range"], exclude=tuple(exclude),
         speed_guard=o["speed_guard"], speed_profile=speed_profile, target_cpu=target_cpu,
@@ -349,10 +372,13 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
         equalize=o["equalize"], bias_correction=o["bias_correction"],
         adaround_seconds=o["adaround_seconds"] if o["adaround"] else None,
     )
+    check_paths([*quantize_paths(request), PathArg("--recipe", recipe_path, INPUT),
+                 PathArg("--report", report_path, OUTPUT)])
     result = quantize(request, progress=progress_factory(quiet))
     text = json.dumps(result.report, indent=2, sort_keys=True)
     if report_path is not None:
         atomic_write_bytes(report_path, text.encode())
+    commit()
     if as_json:
         click.echo(text)
     if not quiet:
@@ -390,6 +416,13 @@ def _count_or_all(value: str, option: str) -> int | None:
     return count
 
 
+def _given_options() -> set[str]:
+    """Parameters typed on the command line (not defaults, not recipe settings)."""
+    context = click.get_current_context()
+    return {name for name in context.params
+            if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+
+
 def _target(sqnr: float | None, cosine: float | None, metric: float | None) -> Target | None:
     return Target(sqnr, cosine, metric) if (sqnr, cosine, metric) != (None, None, None) else None
 
@@ -424,6 +457,7 @@ def calibrate(model, output, calib, allow_random, batch_size, max_samples, memor
                  pixel_scale, mean, std, channel_order)
     data.ray = _ray_options(ray_address, workers)
     stats = calibrate_only(model, output, data, progress=progress_factory(quiet))
+    commit()
     if not quiet:
         click.echo(f"onnxq: statistics of {len(stats.tensors)} tensors over {stats.samples} samples -> {output}",
                    err=True)
@@ -443,11 +477,12 @@ def merge_stats(inputs, output, quiet, verbose) -> None:
     """Merge statistics files into the statistics of the union of their data (exact; see README)."""
     if len(inputs) < 2:
         raise UsageError("merge-stats needs at least two statistics files")
-    check_output_path(output, list(inputs))
+    check_paths([*(PathArg("INPUTS", path, INPUT) for path in inputs), PathArg("-o", output, OUTPUT)])
     merged = Statistics.load(inputs[0])
     for path in inputs[1:]:
         merged = merged.merge(Statistics.load(path))
     merged.save(output)
+    commit()
     if not quiet:
         click.echo(f"onnxq: merged {len(inputs)} files: {len(merged.tensors)} tensors, {merged.samples} samples "
                    f"-> {output}", err=True)
@@ -497,17 +532,17 @@ def sensitivity_command(model, output, plot, calib, allow_random, batch_size, ma
     but that layer int8."""
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
-    for path in (output, plot):
-        if path is not None:
-            check_output_path(path, [model])
     request = QuantizeRequest(model=model, output=Path(os.devnull), data=data, load_stats=load_stats,
                               weight_range=weight_range, sensitivity_samples=samples, speed_guard="off",
                               settings=QuantSettings(method=method, symmetric=symmetric))
+    check_paths([*quantize_paths(request, writes_model=False), PathArg("-o", output, OUTPUT),
+                 PathArg("--plot", plot, OUTPUT)])
     result = run_sensitivity(request, progress=progress_factory(quiet))
     if output is not None:
         result.save_json(output)
     if plot is not None:
         result.save_png(plot)
+    commit()
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
@@ -574,29 +609,31 @@ the message names the node), 4 bad data, 5 cannot write output, 1 internal error
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the int8 model.")
 @click.option("--format", "output_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
               help="qdq: Q/DQ pairs placed for onnxruntime's int8 kernels; qoperator: integer operators.")
-@click.option("--activations", type=click.Choice(ACTIVATION_TYPES), default="keep", show_default=True,
-              help="Activation type: keep each learned one, or convert all to uint8/int8 (same scale, zero point "
-                   "shifted by 128).")
+@click.option("--activations", type=click.Choice(ACTIVATION_TYPES), default="uint8", show_default=True,
+              help="Activation type: uint8 (a learned int8 activation keeps its scale, its zero point moves by "
+                   "128: the same values, in the type onnxruntime's x86 int8 kernels fuse), int8, or keep each "
+                   "learned type as it is.")
 @data_options
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Samples to compare the output with the input "
               "(fake-quant) model on (default: --calib, if given).")
+@click.option("--calibrate-missing", is_flag=True, help="Calibrate the tensors the input model leaves float (needs "
+              "--calib) and run their nodes in int8 too (default: those nodes stay float, as in the input).")
 @method_options  # for tensors without learned parameters
 @report_options
 @verbosity_options
 @handle_errors
 def convert_command(model, output, output_format, activations, calib, allow_random, batch_size, max_samples,
-                    memory_budget, image_size, layout, pixel_scale, mean, std, channel_order, eval_data, method,
-                    percentile, report_path, as_json, quiet, verbose) -> None:
+                    memory_budget, image_size, layout, pixel_scale, mean, std, channel_order, eval_data,
+                    calibrate_missing, method, percentile, report_path, as_json, quiet, verbose) -> None:
     """Convert a model with QuantizeLinear/DequantizeLinear pairs (a QAT export) to onnxq's int8 form,
     keeping its learned scales and zero points."""
     if allow_random:
         raise UsageError("convert calibrates only tensors without learned parameters; give real --calib data")
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
-    if report_path is not None:
-        check_output_path(report_path, [model, output])
     request = ConvertRequest(model=model, output=output, output_format=output_format, activations=activations,
-                             data=data, method=method, percentile=percentile)
+                             data=data, method=method, percentile=percentile, calibrate_missing=calibrate_missing)
+    check_paths([*convert_paths(request), PathArg("--report", report_path, OUTPUT)])
     result = convert(request, progress=progress_factory(quiet))
     _write_report(result.report, report_path)
     _emit(result.report, as_json, quiet, format_convert_summary)
@@ -632,20 +669,22 @@ def qat_prep_command(model, output, params_path, calib, allow_random, batch_size
     initialised from calibration, for quantization-aware training."""
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
-    if report_path is not None:
-        check_output_path(report_path, [model, output])
     request = QuantizeRequest(model=model, output=output, data=data, weight_range=weight_range,
                               exclude=tuple(exclude), speed_guard="off",
                               settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric,
                                                      per_channel=not per_tensor))
+    check_paths([*quantize_paths(request), PathArg("--params", params_path or params_path_for(output), OUTPUT),
+                 PathArg("--report", report_path, OUTPUT)])
     result = qat_prep(request, params_path, progress=progress_factory(quiet))
     _write_report(result.report, report_path)
     _emit(result.report, as_json, quiet, format_prep_summary)
 
 
 def _write_report(report: dict, path: Path | None) -> None:
+    """Write the report (if asked) and commit every output, before anything says they were written."""
     if path is not None:
         atomic_write_bytes(path, json.dumps(report, indent=2, sort_keys=True).encode())
+    commit()
 
 
 def _emit(result: dict, as_json: bool, quiet: bool, as_text: Callable[[dict], str]) -> None:
@@ -656,19 +695,27 @@ def _emit(result: dict, as_json: bool, quiet: bool, as_text: Callable[[dict], st
         click.echo(as_text(result))
 
 
-def run() -> None:
-    """Console entry point: click's own usage errors become one line too."""
+def run_click() -> int:
+    """The command line (onnxq.entry sets up signals first): click's own usage errors become one line too."""
     try:
         result = main.main(prog_name="onnxq", standalone_mode=False)
     except click.ClickException as exc:
         context = getattr(exc, "ctx", None)
         command = context.command_path if context is not None else "onnxq"
-        click.echo(f"onnxq: error: {exc.format_message()} (see '{command} --help')", err=True)
-        sys.exit(exc.exit_code)
+        click.echo(one_line(f"onnxq: error: {exc.format_message()} (see '{command} --help')"), err=True)
+        return exc.exit_code
     except click.exceptions.Abort:
-        click.echo("onnxq: interrupted; no output written", err=True)
-        sys.exit(130)
-    sys.exit(result if isinstance(result, int) else 0)
+        click.echo(interrupt_message("interrupted"), err=True)
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return result if isinstance(result, int) else 0
+
+
+def run() -> None:
+    from .entry import run as entry_run
+
+    entry_run()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ after Relu, on graph outputs, behind shared Identity zero points. This module
    of learned parameters by tensor name;
 2. places pairs on that float graph with onnxq's own placement (onnxq.placement), taking each
    placed tensor's parameters from the table: its own, its shared-scale group's, or those of the
-   input of a Relu it follows; only tensors with none are calibrated;
+   input of a Relu it follows. A tensor with none was left float by the input model (onnxruntime's
+   quantize_static leaves e.g. a ReduceMean float): by default every node that would read or write it
+   quantized stays float too, as in the input; `calibrate_missing` calibrates such tensors instead;
 3. writes the QuantPlan with onnxq's writers (QDQ, or QOperator on top of it).
 
 Weights keep their learned integers exactly: the stripped graph holds dequantize(quantize(w)),
@@ -18,10 +20,9 @@ which the writer quantizes back with the same parameters.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,15 @@ from .cpu import default_weight_range, host_cpu
 from .data import model_input_specs, open_source
 from .errors import ModelError, UsageError
 from .evaluate import compare_models
-from .ir import NameAllocator, export_model, import_graph, is_constant, node_label
-from .model_io import check_output_path, load_model, save_model
+from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, node_label
+from .model_io import load_model, save_model
+from .paths import DATA, MODEL, MODEL_OUTPUT, PathArg, check_paths
 from .pipeline import DataOptions, check_batch_size, check_written_model
 from .placement import FOLDABLE_ACTIVATIONS, PASS_THROUGH_OPS, Placement, PlacementOptions, place
 from .plan import QuantPlan, QuantSettings, TensorPlan, bias_plan, clipped_fraction, weight_plan
 from .prepare import infer_types, prepare_model
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, compute_range
-from .report import json_safe
+from .report import json_safe, number
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
 
@@ -54,10 +56,13 @@ class ConvertRequest:
     model: Path
     output: Path
     output_format: str = "qdq"  # or "qoperator"
-    activations: str = "keep"  # "uint8" / "int8": convert every activation to that type (same scale)
+    # uint8: every activation as uint8 (a learned int8 one with its zero point moved by 128: the same values, in
+    # the type onnxruntime's x86 kernels fuse); int8: the other way; keep: each learned type as it is
+    activations: str = "uint8"
     data: DataOptions = field(default_factory=DataOptions)
     method: str = DEFAULT_METHOD  # for tensors that have to be calibrated
     percentile: float = DEFAULT_PERCENTILE
+    calibrate_missing: bool = False  # calibrate tensors the input left float (default: their nodes stay float)
 
 
 @dataclass
@@ -94,7 +99,7 @@ class Learned:
 def _constant(tensor: gs.Tensor) -> np.ndarray | None:
     """A tensor's value if it is constant: an initializer, a Constant node, or an Identity of either."""
     if is_constant(tensor):
-        return np.asarray(tensor.values)
+        return constant_values(tensor)
     if len(tensor.inputs) == 1:
         producer = tensor.inputs[0]
         if producer.op == "Identity":
@@ -419,11 +424,11 @@ def build_convert_plan(graph: gs.Graph, placement: Placement, learned: dict[str,
                                             zero_point=list(params.zero_point), axis=params.axis)
             origins.learned.append(name)
         else:
-            plan.tensors[name] = weight_plan(name, np.asarray(constants[name].values), target_weight.axis,
+            plan.tensors[name] = weight_plan(name, constant_values(constants[name]), target_weight.axis,
                                              weight_settings.weight_qtype)
             origins.computed.append(name)
     for name, target_bias in sorted(placement.biases.items()):
-        entry = bias_plan(name, np.asarray(constants[name].values), plan.tensors[target_bias.input_name],
+        entry = bias_plan(name, constant_values(constants[name]), plan.tensors[target_bias.input_name],
                           plan.tensors[target_bias.weight_name])
         if name in learned:
             used.add(name)
@@ -461,8 +466,8 @@ def calibrate_missing(prepared: onnx.ModelProto, roots: list[str], request: Conv
         return {}
     if request.data.calib is None:
         shown = ", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")
-        raise UsageError(f"{len(roots)} tensors have no learned parameters and need calibration data (--calib): "
-                         f"{shown}")
+        raise UsageError(f"--calibrate-missing: {len(roots)} tensors have no learned parameters and need calibration "
+                         f"data (--calib): {shown}")
     specs = model_input_specs(prepared)
     check_batch_size(request.data.batch_size, specs)
     source = open_source(request.data.calib, specs, request.data.images)
@@ -491,7 +496,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
         raise UsageError(f"unknown format {request.output_format!r}; choose qdq or qoperator")
     if request.activations not in ACTIVATION_TYPES:
         raise UsageError(f"--activations must be one of {', '.join(ACTIVATION_TYPES)}, got {request.activations!r}")
-    check_output_path(request.output, [request.model])
+    check_paths(convert_paths(request))
     original = load_model(request.model)
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in original.graph.node):
         raise ModelError(f"{request.model} has no QuantizeLinear/DequantizeLinear nodes; use `onnxq quantize` "
@@ -507,12 +512,18 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
     weight_settings = QuantSettings(method=request.method, percentile=request.percentile,
                                     symmetric=calib_type == "int8",
                                     weight_range=default_weight_range(host_cpu().features))
-    placement = place(graph, PlacementOptions(per_channel=True, fold_activations=True))
+    options = PlacementOptions(per_channel=True, fold_activations=True)
+    placement, kept_float = place(graph, options), {}
+    if not request.calibrate_missing:
+        placement, kept_float = respect_float_tensors(graph, options, stripped.learned)
     if not any(d.status == "int8" for d in placement.nodes):
-        raise ModelError("nothing to convert: no Conv, MatMul or Gemm can run in int8")
+        hint = (" once the tensors the input model leaves float stay float (--calibrate-missing --calib DATA "
+                "quantizes them)") if kept_float else ""
+        raise ModelError(f"nothing to convert: no Conv, MatMul or Gemm can run in int8{hint}")
     missing = _roots_without_params(graph, placement, stripped.learned)
     calibrated = calibrate_missing(prepared.model, missing, request, qmath.qtype_by_name(calib_type), progress)
     plan, origins = build_convert_plan(graph, placement, stripped.learned, target, calibrated, weight_settings)
+    fit_pooling_scales(graph, plan, set(origins.calibrated))
     quantized = write_qdq(prepared.model, plan)
     if request.output_format == "qoperator":
         quantized = write_qoperator(quantized)
@@ -532,6 +543,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
         "tensors": {"learned": origins.learned, "shared_learned": origins.shared, "calibrated": origins.calibrated,
                     "computed": origins.computed},
         "converted_types": origins.converted, "dropped": origins.dropped,
+        "kept_float": [{"node": node, "reason": why} for node, why in sorted(kept_float.items())],
         "fusion": fusion.to_dict(), "notes": stripped.notes + prepared.notes,
         "fidelity": None if fidelity is None else {"reference": "the input (fake-quant) model",
                                                    "samples": fidelity.samples, "source": fidelity.source,
@@ -539,6 +551,69 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
         "seconds": round(time.perf_counter() - start, 3),
     }
     return ConvertResult(json_safe(report), plan)
+
+
+def convert_paths(request: ConvertRequest) -> list[PathArg]:
+    return [PathArg("MODEL", request.model, MODEL), PathArg("--calib", request.data.calib, DATA),
+            PathArg("--eval-data", request.data.eval_data, DATA), PathArg("-o", request.output, MODEL_OUTPUT)]
+
+
+def respect_float_tensors(graph: gs.Graph, options: PlacementOptions, learned: dict[str, Learned]
+                          ) -> tuple[Placement, dict[str, str]]:
+    """Place with every node kept float that would read or write, quantized, a tensor without learned parameters.
+
+    Returns the placement and the nodes kept float (label -> why). Keeping nodes float only removes
+    quantized tensors, so the loop ends.
+    """
+    kept: dict[str, str] = {}
+    while True:
+        placement = place(graph, replace(options, keep_float=dict(kept)))
+        missing = set(_roots_without_params(graph, placement, learned))
+        if not missing:
+            return placement, kept
+        tensors = {name for name, root in placement.activations.items() if root in missing}
+        status = {d.name: d.status for d in placement.nodes}
+        found = {}
+        for node in graph.nodes:
+            if status.get(node_label(node)) != "int8":
+                continue
+            written = [c for t in node.outputs for c in t.outputs if status.get(node_label(c)) == "folded"]
+            touched = [t.name for t in (*node.inputs, *node.outputs, *(o for c in written for o in c.outputs))
+                       if t.name in tensors]
+            if touched:
+                found[node_label(node)] = (f"the input model leaves {touched[0]} float (no QuantizeLinear/"
+                                           "DequantizeLinear on it)")
+        if not found:
+            raise ModelError(f"cannot keep the tensors the input model leaves float ({sorted(missing)[0]}, ...) "
+                             "float; give --calibrate-missing --calib DATA")
+        kept.update(found)
+
+
+def fit_pooling_scales(graph: gs.Graph, plan: QuantPlan, calibrated: set[str]) -> None:
+    """Widen calibrated GlobalAveragePool output scales to what onnxruntime's kernel accepts.
+
+    QLinearGlobalAveragePool refuses x_scale / (y_scale * pixels) >= 256 ("parameter out of
+    computation range"): a calibrated mean can have a far narrower range than its input.
+    """
+    for node in graph.nodes:
+        if node.op != "GlobalAveragePool" or node.outputs[0].name not in calibrated:
+            continue
+        source, output = node.inputs[0], node.outputs[0].name
+        dims = list(source.shape or [])[2:]
+        if source.name not in plan.tensors or not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+            continue
+        entry = plan.tensors[output]
+        lowest = plan.tensors[source.name].scale[0] / (POOL_RATIO_LIMIT * int(np.prod(dims)))
+        if entry.scale[0] < lowest:
+            qtype = qmath.qtype_by_name(entry.qtype)
+            low = entry.range[0] if entry.range else 0.0
+            zero = int(np.clip(np.round(qtype.qmin - low / lowest), qtype.qmin, qtype.qmax))
+            for name, member in list(plan.tensors.items()):  # the tensors sharing its scale
+                if name == output or (member.role == "activation" and member.source == entry.source):
+                    plan.tensors[name] = replace(member, scale=[float(lowest)], zero_point=[zero])
+
+
+POOL_RATIO_LIMIT = 255.0  # onnxruntime: x_scale / (y_scale * pixels) < 256, with a margin for rounding
 
 
 def _roots_without_params(graph: gs.Graph, placement: Placement, learned: dict[str, Learned]) -> list[str]:
@@ -567,6 +642,9 @@ def format_convert_summary(report: dict) -> str:
         lines.append(f"  {len(report['converted_types'])} activations converted to {report['activations']}")
     if report["dropped"]:
         lines.append(f"  {len(report['dropped'])} learned parameters not used (see the report's 'dropped')")
+    if report["kept_float"]:
+        lines.append(f"  {len(report['kept_float'])} nodes kept float, as the input model leaves their tensors float "
+                     "(see the report's 'kept_float'; --calibrate-missing --calib DATA quantizes them)")
     fusion = report["fusion"]
     kernels = ", ".join(f"{op} {n}" for op, n in fusion["int8_kernels"].items()) or "none"
     lines.append(f"  onnxruntime int8 kernels: {kernels}; avoidable unfused: {fusion['avoidable']}")
@@ -575,8 +653,6 @@ def format_convert_summary(report: dict) -> str:
         for out in fidelity["outputs"]:
             agree = out["top1_agreement"]
             extra = f", top-1 agreement {agree:.4f}" if agree is not None else ""
-            sqnr = out["sqnr_db"]
-            sqnr_text = "inf" if math.isinf(sqnr) else f"{sqnr:.1f}"
             lines.append(f"  vs the input model on {fidelity['samples']} samples, {out['name']}: "
-                         f"cosine {out['cosine']:.5f}, SQNR {sqnr_text} dB{extra}")
+                         f"cosine {number(out['cosine'], 5)}, SQNR {number(out['sqnr_db'], 1)} dB{extra}")
     return "\n".join(lines)

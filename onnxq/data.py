@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import DataError
+from .errors import DataError, read_problem
 
 Feed = dict[str, np.ndarray]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -73,6 +73,7 @@ class SampleSource:
         self.description = description
         self.kind = kind
         self.preprocessing = preprocessing  # images only: how pixels became tensors (for the report)
+        self.ignored: list[str] = []  # files in the folder that are not samples (labels, notes)
         self._count = count
         self._loader = loader  # index -> Feed
 
@@ -84,8 +85,17 @@ class SampleSource:
 
     def subset(self, indices: Sequence[int], description: str) -> SampleSource:
         indices = list(indices)
-        return SampleSource(description, len(indices), lambda i: self._loader(indices[i]), self.kind,
-                            self.preprocessing)
+        subset = SampleSource(description, len(indices), lambda i: self._loader(indices[i]), self.kind,
+                              self.preprocessing)
+        subset.ignored = self.ignored
+        return subset
+
+    def note(self, option: str) -> str | None:
+        """What the report says about files the folder holds besides samples."""
+        if not self.ignored:
+            return None
+        shown = ", ".join(self.ignored[:3]) + (f" and {len(self.ignored) - 3} more" if len(self.ignored) > 3 else "")
+        return f"{option}: {len(self)} {self.kind} samples used; {len(self.ignored)} other files ignored ({shown})"
 
 
 def open_source(
@@ -109,15 +119,24 @@ def open_source(
     npz = [p for p in files if p.suffix == ".npz"]
     npy = [p for p in files if p.suffix == ".npy"]
     pictures = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    kinds = {label: found for label, found in (("npz", npz), ("npy", npy), ("image", pictures)) if found}
+    if len(kinds) > 1:
+        counts = " and ".join(f"{len(found)} .{label} files ({found[0].name}, ...)" if label != "image"
+                              else f"{len(found)} image files ({found[0].name}, ...)" for label, found in kinds.items())
+        raise DataError(f"{path} holds {counts}: keep one kind of sample file per folder")
+    ignored = [p.name for p in files if p not in npz and p not in npy and p not in pictures]
     if npz:
-        return _validated(SampleSource(str(path), len(npz), lambda i: _read_npz(npz[i]), "npz-folder"), specs)
-    if npy:
+        source = _validated(SampleSource(str(path), len(npz), lambda i: _read_npz(npz[i]), "npz-folder"), specs)
+    elif npy:
         name = _single_input(specs, path).name
-        return _validated(SampleSource(str(path), len(npy), lambda i: {name: _read_npy(npy[i])}, "npy-folder"),
-                          specs)
-    if pictures:
-        return _image_folder(pictures, specs, images or ImagePreprocessing(), path)
-    raise DataError(f"no calibration samples in {path} (expected .npz, .npy, images or test_data_set_*/)")
+        source = _validated(SampleSource(str(path), len(npy), lambda i: {name: _read_npy(npy[i])}, "npy-folder"),
+                            specs)
+    elif pictures:
+        source = _image_folder(pictures, specs, images or ImagePreprocessing(), path)
+    else:
+        raise DataError(f"no calibration samples in {path} (expected .npz, .npy, images or test_data_set_*/)")
+    source.ignored = ignored
+    return source
 
 
 def _natural_key(path: Path) -> list:
@@ -136,14 +155,14 @@ def _read_npz(path: Path) -> Feed:
         with np.load(path, allow_pickle=False) as data:
             return {key: np.array(data[key]) for key in data.files}
     except Exception as exc:
-        raise DataError(f"cannot read {path}: {type(exc).__name__}") from None
+        raise DataError(f"cannot read {path}: {read_problem(exc)}") from None
 
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise DataError(f"cannot read {path}: {type(exc).__name__}") from None
+        raise DataError(f"cannot read {path}: {read_problem(exc)}") from None
 
 
 def _stacked_npz(path: Path, specs: list[InputSpec]) -> SampleSource:
@@ -159,6 +178,10 @@ def _stacked_npy(path: Path, specs: list[InputSpec]) -> SampleSource:
 def _split_stacked(arrays: Feed, specs: list[InputSpec], path: Path) -> SampleSource:
     if not arrays:
         raise DataError(f"{path} holds no arrays")
+    scalars = [name for name, a in arrays.items() if a.ndim == 0]
+    if scalars:
+        raise DataError(f"{path}: {scalars[0]} is a single number; a stacked {path.suffix} holds samples along a "
+                        "first (batch) axis (or put one sample per file in a folder)")
     counts = {name: (a.shape[0] if a.ndim else 0) for name, a in arrays.items()}
     if len(set(counts.values())) != 1:
         raise DataError(f"{path}: arrays differ in their batch (first) dimension: {counts}")
@@ -184,7 +207,7 @@ def _onnx_test_sets(folders: list[Path], specs: list[InputSpec], root: Path) -> 
                 tensor.ParseFromString(file.read_bytes())
                 array = numpy_helper.to_array(tensor)
             except Exception as exc:
-                raise DataError(f"cannot read {file} as a TensorProto: {type(exc).__name__}") from None
+                raise DataError(f"cannot read {file} as a TensorProto: {read_problem(exc)}") from None
             name = tensor.name or (specs[position].name if position < len(specs) else f"input_{position}")
             feed[name] = array
         return feed
@@ -220,7 +243,7 @@ def _load_image(path: Path, prep: ImagePreprocessing, channels: int, dtype: np.d
             image = image.convert("L" if channels == 1 else "RGB").resize(prep.size, Image.BILINEAR)
             pixels = np.asarray(image, dtype=np.float32)
     except Exception as exc:
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}") from None
+        raise DataError(f"cannot read image {path}: {read_problem(exc)}") from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if prep.channel_order == "BGR":

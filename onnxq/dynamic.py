@@ -75,7 +75,7 @@ def _matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
     """(weight as [K, N], bias or None) of a MatMul/Gemm that can run as a quantized matmul, else why not."""
     if len(node.inputs) < 2 or not is_constant(node.inputs[1]) or not is_float32(node.inputs[1]):
         return "weight is not a float constant"
-    weight = np.asarray(constant_values(node.inputs[1]), np.float32)  # no copy of a float32 weight
+    weight = np.asarray(constant_values(node.inputs[1]), dtype=np.float32)  # no copy of a float32 weight
     if weight.ndim != 2:
         return "weight is not 2-D"
     if node.op == "MatMul":

@@ -46,7 +46,38 @@ class UsageError(OnnxqError):
     exit_code = EXIT_USAGE
 
 
+MAX_REASON = 300  # characters of a library's message quoted in an error line
+
+
 def first_line(exc: BaseException) -> str:
-    """An exception's first message line (its type name when it has no message): for one-line errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """A library exception's message as one line: its lines joined (a first line may end mid-sentence, as
+    onnx.checker's "... of node:" does), cut at MAX_REASON characters; its type name when it has no message
+    (or the message is only a key or a number, as KeyError's and OSError's can be)."""
+    text = " ".join(str(exc).split()).replace(" ==> Context: ", "; ")
+    if not text or text.strip("'\"").isdigit() or isinstance(exc, KeyError):
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3].rstrip() + "..."
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: line breaks and other control characters (in paths, too) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+def read_problem(exc: BaseException) -> str:
+    """Why a data file could not be read, in words (not a bare exception name)."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "BadZipFile" or "zip file" in text.lower():
+        return "not a valid .npz (zip) file: truncated or another format"
+    if isinstance(exc, ValueError) and "pickle" in text.lower():
+        return "it holds Python objects (pickled), which onnxq does not load; save plain numeric arrays"
+    if isinstance(exc, KeyError):
+        return f"it lacks the entry {text}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not text in UTF-8"
+    if isinstance(exc, EOFError):
+        return "the file ends early (truncated)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return first_line(exc) if text else f"unreadable ({name})"

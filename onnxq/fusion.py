@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import ModelError, first_line
-from .model_io import needs_external_data
+from .model_io import needs_external_data, save_for_onnxruntime
 from .ops import QUANTIZE_OPS, is_integer_kernel
 from .precision import NodePrecision, compare_precision, disagreements
 
@@ -62,9 +62,9 @@ LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
 def optimized_graph(model: onnx.ModelProto, level: str = "all") -> onnx.ModelProto:
     """The graph onnxruntime's CPU provider runs, after its optimizations at `level`."""
     with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as tmp:
-        source, target = Path(tmp) / "model.onnx", Path(tmp) / "optimized.onnx"
+        target = Path(tmp) / "optimized.onnx"
         large = needs_external_data(model)
-        onnx.save_model(model, str(source), save_as_external_data=large, location="model.onnx.data")
+        source = save_for_onnxruntime(model, Path(tmp))
         options = ort.SessionOptions()
         options.graph_optimization_level = LEVELS[level]
         options.optimized_model_filepath = str(target)

@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .model_io import is_spilled, read_tensor
+
 Tensor = gs.Tensor
 Node = gs.Node
 Graph = gs.Graph
@@ -38,7 +40,7 @@ def is_constant(tensor: gs.Tensor) -> bool:
 
 
 def is_float32(tensor: gs.Tensor) -> bool:
-    dtype = tensor.values.dtype if isinstance(tensor, gs.Constant) else tensor.dtype
+    dtype = tensor.dtype  # a Constant's dtype is known without loading its values
     if dtype is None:
         return False
     try:
@@ -47,7 +49,15 @@ def is_float32(tensor: gs.Tensor) -> bool:
         return dtype == onnx.TensorProto.FLOAT
 
 
+UNCACHED_BYTES = 2**26  # constants this large are read from the model each time, not kept on the graph
+
+
 def constant_values(tensor: gs.Tensor) -> np.ndarray:
+    """A constant's values. graphsurgeon keeps what it loads on the graph: for a large weight (a model over
+    2 GiB holds many) that is a second copy for as long as the graph lives, so those are read without it."""
+    lazy = getattr(tensor, "_values", None)
+    if isinstance(lazy, gs.ir.tensor.LazyValues) and (is_spilled(lazy.tensor) or lazy.nbytes >= UNCACHED_BYTES):
+        return read_tensor(lazy.tensor)  # a spilled weight (onnxq.model_io) is read from its file
     return np.asarray(tensor.values)
 
 

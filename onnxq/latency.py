@@ -19,6 +19,7 @@ from .calibrate import session_for
 from .data import InputSpec, SampleSource, model_input_specs
 from .errors import DataError, UsageError, first_line
 from .model_io import load_model
+from .report import size_change
 
 
 def interleaved_runs(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *, warmup: int = 2,
@@ -119,7 +120,7 @@ def all_threads() -> int:
 def format_comparison(result: dict) -> str:
     lines = [f"{result['int8']} vs {result['fp32']} (input: {result['input']})",
              f"  size: {result['fp32_bytes'] / 1e6:.2f} MB -> {result['int8_bytes'] / 1e6:.2f} MB "
-             f"({result['size_ratio']}x smaller)",
+             f"({size_change(result['fp32_bytes'], result['int8_bytes'])})",
              "  threads  batch   fp32 ms (p90)      int8 ms (p90)      int8 speedup   int8 samples/s"]
     for row in result["rows"]:
         lines.append(f"  {row['threads']:>7}  {row['batch']:>5}   {row['fp32_ms']:8.2f} ({row['fp32_p90_ms']:7.2f})"

@@ -6,6 +6,7 @@ and the plan (--save-plan) are files; the report says what every stage did and h
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
@@ -19,6 +20,7 @@ import onnx
 
 from . import __version__
 from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress
+from .checks import check_finite_weights, check_not_qdq, check_targets, unmatched_excludes
 from .cpu import TargetCpu, default_weight_range, resolve_target
 from .data import (
     ImagePreprocessing,
@@ -31,11 +33,21 @@ from .data import (
 )
 from .distributed import RayOptions, collect, evaluator_for
 from .dynamic import WeightOnlyOptions, rewrite_dynamic
-from .errors import DataError, ModelError, UsageError
+from .errors import DataError, ModelError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion, is_integer_kernel
 from .ir import Graph, concrete_shapes, import_graph
-from .model_io import check_output_path, load_model, model_digest, needs_external_data, save_model
+from .model_io import (
+    externalize,
+    load_model,
+    model_bytes,
+    model_digest,
+    needs_external_data,
+    save_model,
+    weights_on_disk,
+)
+from .outputs import transaction
+from .paths import DATA, MODEL, OUTPUT, PathArg, check_paths, quantize_paths
 from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import PreparedModel, prepare_model
@@ -180,6 +192,7 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
     calib: SampleSource | None = None
     if options.calib is not None:
         calib = open_source(options.calib, specs, options.images)
+        notes += filter(None, [calib.note("--calib")])
     elif options.allow_random:
         calib = random_source(specs, RANDOM_SAMPLES)
         notes.append("calibrated on RANDOM data (--allow-random): ranges and fidelity say little about real inputs")
@@ -188,6 +201,7 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
     held: SampleSource | None = None
     if options.eval_data is not None:
         held = open_source(options.eval_data, specs, options.images)
+        notes += filter(None, [held.note("--eval-data")])
     elif calib is not None and request.load_stats is None:
         calib, held = split_holdout(calib)
         if held is None:
@@ -273,9 +287,7 @@ class Calibrated:
 def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progress, *,
                writes_model: bool = True) -> Calibrated:
     timer = StageTimer()
-    if writes_model:
-        check_output_path(request.output, [request.model])
-    _check_extra_outputs(request)
+    check_paths(quantize_paths(request, writes_model))
     target = resolve_target(request.target_cpu)
     check_speed_guard_options(request, target)
     settings, weight_range_reason = resolve_settings(request, target)
@@ -285,9 +297,11 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
             raise UsageError("--smooth-alpha changes the model, so saved statistics do not fit it: "
                              "give --calib instead of --load-stats")
     with timer.stage("load"):
-        original = load_model(request.model)
+        original = load_model(request.model, lazy_weights=True)  # over 2 GiB: weights stay on disk
+        check_not_qdq(original, request.model)
     with timer.stage("prepare"):
-        prepared = prepare_model(original)
+        prepared = prepare_model(original, request.model)
+        check_finite_weights(prepared.model)
     recovery: dict = {}
     if request.equalize:
         with timer.stage("equalize"):
@@ -318,12 +332,6 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
                       timer, choices, smoothing, recovery)
 
 
-def _check_extra_outputs(request: QuantizeRequest) -> None:
-    for extra in (request.save_stats, request.save_plan, request.save_recipe):
-        if extra is not None:
-            check_output_path(extra, [request.model, request.output])
-
-
 def _recipe_choices(request: QuantizeRequest, graph: Graph, *, with_exclude: bool = False
                     ) -> tuple[dict[str, NodeChoice], list[str]]:
     """The recipe's choice per node, and notes on rules that select nothing or cannot apply.
@@ -334,7 +342,7 @@ def _recipe_choices(request: QuantizeRequest, graph: Graph, *, with_exclude: boo
     rules = request.recipe.rules + (_exclude_rules(request, graph) if with_exclude else [])
     choices = Recipe(rules=rules).choices(nodes)
     notes = [f"recipe rule {n} ({request.recipe.rules[n - 1].match.to_dict()}) selects no node"
-             for n in request.recipe.unmatched_rules(nodes)]
+             for n in request.recipe.unmatched_rules(nodes)] + unmatched_excludes(request.exclude, nodes)
     if request.output_format == "qoperator" and any(c.precision == "int16" for c in choices.values()):
         raise UsageError("16-bit activations (recipe precision: int16) have no integer operators: use --format qdq")
     if request.mode == "static" and any(c.weights == "int4" for c in choices.values()):
@@ -385,8 +393,17 @@ def _smooth(request: QuantizeRequest, prepared: PreparedModel, calib: SampleSour
 
 
 def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
-    if request.mode != "static":
-        return quantize_without_calibration(request, progress)
+    """Quantize `request.model`; its outputs (model, statistics, plan, recipe) are all written at the end, or none."""
+    check_paths(quantize_paths(request))
+    target = request.target or Target()
+    check_targets(request.min_cosine, request.min_sqnr, target.min_cosine, target.min_sqnr_db, target.min_metric)
+    with transaction():
+        if request.mode != "static":
+            return quantize_without_calibration(request, progress)
+        return quantize_static(request, progress)
+
+
+def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
     if request.fallback == "int8":
         raise UsageError("--fallback int8 (int8 weights) is for --mode weight-only --weight-bits 4")
     if (request.target is not None and request.target_data is None and request.data.eval_data is None
@@ -427,7 +444,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
     with timer.stage("write"):
         save_model(quantized, request.output)
     report = build_report(
-        request=request, version=__version__, original=c.original, quantized_bytes=quantized.ByteSize(),
+        request=request, version=__version__, original=c.original, quantized_bytes=model_bytes(quantized),
         plan=plan, stats=c.stats, calib=c.calib, held=c.held, fidelity=fidelity, notes=c.notes,
         weight_range_reason=c.weight_range_reason, timings=timer.seconds,
         speed_guard=guard.to_report() if guard is not None else {"enabled": False}, fusion=fusion.to_dict(),
@@ -557,9 +574,11 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         validate_alpha(request.smooth_alpha)
     if request.equalize or _recovery_options(request).needs_data:
         raise UsageError("--equalize, --bias-correction and --adaround apply to --mode static only")
+    if request.target is not None and request.mode == "dynamic":
+        raise UsageError("an accuracy target (--target-sqnr/--target-cosine/--target-metric) applies to --mode static "
+                         "and weight-only")
     timer = StageTimer()
-    check_output_path(request.output, [request.model])
-    _check_extra_outputs(request)
+    check_paths(quantize_paths(request))
     target = resolve_target(request.target_cpu)
     settings, weight_range_reason = resolve_settings(request, target)
     if request.mode == "weight-only":  # float compute: no int8 products, nothing can saturate
@@ -567,18 +586,21 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         weight_range_reason = "weight-only: float compute, full 8-bit weights"
     request.weight_only.validate()
     with timer.stage("load"):
-        original = load_model(request.model)
+        original = load_model(request.model, lazy_weights=True)  # over 2 GiB: weights stay on disk
+        check_not_qdq(original, request.model)
     with timer.stage("prepare"):
-        prepared = prepare_model(original)
+        prepared = prepare_model(original, request.model)
+        check_finite_weights(prepared.model)
     held_path = request.data.eval_data or request.data.calib
     held = open_source(held_path, model_input_specs(original), request.data.images) if held_path else None
+    held_notes = [held.note("--eval-data" if request.data.eval_data else "--calib")] if held is not None else []
     smoothing = None
     if request.smooth_alpha is not None:  # fewer activation outliers help run-time quantization too
         calib = open_source(request.data.calib, model_input_specs(original),
                             request.data.images) if request.data.calib else None
         with timer.stage("smooth"):
             smoothing = _smooth(request, prepared, calib, progress)
-    graph = import_graph(prepared.model)
+    graph = import_graph(externalize(prepared.model, None, "weights"))  # names and op types: no weights held
     choices, recipe_notes = _recipe_choices(request, graph, with_exclude=True)
     weight_only = None
     with timer.stage("rewrite"):
@@ -589,6 +611,9 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
             weight_only = run_weight_only(request, prepared.model, prepared.reference, settings.weight_qtype,
                                           choices, held, progress)
             quantized, decisions = weight_only.model, weight_only.decisions
+        notes, reference = list(prepared.notes), prepared.reference if held is not None else None
+        del prepared  # the fp32 weights go unless the comparison needs them (a model over 2 GiB: half the memory)
+        gc.collect()  # the rewrite's graph (reference cycles) holds arrays as large as the model
     if not any(d.status in ("int8", "int4") for d in decisions):
         reasons = Counter(f"{d.op_type}: {d.reason}" for d in decisions)
         detail = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no Conv, MatMul or Gemm"
@@ -599,7 +624,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     fidelity = None
     if held is not None:
         with timer.stage("evaluate"):
-            fidelity = compare_models(prepared.reference, quantized, held, batch_size=request.data.batch_size,
+            fidelity = compare_models(reference, quantized, held, batch_size=request.data.batch_size,
                                       progress=progress, limit=request.eval_samples)
     with timer.stage("write"):
         save_model(quantized, request.output)
@@ -614,8 +639,9 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         fusion_view["expected_dequantized_weights"] = fusion_view.pop("dequantized_weights")
         fusion_view["avoidable"] = len(fusion.unfused_pairs)
     report = build_report(
-        request=request, version=__version__, original=original, quantized_bytes=quantized.ByteSize(), plan=plan,
-        stats=Statistics(), calib=None, held=held, fidelity=fidelity, notes=list(prepared.notes) + recipe_notes,
+        request=request, version=__version__, original=original, quantized_bytes=model_bytes(quantized), plan=plan,
+        stats=Statistics(), calib=None, held=held, fidelity=fidelity,
+        notes=notes + recipe_notes + [n for n in held_notes if n],
         weight_range_reason=weight_range_reason, timings=timer.seconds, speed_guard={"enabled": False},
         fusion=fusion_view, target=target.to_dict(),
     )
@@ -690,10 +716,10 @@ def check_written_model(model: onnx.ModelProto, planned: dict[str, str] | None =
     whether each compute node runs at the precision planned (`planned`: label -> plan status).
     """
     try:
-        if not needs_external_data(model):  # a larger one is checked by onnxruntime loading it
+        if not needs_external_data(model) and not weights_on_disk(model):  # else onnxruntime loading it checks it
             onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise ModelError(f"internal error: the quantized model fails onnx.checker: {reason}") from None
     try:
         return check_fusion(model, planned)
@@ -704,9 +730,10 @@ def check_written_model(model: onnx.ModelProto, planned: dict[str, str] | None =
 def calibrate_only(model_path: Path, output: Path, data: DataOptions,
                    progress: ProgressFactory = _no_progress) -> Statistics:
     """Collect and save statistics for every tensor quantize may need (for --load-stats later)."""
-    check_output_path(output, [model_path])
-    original = load_model(model_path)
-    prepared = prepare_model(original)
+    check_paths([PathArg("MODEL", model_path, MODEL), PathArg("--calib", data.calib, DATA),
+                 PathArg("-o", output, OUTPUT)])
+    original = load_model(model_path, lazy_weights=True)
+    prepared = prepare_model(original, model_path)
     graph = import_graph(prepared.model)
     tensors = tensors_to_observe(graph)
     specs = model_input_specs(original)

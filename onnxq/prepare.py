@@ -23,7 +23,15 @@ from onnx import version_converter
 
 from .errors import ModelError, first_line
 from .ir import all_proto_nodes
-from .model_io import needs_external_data
+from .model_io import (
+    externalize,
+    load_weights,
+    needs_external_data,
+    save_for_onnxruntime,
+    spill,
+    spill_folder,
+    weights_on_disk,
+)
 from .simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
 
 MIN_OPSET = 13
@@ -70,15 +78,16 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return upgraded
 
 
-def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:
+def optimize_basic(model: onnx.ModelProto, source: Path | None = None) -> onnx.ModelProto:
     """Run onnxruntime's basic graph optimisations (again while they fold more) and read the result back.
 
     onnxruntime inlines function ops (CastLike, a model's local functions) after folding constants, so
     constants computed inside them (PyTorch's dynamo exporter with optimize=False writes every bias-less
     Conv's zero bias as Expand(CastLike(0, x), Shape(w))) only fold, and BatchNormalization only folds
-    into that Conv, in a second pass.
+    into that Conv, in a second pass. `source`: the file `model` was loaded from without its weights
+    (onnxruntime reads them there: a model over 2 GiB is never in memory twice).
     """
-    optimized = _optimize_once(model)
+    optimized = _optimize_once(model, source)
     for _ in range(MAX_EXTRA_PASSES):
         if not _has_foldable_nodes(optimized):
             break
@@ -99,12 +108,12 @@ def _has_foldable_nodes(model: onnx.ModelProto) -> bool:
                and all(name in constants for name in node.input if name) for node in model.graph.node)
 
 
-def _optimize_once(model: onnx.ModelProto) -> onnx.ModelProto:
+def _optimize_once(model: onnx.ModelProto, source: Path | None = None) -> onnx.ModelProto:
+    """onnxruntime's basic optimisations; a result over 2 GiB keeps its weights in onnxruntime's file (spilled)."""
     with tempfile.TemporaryDirectory(prefix="onnxq-prepare-") as tmp:
-        source = Path(tmp) / "source.onnx"
-        target = Path(tmp) / "optimized.onnx"
         large = needs_external_data(model)
-        onnx.save_model(model, str(source), save_as_external_data=large, location="source.data")
+        target = (spill_folder() if large else Path(tmp)) / "optimized.onnx"
+        source = source or save_for_onnxruntime(model, Path(tmp), "source.onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(target)
@@ -119,7 +128,9 @@ def _optimize_once(model: onnx.ModelProto) -> onnx.ModelProto:
             reason = first_line(exc)
             reason = reason.replace(f" from {source}", "")  # our temporary copy means nothing to the user
             raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
-        optimized = onnx.load(str(target))
+        optimized = onnx.load(str(target), load_external_data=not large)
+        if large:
+            spill(optimized, target.parent)
     _keep_used_opsets(optimized)
     del optimized.metadata_props[:]
     optimized.metadata_props.extend(model.metadata_props)
@@ -135,16 +146,36 @@ def _keep_used_opsets(model: onnx.ModelProto) -> None:
 
 
 def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with inferred shapes and types (value_info).
+
+    Over 2 GiB (one protobuf message cannot hold it) inference runs on the model without its large
+    weights and the value_info of `model` itself is replaced: copying the weights would double memory.
+    """
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        if not needs_external_data(model):
+            return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(externalize(model, None, "weights"), check_type=False,
+                                                     strict_mode=False, data_prop=True)
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(inferred.graph.value_info)
+        return model
     except Exception:
         return model  # inference is a help, not a requirement: unknown tensors simply stay float
 
 
-def prepare_model(model: onnx.ModelProto) -> PreparedModel:
-    """The fp32 model that statistics, plan and rewrite all refer to."""
+def prepare_model(model: onnx.ModelProto, source: Path | None = None) -> PreparedModel:
+    """The fp32 model that statistics, plan and rewrite all refer to.
+
+    `model` may come without its weights (model_io.load_model(path, lazy_weights=True), a model over
+    2 GiB): `source` is then its file, onnxruntime's first pass reads the weights from there and the
+    prepared model is also the fp32 reference (it computes the same), so the weights are in memory once.
+    """
     work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work.CopyFrom(model)  # cheap when the weights are on disk
+    lazy = on_disk = weights_on_disk(work)
+    if on_disk and (source is None or default_opset(work) < MIN_OPSET or _initializer_inputs(work)):
+        work = _with_weights(work, source)  # the steps before onnxruntime's need them in memory
+        on_disk = False
     notes: list[str] = []
     # Upgrade first: the converter needs IR 3 models as they are, initializers listed as inputs.
     opset = default_opset(work)
@@ -160,7 +191,7 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     dropped = drop_initializer_inputs(work)
     if dropped:
         notes.append(f"{len(dropped)} initializers were also listed as graph inputs; treated as constants")
-    work = optimize_basic(work)
+    work = optimize_basic(work, source if on_disk else None)
     work, folded = fold_affine_into_conv(work)
     if folded:
         notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
@@ -173,4 +204,16 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     if pooled:
         notes.append(f"{pooled} ReduceMean ops over all spatial axes written as GlobalAveragePool")
         work = infer_types(work)
-    return PreparedModel(work, reference, notes)
+    return PreparedModel(work, work if lazy else reference, notes)
+
+
+def _initializer_inputs(model: onnx.ModelProto) -> bool:
+    initializers = {t.name for t in model.graph.initializer}
+    return any(i.name in initializers for i in model.graph.input)
+
+
+def _with_weights(model: onnx.ModelProto, source: Path | None) -> onnx.ModelProto:
+    if source is None:
+        raise ModelError("the model's weights are not loaded and its file is not known")
+    load_weights(model, source)
+    return model

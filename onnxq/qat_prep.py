@@ -19,13 +19,14 @@ import onnx_graphsurgeon as gs
 
 from . import __version__, qmath
 from .calibrate import ProgressFactory, _no_progress
-from .errors import UsageError
 from .evaluate import compare_models
 from .ir import NameAllocator, export_model, import_graph
-from .model_io import check_output_path, save_model
+from .model_io import save_model
+from .outputs import transaction
+from .paths import OUTPUT, PathArg, check_paths, quantize_paths
 from .pipeline import QuantizeRequest, calibrated, check_written_model
 from .plan import QuantPlan, TensorPlan, build_plan
-from .report import json_safe
+from .report import json_safe, number
 from .rewrite_qdq import write_qdq
 
 
@@ -43,9 +44,12 @@ def params_path_for(output: Path) -> Path:
 def qat_prep(request: QuantizeRequest, params_path: Path | None = None,
              progress: ProgressFactory = _no_progress) -> PrepResult:
     params_path = params_path or params_path_for(request.output)
-    check_output_path(params_path, [request.model, request.output])
-    if params_path.resolve() == request.output.resolve():
-        raise UsageError(f"--params must be another file than the output model ({params_path})")
+    check_paths([*quantize_paths(request), PathArg("--params", params_path, OUTPUT)])
+    with transaction():  # the model and its parameters file are written together, or neither
+        return _qat_prep(request, params_path, progress)
+
+
+def _qat_prep(request: QuantizeRequest, params_path: Path, progress: ProgressFactory) -> PrepResult:
     c = calibrated(replace(request, speed_guard="off"), progress)
     full = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
     plan = QuantPlan(settings=full.settings, nodes=full.nodes, model_digest=c.digest,
@@ -79,7 +83,7 @@ def add_weight_fake_quant(model: onnx.ModelProto, weights: list[TensorPlan]) -> 
     tensors = graph.tensors()
     for entry in weights:
         constant = tensors[entry.name]
-        shape = list(np.asarray(constant.values).shape)
+        shape = list(constant.shape)
         params = [gs.Constant(names.new(f"{entry.name}_scale"), entry.scale_array()),
                   gs.Constant(names.new(f"{entry.name}_zero_point"), entry.zero_point_array())]
         qtype = qmath.qtype_by_name(entry.qtype)
@@ -107,6 +111,6 @@ def format_prep_summary(report: dict) -> str:
     if fidelity is not None:
         for out in fidelity["outputs"]:
             lines.append(f"  vs fp32 on {fidelity['samples']} held-back samples, {out['name']}: "
-                         f"cosine {out['cosine']:.5f}, SQNR {out['sqnr_db']:.1f} dB")
+                         f"cosine {number(out['cosine'], 5)}, SQNR {number(out['sqnr_db'], 1)} dB")
     lines.append(f"  after training: onnxq convert {report['output']} -o MODEL.int8.onnx")
     return "\n".join(lines)

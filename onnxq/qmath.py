@@ -98,6 +98,11 @@ def quantize(
     """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
     x = np.asarray(x, dtype=np.float32)
     s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, axis)
+    if max(-qtype.qmin, qtype.qmax) < 2**24:  # integers below 2^24 are exact in float32: one buffer, in place
+        q = np.asarray(np.divide(x, s, dtype=np.float32))  # 0-d input: a scalar, made an array
+        np.rint(q, out=q)
+        q += _broadcast(np.asarray(zero_point).astype(np.float32), x.ndim, axis)
+        return np.clip(q, qtype.qmin, qtype.qmax, out=q).astype(qtype.dtype)
     z = _broadcast(np.asarray(zero_point).astype(np.float64), x.ndim, axis)
     q = np.rint(x / s).astype(np.float64) + z
     return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.dtype)
@@ -120,11 +125,12 @@ def representable_range(scale: np.ndarray, zero_point: np.ndarray, qtype: QType)
 
 def channel_minmax(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel min and max of a weight along `axis`."""
-    moved = np.moveaxis(np.asarray(w, dtype=np.float32), axis, 0).reshape(w.shape[axis], -1)
-    if moved.shape[1] == 0:
+    w = np.asarray(w, dtype=np.float32)
+    if w.size == 0:
         zeros = np.zeros(w.shape[axis], dtype=np.float32)
         return zeros, zeros
-    return moved.min(axis=1), moved.max(axis=1)
+    others = tuple(i for i in range(w.ndim) if i != axis % w.ndim)  # no transposed copy of a large weight
+    return w.min(axis=others), w.max(axis=others)
 
 
 def symmetric_weights(w: np.ndarray, qtype: QType, axis: int | None

@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import qmath
-from .calibrate import _groups_within_budget, run, session_for, with_outputs
+from .calibrate import _groups_within_budget, run, session_for
 from .data import SampleSource, batches
 from .errors import UsageError
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_empty, node_label
@@ -305,7 +305,7 @@ def collect_moments(model: onnx.ModelProto, layers: list[Layer], source: SampleS
     rngs = {layer.label: np.random.default_rng([ADAROUND_SEED, i]) for i, layer in enumerate(layers)
             if layer.label in gram}
     with tempfile.TemporaryDirectory(prefix="onnxq-recovery-") as tmp:
-        session = session_for(with_outputs(model, names), Path(tmp))
+        session = session_for(model, Path(tmp), outputs=names)
         groups = _groups_within_budget(session, source, names, batch_size, memory_budget) or [[]]
         for index, group in enumerate(groups):
             wanted = set(group) | (inputs if index == 0 else set())

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from .model_io import model_bytes
+
 if TYPE_CHECKING:
     from .data import SampleSource
     from .evaluate import Fidelity
@@ -23,7 +25,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
                  fidelity: Fidelity | None, notes: list[str], weight_range_reason: str,
                  timings: dict[str, float], speed_guard: dict, fusion: dict, recovery: dict | None = None,
                  target: dict | None = None) -> dict:
-    original_bytes = original.ByteSize()
+    original_bytes = model_bytes(original)
     nodes = _node_summary(plan)
     report = {
         "onnxq_version": version,
@@ -70,7 +72,7 @@ def _speed_decisions(guard: dict) -> str:
 def _metric_change(target: dict) -> str:
     if target["target"].get("min_metric") is None:
         return ""
-    return f", metric {_num(target['start']['metric'], 4)} -> {_num(target['final']['metric'], 4)}"
+    return f", metric {number(target['start']['metric'], 4)} -> {number(target['final']['metric'], 4)}"
 
 
 def _describe(source: SampleSource | None, samples: int | None = None) -> dict | None:
@@ -154,7 +156,7 @@ def format_summary(report: dict) -> str:
         ops.append(f"{op} {quantized}/{sum(counts.values())}")
     lines.append("    " + ", ".join(ops))
     lines.append(f"  size: {size['fp32_bytes'] / 1e6:.2f} MB -> {size['int8_bytes'] / 1e6:.2f} MB "
-                 f"({size['ratio']}x smaller)")
+                 f"({size_change(size['fp32_bytes'], size['int8_bytes'])})")
     fidelity = report["fidelity"]
     if fidelity:
         measured = fidelity["samples"]
@@ -163,9 +165,9 @@ def format_summary(report: dict) -> str:
         lines.append(f"  fidelity on {measured}{of} samples ({fidelity['source']}{every}):")
         for out in fidelity["outputs"]:
             top1 = f", top-1 agreement {out['top1_agreement']:.2%}" if out["top1_agreement"] is not None else ""
-            lines.append(f"    {out['name']}: cosine {_num(out['cosine'], 5)} "
-                         f"(worst sample {_num(out['worst_sample_cosine'], 5)}), "
-                         f"SQNR {_num(out['sqnr_db'], 1)} dB{top1}")
+            lines.append(f"    {out['name']}: cosine {number(out['cosine'], 5)} "
+                         f"(worst sample {number(out['worst_sample_cosine'], 5)}), "
+                         f"SQNR {number(out['sqnr_db'], 1)} dB{top1}")
     else:
         lines.append("  fidelity: not measured (no evaluation data)")
     fusion = report.get("fusion")
@@ -176,20 +178,20 @@ def format_summary(report: dict) -> str:
     if smoothing:
         lines.append(f"  smoothing (alpha {smoothing['alpha']}): {smoothing['layers_smoothed']} activations, "
                      f"{smoothing['extra_ops']} extra ops; largest activation range "
-                     f"{_num(smoothing['max_range_before'], 2)} -> {_num(smoothing['max_range_after'], 2)}")
+                     f"{number(smoothing['max_range_before'], 2)} -> {number(smoothing['max_range_after'], 2)}")
     lines.extend(_speed_guard_lines(report.get("speed_guard") or {}))
     target = report.get("accuracy_target")
     if target:
         speed = target["speed"]
         cost = f", {speed['cost']:.2f}x the all-int8 latency" if speed else ""
         lines.append(f"  accuracy target {'met' if target['met'] else 'NOT met'}: {len(target['float_nodes'])} layers "
-                     f"to {target['fallback']} (SQNR {_num(target['start']['min_sqnr_db'], 1)} -> "
-                     f"{_num(target['final']['min_sqnr_db'], 1)} dB{_metric_change(target)} on {target['samples']} "
+                     f"to {target['fallback']} (SQNR {number(target['start']['min_sqnr_db'], 1)} -> "
+                     f"{number(target['final']['min_sqnr_db'], 1)} dB{_metric_change(target)} on {target['samples']} "
                      f"samples{cost})")
     lines.extend(_recovery_lines(report.get("recovery")))
     for gate in report["gates"]:
         verdict = "passed" if gate["passed"] else "MISSED"
-        lines.append(f"  gate {gate['gate']} >= {gate['required']}: {verdict} (measured {_num(gate['measured'], 4)})")
+        lines.append(f"  gate {gate['gate']} >= {gate['required']}: {verdict} (measured {number(gate['measured'], 4)})")
     for note in report["notes"]:
         lines.append(f"  note: {note}")
     total = sum(report["timings_s"].values())
@@ -223,7 +225,7 @@ def _recovery_lines(recovery: dict | None) -> list[str]:
     ada = recovery.get("adaround")
     if ada is not None:
         lines.append(f"  adaround: {ada['layers_improved']} of {len(ada['layers'])} layers re-rounded, mean output "
-                     f"error {_num(ada['mean_loss_ratio'], 3)}x of round-to-nearest ({ada['seconds']:.1f} s)")
+                     f"error {number(ada['mean_loss_ratio'], 3)}x of round-to-nearest ({ada['seconds']:.1f} s)")
     bias = recovery.get("bias_correction")
     if bias is not None:
         lines.append(f"  bias correction: {bias['layers_corrected']} layers"
@@ -240,7 +242,15 @@ def _static_settings_line(settings: dict) -> str:
             + f" ({settings['weight_range']} range: {settings['weight_range_reason']})")
 
 
-def _num(value, digits: int) -> str:
+def size_change(before: int, after: int) -> str:
+    """'3.4x smaller' or '1.19x larger' (never '0.84x smaller')."""
+    if after <= 0 or before <= 0:
+        return "size unknown"
+    return f"{before / after:.3g}x smaller" if after <= before else f"{after / before:.3g}x larger"
+
+
+def number(value, digits: int) -> str:
+    """A report number for humans: inf/nan (floats or the strings json_safe writes) and None as words."""
     if isinstance(value, str) or value is None:
         return str(value)
     return f"{value:.{digits}f}"

@@ -59,7 +59,7 @@ def _single_affine_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.No
     if consumer.op not in ("Mul", "Add") or len(consumer.inputs) != 2:
         return None
     constants = [t for t in consumer.inputs if is_constant(t)]
-    return consumer if len(constants) == 1 and constants[0].values.dtype == np.float32 else None
+    return consumer if len(constants) == 1 and constants[0].dtype == np.float32 else None
 
 
 def _per_channel(node: gs.Node, channels: int) -> np.ndarray | None:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibrate import ProgressFactory, _no_progress, run, session_for, with_outputs
+from .calibrate import ProgressFactory, _no_progress, run, session_for
 from .data import SampleSource, batches
 from .errors import UsageError
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_float32, node_label
@@ -115,14 +115,22 @@ def smoothing_factors(a: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
 
 def channel_absmax(model: onnx.ModelProto, tensors: list[str], source: SampleSource, batch_size: int = 1,
                    progress: ProgressFactory = _no_progress) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) abs-max of `tensors` over `source`; only a running max is kept."""
+    """Per-channel (last axis) abs-max of `tensors` over `source`; only a running max is kept.
+
+    Graph inputs among `tensors` are read from the feeds (onnxruntime has no output by their name).
+    """
     found: dict[str, np.ndarray] = {}
+    inputs = {i.name for i in model.graph.input}
+    computed = [t for t in tensors if t not in inputs]
     with tempfile.TemporaryDirectory(prefix="onnxq-smooth-") as tmp:
-        session = session_for(with_outputs(model, tensors), Path(tmp))
+        session = session_for(model, Path(tmp), outputs=computed) if computed else None
         bar = progress(len(source), "smoothing statistics")
         try:
             for feed, count in batches(source, batch_size):
-                for name, values in zip(tensors, run(session, feed, tensors), strict=True):
+                values_of = dict(zip(computed, run(session, feed, computed), strict=True)) if session else {}
+                values_of.update({name: feed[name] for name in tensors if name in inputs})
+                for name in tensors:
+                    values = values_of[name]
                     channel = np.abs(values.reshape(-1, values.shape[-1])).max(axis=0)
                     found[name] = channel if name not in found else np.maximum(found[name], channel)
                 bar.update(count)

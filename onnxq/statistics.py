@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, read_problem
 
 BINS_PER_SIDE = 4096
 STATS_FORMAT = "onnxq-stats/1"
+# Bin widths 2^e a float64 holds with every edge finite (ldexp range minus the 2^12 bins per side).
+MIN_WIDTH_EXP, MAX_WIDTH_EXP = -1074, 1023 - 12
 
 
 @dataclass
@@ -254,16 +256,22 @@ class Statistics:
         except FileNotFoundError:
             raise DataError(f"statistics file not found: {path}") from None
         except Exception as exc:  # corrupt zip, missing keys, bad JSON
-            raise DataError(f"not an onnxq statistics file: {path} ({type(exc).__name__})") from None
+            raise DataError(f"not an onnxq statistics file: {path} ({read_problem(exc)})") from None
         if not isinstance(header, dict):
             raise DataError(f"not an onnxq statistics file: {path} (header is not a JSON object)")
         if header.get("format") != STATS_FORMAT or header.get("bins_per_side") != BINS_PER_SIDE:
             raise DataError(f"{path}: unsupported statistics format {header.get('format')!r}")
         try:
-            if counts.shape != (len(header["tensors"]), 2 * BINS_PER_SIDE):
-                raise ValueError(f"histogram array has shape {counts.shape}")
+            if counts.shape != (len(header["tensors"]), 2 * BINS_PER_SIDE) or counts.dtype.kind not in "iu":
+                raise ValueError(f"the histogram array is {counts.dtype} {list(counts.shape)}, not integer counts "
+                                 f"[{len(header['tensors'])}, {2 * BINS_PER_SIDE}]")
+            if not _is_count(header["samples"]):
+                raise ValueError(f"samples is {header['samples']!r}, not a count")
             stats = cls(samples=header["samples"], model_digest=header["model_digest"], source=header["source"])
             for row, entry in zip(counts, header["tensors"], strict=True):
+                problem = _entry_problem(entry, row)
+                if problem:
+                    raise ValueError(f"tensor {entry.get('name')!r}: {problem}")
                 stats.tensors[entry["name"]] = TensorStats(
                     min=entry["min"] if entry["min"] is not None else math.inf,
                     max=entry["max"] if entry["max"] is not None else -math.inf,
@@ -275,9 +283,47 @@ class Statistics:
                     width_exp=entry["width_exp"],
                     counts=row.astype(np.int64),
                 )
-        except (KeyError, TypeError, ValueError) as exc:  # a header or array that does not fit the format
-            raise DataError(f"{path}: corrupt statistics file ({type(exc).__name__}: {exc})") from None
+        except KeyError as exc:
+            raise DataError(f"{path}: corrupt statistics file (no field {exc})") from None
+        except (TypeError, ValueError, AttributeError) as exc:  # a header or array that does not fit the format
+            raise DataError(f"{path}: corrupt or hand-edited statistics file: {exc}") from None
         return stats
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _entry_problem(entry: dict, counts: np.ndarray) -> str:
+    """What makes one tensor's saved statistics impossible ('' when they are consistent)."""
+    for key in ("batches", "count", "zeros"):
+        if not _is_count(entry[key]):
+            return f"{key} is {entry[key]!r}, not a count"
+    for key in ("min", "max"):
+        if entry[key] is not None and not _is_number(entry[key]):
+            return f"{key} is {entry[key]!r}, not a finite number"
+    for key in ("sum_batch_min", "sum_batch_max"):
+        if not _is_number(entry[key]):
+            return f"{key} is {entry[key]!r}, not a finite number"
+    if entry["count"] and (entry["min"] is None or entry["max"] is None or entry["min"] > entry["max"]):
+        return f"min {entry['min']} is not <= max {entry['max']}"
+    if entry["zeros"] > entry["count"]:
+        return f"{entry['zeros']} zeros among {entry['count']} values"
+    width = entry["width_exp"]
+    if width is not None and (not isinstance(width, int) or isinstance(width, bool)):
+        return f"width_exp is {width!r}, not an integer"
+    if width is not None and not MIN_WIDTH_EXP <= width <= MAX_WIDTH_EXP:
+        return f"width_exp {width} is outside [{MIN_WIDTH_EXP}, {MAX_WIDTH_EXP}]"
+    if counts.min(initial=0) < 0 or int(counts.sum()) != entry["count"]:
+        return f"the histogram holds {int(counts.sum())} values (some negative?) for a count of {entry['count']}"
+    if width is not None and entry["count"] and max(abs(entry["min"]), abs(entry["max"])) >= math.ldexp(
+            BINS_PER_SIDE, width):
+        return f"the histogram (bin width 2^{width}) does not reach min/max"
+    return ""
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -33,6 +33,7 @@ from conftest import (
 from onnx import helper
 
 import onnxq.model_io
+import onnxq.outputs
 from onnxq.cli import main
 from onnxq.errors import EXIT_BAD_DATA, EXIT_BAD_MODEL, EXIT_OUTPUT, EXIT_USAGE
 
@@ -186,7 +187,7 @@ CASES: list[Case] = [
                                                                      ws.out / "sub" / "s.npz"],
      EXIT_OUTPUT, ["does not exist"]),
     ("report over the model", lambda ws: ws.model, lambda ws: ["--calib", ws.calib, "--report", ws.model],
-     EXIT_OUTPUT, ["input model"]),
+     EXIT_USAGE, ["--report", "MODEL", "same file"]),
 ]
 
 
@@ -241,7 +242,7 @@ def test_output_equal_to_input(ws: Workspace, spelling: str) -> None:
     before = ws.model.read_bytes()
     listing = sorted(os.listdir(ws.root))
     result = run_cli("quantize", ws.model, "-o", output, "--calib", ws.calib)
-    assert_clean_failure(result.returncode, result.stdout, result.stderr, EXIT_OUTPUT, ["input model"])
+    assert_clean_failure(result.returncode, result.stdout, result.stderr, EXIT_USAGE, ["-o", "MODEL", "same file"])
     assert ws.model.read_bytes() == before
     assert sorted(os.listdir(ws.root)) == listing
 
@@ -294,7 +295,7 @@ def test_write_failure_leaves_no_temporary_file(ws: Workspace, monkeypatch: pyte
             raise PermissionError(13, "Permission denied")
         return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(onnxq.model_io.os, "replace", replace)
+    monkeypatch.setattr(onnxq.outputs.os, "replace", replace)
     code, out, err = in_process("quantize", ws.model, "-o", target, "--calib", ws.calib)
     assert_clean_failure(code, out, err, EXIT_OUTPUT, ["cannot write", "Permission denied"])
     assert os.listdir(ws.out) == []

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import qmath
 from onnxq.cli import main
-from onnxq.convert import ConvertRequest, convert
+from onnxq.convert import ConvertRequest, convert, format_convert_summary
 from onnxq.errors import EXIT_BAD_MODEL, EXIT_USAGE, UsageError
 from onnxq.pipeline import DataOptions, QuantizeRequest
 from onnxq.plan import QuantPlan, QuantSettings
@@ -163,7 +163,7 @@ def test_weights_keep_learned_integers_and_scales(tmp_path: Path, per_channel: b
 @pytest.mark.parametrize("act_type", ["uint8", "int8"])
 def test_activations_keep_learned_type_scale_and_zero_point(tmp_path: Path, act_type: str) -> None:
     model, params = qdq_model(act_type=act_type)
-    _, _, output = convert_model(model, tmp_path)
+    _, _, output = convert_model(model, tmp_path, activations="keep")
     written = dequantize_params(onnx.load(str(output)))
     for name in ("x", "r1"):
         scale, zero, _ = written[f"{KEPT_NAME[name]}_quantized"]
@@ -208,12 +208,19 @@ def test_bias_gets_int32_with_input_times_weight_scale(tmp_path: Path) -> None:
     assert stored.dtype == np.int32
 
 
-def test_tensor_without_parameters_needs_and_gets_calibration(tmp_path: Path) -> None:
+def test_tensor_the_input_leaves_float_stays_float_unless_calibrated(tmp_path: Path) -> None:
     model, _ = qdq_model(input_pair=False)
+    result, _, output = convert_model(model, tmp_path)  # default: respect the input model's decision
+    assert [k["node"] for k in result.report["kept_float"]] == ["conv1"]
+    assert "leaves x float" in result.report["kept_float"][0]["reason"] and "x" not in dequantize_params(
+        onnx.load(str(output)))
+    assert result.report["tensors"]["calibrated"] == [] and "conv2" in result.report["int8_nodes"]
+    assert "1 nodes kept float" in format_convert_summary(result.report)
     with pytest.raises(UsageError, match=r"need calibration data \(--calib\): x"):
-        convert_model(model, tmp_path)
+        convert_model(model, tmp_path, calibrate_missing=True)
     calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 6)
-    result, _, output = convert_model(model, tmp_path, data=DataOptions(calib=calib))
+    result, _, output = convert_model(model, tmp_path, data=DataOptions(calib=calib), calibrate_missing=True)
+    assert result.report["kept_float"] == []
     assert result.report["tensors"]["calibrated"] == ["x"]
     scale, zero, _ = dequantize_params(onnx.load(str(output)))["x_quantized"]
     lo = min(float(np.load(p)["x"].min()) for p in sorted(calib.iterdir()))
@@ -344,8 +351,11 @@ def test_float_model_is_refused(tmp_path: Path) -> None:
 def test_missing_calibration_is_a_usage_error_on_the_cli(tmp_path: Path) -> None:
     model, _ = qdq_model(input_pair=False)
     source = save(model, tmp_path / "m.onnx")
-    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "o.onnx")])
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "o.onnx"), "--calibrate-missing"])
     assert result.exit_code == EXIT_USAGE and "--calib" in result.stderr and ": x" in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
+    result = CliRunner().invoke(main, ["convert", str(source), "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 0 and "1 nodes kept float" in result.stdout
 
 
 # ---------------------------------------------------------------- qat-prep and the round trip

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from conftest import conv_relu_model, cosine, image_batch, quantize_simple, run
+from conftest import (
+    bias,
+    conv_relu_model,
+    cosine,
+    image_batch,
+    make_model,
+    quantize_simple,
+    run,
+    tensor,
+    weight,
+    write_npz_folder,
+)
+from onnx import helper
 
 import onnxq.model_io
 
@@ -62,3 +76,82 @@ def test_memory_budget_splits_calibration_into_passes(tmp_path: Path, conv_calib
         a, b = one_pass.tensors[name], split.tensors[name]
         assert (a.min, a.max, a.count, a.batches) == (b.min, b.max, b.count, b.batches)
         assert np.array_equal(a.counts, b.counts)
+
+
+def deep_conv_model(layers: int = 6, channels: int = 32) -> onnx.ModelProto:
+    """Conv -> Relu stacks whose int8 weights are over 1 kB each (the size where tensors go to external data)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, previous = [], {}, "x"
+    for i in range(layers):
+        nodes += [helper.make_node("Conv", [previous, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        inits[f"w{i}"] = weight(rng, (channels, 3 if i == 0 else channels, 3, 3))
+        inits[f"b{i}"] = bias(rng, channels)
+        previous = f"r{i}"
+    nodes.append(helper.make_node("MatMul", [previous, "proj"], ["y"], name="proj"))
+    inits["proj"] = weight(rng, (16, 16))
+    return make_model(nodes, [tensor("x", [1, 3, 16, 16])], [tensor("y", [1, channels, 16, 16])], inits)
+
+
+@pytest.fixture
+def external_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onnxq.model_io, "EXTERNAL_DATA_THRESHOLD", 1024)  # everything counts as "over 2 GiB"
+    monkeypatch.setattr(onnxq.model_io, "EXTERNAL_TENSOR_MIN_BYTES", 0)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weight-only"])
+def test_large_model_in_every_mode(tmp_path: Path, mode: str, external_everything: None) -> None:
+    """Each pass used to turn the model it was given into references to its own scratch folder, then deleted."""
+    source_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    source_dir.mkdir()
+    out_dir.mkdir()
+    source = source_dir / "a.onnx"
+    onnx.save_model(deep_conv_model(), str(source), save_as_external_data=True, location="b.onnx.data",
+                    size_threshold=0)
+    calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 4)
+    before = digest(source_dir)
+    out = out_dir / "b.onnx"  # its weights file is b.onnx.data, as the input's is, in another folder
+    result = quantize_simple(source, out, calib, mode=mode)
+    assert digest(source_dir) == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["b.onnx", "b.onnx.data"]
+    feed = {"x": image_batch(np.random.default_rng(5))}
+    assert cosine(run(source, feed)[0], run(out, feed)[0]) > 0.98
+    assert result.report["fidelity"]["outputs"][0]["cosine"] > 0.98
+
+
+def test_no_pass_changes_the_model_it_is_given(tmp_path: Path, external_everything: None) -> None:
+    from onnxq.calibrate import session_for
+    from onnxq.fusion import check_fusion
+    from onnxq.model_io import save_model
+    from onnxq.prepare import prepare_model
+
+    model = deep_conv_model()
+    before = model.SerializeToString(deterministic=True)
+    prepare_model(model)
+    check_fusion(model)
+    session_for(model, tmp_path)
+    save_model(model, tmp_path / "saved.onnx")
+    assert model.SerializeToString(deterministic=True) == before
+    assert cosine(run(tmp_path / "saved.onnx", {"x": image_batch(np.random.default_rng(1))})[0],
+                  ort_run(model, {"x": image_batch(np.random.default_rng(1))})[0]) > 0.9999
+
+
+def ort_run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def test_external_writer_is_deterministic_and_aligned(tmp_path: Path, external_everything: None) -> None:
+    from onnxq.model_io import EXTERNAL_ALIGNMENT, save_model
+
+    model = deep_conv_model()
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        save_model(model, tmp_path / name / "m.onnx")
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")
+    written = onnx.load(str(tmp_path / "one" / "m.onnx"), load_external_data=False)
+    offsets = [int(e.value) for t in written.graph.initializer for e in t.external_data if e.key == "offset"]
+    assert offsets and all(o % EXTERNAL_ALIGNMENT == 0 for o in offsets)

@@ -121,7 +121,8 @@ def test_int16_rule_writes_16_bit_pairs_and_is_more_accurate(tmp_path: Path, con
                                                              conv_calib: Path, cpu_class: str) -> None:
     plain = quantize(conv_request(conv_model_path, conv_calib, tmp_path / "int8.onnx", Recipe()))
     recipe = parse_recipe({"rules": [{"match": {"op_type": "Conv"}, "precision": "int16"}]}, "r")
-    wide = quantize(conv_request(conv_model_path, conv_calib, tmp_path / "int16.onnx", recipe))
+    wide = quantize(conv_request(conv_model_path, conv_calib, tmp_path / "int16.onnx", recipe,
+                                 weight_range="reduced"))
     assert {wide.plan.tensors[w].qtype for w in ("w1", "w2")} == {"int8"}
     assert max(np.abs(wide.plan.tensors["w1"].zero_point)) == 0
     activations = [t for t in wide.plan.tensors.values() if t.role == "activation"]

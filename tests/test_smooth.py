@@ -257,3 +257,19 @@ def test_decomposed_layernorm_absorbs_s_in_its_scale_and_shift(tmp_path: Path, d
     nodes = {n.name: n for n in result.model.graph.node}
     gamma, beta = after[nodes["scale"].input[1]], after[nodes["shift"].input[1]]
     np.testing.assert_allclose(before["gamma"] / gamma, before["beta"] / beta, rtol=1e-5)  # both divided by s
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_matmul_reading_a_graph_input_gets_an_inserted_mul(tmp_path: Path, data: Path, mode: str) -> None:
+    """The graph input's channels come from the feeds (onnxruntime has no output by that name)."""
+    rng = np.random.default_rng(3)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [tensor("x", [TOKENS, K])],
+                       [tensor("y", [TOKENS, N])], {"w": weight(rng, (K, N), fan_in=K)})
+    prepared, result = smoothed(model, data, insert_mul=True)
+    (layer,) = result.layers
+    assert layer.activation == "x" and layer.how == "inserted-mul"
+    float_outputs_match(prepared, result.model, tmp_path)
+    path = save(model, tmp_path / "in.onnx")
+    report = quantize_simple(path, tmp_path / "q.onnx", data, mode=mode, smooth_alpha=0.5,
+                             smooth_insert_mul=True).report
+    assert report["smoothing"]["layers_smoothed"] == 1 and report["fidelity"]["outputs"][0]["cosine"] > 0.99

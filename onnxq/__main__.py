@@ -1,0 +1,5 @@
+"""`python -m onnxq`: the same as the `onnxq` command."""
+
+from .entry import run
+
+run()

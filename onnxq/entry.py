@@ -1,0 +1,72 @@
+"""The `onnxq` console entry point: signal handling and a private scratch folder before any heavy import.
+
+Ctrl-C or SIGTERM at any moment, even while numpy and onnxruntime load, prints one line and
+exits 128 + the signal number (onnxq.interrupts). Every temporary folder onnxq or a library
+makes goes inside one scratch folder, removed on the way out however the run ends.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import interrupts
+
+interrupts.install()  # first of all: this module is only imported to run the command line
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager, suppress  # noqa: E402
+
+from .errors import one_line  # noqa: E402
+from .interrupts import Interrupted  # noqa: E402
+from .outputs import interrupt_message  # noqa: E402
+
+
+def run() -> None:
+    """Run the command line and exit with its code."""
+    try:
+        with scratch_folder():
+            from .cli import run_click  # numpy, onnx, onnxruntime: a signal now exits at once
+
+            interrupts.install(armed=True)  # from here on a signal unwinds: temporary files go, outputs are checked
+            code = run_click()
+            if code in (0, 6):
+                interrupts.check()  # a signal whose exception a library swallowed: still an interrupted run
+    except Interrupted as exc:
+        _say(interrupt_message(exc.verb))
+        code = exc.exit_code
+    except KeyboardInterrupt:  # before the handler was installed
+        interrupts.ignore()
+        _say(interrupt_message("interrupted"))
+        code = 130
+    interrupts.ignore()  # the run is over: a late signal changes nothing
+    sys.exit(code)
+
+
+@contextmanager
+def scratch_folder() -> Iterator[str]:
+    """A temporary folder that holds every temporary file of this run (tempfile's default), then goes."""
+    folder, previous, previous_env = "", tempfile.tempdir, os.environ.get("TMPDIR")
+    try:
+        with interrupts.held():  # a signal now arrives inside the try, with the folder known
+            folder = tempfile.mkdtemp(prefix="onnxq-run-")
+            interrupts.remove_on_exit(folder)
+            tempfile.tempdir = os.environ["TMPDIR"] = folder  # the environment for native code too
+        yield folder
+    finally:
+        tempfile.tempdir = previous
+        if previous_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_env
+        if folder:
+            with interrupts.held():
+                shutil.rmtree(folder, ignore_errors=True)
+                interrupts.remove_on_exit(None)
+
+
+def _say(line: str) -> None:
+    with suppress(OSError, ValueError):  # stderr closed
+        print(one_line(line), file=sys.stderr, flush=True)
