@@ -50,7 +50,10 @@ def full(dynamic: bool, transformer: bool = False, weight_only: bool = False) ->
     ``dynamic``: quantize_dynamic applies to the model; ``transformer``: add NNCF's transformer preset.
     """
     cfgs = [Config("fp32", "fp32", "fp32 reference"),
-            Config("onnxq-default", "onnxq", "onnxq defaults (global, uint8 asym act, per-channel, speed guard)")]
+            Config("onnxq-default", "onnxq", "onnxq defaults: the automatic search (mode, method, repairs and "
+                   "float/dynamic layers chosen by task agreement on a held-back quarter of --calib)"),
+            Config("onnxq-fast", "onnxq", "onnxq --fast: the old default, one pass (global, uint8 asym act, "
+                   "per-channel, speed table), own calibration", ("--fast",))]
     cfgs += [Config(f"onnxq-{m}", "onnxq", f"onnxq --method {m} (--load-stats)", ("--method", m))
              for m in ONNXQ_METHODS]
     cfgs.append(Config("onnxq-max-sym", "onnxq", "onnxq --method max --symmetric (--load-stats)",
@@ -96,4 +99,4 @@ def full(dynamic: bool, transformer: bool = False, weight_only: bool = False) ->
 def quick() -> list[Config]:
     """bench-quick: fp32, onnxq default and one onnxruntime peer."""
     by_id = {c.id: c for c in full(dynamic=False)}
-    return [by_id["fp32"], by_id["onnxq-default"], by_id["ort-qdq-minmax"]]
+    return [by_id["fp32"], by_id["onnxq-default"], by_id["onnxq-fast"], by_id["ort-qdq-minmax"]]

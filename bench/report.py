@@ -119,24 +119,26 @@ def _trio(rows: tuple[dict | None, ...], field: str, spec: str) -> str:
 
 
 def headline(results: list[dict]) -> str:
-    """Per model: onnxq default vs best ORT config vs NNCF."""
-    lines = ["| model | CPU | metric | fp32 | onnxq default | best ORT config | NNCF | speedup 1t (onnxq / ORT / NNCF) "
-             "| peak RSS MB (onnxq / ORT / NNCF) |", "|" + "---|" * 9]
+    """Per model: onnxq default (the automatic search) and --fast (the old default) vs best ORT config vs NNCF."""
+    lines = ["| model | CPU | metric | fp32 | onnxq default | onnxq --fast (old default) | best ORT config | NNCF "
+             "| speedup 1t (default / fast / ORT / NNCF) | quantize s ÷ floor (default / fast) | default's choice |",
+             "|" + "---|" * 11]
     for res in results:
         key = res["primary_metric"]
         if res.get("error"):
-            lines.append(f"| {res['model']} | — | {key} | benchmark failed (see below) |" + " |" * 5)
+            lines.append(f"| {res['model']} | — | {key} | benchmark failed (see below) |" + " |" * 7)
             continue
         rows = {r["id"]: r for r in res["rows"]}
-        oq, ort, nn = rows.get("onnxq-default"), best(res["rows"], "ort", key), best(res["rows"], "nncf", key)
+        oq, fast = rows.get("onnxq-default"), rows.get("onnxq-fast")
+        ort, nn = best(res["rows"], "ort", key), best(res["rows"], "nncf", key)
         nn_row = nn or rows.get("nncf-default")
-
-        trio = (oq, ort, nn_row)
-        classes = sorted({row_cpu_class(r, res) for r in (rows.get("fp32"), *trio) if r is not None})
+        shown = (oq, fast, ort, nn_row)
+        classes = sorted({row_cpu_class(r, res) for r in (rows.get("fp32"), *shown) if r is not None})
+        choice = ((oq or {}).get("onnxq_auto") or {}).get("chosen", "—")
         lines.append(f"| {res['model']} | {', '.join(classes)} | {key} | {_cell(rows.get('fp32'), key)} "
-                     f"| {_cell(oq, key)} "
-                     f"| {_cell(ort, key, True)} | {_cell(nn_row, key)} | {_trio(trio, 'speedup', '.2f')} "
-                     f"| {_trio(trio, 'peak_rss_mb', '.0f')} |")
+                     f"| {_cell(oq, key)} | {_cell(fast, key)} "
+                     f"| {_cell(ort, key, True)} | {_cell(nn_row, key)} | {_trio(shown, 'speedup', '.2f')} "
+                     f"| {_trio((oq, fast), 'quant_floor_ratio', '.1f')} | {choice} |")
     return "\n".join(lines)
 
 
@@ -156,6 +158,10 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
            f"Python {m['python']}",
            "- Made by: " + "; ".join(f"`{c}`" for c in commands) + " (`make bench` runs `python -m bench.run`)", "",
            "## Headline", "", headline(results), "",
+           "onnxq default = `onnxq quantize MODEL --calib DATA` (the automatic search, README 'The automatic "
+           "default'); --fast = the single pass that was the default before it. Quantize s ÷ floor: the quantize "
+           "child's wall time (without its evaluation on --eval-data) ÷ (process start + model load + one plain "
+           "fp32 pass over the calibration data), both in the same run. "
            "Best ORT config = the onnxruntime.quantization row with the best task metric (ties: faster). "
            "Speedup = fp32 median latency ÷ int8 median latency at batch 1, interleaved runs.", "",
            "## How to read the tables", "",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -57,8 +58,8 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
                 script, value, samples = METRICS[task]
                 src += ("--metric", script, "--target-metric", value)
                 src += ("--target-data", data.calib) if samples == "calib" else ()
-        elif any(a in cfg.args for a in ("--equalize", "--smooth-alpha")):  # they change the model: own statistics
-            src = ("--calib", data.calib)
+        elif any(a in cfg.args for a in ("--equalize", "--smooth-alpha", "--fast")):  # own statistics (--fast: timed
+            src = ("--calib", data.calib)  # as a user runs it)
         else:
             src = ("--load-stats", stats) if stats and cfg.args else ("--calib", data.calib)
             if stats and any(a in cfg.args for a in ("--bias-correction", "--adaround")):
@@ -97,6 +98,9 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
         row["onnxq_fidelity"] = rep.get("fidelity", {}).get("outputs")
         row["quant_wall_excl_eval_s"] = round(res.wall_s - row["onnxq_timings_s"].get("evaluate", 0.0), 3)
         row["onnxq_nodes"] = {k: rep["nodes"][k] for k in ("quantized", "float", "total")}
+        if rep.get("auto"):
+            row["onnxq_auto"] = {"chosen": rep["auto"]["chosen"], "why": rep["auto"]["why"],
+                                 "candidates": len(rep["auto"]["candidates"]), "seconds": rep["auto"].get("seconds")}
         if rep.get("accuracy_target"):
             target = rep["accuracy_target"]
             row["onnxq_target"] = {k: target.get(k) for k in ("met", "start", "final", "float_nodes", "speed")}
@@ -105,6 +109,15 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
             layers = rep["weight_only"].get("layers", {}).values()
             row["onnxq_weight_only"]["bits"] = dict(Counter(d["bits"] for d in layers))
     return out, row
+
+
+def floor_seconds(model: Path, fp32_pass_s: float) -> float:
+    """The floor a quantize is measured against: process start + model load (a child that loads the model
+    into onnxruntime, timed whole) + one plain fp32 pass over the calibration data (measured in this run)."""
+    code = ("import onnxruntime as ort, sys; ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(model)], check=True, capture_output=True)
+    return time.perf_counter() - start + fp32_pass_s
 
 
 def task_metrics(spec: models.ModelSpec, path: Path, ref: list[np.ndarray], got: list[np.ndarray],
@@ -157,6 +170,7 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
     t0 = time.perf_counter()
     metrics.run_all(sess, calib_feeds)
     fp32_calib_pass_s = time.perf_counter() - t0
+    floor_s = floor_seconds(model, fp32_calib_pass_s)
     ref = metrics.run_all(sess, eval_feeds)
     del sess
 
@@ -179,8 +193,10 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
         else:
             path, extra = quantize(cfg, model, data, work, stats, spec.timeout_s, rss_limit_mb, spec.task)
             row.update(extra)
-            if cfg.id == "onnxq-default" and "onnxq_timings_s" in row:
-                row["calib_ratio"] = round(max(1.0, row["onnxq_timings_s"]["calibrate"] / fp32_calib_pass_s), 2)
+            if cfg.id in ("onnxq-default", "onnxq-fast") and "onnxq_timings_s" in row:
+                calibrate_s = row["onnxq_timings_s"].get("calibrate", 0.0)
+                row["calib_ratio"] = round(max(1.0, calibrate_s / fp32_calib_pass_s), 2)
+                row["quant_floor_ratio"] = round(row["quant_wall_excl_eval_s"] / floor_s, 2)
         if row["status"] == "ok":
             try:
                 got = ref if cfg.tool == "fp32" else metrics.run_all(metrics.session(path), eval_feeds)
@@ -210,7 +226,8 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
                        "file": str(model.relative_to(models.REPO)) if model.is_relative_to(models.REPO) else str(model),
                        "sha256_16": models.sha256(model), "size_bytes": model.stat().st_size},
             "data": {"n_calib": data.n_calib, "n_eval": data.n_eval, **data.meta},
-            "fp32_calib_pass_s": round(fp32_calib_pass_s, 3), "onnxq_calibrate": calibrate_row,
+            "fp32_calib_pass_s": round(fp32_calib_pass_s, 3), "quantize_floor_s": round(floor_s, 3),
+            "onnxq_calibrate": calibrate_row,
             "rows": rows, "machine": report.machine(), "elapsed_s": round(time.perf_counter() - t_start, 1)}
 
 

@@ -22,6 +22,16 @@ reshapes and transposes) and its rank, and infers the answer it carries:
 The model's agreement is the lowest of its outputs', over the outputs that carry an answer (all but
 `values`) when there are any: a recurrent state or a raw box tensor beside a decision is judged
 through that decision. `--metric` replaces all of this with the user's own score.
+
+Near ties: where fp32 itself barely decides, any change flips the answer (rounding the weights to
+10 bits, with float compute, already flips such texts). A class sample is an fp32 near tie when its
+top two probabilities (scores through a softmax unless they already are probabilities) are less
+than NEAR_TIE apart; a CTC sequence sample when one position is and taking the runner-up there
+changes the decoded text; a decision element when its probability is within NEAR_TIE of 0.5. A
+sequence without CTC (a decoder's next-token scores, each position its own prediction) is judged on
+the positions fp32 decides: its decided agreement asks those positions, not all, to keep their argmax.
+Every output also reports the agreement on the samples (elements) fp32 decides, `decided_agreement`,
+which the automatic search steers by; the plain agreement counts every sample.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from .ir import concrete_shapes
 
 KINDS = ("classes", "sequence", "decisions", "embedding", "labels", "values")
 VALUES_MIN_SQNR_DB = 20.0  # a `values` sample agrees at or above this SQNR
+NEAR_TIE = 0.05  # probability margin under which fp32's own answer is a near tie
 # Ops that only reshape or reorder on the way to an output.
 _SHAPE_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast"}
 _HEADS = {"Gemm", "MatMul", "Conv", "Add", "FusedMatMul", "FusedGemm", "QLinearMatMul", "MatMulIntegerToFloat",
@@ -167,6 +178,8 @@ class OutputAgreement:
     measure: OutputMeasure
     samples: int = 0
     agreeing: float = 0.0  # samples (classes, sequence, labels, values) or summed shares (decisions, embedding)
+    decided: int = 0  # samples that are no fp32 near tie (with at least one decided element, for decisions)
+    decided_agreeing: float = 0.0
     top5: int = 0
     elements: int = 0
     same_elements: int = 0
@@ -183,23 +196,29 @@ class OutputAgreement:
             same = r.argmax(axis=1) == g.argmax(axis=1)
             top5 = np.argsort(-g, axis=1)[:, :5]
             self.top5 += int(sum(int(a) in row for a, row in zip(r.argmax(axis=1), top5, strict=True)))
-            self._count(same.astype(np.float64))
+            self._count(same.astype(np.float64), _margins(r) >= NEAR_TIE)
         elif kind == "sequence":
             ref_ids, got_ids = ref.argmax(axis=-1), got.argmax(axis=-1)
             same = ref_ids == got_ids
             self.elements += int(same.size)
             self.same_elements += int(same.sum())
             blank, padding = self.measure.ctc_blank, self.measure.ctc_padding
-            if blank is None:
-                self._count(np.array([float(same.all())]))
+            if blank is None:  # each position is its own prediction (a decoder's next token): judged on those decided
+                decided_positions = _margins(ref) >= NEAR_TIE
+                self._count(np.array([float(same.all())]), np.array([bool(decided_positions.any())]),
+                            np.array([float(same[decided_positions].all())]))
             else:
+                decided = not _sequence_near_tie(ref, blank, padding)
                 self._count(np.array([float(_ctc_decode(ref_ids, blank, padding)
-                                            == _ctc_decode(got_ids, blank, padding))]))
+                                            == _ctc_decode(got_ids, blank, padding))]), np.array([decided]))
         elif kind == "decisions":
             same = (ref > 0.5) == (got > 0.5)
             self.elements += int(same.size)
             self.same_elements += int(same.sum())
-            self._count(np.array([float(same.mean()) if same.size else 1.0]))
+            decided = np.abs(ref - 0.5) >= NEAR_TIE
+            share = float(same[decided].mean()) if decided.any() else 1.0
+            self._count(np.array([float(same.mean()) if same.size else 1.0]), np.array([bool(decided.any())]),
+                        np.array([share]))
         elif kind == "embedding":
             rows_r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
             rows_g = got.reshape(rows_r.shape).astype(np.float64)
@@ -211,9 +230,16 @@ class OutputAgreement:
         else:
             self._count(np.array([float(_sqnr(ref, got) >= VALUES_MIN_SQNR_DB)]))
 
-    def _count(self, per_sample: np.ndarray) -> None:
+    def _count(self, per_sample: np.ndarray, decided: np.ndarray | None = None,
+               decided_share: np.ndarray | None = None) -> None:
+        """Fold in per-sample agreement; `decided` marks the samples that are no fp32 near tie (all when
+        None), `decided_share` their agreement on decided elements (their `per_sample` when None)."""
+        decided = np.ones(per_sample.shape, dtype=bool) if decided is None else decided
+        decided_share = per_sample if decided_share is None else decided_share
         self.samples += int(per_sample.size)
         self.agreeing += float(per_sample.sum())
+        self.decided += int(decided.sum())
+        self.decided_agreeing += float(decided_share[decided].sum())
         if per_sample.size:
             self.worst = min(self.worst, float(per_sample.min()))
 
@@ -221,9 +247,15 @@ class OutputAgreement:
     def agreement(self) -> float | None:
         return self.agreeing / self.samples if self.samples else None
 
+    @property
+    def decided_agreement(self) -> float | None:
+        """Agreement on the samples fp32 decides (every sample a near tie: the plain agreement)."""
+        return self.decided_agreeing / self.decided if self.decided else self.agreement
+
     def summary(self) -> dict:
         kind = self.measure.kind
-        out = {"kind": kind, "agreement": self.agreement, "samples": self.samples, "worst_sample": self.worst}
+        out = {"kind": kind, "agreement": self.agreement, "samples": self.samples, "worst_sample": self.worst,
+               "near_ties": self.samples - self.decided, "decided_agreement": self.decided_agreement}
         if kind == "classes":
             out["top5_agreement"] = self.top5 / self.samples if self.samples else None
         if kind in ("sequence", "decisions"):
@@ -250,6 +282,42 @@ def _ctc_decode(ids: np.ndarray, blank: int, padding: int | None) -> list[tuple[
     return decoded
 
 
+def _probabilities(scores: np.ndarray) -> np.ndarray:
+    """Scores along the last axis as probabilities: as they are when they already are (Softmax), else
+    through a softmax (logits; LogSoftmax's log-probabilities come back exactly)."""
+    x = scores.astype(np.float64)
+    if x.size and x.min() >= 0.0 and np.allclose(x.sum(axis=-1), 1.0, atol=1e-3):
+        return x
+    x = np.exp(x - x.max(axis=-1, keepdims=True))
+    return x / x.sum(axis=-1, keepdims=True)
+
+
+def _margins(scores: np.ndarray) -> np.ndarray:
+    """fp32's top-1 minus top-2 probability along the last axis."""
+    p = _probabilities(scores)
+    if p.shape[-1] < 2:
+        return np.full(p.shape[:-1], np.inf)
+    top2 = np.partition(p, -2, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+def _sequence_near_tie(scores: np.ndarray, blank: int, padding: int | None) -> bool:
+    """One position where fp32's top two are within NEAR_TIE and taking the runner-up changes the CTC text."""
+    p = _probabilities(scores)
+    rows = p.reshape(-1, p.shape[-2], p.shape[-1]) if p.ndim >= 2 else p.reshape(1, 1, -1)
+    for row in rows:
+        margins = _margins(row)
+        close = np.flatnonzero(margins < NEAR_TIE)
+        ids = row.argmax(axis=-1)
+        text = _ctc_decode(ids, blank, padding) if close.size else None
+        for position in close:
+            other = ids.copy()
+            other[position] = np.argsort(row[position])[-2]
+            if _ctc_decode(other, blank, padding) != text:
+                return True
+    return False
+
+
 def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
     ref = reference.astype(np.float64)
     noise = float(np.sum((ref - candidate.astype(np.float64)) ** 2))
@@ -259,9 +327,10 @@ def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def model_agreement(outputs: list[dict]) -> float | None:
-    """The lowest agreement over the outputs that carry an answer (all of them when none does)."""
+def model_agreement(outputs: list[dict], key: str = "agreement") -> float | None:
+    """The lowest agreement (`key`: or "decided_agreement") over the outputs that carry an answer (all of
+    them when none does)."""
     answered = [o["task"] for o in outputs if o.get("task") and o["task"]["kind"] != "values"]
     judged = answered or [o["task"] for o in outputs if o.get("task")]
-    values = [t["agreement"] for t in judged if t["agreement"] is not None]
+    values = [t[key] for t in judged if t.get(key) is not None]
     return min(values) if values else None

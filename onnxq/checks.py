@@ -117,8 +117,19 @@ ONLY_WHEN = [
     ("--target-cpu", "target_cpu", lambda v: v["mode"] != "weight-only", "sets the int8 weight range (static and "
      "dynamic modes; weight-only computes in float)"),
     ("--smooth-mul", "smooth_mul", lambda v: v["smooth_alpha"] is not None, "applies with --smooth-alpha"),
-    ("--adaround-seconds", "adaround_seconds", lambda v: v["adaround"], "applies with --adaround"),
+    ("--adaround-seconds", "adaround_seconds", lambda v: v["adaround"] or v["adaround_rules"],
+     "applies with --adaround (or recipe rules with adaround: true)"),
+    ("--budget", "budget", lambda v: _searches(v), "limits the automatic search (static mode without --fast or an "
+     "accuracy target)"),
+    ("--target-agreement", "target_agreement", lambda v: _searches(v), "is the automatic search's aim (static mode "
+     "without --fast or an accuracy target)"),
 ]
+
+
+def _searches(values: dict) -> bool:
+    """The automatic search runs: static mode, no --fast, no accuracy target of the user's."""
+    return values["mode"] == "static" and not values["fast"] and all(
+        values[p] is None for p in ("target_sqnr", "target_cosine", "target_metric"))
 TARGET_OPTIONS = [("--target-sqnr", "target_sqnr"), ("--target-cosine", "target_cosine"),
                   ("--target-metric", "target_metric"), ("--target-samples", "target_samples"),
                   ("--target-data", "target_data"), ("--fallback", "fallback"), ("--max-fallbacks", "max_fallbacks")]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, auto
 from .calibrate import Progress
 from .checks import check_effective
 from .convert import ACTIVATION_TYPES, ConvertRequest, convert, convert_paths, format_convert_summary
@@ -248,7 +248,8 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the int8 model.")
 @data_options
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data for the fidelity report "
-              "(default: the last 10% of --calib, at most 32 samples, not used for calibration).")
+              "(default: the last 10% of --calib, 25% when the automatic search runs, at most 32 samples, not used "
+              "for calibration).")
 @click.option("--mode", type=click.Choice(["static", "dynamic", "weight-only"]), default="static", show_default=True,
               help="static: activation ranges from calibration; dynamic: MatMul/Gemm/LSTM activations quantized "
                    "at run time (no calibration); weight-only: integer weights, float compute (no calibration).")
@@ -310,6 +311,15 @@ def main() -> None:
               "target (default: as many as needed).")
 @click.option("--min-cosine", type=float, help="Exit 6 if any output's cosine to fp32 is below this.")
 @click.option("--min-sqnr", type=float, help="Exit 6 if any output's SQNR (dB) is below this.")
+@click.option("--fast", is_flag=True, envvar="ONNXQ_FAST", help="No automatic search: one pass with the settings "
+              "given (static int8, the speed table's decisions); also ONNXQ_FAST=1 in the environment. Default: "
+              "measure candidates on held-back samples and keep the fastest that keeps the task answer (see README, "
+              "'The automatic default').")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=auto.BUDGET_S, show_default=True,
+              help="Seconds the automatic search may spend measuring candidates (a search cut short by it can "
+              "choose differently on a slower machine: --save-recipe pins the choice).")
+@click.option("--target-agreement", type=click.FloatRange(0, 1), default=auto.TARGET_AGREEMENT, show_default=True,
+              help="Task agreement with fp32 the automatic search aims for (same class, same text, ...).")
 @click.option("--smooth-alpha", type=float, help="SmoothQuant before calibrating: move activation outliers into "
               "the MatMul/Gemm weights after them (0..1; 0.7 on MiniLM; default off; static and dynamic modes, "
               "needs --calib). Float outputs do not change.")
@@ -335,7 +345,7 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                      metric, target_metric, target_samples, eval_samples, target_data, fallback, max_fallbacks,
                      min_cosine,
                      min_sqnr, smooth_alpha, smooth_mul, equalize, bias_correction, adaround,
-                     adaround_seconds, ray_address, workers, quiet, verbose) -> None:
+                     adaround_seconds, fast, budget, target_agreement, ray_address, workers, quiet, verbose) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
     data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
                  pixel_scale, mean, std, channel_order)
@@ -351,9 +361,11 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
                                       weight_zero_points=weight_zero_points, weight_method=weight_method,
                                       smooth_alpha=smooth_alpha,
                                       smooth_mul=smooth_mul, equalize=equalize, bias_correction=bias_correction,
-                                      adaround=adaround, adaround_seconds=adaround_seconds))
-    check_effective(_given_options(), {**o, "target_sqnr": target_sqnr, "target_cosine": target_cosine,
-                                       "target_metric": target_metric})
+                                      adaround=adaround, adaround_seconds=adaround_seconds, fast=fast))
+    given = _given_options()
+    check_effective(given, {**o, "target_sqnr": target_sqnr, "target_cosine": target_cosine,
+                            "target_metric": target_metric, "budget": budget, "target_agreement": target_agreement,
+                            "adaround_rules": any(rule.adaround for rule in recipe.rules)})
     request = QuantizeRequest(
         model=model, output=output, data=data, weight_range=o["weight_range"], exclude=tuple(exclude),
         speed_guard=o["speed_guard"], speed_profile=speed_profile, target_cpu=target_cpu,
@@ -370,7 +382,10 @@ def quantize_command(model, output, calib, allow_random, batch_size, max_samples
         recipe=recipe, save_recipe=save_recipe,
         smooth_alpha=o["smooth_alpha"], smooth_insert_mul=o["smooth_mul"],
         equalize=o["equalize"], bias_correction=o["bias_correction"],
-        adaround_seconds=o["adaround_seconds"] if o["adaround"] else None,
+        adaround_seconds=o["adaround_seconds"] if o["adaround"] else None, adaround_rules_seconds=o["adaround_seconds"],
+        search=not o["fast"], auto_target=target_agreement, budget_s=budget,
+        auto_dynamic="mode" not in given and "mode" not in recipe.settings,
+        method_given="method" in given or "method" in recipe.settings,
     )
     check_paths([*quantize_paths(request), PathArg("--recipe", recipe_path, INPUT),
                  PathArg("--report", report_path, OUTPUT)])
@@ -400,6 +415,7 @@ RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
     "smooth_alpha": ("smooth_alpha", float),
     "smooth_mul": ("smooth_mul", bool), "equalize": ("equalize", bool), "bias_correction": ("bias_correction", bool),
     "adaround": ("adaround", bool), "adaround_seconds": ("adaround_seconds", float),
+    "auto": ("fast", lambda v: not v),
 }
 
 

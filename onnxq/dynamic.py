@@ -112,12 +112,18 @@ def quantize_columns(weight: np.ndarray, qtype: qmath.QType, per_channel: bool) 
 
 
 def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: bool,
-                    choices: dict[str, NodeChoice] | None = None) -> tuple[onnx.ModelProto, list[NodeDecision]]:
-    """`choices`: a recipe's per-node rules (precision float skips a node; per_channel overrides)."""
+                    choices: dict[str, NodeChoice] | None = None, only: frozenset[str] | None = None
+                    ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+    """`choices`: a recipe's per-node rules (precision float skips a node; per_channel overrides).
+    `only`: rewrite just these nodes (static mode's dynamic layers); the rest are left as they are."""
     graph = import_graph(model)
     names = NameAllocator(graph)
     decisions: list[NodeDecision] = []
-    choices = choices or {}
+    choices = dict(choices or {})
+    if only is not None:
+        skip = NodeChoice(precision="float", reason="not a dynamic layer")
+        choices.update({node_label(node): skip for sub in all_graphs(graph) for node in sub.nodes
+                        if node.op in ("MatMul", "Gemm", "LSTM") and node_label(node) not in only})
     for sub, node, choice in _chosen_nodes(graph, ("MatMul", "Gemm"), choices, decisions):
         found = _matmul_weight(node)
         if isinstance(found, str):

@@ -114,6 +114,11 @@ class Fidelity:
         """The model's task agreement with fp32 (onnxq.agreement.model_agreement)."""
         return task_agreement.model_agreement(self.outputs)
 
+    @property
+    def decided_agreement(self) -> float | None:
+        """The same on the samples fp32 itself decides (no near tie; see onnxq.agreement)."""
+        return task_agreement.model_agreement(self.outputs, "decided_agreement")
+
 
 def measures_for(reference: onnx.ModelProto, names: list[str], fp32: list[list[np.ndarray]]
                  ) -> dict[str, task_agreement.OutputMeasure]:

@@ -1,7 +1,8 @@
 """`onnxq inspect`: what a model contains and, for an int8 model, what onnxruntime fuses.
 
-For a float model: op histogram, inputs and outputs, and what `quantize` would run in int8
-(placement only; no data needed). For a quantized model (it has QuantizeLinear,
+For a float model: op histogram, inputs and outputs, what `quantize` would run in int8
+(placement only; no data needed) and the task answer each output is judged by
+(onnxq.agreement). For a quantized model (it has QuantizeLinear,
 DequantizeLinear or integer ops): the same histogram plus the fusion check.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import onnx
 
+from .agreement import infer_measures
 from .fusion import QUANTIZE_OPS, check_fusion, is_integer_kernel
 from .ir import import_graph
 from .model_io import load_model
@@ -37,6 +39,7 @@ def inspect_model(path: Path) -> dict:
         info["fusion"] = check_fusion(model).to_dict()
     else:
         info["quantizable"] = _quantizable(model)
+        info["task_measures"] = [m.to_dict() for m in infer_measures(model)]
     return info
 
 
@@ -95,4 +98,8 @@ def format_inspection(info: dict) -> str:
         lines.append(f"  quantizable: {q['heavy_ops_int8']} Conv/MatMul/Gemm would run in int8")
         for reason, count in q["heavy_ops_float"].items():
             lines.append(f"    {count} stay float: {reason}")
+        lines.append("  the same answer, per output (onnxq.agreement; with data, quantize also reads a CTC blank, "
+                     "and small [0, 1] outputs as decisions):")
+        for measure in info["task_measures"]:
+            lines.append(f"    {measure['name']}: {measure['kind']} ({measure['why']})")
     return "\n".join(lines)

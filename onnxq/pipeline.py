@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
+import onnx_graphsurgeon as gs
 
-from . import __version__
+from . import __version__, auto
 from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress
 from .checks import check_finite_weights, check_not_qdq, check_targets, unmatched_excludes
 from .cpu import TargetCpu, default_weight_range, resolve_target
@@ -36,7 +37,8 @@ from .dynamic import WeightOnlyOptions, rewrite_dynamic
 from .errors import DataError, ModelError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion, is_integer_kernel
-from .ir import Graph, concrete_shapes, import_graph
+from .ir import Graph, all_graphs, concrete_shapes, constant_values, import_graph, is_constant, node_label
+from .layer_errors import layer_errors
 from .model_io import (
     externalize,
     load_model,
@@ -48,7 +50,7 @@ from .model_io import (
 )
 from .outputs import transaction
 from .paths import DATA, MODEL, OUTPUT, PathArg, check_paths, quantize_paths
-from .placement import HEAVY_OPS, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
+from .placement import HEAVY_OPS, NodeDecision, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import PreparedModel, prepare_model
 from .recipe import (
@@ -57,11 +59,13 @@ from .recipe import (
     Rule,
     Selector,
     activation_overrides,
+    adaround_nodes,
+    dynamic_nodes,
     node_list,
     pinned_int8,
     placement_changes,
 )
-from .recovery import RecoveryOptions, equalize_model, recover
+from .recovery import RecoveryOptions, RecoveryResult, affordable_layers, equalize_model, find_layers, recover
 from .report import build_report, json_safe
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
@@ -78,12 +82,15 @@ from .speed_guard import (
     run_speed_guard,
     table_guard,
 )
+from .speed_table import shipped_table
 from .statistics import Statistics
 from .weight_only import run_weight_only, target_gates
 
 RANDOM_SAMPLES = 16
+DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM")  # what onnxruntime runs with activations quantized at run time
 TARGET_SAMPLES = 32  # held-back samples the target search measures on (default)
 EVAL_SAMPLES = 32  # held-back samples the fidelity report measures on (default; None: all)
+HOLDOUT = 0.1  # share of --calib held back for the fidelity report without the automatic search
 
 
 @dataclass
@@ -126,13 +133,19 @@ class QuantizeRequest:
     min_sqnr: float | None = None
     fallback: str = "float"  # what the accuracy target turns sensitive layers into: "float" or "int16"
     recipe: Recipe = field(default_factory=Recipe)  # per-node rules (its settings are applied by the caller)
+    search: bool = False  # the automatic search (onnxq.auto); the CLI's default, off with --fast
+    auto_target: float = auto.TARGET_AGREEMENT  # task agreement the search aims for
+    budget_s: float = auto.BUDGET_S  # seconds the search may spend on candidates
+    auto_dynamic: bool = True  # the search may quantize MatMul/Gemm/LSTM dynamically (not with --mode given)
+    method_given: bool = False  # the search keeps the method (--method was given)
     save_recipe: Path | None = None  # write the effective recipe: reruns give the same model without searching
     smooth_alpha: float | None = None  # SmoothQuant before calibration (onnxq.smooth); None: off
     smooth_insert_mul: bool = False  # smoothing may insert a Mul where 1/s has nowhere to fold
     # accuracy recovery (onnxq.recovery)
     equalize: bool = False
     bias_correction: bool = False
-    adaround_seconds: float | None = None  # None: no AdaRound
+    adaround_seconds: float | None = None  # AdaRound on every layer it can, with this budget; None: not on all
+    adaround_rules_seconds: float = 60.0  # the budget for the layers recipe rules (adaround: true) name
 
 
 @dataclass
@@ -186,8 +199,13 @@ def check_speed_guard_options(request: QuantizeRequest, target: TargetCpu) -> No
                          "use the default --speed-guard table, or a --speed-profile made on the target")
 
 
-def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, SampleSource | None, list[str]]:
-    """Calibration and evaluation sources, following the rules in the README."""
+def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, SampleSource | None,
+                                                       SampleSource | None, list[str]]:
+    """Calibration, evaluation and search sources, following the rules in the README.
+
+    The automatic search chooses on samples held back from --calib, never on --eval-data, so the
+    fidelity reported on --eval-data is measured on samples nothing was chosen by.
+    """
     options, notes = request.data, []
     calib: SampleSource | None = None
     if options.calib is not None:
@@ -199,22 +217,35 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
     elif request.load_stats is None:
         raise UsageError("no calibration data: give --calib DATA (or --load-stats FILE, or --allow-random)")
     held: SampleSource | None = None
+    search: SampleSource | None = None
+    if calib is not None and request.load_stats is None and searches(request):
+        calib, search = split_holdout(calib, auto.SEARCH_HOLDOUT)
     if options.eval_data is not None:
         held = open_source(options.eval_data, specs, options.images)
         notes += filter(None, [held.note("--eval-data")])
+    elif search is not None:
+        held = search
+        notes.append("fidelity is measured on the held-back samples the automatic search chose by (give "
+                     "--eval-data for samples nothing was chosen on)")
     elif calib is not None and request.load_stats is None:
-        calib, held = split_holdout(calib)
-        if held is None:
+        calib, held = split_holdout(calib, HOLDOUT)
+    if held is None and calib is not None:
+        if request.load_stats is None:
             notes.append("only one calibration sample: fidelity is measured on it, not on held-back data")
-            held = calib
-    elif calib is not None:
         held = calib
+    if search is None and searches(request):
+        search = held
     if calib is not None and options.max_samples is not None:
         kept = range(min(options.max_samples, len(calib)))
         calib = calib.subset(kept, f"{calib.description} (max {options.max_samples})")
     if calib is not None or held is not None:
         check_batch_size(options.batch_size, specs)
-    return calib, held, notes
+    return calib, held, search, notes
+
+
+def searches(request: QuantizeRequest) -> bool:
+    """Whether `quantize` runs the automatic search (onnxq.auto): static mode, no accuracy target of the user's."""
+    return request.search and request.mode == "static" and request.target is None
 
 
 def check_batch_size(batch_size: int, specs: list[InputSpec]) -> None:
@@ -251,17 +282,26 @@ class Calibrated:
     smoothing: dict | None = None  # onnxq.smooth's report, when --smooth-alpha was given
     recovery: dict = field(default_factory=dict)  # what onnxq.recovery did, for the report
     cached_reference: CachedReference | None = None  # fp32 outputs the target search computed (reused)
+    searched_dynamic: frozenset[str] = frozenset()  # layers the automatic search quantizes dynamically
+    searched_repair: auto.Candidate | None = None  # the automatic search's bias correction / AdaRound choice
+    search_samples: SampleSource | None = None  # what the automatic search measures candidates on
 
     def keep_float(self, nodes: dict[str, str]) -> None:
         """Place again with these nodes (label -> why) kept in float, on top of earlier ones."""
         self.options = replace(self.options, keep_float={**self.options.keep_float, **nodes})
         self.placement = place(self.graph, self.options)
-        _require_something_to_quantize(self.placement)
+        _require_something_to_quantize(self.placement, self.dynamic)
 
     def widen(self, nodes: frozenset[str]) -> None:
         """Place again with these nodes' activations in 16 bits, on top of earlier ones."""
         self.options = replace(self.options, int16_nodes=self.options.int16_nodes | nodes)
         self.placement = place(self.graph, self.options)
+
+    @property
+    def dynamic(self) -> frozenset[str]:
+        """Layers quantized dynamically beside the static ones (placed float, rewritten after): the
+        recipe's and the automatic search's."""
+        return dynamic_nodes(self.choices) | self.searched_dynamic
 
     def build(self, fallback_nodes: frozenset[str]) -> onnx.ModelProto:
         """The QDQ model with `fallback_nodes` also in the request's fallback precision (a trial; nothing is kept)."""
@@ -270,12 +310,33 @@ class Calibrated:
         else:
             trial = replace(self.options, keep_float={**self.options.keep_float,
                                                       **dict.fromkeys(fallback_nodes, "trial")})
-        return write_qdq(self.prepared, self.plan(place(self.graph, trial)))
+        return self.write(self.plan(place(self.graph, trial)))
 
-    def plan(self, placement: Placement | None = None) -> QuantPlan:
+    def write(self, plan: QuantPlan, dynamic: frozenset[str] | None = None,
+              prepared: onnx.ModelProto | None = None) -> onnx.ModelProto:
+        """The QDQ model of `plan` (on `prepared`, a recovered copy, or this prepared model), with the
+        dynamic layers (the recipe's, or `dynamic`) rewritten."""
+        model = write_qdq(self.prepared if prepared is None else prepared, plan)
+        dynamic = self.dynamic if dynamic is None else dynamic
+        if dynamic:
+            model, _ = rewrite_dynamic(model, self.settings.weight_qtype, self.settings.per_channel, only=dynamic)
+        return model
+
+    def plan(self, placement: Placement | None = None, settings: QuantSettings | None = None) -> QuantPlan:
         placement = placement or self.placement
-        return build_plan(self.graph, placement, self.stats, self.settings, self.digest,
+        return build_plan(self.graph, placement, self.stats, settings or self.settings, self.digest,
                           activation_overrides(self.graph, placement, self.choices))
+
+    def recovery_options(self) -> RecoveryOptions:
+        """Bias correction and AdaRound as the request, the recipe's adaround rules and the search ask."""
+        request, searched = self.request, self.searched_repair
+        rounded = adaround_nodes(self.choices) | (searched.adaround if searched is not None else frozenset())
+        seconds = request.adaround_seconds
+        if seconds is None and rounded:
+            seconds = auto.ADAROUND_SECONDS if searched is not None and searched.adaround else \
+                request.adaround_rules_seconds
+        return RecoveryOptions(bias_correction=request.bias_correction or bool(searched and searched.bias_correction),
+                               adaround_seconds=seconds, adaround_layers=rounded or None)
 
     def int8_layers(self) -> dict[str, str]:
         """Conv/MatMul/Gemm nodes currently int8 that no recipe rule pins: label -> op type."""
@@ -307,7 +368,7 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
         with timer.stage("equalize"):
             prepared.model, recovery["equalization"] = equalize_model(prepared.model)
     specs = model_input_specs(original)
-    calib, held, notes = open_data(request, specs)
+    calib, held, search_samples, notes = open_data(request, specs)
     smoothing = None
     if request.smooth_alpha is not None:
         with timer.stage("smooth"):
@@ -322,14 +383,14 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
                                    exclude_nodes=exclude | changes.pop("exclude_nodes"), exclude_op_types=exclude,
                                    **changes)
         placement = place(graph, options)
-    _require_something_to_quantize(placement)
+    _require_something_to_quantize(placement, dynamic_nodes(choices))
     with timer.stage("calibrate"):
         stats = _statistics(request, prepared.model, placement.statistics_tensors, graph, calib, digest, progress)
     if request.save_stats is not None:
         stats.save(request.save_stats)
     return Calibrated(request, target, settings, weight_range_reason, original, prepared.model, prepared.reference,
                       digest, graph, options, placement, stats, calib, held, prepared.notes + recipe_notes + notes,
-                      timer, choices, smoothing, recovery)
+                      timer, choices, smoothing, recovery, search_samples=search_samples)
 
 
 def _recipe_choices(request: QuantizeRequest, graph: Graph, *, with_exclude: bool = False
@@ -347,6 +408,12 @@ def _recipe_choices(request: QuantizeRequest, graph: Graph, *, with_exclude: boo
         raise UsageError("16-bit activations (recipe precision: int16) have no integer operators: use --format qdq")
     if request.mode == "static" and any(c.weights == "int4" for c in choices.values()):
         raise UsageError("int4 weights (recipe weights: int4) need --mode weight-only")
+    ops = dict(nodes)
+    wrong = [label for label, c in choices.items() if c.precision == "dynamic" and ops.get(label) not in DYNAMIC_OPS]
+    if wrong or (request.mode == "weight-only" and any(c.precision == "dynamic" for c in choices.values())):
+        what = f"{ops.get(wrong[0])} {wrong[0]}" if wrong else "--mode weight-only"
+        raise UsageError(f"precision: dynamic applies to MatMul, Gemm and LSTM layers in static or dynamic mode, "
+                         f"not to {what}")
     return choices, notes
 
 
@@ -358,25 +425,31 @@ def _exclude_rules(request: QuantizeRequest, graph: Graph) -> list[Rule]:
 
 
 def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: Graph,
-                     automatic: dict[str, tuple[str, str]]) -> Recipe:
+                     automatic: dict[str, tuple[str, str]], recovery: RecoveryOptions | None = None,
+                     searched_adaround: frozenset[str] = frozenset()) -> Recipe:
     """The recipe that rebuilds this model without timing or searching: the settings as used, the
-    user's rules, --exclude, and the speed guard's and the target search's choices (`automatic`:
-    label -> (precision, why)) as rules."""
-    values = {"mode": request.mode, "per_channel": settings.per_channel, "weight_range": settings.weight_range}
+    user's rules, --exclude, and the speed guard's, the target search's and the automatic search's
+    choices (`automatic`: label -> (precision, why); `recovery` as applied; `searched_adaround`: the
+    layers the automatic search gave AdaRound) as rules."""
+    values = {"mode": request.mode, "per_channel": settings.per_channel, "weight_range": settings.weight_range,
+              "auto": False}  # the recipe holds the search's choice: rebuilding it searches nothing
     if request.smooth_alpha is not None:
         values.update(smooth_alpha=request.smooth_alpha, smooth_mul=request.smooth_insert_mul)
     if request.mode == "static":
+        recovery = recovery or RecoveryOptions(request.bias_correction, request.adaround_seconds)
         values.update(method=settings.method, percentile=settings.percentile, symmetric=settings.symmetric,
                       speed_guard="off", format=request.output_format, equalize=request.equalize,
-                      bias_correction=request.bias_correction, adaround=request.adaround_seconds is not None)
-        if request.adaround_seconds is not None:
-            values["adaround_seconds"] = request.adaround_seconds
+                      bias_correction=recovery.bias_correction, adaround=request.adaround_seconds is not None)
+        if recovery.adaround_seconds is not None:
+            values["adaround_seconds"] = recovery.adaround_seconds
     elif request.mode == "weight-only":
         values.update(weight_bits=request.weight_only.bits, block_size=request.weight_only.block_size,
                       weight_zero_points=not request.weight_only.symmetric, weight_method=request.weight_only.method)
     rules = request.recipe.rules + _exclude_rules(request, graph)
     rules += [Rule(Selector(name=label), precision=precision, reason=why)
               for label, (precision, why) in sorted(automatic.items())]
+    rules += [Rule(Selector(name=label), adaround=True, reason="automatic search: AdaRound where it pays")
+              for label in sorted(searched_adaround)]
     return Recipe({**request.recipe.settings, **values}, rules)
 
 
@@ -413,11 +486,19 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
         raise UsageError("--metric SCRIPT and --target-metric VALUE go together")
     if request.metric is not None:
         load_metric(request.metric)  # a broken script fails now, not after calibration
-    if _recovery_options(request).needs_data and request.data.calib is None and not request.data.allow_random:
+    if _recovery_needs_data(request) and request.data.calib is None and not request.data.allow_random:
         raise UsageError("--bias-correction and --adaround need calibration samples: give --calib (also with "
                          "--load-stats)")
-    c = calibrated(request, progress)
+    try:
+        c = calibrated(request, progress)
+    except NothingToQuantize as exc:
+        if not (request.search and request.auto_dynamic):
+            raise
+        return _dynamic_instead(request, exc.message, progress)
     guard = _apply_speed_guard(c, progress)
+    searched = _apply_search(c, progress) if searches(request) else None
+    if searched is not None and searched.chosen.candidate.mode == "dynamic":
+        return _searched_dynamic(request, searched, c.timer, progress)
     target_report = _apply_accuracy_target(c, progress) if request.target is not None else None
     _apply_recovery(c, progress)
     timer = c.timer
@@ -426,14 +507,19 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
     if request.save_plan is not None:
         plan.save(request.save_plan)
     if request.save_recipe is not None:
-        automatic = {label: ("float", why) for label, why in c.options.keep_float.items()}
+        automatic = {label: ("float", why) for label, why in c.options.keep_float.items() if label not in c.dynamic}
+        automatic.update({label: ("dynamic", "automatic search") for label in c.searched_dynamic})
         automatic.update({label: ("int16", "accuracy target") for label in c.options.int16_nodes
                           if label not in c.choices})
-        effective_recipe(request, c.settings, c.graph, automatic).save(request.save_recipe)
+        rounded = c.searched_repair.adaround if c.searched_repair is not None else frozenset()
+        effective_recipe(request, c.settings, c.graph, automatic, c.recovery_options(), rounded
+                         ).save(request.save_recipe)
     with timer.stage("rewrite"):
-        quantized = write_qdq(c.prepared, plan)
+        quantized = c.write(plan)
         if request.output_format == "qoperator":
             quantized = write_qoperator(quantized)
+        plan.nodes = [NodeDecision(d.name, d.op_type, "dynamic", "int8, activations quantized at run time (recipe)")
+                      if d.name in c.dynamic else d for d in plan.nodes]
     with timer.stage("check"):
         fusion = check_written_model(quantized, {d.name: d.status for d in plan.nodes})
     fidelity = None
@@ -452,6 +538,8 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
     )
     if c.smoothing is not None:
         report["smoothing"] = json_safe(c.smoothing)
+    if searched is not None:
+        report["auto"] = json_safe(searched.to_report())
     if target_report is not None:
         report["accuracy_target"] = json_safe(target_report)
         for key, measured_key, gate in (("min_sqnr_db", "min_sqnr_db", "target_sqnr_db"),
@@ -465,23 +553,157 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
     return QuantizeResult(report, plan, fidelity)
 
 
-def _recovery_options(request: QuantizeRequest) -> RecoveryOptions:
-    return RecoveryOptions(bias_correction=request.bias_correction, adaround_seconds=request.adaround_seconds)
+def _apply_search(c: Calibrated, progress: ProgressFactory) -> auto.SearchOutcome | None:
+    """The automatic default (onnxq.auto): search the candidates, then apply the chosen one to `c`."""
+    request = c.request
+    samples = c.search_samples
+    if samples is None or not len(samples):
+        c.notes.append("automatic search skipped: no held-back samples to measure candidates on (give --calib "
+                       "or --eval-data)")
+        return None
+    with c.timer.stage("search"):
+        reference = CachedReference(c.reference, samples, request.target_samples)
+        c.cached_reference = reference
+        outcome = auto.search(_search_space(c, reference), reference, target=request.auto_target,
+                              budget_s=request.budget_s)
+    chosen = outcome.chosen.candidate
+    c.notes.extend(outcome.notes)
+    if chosen.mode == "static":
+        c.settings = replace(c.settings, method=chosen.method)
+        c.searched_dynamic = chosen.dynamic
+        c.searched_repair = chosen if chosen.bias_correction or chosen.adaround else None
+        moved = {label: f"automatic search: kept float (own error rank {outcome.ranking.index(label) + 1})"
+                 for label in chosen.keep_float}
+        moved.update(dict.fromkeys(chosen.dynamic, "automatic search: int8 with activations quantized at run time"))
+        if moved:
+            c.keep_float(moved)
+    return outcome
+
+
+def _search_space(c: Calibrated, reference: CachedReference) -> auto.SearchSpace:
+    request = c.request
+    feed = reference.feeds[0] if reference.feeds else None
+    shapes = concrete_shapes(c.prepared, {k: v.shape for k, v in feed.items()} if feed else None)
+    table = shipped_table()
+    speed_model = auto.SpeedModel.of(c.graph, shapes, table.row_class_for(c.target.cpu_class)[0], table)
+    base_status = {d.name: ("int8" if d.status == "int8" else "float") for d in c.placement.nodes}
+    pinned = pinned_int8(c.choices)
+    user_float = {label for label, choice in c.choices.items() if choice.precision in ("float", "int16")}
+    eligible = frozenset(label for sub in all_graphs(c.graph) for node in sub.nodes
+                         if (label := node_label(node)) not in pinned | user_float and _runs_dynamically(node))
+    users_recovery = c.recovery_options()
+
+    def build(candidate: auto.Candidate) -> onnx.ModelProto:
+        if candidate.mode == "dynamic":
+            return rewrite_dynamic(c.prepared, c.settings.weight_qtype, c.settings.per_channel,
+                                   {k: v for k, v in c.choices.items() if v.precision != "dynamic"})[0]
+        settings = replace(c.settings, method=candidate.method)
+        moved = dict.fromkeys(candidate.keep_float | candidate.dynamic, "automatic search")
+        options = replace(c.options, keep_float={**c.options.keep_float, **moved})
+        placement = place(c.graph, options)
+        recovery = _with_repair(users_recovery, candidate)
+        if not recovery.needs_data:
+            return c.write(c.plan(placement, settings), c.dynamic | candidate.dynamic)
+        recovered = _recovered(c, placement, settings, recovery).model
+        graph = import_graph(recovered)
+        placement = place(graph, options)
+        plan = build_plan(graph, placement, c.stats, settings, c.digest, activation_overrides(graph, placement,
+                                                                                              c.choices))
+        return c.write(plan, c.dynamic | candidate.dynamic, prepared=recovered)
+
+    def speed(candidate: auto.Candidate) -> float:
+        if candidate.mode == "dynamic":
+            return speed_model.speedup({label: ("dynamic" if label in eligible else "float")
+                                        for label in {*base_status, *eligible}})
+        status = {**base_status, **dict.fromkeys(candidate.keep_float, "float"),
+                  **dict.fromkeys(candidate.dynamic | c.dynamic, "dynamic")}
+        return speed_model.speedup(status)
+
+    def rank_layers() -> list[str]:
+        return list(layer_errors(c.prepared, c.plan(), set(c.int8_layers()), reference.feeds))
+
+    def adaround_layers(ranking: list[str]) -> frozenset[str]:
+        layers = {layer.label: layer for layer in find_layers(c.graph, c.placement)[0]}
+        return frozenset(affordable_layers([layers[label] for label in ranking if label in layers],
+                                           auto.ADAROUND_LAYERS, auto.ADAROUND_SECONDS))
+
+    methods = (c.settings.method,) if request.method_given else tuple(dict.fromkeys((c.settings.method,
+                                                                                     "percentile")))
+    return auto.SearchSpace(build, c.int8_layers(), eligible if request.auto_dynamic else frozenset(), methods,
+                            speed, rank_layers, adaround_layers,
+                            can_repair=c.calib is not None and not users_recovery.needs_data)
+
+
+def _with_repair(options: RecoveryOptions, candidate: auto.Candidate) -> RecoveryOptions:
+    """The user's recovery options plus the candidate's bias correction and AdaRound layers."""
+    if not (candidate.bias_correction or candidate.adaround):
+        return options
+    layers = (options.adaround_layers or frozenset()) | candidate.adaround
+    return RecoveryOptions(bias_correction=options.bias_correction or candidate.bias_correction,
+                           adaround_seconds=options.adaround_seconds or (auto.ADAROUND_SECONDS if layers else None),
+                           adaround_layers=layers or None)
+
+
+def _runs_dynamically(node: gs.Node) -> bool:
+    """A MatMul/Gemm with a constant 2-D weight, or an LSTM: what dynamic quantization rewrites."""
+    if node.op == "LSTM":
+        return True
+    return node.op in ("MatMul", "Gemm") and len(node.inputs) > 1 and is_constant(node.inputs[1]) \
+        and constant_values(node.inputs[1]).ndim == 2
+
+
+def _dynamic_instead(request: QuantizeRequest, why: str, progress: ProgressFactory) -> QuantizeResult:
+    """Static mode has nothing to quantize (layers inside If branches, say): the automatic default then
+    tries dynamic mode, which quantizes MatMul/Gemm/LSTM also in subgraphs."""
+    try:
+        result = quantize_without_calibration(replace(request, mode="dynamic"), progress)
+    except ModelError:
+        raise NothingToQuantize(why) from None
+    detail = why.removeprefix("nothing to quantize").lstrip(": ")
+    result.report["notes"].append(f"automatic: static mode has nothing to quantize ({detail}); dynamic mode "
+                                  "quantizes the model instead")
+    result.report["auto"] = {"chosen": "dynamic", "why": "static mode has nothing to quantize", "candidates": [],
+                             "target_agreement": request.auto_target}
+    return result
+
+
+def _searched_dynamic(request: QuantizeRequest, outcome: auto.SearchOutcome, timer: StageTimer,
+                      progress: ProgressFactory) -> QuantizeResult:
+    """The search chose dynamic mode for the whole model: quantize it that way, reporting the search
+    (and the stages that led to it in the times)."""
+    result = quantize_without_calibration(replace(request, mode="dynamic"), progress)
+    result.report["auto"] = json_safe(outcome.to_report())
+    result.report["notes"] += outcome.notes
+    result.report["timings_s"] = {**{f"{k} (static)" if k in result.report["timings_s"] else k: v
+                                     for k, v in timer.seconds.items()}, **result.report["timings_s"]}
+    return result
+
+
+def _recovery_needs_data(request: QuantizeRequest) -> bool:
+    return request.bias_correction or request.adaround_seconds is not None or any(
+        rule.adaround for rule in request.recipe.rules)
 
 
 def _apply_recovery(c: Calibrated, progress: ProgressFactory) -> None:
     """AdaRound / bias correction on the final placement (after the speed guard and the accuracy target)."""
-    options = _recovery_options(c.request)
+    options = c.recovery_options()
     if not options.needs_data:
         return
     with c.timer.stage("recovery"):
-        plan = c.plan()
-        result = recover(c.prepared, write_qdq(c.prepared, plan), c.placement, plan, c.calib, options,
-                         batch_size=c.request.data.batch_size, memory_budget=c.request.data.memory_budget)
+        result = _recovered(c, c.placement, c.settings, options)
         c.prepared = result.model
         c.graph = import_graph(result.model)
         c.placement = place(c.graph, c.options)
     c.recovery.update(result.report)
+
+
+def _recovered(c: Calibrated, placement: Placement, settings: QuantSettings, options: RecoveryOptions
+               ) -> RecoveryResult:
+    """The prepared model with bias correction / AdaRound for `placement` (layer inputs read from its QDQ model)."""
+    plan = build_plan(c.graph, placement, c.stats, settings, c.digest,
+                      activation_overrides(c.graph, placement, c.choices))
+    return recover(c.prepared, write_qdq(c.prepared, plan), placement, plan, c.calib, options,
+                   batch_size=c.request.data.batch_size, memory_budget=c.request.data.memory_budget)
 
 
 def _apply_speed_guard(c: Calibrated, progress: ProgressFactory) -> GuardResult | None:
@@ -572,8 +794,9 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
                          "--save-plan (it needs no calibration)")
     if request.smooth_alpha is not None:
         validate_alpha(request.smooth_alpha)
-    if request.equalize or _recovery_options(request).needs_data:
-        raise UsageError("--equalize, --bias-correction and --adaround apply to --mode static only")
+    if request.equalize or _recovery_needs_data(request):
+        raise UsageError("--equalize, --bias-correction and --adaround (also as recipe rules) apply to --mode static "
+                         "only")
     if request.target is not None and request.mode == "dynamic":
         raise UsageError("an accuracy target (--target-sqnr/--target-cosine/--target-metric) applies to --mode static "
                          "and weight-only")
@@ -655,9 +878,9 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     return QuantizeResult(report, plan, fidelity)
 
 
-def _require_something_to_quantize(placement: Placement) -> None:
+def _require_something_to_quantize(placement: Placement, dynamic: frozenset[str] = frozenset()) -> None:
     """Writing an int8 model with no int8 node would only be slower and larger: say why instead."""
-    if any(node.status in ("int8", "int16") for node in placement.nodes):
+    if dynamic or any(node.status in ("int8", "int16") for node in placement.nodes):
         return
     reasons = Counter(node.reason for node in placement.nodes if node.op_type in HEAVY_OPS)
     detail = "; ".join(f"{count} Conv/MatMul/Gemm: {reason}" for reason, count in reasons.most_common(2))
@@ -666,8 +889,12 @@ def _require_something_to_quantize(placement: Placement) -> None:
     why = f" ({detail}{hint})" if detail else ""
     if already:
         raise ModelError(f"nothing to quantize{already}{why}")
-    raise ModelError("nothing to quantize: no node can run in int8"
-                     + (why or " (the model has no Conv, MatMul or Gemm outside control-flow subgraphs)"))
+    raise NothingToQuantize("nothing to quantize: no node can run in int8"
+                            + (why or " (the model has no Conv, MatMul or Gemm outside control-flow subgraphs)"))
+
+
+class NothingToQuantize(ModelError):
+    """Static placement found no layer to run in int8 (the automatic default may still go dynamic)."""
 
 
 def _already_quantized(op_types: Iterable[str]) -> str:

@@ -41,9 +41,10 @@ WIDE_TYPES = (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
 # int8 layers run on dequantized values ("fake-quant" with weights, "float" without). A float node that
 # onnxruntime fused into another float op (LayerNormalization, Gelu, ...) is not found: "fused".
 ALLOWED = {
-    "basic": {"int8": {"fake-quant", "int8", "float"}, "int16": {"int16"}, "float": {"float", "fused"}},
-    "extended": {"int8": {"int8"}, "int16": {"int16"}, "float": {"float", "fused"}},
-    "all": {"int8": {"int8"}, "int16": {"int16"}, "float": {"float", "fused"}},
+    "basic": {"int8": {"fake-quant", "int8", "float"}, "int16": {"int16"}, "float": {"float", "fused"},
+              "dynamic": {"int8"}},
+    "extended": {"int8": {"int8"}, "int16": {"int16"}, "float": {"float", "fused"}, "dynamic": {"int8"}},
+    "all": {"int8": {"int8"}, "int16": {"int16"}, "float": {"float", "fused"}, "dynamic": {"int8"}},
 }
 PRECISION_OPS = COMPUTE_OPS | {"ConvTranspose"}
 _SUFFIX = re.compile(r"(_token_\d+|_nchwc)+$")  # what onnxruntime appends to names it rewrites
@@ -84,7 +85,7 @@ def compare_precision(written: onnx.ModelProto, optimized: dict[str, onnx.ModelP
             continue
         label = _label(node)
         status = planned.get(label) if planned is not None else view.planned_status(node)
-        if status not in ("int8", "int16", "float"):
+        if status not in ("int8", "int16", "float", "dynamic"):
             continue
         rows.append(NodePrecision(label, node.op_type, status,
                                   planned_weights=view.weight_granularity(node) if status == "int8" else None))

@@ -15,6 +15,8 @@ line still win) and `rules`, each a selector plus what to do with the nodes it m
         method: mse
       - match: {op_type: MatMul}
         weights: int4                                 # --mode weight-only
+      - match: {name: conv_7}
+        adaround: true                                # learned rounding of this layer's weights
 
 All selector fields given must match. Rules apply in order; a later rule overrides an earlier
 one field by field, so general rules go first and exceptions after them.
@@ -37,7 +39,7 @@ from .plan import ActivationOverride
 from .ranges import METHODS
 
 RECIPE_VERSION = 1
-PRECISIONS = ("float", "int8", "int16")
+PRECISIONS = ("float", "int8", "int16", "dynamic")  # dynamic: int8 with activations quantized at run time
 WEIGHT_TYPES = ("int8", "int4")
 # Settings a recipe may hold: name -> (type, allowed values or None).
 SETTINGS: dict[str, tuple[type, tuple | None]] = {
@@ -48,6 +50,7 @@ SETTINGS: dict[str, tuple[type, tuple | None]] = {
     "per_channel": (bool, None),
     "weight_range": (str, ("auto", "full", "reduced")),
     "speed_guard": (str, ("table", "measure", "off")),
+    "auto": (bool, None),  # the automatic search (off: --fast)
     "format": (str, ("qdq", "qoperator")),
     "weight_bits": (int, (4, 8)),
     "block_size": (int, None),
@@ -87,6 +90,7 @@ class Rule:
     per_channel: bool | None = None
     method: str | None = None
     percentile: float | None = None
+    adaround: bool | None = None  # learned rounding of this node's weights (static mode)
     reason: str | None = None
 
     def to_dict(self) -> dict:
@@ -103,6 +107,7 @@ class NodeChoice:
     per_channel: bool | None = None
     method: str | None = None
     percentile: float | None = None
+    adaround: bool | None = None
     rules: tuple[int, ...] = ()
     reason: str | None = None  # the last matching rule's, if it gave one
 
@@ -198,11 +203,12 @@ def _parse_rule(raw: object, where: str) -> Rule:
     _check_choice(rule.weights, WEIGHT_TYPES, "weights", where)
     _check_choice(rule.method, tuple(METHODS), "method", where)
     _require(rule.per_channel is None or isinstance(rule.per_channel, bool), where, "per_channel must be true/false")
+    _require(rule.adaround is None or isinstance(rule.adaround, bool), where, "adaround must be true/false")
     _require(rule.percentile is None or (isinstance(rule.percentile, int | float) and 50 < rule.percentile <= 100),
              where, f"percentile must be a number in (50, 100], got {rule.percentile!r}")
     _require(rule.reason is None or isinstance(rule.reason, str), where, "reason must be text")
     _require(any(getattr(rule, f.name) is not None for f in fields(Rule) if f.name not in ("match", "reason")),
-             where, "says nothing to do (give precision, weights, per_channel, method or percentile)")
+             where, "says nothing to do (give precision, weights, per_channel, method, percentile or adaround)")
     return rule
 
 
@@ -248,9 +254,21 @@ def placement_changes(choices: dict[str, NodeChoice]) -> dict:
     """PlacementOptions fields the rules set (float nodes are excluded like --exclude)."""
     return {
         "exclude_nodes": frozenset(label for label, c in choices.items() if c.precision == "float"),
+        "keep_float": {label: "dynamic: int8 with activations quantized at run time (recipe)"
+                       for label, c in choices.items() if c.precision == "dynamic"},
         "int16_nodes": frozenset(label for label, c in choices.items() if c.precision == "int16"),
         "per_channel_nodes": {label: c.per_channel for label, c in choices.items() if c.per_channel is not None},
     }
+
+
+def dynamic_nodes(choices: dict[str, NodeChoice]) -> frozenset[str]:
+    """Nodes a rule quantizes dynamically (static mode: MatMul/Gemm/LSTM beside static int8 layers)."""
+    return frozenset(label for label, c in choices.items() if c.precision == "dynamic")
+
+
+def adaround_nodes(choices: dict[str, NodeChoice]) -> frozenset[str]:
+    """Nodes a rule gives learned rounding (AdaRound) without --adaround for every layer."""
+    return frozenset(label for label, c in choices.items() if c.adaround)
 
 
 def pinned_int8(choices: dict[str, NodeChoice]) -> frozenset[str]:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .plan import QuantPlan
     from .statistics import Statistics
 
-QUANTIZED_STATUSES = ("int8", "int4", "folded", "shared-scale")
+QUANTIZED_STATUSES = ("int8", "int4", "folded", "shared-scale", "dynamic")
 
 
 def build_report(*, request: QuantizeRequest, version: str, original: onnx.ModelProto, quantized_bytes: int,
@@ -164,16 +164,19 @@ def format_summary(report: dict) -> str:
         of, every = (f" of {available}", "; --eval-samples all for every one") if available > measured else ("", "")
         lines.append(f"  fidelity on {measured}{of} samples ({fidelity['source']}{every}):")
         for out in fidelity["outputs"]:
-            top1 = f", top-1 agreement {out['top1_agreement']:.2%}" if out["top1_agreement"] is not None else ""
+            task = out.get("task") or {}
+            same = (f"; task ({task['kind']}): agreement {number(task['agreement'], 4)}{_near_ties(task)}"
+                    if task.get("agreement") is not None else "")
             lines.append(f"    {out['name']}: cosine {number(out['cosine'], 5)} "
                          f"(worst sample {number(out['worst_sample_cosine'], 5)}), "
-                         f"SQNR {number(out['sqnr_db'], 1)} dB{top1}")
+                         f"SQNR {number(out['sqnr_db'], 1)} dB{same}")
     else:
         lines.append("  fidelity: not measured (no evaluation data)")
     fusion = report.get("fusion")
     if fusion:
         kernels = ", ".join(f"{op} {n}" for op, n in fusion["int8_kernels"].items()) or "none"
         lines.append(f"  onnxruntime int8 kernels: {kernels}; avoidable unfused Q/DQ: {fusion['avoidable']}")
+    lines.extend(_search_lines(report.get("auto")))
     smoothing = report.get("smoothing")
     if smoothing:
         lines.append(f"  smoothing (alpha {smoothing['alpha']}): {smoothing['layers_smoothed']} activations, "
@@ -197,6 +200,35 @@ def format_summary(report: dict) -> str:
     total = sum(report["timings_s"].values())
     lines.append(f"  time: {total:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()) + ")")
     return "\n".join(lines)
+
+
+def _near_ties(task: dict) -> str:
+    ties = task.get("near_ties") or 0
+    if not ties:
+        return ""
+    return (f" ({ties} fp32 near tie{'s' if ties > 1 else ''}; {number(task['decided_agreement'], 4)} on the "
+            f"{task['samples'] - ties} samples fp32 decides)")
+
+
+def _search_lines(search: dict | None) -> list[str]:
+    """The automatic search: what won and why, then one line per candidate measured."""
+    if not search:
+        return []
+    candidates = search["candidates"]
+    chosen = next((c for c in candidates if c["name"] == search["chosen"]), None)
+    if chosen is None:
+        return [f"  automatic: {search['chosen']} ({search['why']})"]
+    lines = [f"  automatic: {search['chosen']}, chosen from {len(candidates)} candidates measured in "
+             f"{search.get('seconds', sum(c['seconds'] for c in candidates)):.1f} s: {search['why']}",
+             "    (layers x: the speed table's expected speed-up of the Conv/MatMul/Gemm layers over fp32; the rest "
+             "of the model runs alike in every candidate)"]
+    for c in candidates:
+        mark = "*" if c is chosen else " "
+        result = (f"error: {c['error']}" if c["error"] else f"agreement {number(c['agreement'], 4)}, decided "
+                  f"{number(c['decided_agreement'], 4)}")
+        lines.append(f"   {mark} {c['name']}: {result}; layers {number(c['expected_speedup'], 2)}x; "
+                     f"{c['seconds']:.1f} s")
+    return lines
 
 
 def _speed_guard_lines(guard: dict) -> list[str]:

@@ -364,6 +364,18 @@ def speed_guard_off_unless_asked(request: pytest.FixtureRequest, monkeypatch: py
 
 
 @pytest.fixture(autouse=True)
+def plain_pass_unless_asked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI tests of everything but the automatic search run `quantize` as a single pass (ONNXQ_FAST=1, the
+    documented environment form of --fast): their assertions are about data, plans and files, and a
+    search choosing another method or layer would change them. Tests marked `auto_search` (and any test
+    passing --fast=... itself) see the real default."""
+    if request.node.get_closest_marker("auto_search") is None:
+        monkeypatch.setenv("ONNXQ_FAST", "1")
+    else:
+        monkeypatch.delenv("ONNXQ_FAST", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def planned_precision_is_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every model onnxq writes in a test must run, in onnxruntime's optimized graph at every level,
     at the precision its plan says (onnxq.precision): a disagreement fails the test that wrote it."""

@@ -31,9 +31,9 @@ from onnxq.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantiz
 from onnxq.statistics import Statistics
 
 
-def cli(*args) -> dict:
-    """Run `onnxq quantize ... --json -q` and return the report."""
-    result = CliRunner().invoke(main, ["quantize", *map(str, args), "--json", "-q"])
+def cli(*args, fast: bool = True) -> dict:
+    """Run `onnxq quantize ... --json -q` (plain single pass unless `fast` is False) and return the report."""
+    result = CliRunner().invoke(main, ["quantize", *map(str, args), "--json", "-q", *(["--fast"] if fast else [])])
     assert result.exit_code == 0, result.stderr
     assert "Traceback" not in result.stderr
     return json.loads(result.stdout)
@@ -350,6 +350,23 @@ def test_held_back_split(tmp_path: Path) -> None:
     # with --eval-data nothing is held back
     report = cli(model_path, "-o", tmp_path / "q.onnx", "--calib", calib, "--eval-data", calib)
     assert report["data"]["calibration"]["samples"] == 20 and report["data"]["evaluation"]["samples"] == 20
+
+
+@pytest.mark.auto_search
+def test_automatic_search_holds_back_a_quarter_and_never_chooses_on_eval_data(tmp_path: Path) -> None:
+    model_path = save(conv_relu_model(), tmp_path / "m.onnx")
+    calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 20)
+    for path in sorted(calib.iterdir())[-5:]:  # the held-back quarter stands out: calibration must not see it
+        np.savez(path, x=np.load(path)["x"] + np.float32(50.0))
+    report = cli(model_path, "-o", tmp_path / "q.onnx", "--calib", calib, "--save-stats", tmp_path / "s.npz",
+                 fast=False)
+    assert report["data"]["calibration"]["samples"] == 15 and report["fidelity"]["samples"] == 5
+    assert report["auto"]["candidates"] and Statistics.load(tmp_path / "s.npz").tensors["x"].max < 10.0
+    assert any("the automatic search chose by" in note for note in report["notes"])
+    # --eval-data is for the report only: the search still measures on the held-back quarter of --calib
+    evaluation = write_npz_folder(tmp_path / "eval", lambda rng: {"x": image_batch(rng)}, 7, seed=9)
+    report = cli(model_path, "-o", tmp_path / "q2.onnx", "--calib", calib, "--eval-data", evaluation, fast=False)
+    assert report["data"]["calibration"]["samples"] == 15 and report["fidelity"]["samples"] == 7
 
 
 def test_split_holdout_limits() -> None:

@@ -345,3 +345,33 @@ def test_metric_returning_nan_is_a_data_error(tmp_path: Path, conv_model_path: P
     result = CliRunner().invoke(main, ["quantize", str(conv_model_path), "-o", str(tmp_path / "o.onnx"), "--calib",
                                        str(conv_calib), "--metric", str(script), "--target-metric", "0.9"])
     assert result.exit_code == 4 and "returned nan" in result.output and not (tmp_path / "o.onnx").exists()
+
+
+# ---------------------------------------------------------------- what the automatic search writes as rules
+
+
+def test_dynamic_rule_quantizes_that_layer_at_run_time_beside_static_ones(tmp_path: Path) -> None:
+    from tests.test_auto import outlier_calibration, outlier_classifier
+
+    model = save(outlier_classifier(), tmp_path / "m.onnx")
+    calib = outlier_calibration(tmp_path / "calib")
+    recipe = parse_recipe({"rules": [{"match": {"name": "fc1"}, "precision": "dynamic"}]}, "r")
+    result = quantize(conv_request(model, calib, tmp_path / "o.onnx", recipe))
+    status = {n.name: n.status for n in result.plan.nodes}
+    assert status["fc1"] == "dynamic" and status["fc2"] == "int8"
+    kernels = result.report["fusion"]["int8_kernels"]
+    assert kernels.get("DynamicQuantizeMatMul", 0) + kernels.get("MatMulInteger", 0) == 1
+    assert result.report["nodes"]["by_op_type"]["MatMul"] == {"dynamic": 1, "int8": 1}
+    written = onnx.load(tmp_path / "o.onnx")
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "x" for n in written.graph.node)
+
+
+def test_adaround_rule_rounds_only_the_layers_it_names(tmp_path: Path, conv_model_path: Path,
+                                                      conv_calib: Path) -> None:
+    recipe = parse_recipe({"rules": [{"match": {"name": "conv2"}, "adaround": True}]}, "r")
+    result = quantize(conv_request(conv_model_path, conv_calib, tmp_path / "o.onnx", recipe))
+    assert [row["layer"] for row in result.report["recovery"]["adaround"]["layers"]] == ["conv2"]
+    again = quantize(conv_request(conv_model_path, conv_calib, tmp_path / "again.onnx", recipe))
+    assert again.report["recovery"]["adaround"] == result.report["recovery"]["adaround"] | {
+        "seconds": again.report["recovery"]["adaround"]["seconds"]}
+    assert (tmp_path / "o.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()

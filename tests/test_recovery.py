@@ -283,3 +283,24 @@ def test_recovery_needs_calibration_samples(tmp_path: Path) -> None:
     request.mode, request.load_stats = "dynamic", None
     with pytest.raises(UsageError, match="static only"):
         quantize(request)
+
+
+@pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"pads": [0, 2, 1, 0], "strides": [2, 1]},
+                                   {"pads": [2, 2, 2, 2], "dilations": [2, 2], "group": 2}])
+def test_conv_input_sums_equal_the_im2col_sums(attrs: dict) -> None:
+    from onnxq.ir import import_graph
+    from onnxq.placement import PlacementOptions, place
+    from onnxq.recovery import _window_sums, find_layers
+
+    rng = np.random.default_rng(0)
+    group = attrs.get("group", 1)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3], **attrs)]
+    model = make_model(nodes, [tensor("x", [2, 4, 9, 11])], [tensor("y", [2, 6, None, None])],
+                       {"w": weight(rng, (6, 4 // group, 3, 3))})
+    graph = import_graph(model)
+    layer = find_layers(graph, place(graph, PlacementOptions()))[0][0]
+    x = rng.standard_normal((2, 4, 9, 11)).astype(np.float32)
+    cols, _ = layer.columns(x)
+    expected = cols.reshape(int(np.prod(cols.shape[:3])), -1).sum(axis=0, dtype=np.float64)  # [groups * fan-in]
+    got = _window_sums(layer, x, cols.shape[1:3]).reshape(-1)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
