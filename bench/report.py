@@ -10,6 +10,7 @@ from functools import cache
 from pathlib import Path
 
 from bench import runners
+from bench.metrics import PRIMARY
 from bench.runners import REPO
 
 
@@ -51,6 +52,19 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 
 def _metric(row: dict, key: str) -> float | None:
     return row.get("task", {}).get(key)
+
+
+def fp32_agreement(row: dict | None, task: str) -> float | None:
+    """The row's task agreement with fp32 (the issue's measure): same text / class / decision / boxes as fp32;
+    the primary metric where it already is one (f1_vs_fp32, decision_agreement, top1_agreement, ...)."""
+    t = (row or {}).get("task") or {}
+    if (row or {}).get("status") != "ok":
+        return None
+    if task == "ocr-rec" and t.get("lines"):
+        return t["same_text_as_fp32"] / t["lines"]
+    if task == "ocr-cls":
+        return t.get("agreement_with_fp32")
+    return t.get(PRIMARY[task])
 
 
 def row_cpu_class(row: dict, res: dict) -> str:
@@ -121,12 +135,13 @@ def _trio(rows: tuple[dict | None, ...], field: str, spec: str) -> str:
 def headline(results: list[dict]) -> str:
     """Per model: onnxq default (the automatic search) and --fast (the old default) vs best ORT config vs NNCF."""
     lines = ["| model | CPU | metric | fp32 | onnxq default | onnxq --fast (old default) | best ORT config | NNCF "
-             "| speedup 1t (default / fast / ORT / NNCF) | quantize s ÷ floor (default / fast) | default's choice |",
-             "|" + "---|" * 11]
+             "| agreement with fp32 (default / fast / ORT / NNCF) | speedup 1t (default / fast / ORT / NNCF) "
+             "| quantize s ÷ floor (default / fast) | default's choice |",
+             "|" + "---|" * 12]
     for res in results:
         key = res["primary_metric"]
         if res.get("error"):
-            lines.append(f"| {res['model']} | — | {key} | benchmark failed (see below) |" + " |" * 7)
+            lines.append(f"| {res['model']} | — | {key} | benchmark failed (see below) |" + " |" * 8)
             continue
         rows = {r["id"]: r for r in res["rows"]}
         oq, fast = rows.get("onnxq-default"), rows.get("onnxq-fast")
@@ -137,9 +152,26 @@ def headline(results: list[dict]) -> str:
         choice = ((oq or {}).get("onnxq_auto") or {}).get("chosen", "—")
         lines.append(f"| {res['model']} | {', '.join(classes)} | {key} | {_cell(rows.get('fp32'), key)} "
                      f"| {_cell(oq, key)} | {_cell(fast, key)} "
-                     f"| {_cell(ort, key, True)} | {_cell(nn_row, key)} | {_trio(shown, 'speedup', '.2f')} "
+                     f"| {_cell(ort, key, True)} | {_cell(nn_row, key)} "
+                     f"| {' / '.join(_fmt(fp32_agreement(r, res['task']), '.3f') for r in shown)} "
+                     f"| {_trio(shown, 'speedup', '.2f')} "
                      f"| {_trio((oq, fast), 'quant_floor_ratio', '.1f')} | {choice} |")
     return "\n".join(lines)
+
+
+def unseen_section(folder: Path) -> list[str]:
+    """The headline of the `new` set (models nobody tuned onnxq on, and the main models on wider data)."""
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    if not results:
+        return []
+    commands = sorted({r.get("command", "") for r in results} - {""})
+    return ["## Models nobody tuned onnxq on, and wider data (`--set new`)", "",
+            "EfficientNet-Lite0, the ddddocr captcha reader, all-mpnet-base-v2 and PicoDet-layout were not looked at "
+            "with the automatic default before its settings were frozen (commit 883acd6); ppocr-rec-photos / "
+            "ppocr-det-pages are the main bench's recogniser and detector on crops and pages from real photographs "
+            "and scans, calibration and evaluation split by source. Made by: "
+            + "; ".join(f"`{c}`" for c in commands) + f". Per-model tables: `{folder.name}/UNSEEN.md`.", "",
+            headline(results), ""]
 
 
 def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmarks") -> None:
@@ -158,6 +190,7 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
            f"Python {m['python']}",
            "- Made by: " + "; ".join(f"`{c}`" for c in commands) + " (`make bench` runs `python -m bench.run`)", "",
            "## Headline", "", headline(results), "",
+           *unseen_section(results_dir / "unseen"),
            "onnxq default = `onnxq quantize MODEL --calib DATA` (the automatic search, README 'The automatic "
            "default'); --fast = the single pass that was the default before it. Quantize s ÷ floor: the quantize "
            "child's wall time (without its evaluation on --eval-data) ÷ (process start + model load + one plain "
