@@ -13,7 +13,9 @@ reshapes and transposes) and its rank, and infers the answer it carries:
   class that ends a quarter or more of fp32's decoded sequences, three times as often as any other,
   is read as padding (a recogniser's space after the text) and stripped from both ends.
 - decisions: a Sigmoid/HardSigmoid (voice activity, text maps, multi-label), or a small output whose
-  values all lie in [0, 1]. Agreement: the share of values on the same side of 0.5.
+  values all lie in [0, 1]. Agreement: up to SMALL_OUTPUT values per sample, the share on the same
+  side of 0.5; a larger map (text pixels, many labels), where positives are rare and the share would
+  be all background, the IoU of the values fp32 and the candidate call positive (1 when neither does).
 - embedding: rank 2/3 features (last axis >= 8) from LayerNormalization, a normalisation or a
   pooling. Agreement: the cosine of each feature vector, averaged.
 - labels: integer outputs (ArgMax, TopK indices). A sample agrees when they are equal.
@@ -216,9 +218,12 @@ class OutputAgreement:
             self.elements += int(same.size)
             self.same_elements += int(same.sum())
             decided = np.abs(ref - 0.5) >= NEAR_TIE
-            share = float(same[decided].mean()) if decided.any() else 1.0
-            self._count(np.array([float(same.mean()) if same.size else 1.0]), np.array([bool(decided.any())]),
-                        np.array([share]))
+            if same.size > SMALL_OUTPUT:
+                plain, share = _iou(ref > 0.5, got > 0.5), _iou((ref > 0.5) & decided, (got > 0.5) & decided)
+            else:
+                plain = float(same.mean()) if same.size else 1.0
+                share = float(same[decided].mean()) if decided.any() else 1.0
+            self._count(np.array([plain]), np.array([bool(decided.any())]), np.array([share]))
         elif kind == "embedding":
             rows_r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
             rows_g = got.reshape(rows_r.shape).astype(np.float64)
@@ -316,6 +321,12 @@ def _sequence_near_tie(scores: np.ndarray, blank: int, padding: int | None) -> b
             if _ctc_decode(other, blank, padding) != text:
                 return True
     return False
+
+
+def _iou(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Intersection over union of two boolean maps (1 when both are empty)."""
+    union = int(np.count_nonzero(reference | candidate))
+    return float(np.count_nonzero(reference & candidate)) / union if union else 1.0
 
 
 def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:

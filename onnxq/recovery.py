@@ -195,17 +195,21 @@ class Layer:
         flat = m.reshape(-1, m.shape[-1])
         return (flat.T if self.layout == "cols" else flat.reshape(w.shape)).astype(np.float32)
 
-    def columns(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        """A view of the input's columns: [N, H', W', groups, fan-in] for Conv, [rows, 1, fan-in] otherwise."""
-        if self.layout != "conv":
-            return x.reshape(-1, 1, x.shape[-1]), 0
-        w = constant_values(self.weight)
-        kernel = w.shape[2:]
+    def padded_input(self, x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...], list[int], list[int]]:
+        """A Conv's input with its pads applied, and its kernel shape, strides and dilations."""
+        kernel = constant_values(self.weight).shape[2:]
         attrs = self.node.attrs
         pads = attrs.get("pads", [0, 0] * len(kernel))
         strides = attrs.get("strides", [1] * len(kernel))
         dilations = attrs.get("dilations", [1] * len(kernel))
         padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + len(kernel)]) for i in range(len(kernel))])
+        return padded, kernel, strides, dilations
+
+    def columns(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """A view of the input's columns: [N, H', W', groups, fan-in] for Conv, [rows, 1, fan-in] otherwise."""
+        if self.layout != "conv":
+            return x.reshape(-1, 1, x.shape[-1]), 0
+        padded, kernel, strides, dilations = self.padded_input(x)
         spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilations, strict=True)]
         win = sliding_window_view(padded, spans, axis=(2, 3))
         win = win[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]  # [N, C, Ho, Wo, kh, kw]
@@ -298,13 +302,7 @@ def accumulate(layer: Layer, x: np.ndarray, moments: InputMoments, rng: np.rando
 def _window_sums(layer: Layer, x: np.ndarray, out_hw: tuple[int, ...]) -> np.ndarray:
     """Sum of a Conv's input columns, [C, kh, kw]: one strided slice of the padded input per kernel
     offset (summing the im2col view directly walks memory across the window and is ~10x slower)."""
-    w = constant_values(layer.weight)
-    kernel = w.shape[2:]
-    attrs = layer.node.attrs
-    pads = attrs.get("pads", [0, 0] * len(kernel))
-    strides = attrs.get("strides", [1] * len(kernel))
-    dilations = attrs.get("dilations", [1] * len(kernel))
-    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + len(kernel)]) for i in range(len(kernel))])
+    padded, kernel, strides, dilations = layer.padded_input(x)
     ho, wo = out_hw
     sums = np.empty((x.shape[1], *kernel), dtype=np.float64)
     for a in range(kernel[0]):

@@ -66,6 +66,21 @@ def test_decoder_sequences_are_judged_on_the_positions_fp32_decides() -> None:
     assert other.summary()["decided_agreement"] == 0.0
 
 
+def test_a_decision_map_is_judged_by_the_iou_of_its_positives() -> None:
+    reference = np.full((1, 1, 10, 10), 0.05)
+    reference[0, 0, 0, :5] = 0.95  # five text pixels in a hundred
+    lost_two = reference.copy()
+    lost_two[0, 0, 0, :2] = 0.05
+    agreement = OutputAgreement(OutputMeasure("map", "decisions", "test"))
+    agreement.add(reference, lost_two)
+    summary = agreement.summary()
+    assert summary["element_agreement"] == pytest.approx(0.98)  # the share of same-side pixels hides it ...
+    assert summary["agreement"] == pytest.approx(0.6) and summary["decided_agreement"] == pytest.approx(0.6)
+    small = OutputAgreement(OutputMeasure("vad", "decisions", "test"))  # a few values: the same-side share
+    small.add(np.array([[0.9, 0.1, 0.8, 0.2]]), np.array([[0.9, 0.1, 0.3, 0.2]]))
+    assert small.summary()["agreement"] == pytest.approx(0.75)
+
+
 # ------------------------------------------------------------------ the search, on a fake model space
 
 
