@@ -99,4 +99,4 @@ def full(dynamic: bool, transformer: bool = False, weight_only: bool = False) ->
 def quick() -> list[Config]:
     """bench-quick: fp32, onnxq default and one onnxruntime peer."""
     by_id = {c.id: c for c in full(dynamic=False)}
-    return [by_id["fp32"], by_id["onnxq-default"], by_id["onnxq-fast"], by_id["ort-qdq-minmax"]]
+    return [by_id["fp32"], by_id["onnxq-default"], by_id["ort-qdq-minmax"]]

@@ -1,3 +1,44 @@
-"""onnxq: turn an fp32 ONNX model into an int8 ONNX model that runs fast on CPU."""
+"""onnxq: turn an fp32 ONNX model into an int8 ONNX model that runs fast on CPU.
+
+    import onnxq
+    result = onnxq.quantize("model.onnx", "model.int8.onnx", calib="calibration_data/")
+    result.model, result.plan, result.report
+
+`quantize`, `calibrate`, `convert` and `inspect` take the options of their CLI commands as keyword
+arguments (onnxq.api); errors are the typed exceptions of onnxq.errors. They load on first use, so
+`import onnxq` stays light (the command line sets up signal handling before any heavy import).
+`onnxq.calibrate` and `onnxq.convert` are these functions although modules of the same names exist:
+reach the modules with `from onnxq.calibrate import ...` or `importlib.import_module`.
+"""
+
+import sys
+import types
 
 __version__ = "0.1.0"
+
+__all__ = ["DataError", "ModelError", "OnnxqError", "OutputError", "Result", "UsageError", "__version__",
+           "calibrate", "convert", "inspect", "options", "quantize"]
+
+_API = frozenset({"Result", "calibrate", "convert", "inspect", "options", "quantize"})
+_ERRORS = frozenset({"DataError", "ModelError", "OnnxqError", "OutputError", "UsageError"})
+
+
+class _Package(types.ModuleType):
+    """The package whose API names win over the submodules the import system sets as attributes."""
+
+    def __getattribute__(self, name: str):
+        if name in _API:
+            from . import api
+
+            return getattr(api, name)
+        if name in _ERRORS:
+            from . import errors
+
+            return getattr(errors, name)
+        return super().__getattribute__(name)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *__all__})
+
+
+sys.modules[__name__].__class__ = _Package

@@ -16,13 +16,16 @@ The candidates, in the order they are measured:
 2. repairs at the same speed, on the better method, when it is within REPAIR_REACH of the target
    (a repair has not been seen to close a larger gap): bias correction, then AdaRound on the
    ADAROUND_LAYERS layers with the largest own error (onnxq.layer_errors ranks them in one probe
-   pass), with bias correction when it helped. The best repair carries into step 3.
-3. structural changes, each expected to be faster than fp32 by MIN_SPEEDUP: MatMul/Gemm/LSTM
-   quantized at run time beside static convolutions; the whole model in dynamic mode; the most
-   damaged quarter of the layers in float. Then the fallback ladder: the 1, 2, 4, ... most damaged
-   layers in float. Within each group the expected-fastest goes first, and once a candidate meets
-   the target every slower one is skipped. Only when none meets it are the candidates expected
-   slower than MIN_SPEEDUP measured (fastest first): the task answer comes before the speed.
+   pass), with bias correction when it helped. The best repair carries into the later candidates.
+3. run-time quantization, which needs no ranking: MatMul/Gemm/LSTM quantized at run time beside
+   static convolutions, and the whole model in dynamic mode.
+4. float fallbacks, after the probe pass ranks the layers (when the budget leaves room for it):
+   the most damaged quarter of the layers, and the ladder of the 1, 2, 4, ... most damaged (at
+   most half).
+Within steps 3 and 4 the expected-fastest goes first, each must be expected faster than fp32 by
+MIN_SPEEDUP, and once a candidate meets the target every slower one is skipped. Only when none
+meets it are the candidates expected slower than MIN_SPEEDUP measured (fastest first): the task
+answer comes before the speed.
 
 int16 activations are no candidate: onnxruntime's CPU has no int16 Conv/MatMul kernel, so an int16
 layer runs in float behind extra Q/DQ pairs, never faster than keeping it float.
@@ -161,17 +164,20 @@ def search(space: SearchSpace, reference: CachedReference, *, target: float = TA
         if run.measure(Candidate(f"static {method}", method=method)).meets(target):
             return run.finish()  # nothing is expected faster than all-int8 static
     best_static = max(run.measured, key=lambda m: m.score)
-    if space.int8_layers and not run.spent():
-        run.ranking = space.rank_layers()
     repair = best_static.candidate
     within_reach = (best_static.decided_agreement or 0.0) >= target - REPAIR_REACH
-    if space.can_repair and run.ranking and within_reach and not run.spent():
+    if space.can_repair and space.int8_layers and within_reach and not run.spent():
         repair = run.best_repair(best_static)
         if any(m.meets(target) for m in run.measured):
             return run.finish()
     best_met: float | None = None
     too_slow: list[Candidate] = []
-    for group in _later_groups(space, repair, run.ranking):
+    for group in (_dynamic_group(space, repair), None):
+        if group is None:  # the fallbacks need the ranking: its probe costs about two candidates
+            if not space.int8_layers or run.spent(extra_candidates=2):
+                break
+            run.rank()
+            group = _fallback_group(space, repair, run.ranking)
         for candidate in sorted(group, key=lambda c: -space.speed(c)):
             expected = space.speed(candidate)
             if best_met is not None and expected <= best_met:
@@ -216,9 +222,15 @@ class _Run:
         self.measured.append(result)
         return result
 
-    def spent(self) -> bool:
-        """True when the next candidate, expected to take as long as the slowest so far, would end past the budget."""
-        next_cost = max((m.seconds for m in self.measured), default=0.0)
+    def rank(self) -> None:
+        """Rank the layers by their own error (the probe pass), once."""
+        if not self.ranking:
+            self.ranking = self.space.rank_layers()
+
+    def spent(self, extra_candidates: int = 1) -> bool:
+        """True when the next `extra_candidates` candidates, each expected to take as long as the slowest so far,
+        would end past the budget."""
+        next_cost = extra_candidates * max((m.seconds for m in self.measured), default=0.0)
         if time.perf_counter() - self.start + next_cost <= self.budget_s:
             return False
         note = (f"search budget of {self.budget_s:g} s spent after {len(self.measured)} candidates: on a slower "
@@ -234,8 +246,9 @@ class _Run:
         corrected = self.measure(replace(static, name=f"{static.name} + bias correction", bias_correction=True))
         helped = corrected.score[:2] > baseline.score[:2]
         best = corrected if helped else baseline
-        if corrected.meets(self.target) or self.spent():
+        if corrected.meets(self.target) or self.spent(extra_candidates=3):  # the probe, then AdaRound
             return best.candidate
+        self.rank()
         layers = self.space.adaround_layers(self.ranking)
         if not layers:
             return best.candidate
@@ -249,26 +262,23 @@ class _Run:
         return outcome
 
 
-def _later_groups(space: SearchSpace, repair: Candidate, ranking: list[str]) -> list[list[Candidate]]:
-    """Structural changes first, then the fallback ladder on the ranking (each group fastest first)."""
+def _dynamic_group(space: SearchSpace, repair: Candidate) -> list[Candidate]:
+    """MatMul/Gemm/LSTM at run time beside static layers, and the whole model dynamic (no ranking needed)."""
+    if not space.dynamic_layers:
+        return []
     method = repair.method
-    structural: list[Candidate] = []
-    if space.dynamic_layers:
-        structural.append(Candidate(f"static {method}, MatMul/Gemm/LSTM dynamic", method=method,
-                                    dynamic=space.dynamic_layers & frozenset(space.int8_layers)
-                                    ).with_repair(repair))
-        structural.append(Candidate("dynamic", mode="dynamic", method=method))
+    return [Candidate(f"static {method}, MatMul/Gemm/LSTM dynamic", method=method,
+                      dynamic=space.dynamic_layers & frozenset(space.int8_layers)).with_repair(repair),
+            Candidate("dynamic", mode="dynamic", method=method)]
+
+
+def _fallback_group(space: SearchSpace, repair: Candidate, ranking: list[str]) -> list[Candidate]:
+    """The most damaged quarter of the layers in float, and the ladder: 1, 2, 4, ... of them (at most half)."""
+    method = repair.method
     limit = min(len(ranking), max(1, int(MAX_FALLBACK_SHARE * len(space.int8_layers))))
     quarter = max(1, len(space.int8_layers) // 4)
-    if ranking and quarter <= limit:
-        structural.append(_fallback(method, ranking, quarter).with_repair(repair))
-    ladder = []
-    count = 1
-    while ranking and count <= limit:
-        if count != quarter:
-            ladder.append(_fallback(method, ranking, count).with_repair(repair))
-        count *= 2
-    return [structural, ladder]
+    counts = sorted({quarter} | {2**i for i in range(limit.bit_length()) if 2**i <= limit}) if ranking else []
+    return [_fallback(method, ranking, count).with_repair(repair) for count in counts if count <= limit]
 
 
 def _fallback(method: str, ranking: list[str], count: int) -> Candidate:

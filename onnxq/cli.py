@@ -16,15 +16,18 @@ import click
 from . import __version__, auto
 from .calibrate import Progress
 from .checks import check_effective
+from .command_options import CommandOptions
 from .convert import ACTIVATION_TYPES, ConvertRequest, convert, convert_paths, format_convert_summary
-from .data import ImagePreprocessing, model_input_specs, open_source
+from .data import DataArg, FeedLoader, ImagePreprocessing, model_input_specs, open_source
 from .distributed import RayOptions
 from .doctor import format_diagnosis, this_machine
 from .dynamic import WeightOnlyOptions
 from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError, first_line, one_line
+from .input_shapes import parse_input_shapes
 from .inspect_model import format_inspection, inspect_model
 from .interrupts import Interrupted
 from .latency import all_threads, compare_fp32_int8, format_comparison
+from .loaders import data_argument, script_argument
 from .model_io import atomic_write_bytes, load_model
 from .outputs import commit, interrupt_message, transaction
 from .paths import INPUT, OUTPUT, PathArg, check_paths, quantize_paths
@@ -35,7 +38,7 @@ from .qat_prep import format_prep_summary, params_path_for, qat_prep
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from .recipe import Recipe
 from .report import format_summary
-from .sensitivity import Target
+from .sensitivity import SensitivityResult, Target
 from .statistics import Statistics
 
 
@@ -131,8 +134,13 @@ def data_options(func):
     decorators = [
         click.option("--calib", type=click.Path(path_type=Path), help="Calibration data: folder of .npz/.npy, "
                      "one stacked .npz/.npy, a folder of images, or ONNX test_data_set_N/ folders."),
+        click.option("--data-loader-script", metavar="FILE[:FUNCTION]", help="Calibration data from your own "
+                     "code: FUNCTION (default load_data) in FILE yields feed dicts, input name -> numpy array (or "
+                     "(feeds, label) pairs for a --metric); the same as --calib FILE.py[:FUNCTION]. --eval-data and "
+                     "--target-data take FILE.py[:FUNCTION] too (README: 'Data from your own code')."),
         click.option("--allow-random", is_flag=True, help="Calibrate on random normal data when no --calib is "
                      "given (the report says so)."),
+        input_shapes_option("--allow-random: the shapes of inputs with open dimensions"),
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Samples per inference run (same-shaped samples are stacked on axis 0)."),
         click.option("--max-samples", type=click.IntRange(min=1), help="Use at most this many calibration samples."),
@@ -142,6 +150,12 @@ def data_options(func):
     for decorator in reversed(decorators):
         func = decorator(func)
     return image_options(func)
+
+
+def input_shapes_option(what: str):
+    return click.option("--input-shapes", multiple=True, metavar="NAME:DIMS[,...]",
+                        help=f"{what}, as Polygraphy and onnxslim take them: x:1x3x48x320 (several: comma-separated "
+                             "or the option repeated).")
 
 
 def image_options(func):
@@ -201,20 +215,33 @@ def _ray_options(ray_address: str | None, workers: int | None) -> RayOptions | N
     return RayOptions(address=ray_address or None, workers=workers)
 
 
-def _images(image_size, layout, pixel_scale, mean, std, channel_order) -> ImagePreprocessing:
-    images = ImagePreprocessing(size=_parse_size(image_size), layout=layout, scale=pixel_scale,
-                                mean=_parse_floats(mean, "--mean"), std=_parse_floats(std, "--std"),
-                                channel_order=channel_order)
+def _images(o: CommandOptions) -> ImagePreprocessing:
+    images = ImagePreprocessing(size=_parse_size(o["image_size"]), layout=o["layout"], scale=o["pixel_scale"],
+                                mean=_parse_floats(o["mean"], "--mean"), std=_parse_floats(o["std"], "--std"),
+                                channel_order=o["channel_order"])
     if any(s == 0 for s in images.std):
         raise UsageError("--std values must be non-zero")
     return images
 
 
-def _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout, pixel_scale,
-          mean, std, channel_order) -> DataOptions:
-    images = _images(image_size, layout, pixel_scale, mean, std, channel_order)
-    return DataOptions(calib=calib, eval_data=eval_data, allow_random=allow_random, batch_size=batch_size,
-                       max_samples=max_samples, images=images, memory_budget=memory_budget * 1024**2)
+def _data(o: CommandOptions) -> DataOptions:
+    """The data options every command that reads data shares (data_options)."""
+    shapes = parse_input_shapes(o["input_shapes"])
+    if shapes and not o["allow_random"]:
+        raise UsageError("--input-shapes shapes the random data of --allow-random; real data has its own shapes")
+    return DataOptions(calib=_calibration_data(o, "calib"), eval_data=data_argument(o.values.get("eval_data"),
+                                                                                    "--eval-data"),
+                       allow_random=o["allow_random"], batch_size=o["batch_size"], max_samples=o["max_samples"],
+                       images=_images(o), memory_budget=o["memory_budget"] * 1024**2, input_shapes=shapes)
+
+
+def _calibration_data(o: CommandOptions, name: str) -> DataArg | None:
+    """--calib PATH (or FILE.py[:FUNCTION]) or --data-loader-script FILE[:FUNCTION], not both."""
+    script = script_argument(o["data_loader_script"])
+    option = f"--{name.replace('_', '-')}"
+    if script is not None and o[name] is not None:
+        raise UsageError(f"{option} and --data-loader-script both give the data; give one")
+    return script or data_argument(o[name], option)
 
 
 EPILOG_QUANTIZE = """\b
@@ -336,71 +363,65 @@ def main() -> None:
 @ray_options
 @verbosity_options
 @handle_errors
-def quantize_command(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
-                     pixel_scale, mean, std, channel_order, eval_data, mode, weight_bits, block_size,
-                     weight_zero_points, weight_method, method, percentile, symmetric, per_tensor,
-                     output_format, weight_range, exclude, recipe_path, save_recipe, speed_guard, no_speed_guard,
-                     speed_profile,
-                     target_cpu, load_stats, save_stats, save_plan, report_path, as_json, target_sqnr, target_cosine,
-                     metric, target_metric, target_samples, eval_samples, target_data, fallback, max_fallbacks,
-                     min_cosine,
-                     min_sqnr, smooth_alpha, smooth_mul, equalize, bias_correction, adaround,
-                     adaround_seconds, fast, budget, target_agreement, ray_address, workers, quiet, verbose) -> None:
+def quantize_command(**p) -> None:
     """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
-    data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
-                 pixel_scale, mean, std, channel_order)
-    data.ray = _ray_options(ray_address, workers)
-    recipe = Recipe.load(recipe_path) if recipe_path is not None else Recipe()
-    if no_speed_guard:
-        if click.get_current_context().get_parameter_source("speed_guard") == click.core.ParameterSource.COMMANDLINE:
-            raise UsageError("--no-speed-guard and --speed-guard contradict each other; give one")
-        speed_guard = "off"
-    o = _recipe_defaults(recipe, dict(mode=mode, method=method, percentile=percentile, symmetric=symmetric,
-                                      per_tensor=per_tensor, weight_range=weight_range, speed_guard=speed_guard,
-                                      output_format=output_format, weight_bits=weight_bits, block_size=block_size,
-                                      weight_zero_points=weight_zero_points, weight_method=weight_method,
-                                      smooth_alpha=smooth_alpha,
-                                      smooth_mul=smooth_mul, equalize=equalize, bias_correction=bias_correction,
-                                      adaround=adaround, adaround_seconds=adaround_seconds, fast=fast))
-    given = _given_options()
-    check_effective(given, {**o, "target_sqnr": target_sqnr, "target_cosine": target_cosine,
-                            "target_metric": target_metric, "budget": budget, "target_agreement": target_agreement,
-                            "adaround_rules": any(rule.adaround for rule in recipe.rules)})
-    request = QuantizeRequest(
-        model=model, output=output, data=data, weight_range=o["weight_range"], exclude=tuple(exclude),
-        speed_guard=o["speed_guard"], speed_profile=speed_profile, target_cpu=target_cpu,
-        output_format=o["output_format"],
-        target=_target(target_sqnr, target_cosine, target_metric), metric=metric, target_samples=target_samples,
-        target_data=target_data, eval_samples=_count_or_all(eval_samples, "--eval-samples"),
-        max_fallbacks=max_fallbacks, fallback=fallback or ("int8" if o["mode"] == "weight-only" else "float"),
-        mode=o["mode"], weight_only=WeightOnlyOptions(bits=int(o["weight_bits"]), block_size=o["block_size"],
-                                                      symmetric=not o["weight_zero_points"],
-                                                      method=o["weight_method"]),
-        settings=QuantSettings(method=o["method"], percentile=o["percentile"], symmetric=o["symmetric"],
-                               per_channel=not o["per_tensor"]),
-        load_stats=load_stats, save_stats=save_stats, save_plan=save_plan, min_cosine=min_cosine, min_sqnr=min_sqnr,
-        recipe=recipe, save_recipe=save_recipe,
-        smooth_alpha=o["smooth_alpha"], smooth_insert_mul=o["smooth_mul"],
-        equalize=o["equalize"], bias_correction=o["bias_correction"],
-        adaround_seconds=o["adaround_seconds"] if o["adaround"] else None, adaround_rules_seconds=o["adaround_seconds"],
-        search=not o["fast"], auto_target=target_agreement, budget_s=budget,
-        auto_dynamic="mode" not in given and "mode" not in recipe.settings,
-        method_given="method" in given or "method" in recipe.settings,
-    )
-    check_paths([*quantize_paths(request), PathArg("--recipe", recipe_path, INPUT),
-                 PathArg("--report", report_path, OUTPUT)])
-    result = quantize(request, progress=progress_factory(quiet))
+    request = quantize_request(CommandOptions.current(p))
+    check_paths([*quantize_paths(request), PathArg("--report", p["report_path"], OUTPUT)])
+    result = quantize(request, progress=progress_factory(p["quiet"]))
     text = json.dumps(result.report, indent=2, sort_keys=True)
-    if report_path is not None:
-        atomic_write_bytes(report_path, text.encode())
+    if p["report_path"] is not None:
+        atomic_write_bytes(p["report_path"], text.encode())
     commit()
-    if as_json:
+    if p["as_json"]:
         click.echo(text)
-    if not quiet:
+    if not p["quiet"]:
         click.echo(format_summary(result.report), err=True)
     if not result.gates_passed:
         click.echo("onnxq: a quality gate was missed (the model was written for inspection)", err=True)
         sys.exit(EXIT_GATE_MISSED)
+
+
+def quantize_request(o: CommandOptions) -> QuantizeRequest:
+    """quantize's options as a request: the CLI and onnxq.api both build it here."""
+    data = _data(o)
+    data.ray = _ray_options(o["ray_address"], o["workers"])
+    recipe = Recipe.load(o["recipe_path"]) if o["recipe_path"] is not None else Recipe()
+    speed_guard = o["speed_guard"]
+    if o["no_speed_guard"]:
+        if "speed_guard" in o.given:
+            raise UsageError("--no-speed-guard and --speed-guard contradict each other; give one")
+        speed_guard = "off"
+    v = _recipe_defaults(recipe, {**{k: o[k] for k in (
+        "mode", "method", "percentile", "symmetric", "per_tensor", "weight_range", "output_format", "weight_bits",
+        "block_size", "weight_zero_points", "weight_method", "smooth_alpha", "smooth_mul", "equalize",
+        "bias_correction", "adaround", "adaround_seconds", "fast")}, "speed_guard": speed_guard}, o)
+    check_effective(o.given, {**v, **{k: o[k] for k in ("target_sqnr", "target_cosine", "target_metric", "budget",
+                                                         "target_agreement")},
+                              "adaround_rules": any(rule.adaround for rule in recipe.rules)})
+    request = QuantizeRequest(
+        model=o["model"], output=o["output"], data=data, weight_range=v["weight_range"], exclude=tuple(o["exclude"]),
+        speed_guard=v["speed_guard"], speed_profile=o["speed_profile"], target_cpu=o["target_cpu"],
+        output_format=v["output_format"],
+        target=_target(o["target_sqnr"], o["target_cosine"], o["target_metric"]), metric=o["metric"],
+        target_samples=o["target_samples"], target_data=data_argument(o["target_data"], "--target-data"),
+        eval_samples=_count_or_all(o["eval_samples"], "--eval-samples"), max_fallbacks=o["max_fallbacks"],
+        fallback=o["fallback"] or ("int8" if v["mode"] == "weight-only" else "float"),
+        mode=v["mode"], weight_only=WeightOnlyOptions(bits=int(v["weight_bits"]), block_size=v["block_size"],
+                                                      symmetric=not v["weight_zero_points"],
+                                                      method=v["weight_method"]),
+        settings=QuantSettings(method=v["method"], percentile=v["percentile"], symmetric=v["symmetric"],
+                               per_channel=not v["per_tensor"]),
+        load_stats=o["load_stats"], save_stats=o["save_stats"], save_plan=o["save_plan"], min_cosine=o["min_cosine"],
+        min_sqnr=o["min_sqnr"], recipe=recipe, save_recipe=o["save_recipe"],
+        smooth_alpha=v["smooth_alpha"], smooth_insert_mul=v["smooth_mul"],
+        equalize=v["equalize"], bias_correction=v["bias_correction"],
+        adaround_seconds=v["adaround_seconds"] if v["adaround"] else None, adaround_rules_seconds=v["adaround_seconds"],
+        search=not v["fast"], auto_target=o["target_agreement"], budget_s=o["budget"],
+        auto_dynamic="mode" not in o.given and "mode" not in recipe.settings,
+        method_given="method" in o.given or "method" in recipe.settings,
+    )
+    check_paths([*quantize_paths(request), PathArg("--recipe", o["recipe_path"], INPUT)])
+    return request
 
 
 main.add_command(quantize_command, name="quantize")
@@ -432,24 +453,16 @@ def _count_or_all(value: str, option: str) -> int | None:
     return count
 
 
-def _given_options() -> set[str]:
-    """Parameters typed on the command line (not defaults, not recipe settings)."""
-    context = click.get_current_context()
-    return {name for name in context.params
-            if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-
-
 def _target(sqnr: float | None, cosine: float | None, metric: float | None) -> Target | None:
     return Target(sqnr, cosine, metric) if (sqnr, cosine, metric) != (None, None, None) else None
 
 
-def _recipe_defaults(recipe: Recipe, values: dict) -> dict:
+def _recipe_defaults(recipe: Recipe, values: dict, o: CommandOptions) -> dict:
     """The recipe's settings replace option defaults; options given on the command line still win."""
-    context = click.get_current_context()
     result = dict(values)
     for key, value in recipe.settings.items():
         param, convert = RECIPE_OPTIONS[key]
-        if context.get_parameter_source(param) in (click.core.ParameterSource.DEFAULT, None):
+        if o.is_default(param):
             result[param] = convert(value)
     return result
 
@@ -466,17 +479,21 @@ Example:
 @ray_options
 @verbosity_options
 @handle_errors
-def calibrate(model, output, calib, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
-              pixel_scale, mean, std, channel_order, ray_address, workers, quiet, verbose) -> None:
+def calibrate(**p) -> None:
     """Collect activation statistics once; quantize later with any method via --load-stats."""
-    data = _data(calib, None, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
-                 pixel_scale, mean, std, channel_order)
-    data.ray = _ray_options(ray_address, workers)
-    stats = calibrate_only(model, output, data, progress=progress_factory(quiet))
+    stats = calibrate_only(p["model"], p["output"], calibrate_data(CommandOptions.current(p)),
+                           progress=progress_factory(p["quiet"]))
     commit()
-    if not quiet:
-        click.echo(f"onnxq: statistics of {len(stats.tensors)} tensors over {stats.samples} samples -> {output}",
-                   err=True)
+    if not p["quiet"]:
+        click.echo(f"onnxq: statistics of {len(stats.tensors)} tensors over {stats.samples} samples -> "
+                   f"{p['output']}", err=True)
+
+
+def calibrate_data(o: CommandOptions) -> DataOptions:
+    """calibrate's options as DataOptions (the CLI and onnxq.api)."""
+    data = _data(o)
+    data.ray = _ray_options(o["ray_address"], o["workers"])
+    return data
 
 
 @main.command("merge-stats", epilog="""\b
@@ -541,28 +558,30 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON on stdout.")
 @verbosity_options
 @handle_errors
-def sensitivity_command(model, output, plot, calib, allow_random, batch_size, max_samples, memory_budget, image_size,
-                        layout, pixel_scale, mean, std, channel_order, eval_data, load_stats, method, symmetric,
-                        weight_range, samples, top, as_json, quiet, verbose) -> None:
+def sensitivity_command(**p) -> None:
     """Rank MODEL's int8 layers by measured sensitivity: output SQNR with only that layer int8 and with all
     but that layer int8."""
-    data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
-                 pixel_scale, mean, std, channel_order)
-    request = QuantizeRequest(model=model, output=Path(os.devnull), data=data, load_stats=load_stats,
-                              weight_range=weight_range, sensitivity_samples=samples, speed_guard="off",
-                              settings=QuantSettings(method=method, symmetric=symmetric))
+    output, plot = p["output"], p["plot"]
+    request = sensitivity_request(CommandOptions.current(p))
     check_paths([*quantize_paths(request, writes_model=False), PathArg("-o", output, OUTPUT),
                  PathArg("--plot", plot, OUTPUT)])
-    result = run_sensitivity(request, progress=progress_factory(quiet))
+    result: SensitivityResult = run_sensitivity(request, progress=progress_factory(p["quiet"]))
     if output is not None:
         result.save_json(output)
     if plot is not None:
         result.save_png(plot)
     commit()
-    if as_json:
+    if p["as_json"]:
         click.echo(json.dumps(result.to_dict(), indent=2))
-    elif not quiet:
-        click.echo(result.table(top))
+    elif not p["quiet"]:
+        click.echo(result.table(p["top"]))
+
+
+def sensitivity_request(o: CommandOptions) -> QuantizeRequest:
+    """sensitivity's options as a request (no model is written)."""
+    return QuantizeRequest(model=o["model"], output=Path(os.devnull), data=_data(o), load_stats=o["load_stats"],
+                           weight_range=o["weight_range"], sensitivity_samples=o["samples"], speed_guard="off",
+                           settings=QuantSettings(method=o["method"], symmetric=o["symmetric"]))
 
 
 @main.command("bench", epilog="""\b
@@ -572,8 +591,12 @@ Examples:
 """)
 @click.argument("fp32", type=click.Path(path_type=Path))
 @click.argument("int8", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), help="A real input (first sample of any --calib form); "
-              "default: random values, for models with static input shapes.")
+@click.option("--data", "--calib", "data", type=click.Path(path_type=Path), help="A real input: the first sample "
+              "of any --calib form (--calib is the same option); default: random values, for models with static "
+              "input shapes or --input-shapes.")
+@click.option("--data-loader-script", metavar="FILE[:FUNCTION]", help="The first feed FUNCTION (default load_data) "
+              "in FILE yields is the input (see README, 'Data from your own code').")
+@input_shapes_option("Random input: the shapes of inputs with open dimensions")
 @image_options
 @click.option("--batch", "batch", type=click.IntRange(min=2), default=8, show_default=True,
               help="The larger batch timed besides batch 1 (the sample repeated on axis 0).")
@@ -582,18 +605,25 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout.")
 @verbosity_options
 @handle_errors
-def bench_command(fp32, int8, data, image_size, layout, pixel_scale, mean, std, channel_order, batch, threads,
-                  as_json, quiet, verbose) -> None:
+def bench_command(**p) -> None:
     """Latency of FP32 and INT8 side by side: batch 1 and --batch, one thread and all, medians and p90."""
+    _emit(bench(CommandOptions.current(p)), p["as_json"], p["quiet"], format_comparison)
+
+
+def bench(o: CommandOptions) -> dict:
+    """bench's options, run (the CLI and onnxq.api): the timing input is the first sample of --data/--calib or
+    of the data loader, else random values (--input-shapes for open dimensions)."""
+    data = _calibration_data(o, "data")
     source = None
-    if data is not None:
-        images = _images(image_size, layout, pixel_scale, mean, std, channel_order)
-        source = open_source(data, model_input_specs(load_model(fp32)), images)
+    if isinstance(data, FeedLoader):
+        source = data.open(model_input_specs(load_model(o["fp32"])), limit=1)  # the rest of it is never read
+    elif data is not None:
+        source = open_source(data, model_input_specs(load_model(o["fp32"])), _images(o))
         if not len(source):
             raise DataError(f"no samples in {data}")
-    thread_counts = tuple(sorted(set(threads))) or tuple(sorted({1, all_threads()}))
-    result = compare_fp32_int8(fp32, int8, source, (1, batch), thread_counts)
-    _emit(result, as_json, quiet, format_comparison)
+    thread_counts = tuple(sorted(set(o["threads"]))) or tuple(sorted({1, all_threads()}))
+    return compare_fp32_int8(o["fp32"], o["int8"], source, (1, o["batch"]), thread_counts,
+                             parse_input_shapes(o["input_shapes"]))
 
 
 @main.command(epilog="""\b
@@ -638,21 +668,23 @@ the message names the node), 4 bad data, 5 cannot write output, 1 internal error
 @report_options
 @verbosity_options
 @handle_errors
-def convert_command(model, output, output_format, activations, calib, allow_random, batch_size, max_samples,
-                    memory_budget, image_size, layout, pixel_scale, mean, std, channel_order, eval_data,
-                    calibrate_missing, method, percentile, report_path, as_json, quiet, verbose) -> None:
+def convert_command(**p) -> None:
     """Convert a model with QuantizeLinear/DequantizeLinear pairs (a QAT export) to onnxq's int8 form,
     keeping its learned scales and zero points."""
-    if allow_random:
+    request = convert_request(CommandOptions.current(p))
+    check_paths([*convert_paths(request), PathArg("--report", p["report_path"], OUTPUT)])
+    result = convert(request, progress=progress_factory(p["quiet"]))
+    _write_report(result.report, p["report_path"])
+    _emit(result.report, p["as_json"], p["quiet"], format_convert_summary)
+
+
+def convert_request(o: CommandOptions) -> ConvertRequest:
+    """convert's options as a request (the CLI and onnxq.api)."""
+    if o["allow_random"]:
         raise UsageError("convert calibrates only tensors without learned parameters; give real --calib data")
-    data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
-                 pixel_scale, mean, std, channel_order)
-    request = ConvertRequest(model=model, output=output, output_format=output_format, activations=activations,
-                             data=data, method=method, percentile=percentile, calibrate_missing=calibrate_missing)
-    check_paths([*convert_paths(request), PathArg("--report", report_path, OUTPUT)])
-    result = convert(request, progress=progress_factory(quiet))
-    _write_report(result.report, report_path)
-    _emit(result.report, as_json, quiet, format_convert_summary)
+    return ConvertRequest(model=o["model"], output=o["output"], output_format=o["output_format"],
+                          activations=o["activations"], data=_data(o), method=o["method"],
+                          percentile=o["percentile"], calibrate_missing=o["calibrate_missing"])
 
 
 @main.command("qat-prep", epilog="""\b
@@ -678,22 +710,23 @@ Example (train the fake-quant model, then convert it):
 @report_options
 @verbosity_options
 @handle_errors
-def qat_prep_command(model, output, params_path, calib, allow_random, batch_size, max_samples, memory_budget,
-                     image_size, layout, pixel_scale, mean, std, channel_order, eval_data, method, percentile,
-                     symmetric, per_tensor, weight_range, exclude, report_path, as_json, quiet, verbose) -> None:
+def qat_prep_command(**p) -> None:
     """Write MODEL with fake-quant (QuantizeLinear->DequantizeLinear) pairs on weights and activations,
     initialised from calibration, for quantization-aware training."""
-    data = _data(calib, eval_data, allow_random, batch_size, max_samples, memory_budget, image_size, layout,
-                 pixel_scale, mean, std, channel_order)
-    request = QuantizeRequest(model=model, output=output, data=data, weight_range=weight_range,
-                              exclude=tuple(exclude), speed_guard="off",
-                              settings=QuantSettings(method=method, percentile=percentile, symmetric=symmetric,
-                                                     per_channel=not per_tensor))
-    check_paths([*quantize_paths(request), PathArg("--params", params_path or params_path_for(output), OUTPUT),
-                 PathArg("--report", report_path, OUTPUT)])
-    result = qat_prep(request, params_path, progress=progress_factory(quiet))
-    _write_report(result.report, report_path)
-    _emit(result.report, as_json, quiet, format_prep_summary)
+    request, params_path = qat_prep_request(CommandOptions.current(p)), p["params_path"]
+    check_paths([*quantize_paths(request), PathArg("--params", params_path or params_path_for(request.output),
+                                                   OUTPUT), PathArg("--report", p["report_path"], OUTPUT)])
+    result = qat_prep(request, params_path, progress=progress_factory(p["quiet"]))
+    _write_report(result.report, p["report_path"])
+    _emit(result.report, p["as_json"], p["quiet"], format_prep_summary)
+
+
+def qat_prep_request(o: CommandOptions) -> QuantizeRequest:
+    """qat-prep's options as a request (the CLI and onnxq.api)."""
+    return QuantizeRequest(model=o["model"], output=o["output"], data=_data(o), weight_range=o["weight_range"],
+                           exclude=tuple(o["exclude"]), speed_guard="off",
+                           settings=QuantSettings(method=o["method"], percentile=o["percentile"],
+                                                  symmetric=o["symmetric"], per_channel=not o["per_tensor"]))
 
 
 def _write_report(report: dict, path: Path | None) -> None:

@@ -5,14 +5,16 @@ Supported sources (detected from the path):
      a folder of .npy files works the same for single-input models;
   b) one .npz (arrays stacked along the batch axis, one per input) or one .npy (single input);
   c) a folder of images, with explicit preprocessing (ImagePreprocessing);
-  d) ONNX's test-data layout: test_data_set_N/input_M.pb.
+  d) ONNX's test-data layout: test_data_set_N/input_M.pb;
+  e) feeds from the user's own code: a data loader script (FILE.py[:FUNCTION]) or, through the
+     Python API, an iterable of feed dicts (onnxq.loaders; they open as a FeedLoader).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import DataError, read_problem
+from .input_shapes import check_input_shapes
 
 Feed = dict[str, np.ndarray]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -69,13 +72,15 @@ class SampleSource:
     """An ordered, re-iterable collection of single samples (each a complete feed)."""
 
     def __init__(self, description: str, count: int, loader, kind: str,
-                 preprocessing: ImagePreprocessing | None = None) -> None:
+                 preprocessing: ImagePreprocessing | None = None,
+                 labels: Callable[[int], object] | None = None) -> None:
         self.description = description
         self.kind = kind
         self.preprocessing = preprocessing  # images only: how pixels became tensors (for the report)
         self.ignored: list[str] = []  # files in the folder that are not samples (labels, notes)
         self._count = count
         self._loader = loader  # index -> Feed
+        self._labels = labels  # index -> the label a data loader yielded with the sample (for a --metric)
 
     def __len__(self) -> int:
         return self._count
@@ -83,10 +88,15 @@ class SampleSource:
     def sample(self, index: int) -> Feed:
         return self._loader(index)
 
+    def label(self, index: int) -> object | None:
+        """The label yielded with sample `index` as a (feeds, label) pair; None when there is none."""
+        return self._labels(index) if self._labels is not None else None
+
     def subset(self, indices: Sequence[int], description: str) -> SampleSource:
         indices = list(indices)
+        labels = self._labels
         subset = SampleSource(description, len(indices), lambda i: self._loader(indices[i]), self.kind,
-                              self.preprocessing)
+                              self.preprocessing, None if labels is None else lambda i: labels(indices[i]))
         subset.ignored = self.ignored
         return subset
 
@@ -98,10 +108,26 @@ class SampleSource:
         return f"{option}: {len(self)} {self.kind} samples used; {len(self.ignored)} other files ignored ({shown})"
 
 
+class FeedLoader:
+    """Samples that come from code, not files: a data loader script or an iterable (onnxq.loaders)."""
+
+    description = "feeds"
+    script: Path | None = None  # the file a data loader script reads (checked against outputs)
+
+    def open(self, specs: list[InputSpec], limit: int | None = None) -> SampleSource:
+        """The samples, checked against `specs`; `limit`: read no more than that many."""
+        raise NotImplementedError
+
+
+DataArg = Path | FeedLoader  # what --calib, --eval-data and --target-data hold once parsed
+
+
 def open_source(
-    path: str | Path, specs: list[InputSpec], images: ImagePreprocessing | None = None
+    path: str | Path | FeedLoader, specs: list[InputSpec], images: ImagePreprocessing | None = None
 ) -> SampleSource:
     """Detect the form of `path` and return its samples (validated lazily, one by one)."""
+    if isinstance(path, FeedLoader):
+        return path.open(specs)
     path = Path(path)
     if not path.exists():
         raise DataError(f"calibration data not found: {path}")
@@ -302,17 +328,23 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def random_source(specs: list[InputSpec], count: int, seed: int = 0) -> SampleSource:
-    """Random normal data, only for --allow-random: the report says so."""
+def random_source(specs: list[InputSpec], count: int, seed: int = 0,
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> SampleSource:
+    """Random normal data, only for --allow-random: the report says so. `shapes` (--input-shapes) gives the
+    whole shape of inputs whose dimensions the model leaves open; other inputs take batch 1."""
+    shapes = shapes or {}
+    check_input_shapes(shapes, specs)
     for spec in specs:
-        if spec.shape is None or any(d is None for d in spec.shape[1:]):
-            raise DataError(f"--allow-random needs static shapes; input {spec.name} is {spec.shape}")
+        if spec.name not in shapes and (spec.shape is None or any(d is None for d in spec.shape[1:])):
+            raise DataError(f"--allow-random needs static shapes; input {spec.name} is "
+                            f"{_shape_text(spec.shape) if spec.shape is not None else 'of unknown shape'}: give "
+                            f"its shape with --input-shapes {spec.name}:{example_dims(spec)}")
 
     def load(i: int) -> Feed:
         rng = np.random.default_rng(seed + i)
         feed = {}
         for spec in specs:
-            shape = (1, *spec.shape[1:])
+            shape = shapes.get(spec.name) or (1, *spec.shape[1:])
             dtype = spec.dtype or np.float32
             if np.issubdtype(dtype, np.floating):
                 feed[spec.name] = rng.standard_normal(shape).astype(dtype)
@@ -321,6 +353,13 @@ def random_source(specs: list[InputSpec], count: int, seed: int = 0) -> SampleSo
         return feed
 
     return SampleSource(f"random normal data ({count} samples)", count, load, "random")
+
+
+def example_dims(spec: InputSpec) -> str:
+    """DIMS in the --input-shapes form for `spec`, with 1 for the batch and N for other open dimensions."""
+    if spec.shape is None:
+        return "1xN"
+    return "x".join(str(d) if d is not None else ("1" if axis == 0 else "N") for axis, d in enumerate(spec.shape))
 
 
 def split_holdout(

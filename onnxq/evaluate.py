@@ -14,6 +14,7 @@ grow with the number of samples:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import tempfile
 from collections.abc import Callable, Iterator
@@ -206,6 +207,7 @@ class CachedReference:
         # a user metric sees every output; SQNR and cosine only the float ones
         self.wanted = [o.name for o in reference.graph.output] if metric is not None else self.names
         self.feeds = [source.sample(i) for i in range(min(limit, len(source)))]
+        self.labels = [source.label(i) for i in range(len(self.feeds))]  # a data loader's (feeds, label) pairs
         self.source = source.description
         self.metric = metric
         with tempfile.TemporaryDirectory(prefix="onnxq-ref-") as tmp:
@@ -228,16 +230,22 @@ class CachedReference:
                     agreement[name].add(expected[name], got[name])
                 if self.metric is not None:  # kept only when a metric needs all samples at once
                     candidates.append(got)
-        score = self.metric(self.outputs, candidates, self.feeds) if self.metric is not None else None
+        score = (self.metric(self.outputs, candidates, self.feeds, self.labels, self.source)
+                 if self.metric is not None else None)
         return Fidelity(len(self.feeds), self.source, [agreement[n].summary() for n in self.names], score)
 
 
-# (fp32 outputs per sample, candidate outputs per sample, feeds) -> score, higher is better
-UserMetric = Callable[[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]], float]
+# (fp32 outputs per sample, candidate outputs per sample, feeds, labels per sample, where the samples come
+# from) -> score, higher is better
+UserMetric = Callable[[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], list[dict[str, np.ndarray]],
+                       list[object], str], float]
 
 
 def load_metric(path: Path) -> UserMetric:
-    """The `score` function of a user's Python file (--metric), checked to return a finite number."""
+    """The `score` function of a user's Python file (--metric), checked to return a finite number.
+
+    A score with a fourth parameter (`score(references, candidates, feeds, labels)`) also gets the label
+    of every sample: a data loader's (feeds, label) pairs (onnxq.loaders)."""
     if not Path(path).is_file():
         raise UsageError(f"metric script not found: {path}")
     spec = importlib.util.spec_from_file_location(f"onnxq_user_metric_{Path(path).stem}", path)
@@ -251,10 +259,16 @@ def load_metric(path: Path) -> UserMetric:
     score = getattr(module, "score", None)
     if not callable(score):
         raise UsageError(f"metric script {path} has no function score(references, candidates, feeds)")
+    wants_labels, needs_labels = _takes_labels(score)
 
-    def checked(references, candidates, feeds) -> float:
+    def checked(references, candidates, feeds, labels, source: str) -> float:
+        unlabelled = [i for i, label in enumerate(labels) if label is None]
+        if needs_labels and unlabelled:
+            raise DataError(f"metric script {path} scores with labels, but sample {unlabelled[0]} of {source} has "
+                            "none: yield (feeds, label) pairs from a data loader script")
         try:
-            value = float(score(references, candidates, feeds))
+            value = float(score(references, candidates, feeds, labels) if wants_labels else
+                          score(references, candidates, feeds))
         except Exception as exc:
             raise DataError(f"metric script {path} failed: {type(exc).__name__}: {exc}") from None
         if not math.isfinite(value):
@@ -262,3 +276,15 @@ def load_metric(path: Path) -> UserMetric:
         return value
 
     return checked
+
+
+def _takes_labels(score: Callable) -> tuple[bool, bool]:
+    """Whether score() has a fourth parameter (labels), and whether it has no default (labels required)."""
+    try:
+        parameters = inspect.signature(score).parameters.values()
+    except (TypeError, ValueError):
+        return False, False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 4:
+        return False, False
+    return True, positional[3].default is inspect.Parameter.empty

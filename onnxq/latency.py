@@ -16,8 +16,9 @@ import numpy as np
 import onnxruntime as ort
 
 from .calibrate import session_for
-from .data import InputSpec, SampleSource, model_input_specs
+from .data import InputSpec, SampleSource, example_dims, model_input_specs
 from .errors import DataError, UsageError, first_line
+from .input_shapes import check_input_shapes
 from .model_io import load_model
 from .report import size_change
 
@@ -75,25 +76,35 @@ def batched(feed: dict[str, np.ndarray], specs: list[InputSpec], batch: int) -> 
     return {name: np.concatenate([value] * batch, axis=0) for name, value in feed.items()}
 
 
-def random_feed(specs: list[InputSpec]) -> dict[str, np.ndarray]:
-    """A batch-1 feed of random values, for models whose input shapes are all static (but batch)."""
+def random_feed(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """A batch-1 feed of random values, for models whose input shapes are static (but batch) or given in
+    `shapes` (--input-shapes: the whole shape)."""
+    shapes = shapes or {}
+    check_input_shapes(shapes, specs)
     rng = np.random.default_rng(0)
     feed = {}
     for spec in specs:
-        if spec.shape is None or any(d is None for d in spec.shape[1:]) or spec.dtype is None:
-            raise UsageError(f"input {spec.name} has dynamic dimensions; give --data with a real sample")
-        shape = (1, *spec.shape[1:]) if spec.shape else ()
+        if spec.dtype is None:
+            raise UsageError(f"input {spec.name} has no element type in the model; give --data with a real sample")
+        if spec.name not in shapes and (spec.shape is None or any(d is None for d in spec.shape[1:])):
+            raise UsageError(f"input {spec.name} has dynamic dimensions; give their sizes with --input-shapes "
+                             f"{spec.name}:{example_dims(spec)}, or a real sample with --data (or --calib)")
+        shape = shapes.get(spec.name) or ((1, *spec.shape[1:]) if spec.shape else ())
         values = rng.standard_normal(shape)
         feed[spec.name] = values.astype(spec.dtype) if spec.dtype.kind == "f" else np.zeros(shape, spec.dtype)
     return feed
 
 
 def compare_fp32_int8(fp32: Path, int8: Path, source: SampleSource | None, batches: tuple[int, ...],
-                   thread_counts: tuple[int, ...]) -> dict:
-    """Latency of both models for every (threads, batch), plus their sizes."""
+                   thread_counts: tuple[int, ...], shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """Latency of both models for every (threads, batch), plus their sizes. The input: the first sample of
+    `source`, else random values (of `shapes` where the model leaves dimensions open)."""
     specs = model_input_specs(load_model(fp32))
     load_model(int8)
-    feed = source.sample(0) if source is not None else random_feed(specs)
+    if source is not None and shapes:
+        raise UsageError("--input-shapes shapes the random timing input; a real sample (--data, --calib or "
+                         "--data-loader-script) has its own shapes: give one or the other")
+    feed = source.sample(0) if source is not None else random_feed(specs, shapes)
     rows, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="onnxq-bench-") as tmp:
         for threads in thread_counts:
@@ -109,8 +120,13 @@ def compare_fp32_int8(fp32: Path, int8: Path, source: SampleSource | None, batch
                                        float(np.percentile(int8_s, 90)) * 1e3))
     return {"fp32": str(fp32), "int8": str(int8), "fp32_bytes": fp32.stat().st_size,
             "int8_bytes": int8.stat().st_size, "size_ratio": round(fp32.stat().st_size / int8.stat().st_size, 3),
-            "input": source.description if source is not None else "random values (no --data)",
+            "input": source.description if source is not None else _random_input(shapes),
             "rows": [r.to_dict() for r in rows], "skipped": sorted(set(skipped))}
+
+
+def _random_input(shapes: dict[str, tuple[int, ...]] | None) -> str:
+    given = ", ".join(f"{name}:{'x'.join(map(str, dims))}" for name, dims in (shapes or {}).items())
+    return f"random values (--input-shapes {given})" if given else "random values (no --data)"
 
 
 def all_threads() -> int:

@@ -48,7 +48,7 @@ class _File:
 
 def check_paths(args: Iterable[PathArg]) -> None:
     """Raise UsageError for an output that is an input or another output, OutputError for an unwritable one."""
-    given = [a for a in args if a.path is not None]
+    given = [a for a in map(_loader_script, args) if a.path is not None]
     reads: dict[tuple, _File] = {}
     for arg in given:
         if arg.role in (MODEL, DATA, INPUT, CACHE):
@@ -71,6 +71,13 @@ def check_paths(args: Iterable[PathArg]) -> None:
             if _inside(out.path, folder):
                 raise UsageError(f"{out.named()} is inside the {arg.option} folder {arg.path}, which onnxq reads: "
                                  "write outputs elsewhere")
+
+
+def _loader_script(arg: PathArg) -> PathArg:
+    """Data from code (onnxq.loaders): the script it runs is read; an iterable from Python has no path."""
+    if arg.path is None or isinstance(arg.path, (str, os.PathLike)):
+        return arg
+    return PathArg(arg.option, getattr(arg.path, "script", None), INPUT)
 
 
 def _read_files(arg: PathArg) -> Iterator[_File]:

@@ -24,6 +24,7 @@ from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress
 from .checks import check_finite_weights, check_not_qdq, check_targets, unmatched_excludes
 from .cpu import TargetCpu, default_weight_range, resolve_target
 from .data import (
+    DataArg,
     ImagePreprocessing,
     InputSpec,
     SampleSource,
@@ -95,9 +96,10 @@ HOLDOUT = 0.1  # share of --calib held back for the fidelity report without the 
 
 @dataclass
 class DataOptions:
-    calib: Path | None = None
-    eval_data: Path | None = None
+    calib: DataArg | None = None  # a path, or feeds from code (onnxq.loaders)
+    eval_data: DataArg | None = None
     allow_random: bool = False
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # --allow-random: open dimensions
     batch_size: int = 1
     max_samples: int | None = None
     images: ImagePreprocessing | None = None
@@ -124,7 +126,7 @@ class QuantizeRequest:
     metric: Path | None = None  # a Python file with score(references, candidates, feeds) for Target.min_metric
     target_samples: int = TARGET_SAMPLES
     eval_samples: int | None = EVAL_SAMPLES  # the fidelity report's first N held-back samples; None: all
-    target_data: Path | None = None  # samples the target is measured on (default: the held-back ones)
+    target_data: DataArg | None = None  # samples the target is measured on (default: the held-back ones)
     max_fallbacks: int | None = None
     sensitivity_samples: int = 16
     mode: str = "static"  # or "dynamic" / "weight-only" (onnxq.dynamic; no calibration)
@@ -212,7 +214,7 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
         calib = open_source(options.calib, specs, options.images)
         notes += filter(None, [calib.note("--calib")])
     elif options.allow_random:
-        calib = random_source(specs, RANDOM_SAMPLES)
+        calib = random_source(specs, RANDOM_SAMPLES, shapes=options.input_shapes)
         notes.append("calibrated on RANDOM data (--allow-random): ranges and fidelity say little about real inputs")
     elif request.load_stats is None:
         raise UsageError("no calibration data: give --calib DATA (or --load-stats FILE, or --allow-random)")
@@ -954,9 +956,10 @@ def check_written_model(model: onnx.ModelProto, planned: dict[str, str] | None =
         raise ModelError(f"internal error: the quantized model does not load: {exc.message}") from None
 
 
-def calibrate_only(model_path: Path, output: Path, data: DataOptions,
+def calibrate_only(model_path: Path, output: Path | None, data: DataOptions,
                    progress: ProgressFactory = _no_progress) -> Statistics:
-    """Collect and save statistics for every tensor quantize may need (for --load-stats later)."""
+    """Collect (and save, unless `output` is None) statistics for every tensor quantize may need (for
+    --load-stats later)."""
     check_paths([PathArg("MODEL", model_path, MODEL), PathArg("--calib", data.calib, DATA),
                  PathArg("-o", output, OUTPUT)])
     original = load_model(model_path, lazy_weights=True)
@@ -968,7 +971,7 @@ def calibrate_only(model_path: Path, output: Path, data: DataOptions,
     if data.calib is None:
         if not data.allow_random:
             raise UsageError("no calibration data: give --calib DATA (or --allow-random)")
-        source = random_source(specs, RANDOM_SAMPLES)
+        source = random_source(specs, RANDOM_SAMPLES, shapes=data.input_shapes)
     else:
         source = open_source(data.calib, specs, data.images)
     if data.max_samples is not None:
@@ -976,5 +979,6 @@ def calibrate_only(model_path: Path, output: Path, data: DataOptions,
     stats = collect(prepared.model, tensors, source, data.ray, batch_size=data.batch_size,
                     memory_budget=data.memory_budget, progress=progress, aliases=value_aliases(graph, tensors))
     stats.model_digest = model_digest(prepared.model)
-    stats.save(output)
+    if output is not None:
+        stats.save(output)
     return stats

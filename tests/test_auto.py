@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,6 +131,27 @@ def test_far_from_the_target_skips_repairs_and_keeps_the_fastest_that_meets_it()
     met_at = next(i for i, m in enumerate(measured) if m.meets(auto.TARGET_AGREEMENT))
     assert all(m.expected_speedup > 1.2 for m in measured[met_at + 1:])  # nothing slower is tried after
     assert len({m.candidate for m in measured}) == len(measured)
+
+
+def test_run_time_candidates_come_before_the_ranking_probe_and_it_counts_against_the_budget() -> None:
+    events: list[str] = []
+
+    def score(c: auto.Candidate) -> float:
+        events.append(c.name)
+        return 0.5
+
+    def rank() -> list[str]:
+        events.append("probe")
+        return sorted(LAYERS, reverse=True)
+
+    auto.search(replace(fake_space(), rank_layers=rank), FakeReference(score))
+    probe = events.index("probe")
+    assert {"dynamic", "static global, MatMul/Gemm/LSTM dynamic"} <= set(events[:probe])
+    assert any("float" in name for name in events[probe:])
+    events.clear()  # too little budget left for the probe and two candidates: no probe, no fallbacks
+    outcome = auto.search(replace(fake_space(), rank_layers=rank), FakeReference(score, delay_s=0.03),
+                          budget_s=0.15)
+    assert "probe" not in events and not outcome.ranking
 
 
 def test_a_repair_within_reach_wins_at_full_speed() -> None:

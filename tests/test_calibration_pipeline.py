@@ -8,6 +8,7 @@ byte-identical to it, whatever the memory budget does to the passes.
 
 from __future__ import annotations
 
+import importlib
 import math
 import tempfile
 import threading
@@ -18,7 +19,6 @@ import onnx
 import pytest
 from conftest import conv_relu_model, feeds_for, quantize_simple, save, two_input_model, write_npz_folder
 
-import onnxq.calibrate
 from onnxq.calibrate import collect_statistics, session_for, with_outputs
 from onnxq.data import SampleSource, model_input_specs, open_source
 from onnxq.errors import DataError
@@ -28,6 +28,8 @@ from onnxq.pipeline import DataOptions
 from onnxq.placement import tensors_to_observe, value_aliases
 from onnxq.prepare import prepare_model
 from onnxq.statistics import BINS_PER_SIDE, Statistics, TensorStats, required_width_exp
+
+calibration = importlib.import_module("onnxq.calibrate")  # the module: onnxq.calibrate is the API function
 
 
 def oracle_fold(batches: list[np.ndarray]) -> TensorStats:
@@ -88,7 +90,7 @@ def prepared_and_tensors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
 def test_prefetched_calibration_is_byte_identical_to_the_plain_loop(tmp_path: Path, budget: int, prefetch: bool,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     if not prefetch:  # activations too large to hold two batches: no background thread
-        monkeypatch.setattr(onnxq.calibrate, "PREFETCH_BYTES", 0)
+        monkeypatch.setattr(calibration, "PREFETCH_BYTES", 0)
         monkeypatch.setattr(threading, "Thread", None)
     model = conv_relu_model()
     write_npz_folder(tmp_path / "calib", feeds_for(model), 9)
