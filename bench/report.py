@@ -160,18 +160,31 @@ def headline(results: list[dict]) -> str:
 
 
 def unseen_section(folder: Path) -> list[str]:
-    """The headline of the `new` set (models nobody tuned onnxq on, and the main models on wider data)."""
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    """The headline of the `new` set (models nobody tuned onnxq on, and the main models on wider data), and
+    beside it the run made with the default as frozen before anyone looked (`<folder>-frozen`, when kept)."""
+    results = _results(folder)
     if not results:
         return []
-    commands = sorted({r.get("command", "") for r in results} - {""})
-    return ["## Models nobody tuned onnxq on, and wider data (`--set new`)", "",
-            "EfficientNet-Lite0, the ddddocr captcha reader, all-mpnet-base-v2 and PicoDet-layout were not looked at "
-            "with the automatic default before its settings were frozen (commit 883acd6); ppocr-rec-photos / "
-            "ppocr-det-pages are the main bench's recogniser and detector on crops and pages from real photographs "
-            "and scans, calibration and evaluation split by source. Made by: "
-            + "; ".join(f"`{c}`" for c in commands) + f". Per-model tables: `{folder.name}/UNSEEN.md`.", "",
-            headline(results), ""]
+    commands = sorted({c for r in results for c in [r.get("command", ""), *r.get("merged_commands", [])]} - {""})
+    lines = ["## Models nobody tuned onnxq on, and wider data (`--set new`)", "",
+             "EfficientNet-Lite0, the ddddocr captcha reader, all-mpnet-base-v2 and PicoDet-layout were not looked at "
+             "with the automatic default before its settings were frozen (commit 883acd6); ppocr-rec-photos / "
+             "ppocr-det-pages are the main bench's recogniser and detector on crops and pages from real photographs "
+             "and scans, calibration and evaluation split by source. Made by: "
+             + "; ".join(f"`{c}`" for c in commands) + f". Per-model tables: `{folder.name}/UNSEEN.md`.", "",
+             headline(results), ""]
+    frozen = _results(folder.with_name(f"{folder.name}-frozen"))
+    if frozen:
+        lines += ["The same set with the default as frozen, before its results were seen (`" + folder.name
+                  + "-frozen/`). The table above reruns onnxq-default after one change made on seeing them: the "
+                  "run-time quantization candidates now come before the layer-ranking probe, whose cost counts "
+                  "against the budget (on mpnet-base the probe had spent the budget before any dynamic candidate).",
+                  "", headline(frozen), ""]
+    return lines
+
+
+def _results(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
 def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmarks") -> None:

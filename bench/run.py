@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 SUITE_TITLES = {"main": "# onnxq benchmarks",
-                "new": "# onnxq on models nobody tuned it for (suite new; not in BENCHMARKS.md)"}
+                "new": "# onnxq on models nobody tuned it for (suite new; its headline is in BENCHMARKS.md)"}
 
 
 def suite_outputs(suite: str) -> tuple[Path, Path]:
