@@ -10,8 +10,9 @@ reshapes and transposes) and its rank, and infers the answer it carries:
   tokens). A sample agrees when its sequence of argmax classes is fp32's. When one class is the
   argmax at 30 % or more of fp32's positions, it is read as CTC's blank: sequences are compared
   after CTC decoding (repeats merged, blanks dropped), which is what reads as the same text; and a
-  class that ends a quarter or more of fp32's decoded sequences, three times as often as any other,
-  is read as padding (a recogniser's space after the text) and stripped from both ends.
+  class that ends a quarter or more of fp32's decoded sequences, three times as often as any other
+  or being the most frequent class but the blank, is read as padding (a recogniser's space after
+  the text) and stripped from both ends.
 - decisions: a Sigmoid/HardSigmoid (voice activity, text maps, multi-label), or a small output whose
   values all lie in [0, 1]. Agreement: up to SMALL_OUTPUT values per sample, the share on the same
   side of 0.5; a larger map (text pixels, many labels), where positives are rare and the share would
@@ -112,8 +113,11 @@ def _with_ctc(measure: OutputMeasure, ids: list[np.ndarray]) -> OutputMeasure:
         last, times = np.unique(np.asarray(ends), return_counts=True)
         order = np.argsort(-times)
         runner_up = times[order[1]] if len(order) > 1 else 0
-        if times[order[0]] >= 0.25 * len(ends) and times[order[0]] >= 3 * runner_up:
-            padding = int(last[order[0]])
+        candidate = int(last[order[0]])
+        non_blank = counts[classes != blank]
+        most_frequent = non_blank.size and int(classes[classes != blank][np.argmax(non_blank)]) == candidate
+        if times[order[0]] >= 0.25 * len(ends) and (times[order[0]] >= 3 * runner_up or most_frequent):
+            padding = candidate
     return OutputMeasure(measure.name, measure.kind, f"{measure.why}; CTC blank {blank}"
                          + (f", padding {padding}" if padding is not None else ""), blank, padding)
 

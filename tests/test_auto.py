@@ -51,6 +51,23 @@ def test_ctc_near_tie_counts_only_when_the_runner_up_changes_the_text() -> None:
         assert agreement.summary()["near_ties"] == ties
 
 
+def test_a_space_that_pads_most_lines_is_read_as_padding_even_when_punctuation_ends_many() -> None:
+    from onnxq.agreement import _with_ctc
+
+    blank, space, dot = 0, 9, 8
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(32):
+        text = list(rng.integers(1, 8, size=6))
+        text[2] = space  # a space between words: the space is the most frequent class but the blank
+        ending = [space] if i < 13 else [dot] if i < 19 else []  # 13 padded, 6 end with a dot
+        lines.append(np.array([c for t in text + ending for c in (t, blank)] + [blank] * 10))
+    measure = _with_ctc(OutputMeasure("y", "sequence", "test"), lines)
+    assert (measure.ctc_blank, measure.ctc_padding) == (blank, space)
+    no_padding = _with_ctc(OutputMeasure("y", "sequence", "test"), [line[line != space] for line in lines])
+    assert no_padding.ctc_padding is None  # the dot ends 6 of 32 lines: no padding
+
+
 def test_decoder_sequences_are_judged_on_the_positions_fp32_decides() -> None:
     agreement = OutputAgreement(OutputMeasure("logits", "sequence", "test"))  # no CTC blank: a decoder
     reference = np.array([[[3.0, 0.0], [0.0, 3.0], [1.0, 1.0 - NEAR_TIE / 10]]])  # last position: a near tie
