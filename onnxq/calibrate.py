@@ -57,16 +57,21 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 _saved = itertools.count()  # unique scratch names: a session may still map an earlier model's data file
 
 
+LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
 def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0,
-                outputs: list[str] | None = None, *, spin: bool = True) -> ort.InferenceSession:
+                outputs: list[str] | None = None, *, spin: bool = True, level: str = "all") -> ort.InferenceSession:
     """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`, also returning
     `outputs`) or on disk.
 
     `spin=False`: idle onnxruntime threads sleep instead of spinning, leaving the cores to
     another thread of this process (calibration folds statistics while the next batch runs).
+    `level="disabled"`: no graph optimization (Q/DQ pairs run as written; onnxq.emulation).
     """
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = LEVELS[level]
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     if not spin:

@@ -200,7 +200,7 @@ class CachedReference:
     """
 
     def __init__(self, reference: onnx.ModelProto, source: SampleSource, limit: int,
-                 metric: UserMetric | None = None) -> None:
+                 metric: UserMetric | None = None, level: str = "all") -> None:
         self.names = [o.name for o in reference.graph.output
                       if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                           onnx.TensorProto.DOUBLE)]
@@ -210,6 +210,7 @@ class CachedReference:
         self.labels = [source.label(i) for i in range(len(self.feeds))]  # a data loader's (feeds, label) pairs
         self.source = source.description
         self.metric = metric
+        self.level = level  # onnxruntime optimization level candidates run at (onnxq.emulation: "disabled")
         with tempfile.TemporaryDirectory(prefix="onnxq-ref-") as tmp:
             session = session_for(reference, Path(tmp))
             self.outputs = [self._run(session, feed) for feed in self.feeds]
@@ -223,7 +224,7 @@ class CachedReference:
                      else {name: OutputAgreement(name) for name in self.names})
         candidates = []
         with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:
-            session = session_for(model, Path(tmp))
+            session = session_for(model, Path(tmp), level=self.level)
             for feed, expected in zip(self.feeds, self.outputs, strict=True):
                 got = self._run(session, feed)
                 for name in self.names:

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 
 from . import qmath
 from .calibrate import run, session_for
+from .emulation import LEVEL
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, node_label
 from .ops import HEAVY_OPS
 from .plan import QuantPlan, TensorPlan
@@ -89,7 +90,7 @@ def layer_errors(prepared: onnx.ModelProto, plan: QuantPlan, layers: set[str],
     signal = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
     with tempfile.TemporaryDirectory(prefix="onnxq-probe-") as tmp:
-        session = session_for(model, Path(tmp))
+        session = session_for(model, Path(tmp), level=LEVEL)  # the copies' Q/DQ as written: onnxq.emulation
         for feed in feeds:
             values = dict(zip(names, run(session, feed, names), strict=True))
             for label, (reference, copy) in pairs.items():

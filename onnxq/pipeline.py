@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import __version__, auto
+from . import __version__, auto, emulation
 from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress
 from .checks import check_finite_weights, check_not_qdq, check_targets, unmatched_excludes
 from .cpu import TargetCpu, default_weight_range, resolve_target
@@ -564,7 +564,7 @@ def _apply_search(c: Calibrated, progress: ProgressFactory) -> auto.SearchOutcom
                        "or --eval-data)")
         return None
     with c.timer.stage("search"):
-        reference = CachedReference(c.reference, samples, request.target_samples)
+        reference = CachedReference(c.reference, samples, request.target_samples, level=emulation.LEVEL)
         c.cached_reference = reference
         outcome = auto.search(_search_space(c, reference), reference, target=request.auto_target,
                               budget_s=request.budget_s)
@@ -596,6 +596,9 @@ def _search_space(c: Calibrated, reference: CachedReference) -> auto.SearchSpace
     users_recovery = c.recovery_options()
 
     def build(candidate: auto.Candidate) -> onnx.ModelProto:
+        return emulation.emulated(written(candidate))
+
+    def written(candidate: auto.Candidate) -> onnx.ModelProto:
         if candidate.mode == "dynamic":
             return rewrite_dynamic(c.prepared, c.settings.weight_qtype, c.settings.per_channel,
                                    {k: v for k, v in c.choices.items() if v.precision != "dynamic"})[0]

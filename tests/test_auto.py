@@ -290,3 +290,30 @@ def test_inspect_names_the_answer_each_output_carries(tmp_path: Path) -> None:
     assert code == 0, err
     assert [(m["name"], m["kind"]) for m in report["task_measures"]] == [("probs", "classes")]
     assert "probs: classes" in CliRunner().invoke(main, ["inspect", str(model)]).stdout
+
+
+def test_emulated_dynamic_matmul_computes_what_the_kernel_computes(tmp_path: Path) -> None:
+    from onnxq.dynamic import rewrite_dynamic
+    from onnxq.emulation import LEVEL, emulated
+    from onnxq.plan import QuantSettings
+
+    model = outlier_classifier()
+    seven_bits = QuantSettings(weight_range="reduced").weight_qtype  # no pair of products saturates on any CPU
+    dynamic = rewrite_dynamic(model, seven_bits, True, {})[0]
+    standard = emulated(dynamic)
+    assert not any(n.op_type == "DynamicQuantizeMatMul" for n in standard.graph.node)
+    assert {n.op_type for n in standard.graph.node} >= {"DynamicQuantizeLinear", "DequantizeLinear", "MatMul"}
+    x = np.random.default_rng(0).standard_normal((1, FEATURES)).astype(np.float32)
+    import onnxruntime as ort
+
+    def run(m: onnx.ModelProto, level) -> np.ndarray:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    kernel = run(dynamic, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    written_out = run(standard, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    assert LEVEL == "disabled"
+    np.testing.assert_allclose(written_out, kernel, atol=1e-4)
+    assert np.argmax(written_out) == np.argmax(kernel)
