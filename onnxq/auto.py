@@ -31,8 +31,9 @@ int16 activations are no candidate: onnxruntime's CPU has no int16 Conv/MatMul k
 layer runs in float behind extra Q/DQ pairs, never faster than keeping it float.
 
 Expected speed comes from the speed table (onnxq.speed_table) and each layer's multiply-adds,
-not from timing: the same inputs give the same choice on any machine, only the budget (seconds)
-can end the search earlier on a slower one. The report lists every candidate with its agreement,
+not from timing, and candidates are measured as the target's integer arithmetic (onnxq.emulation),
+not with this host's kernels: the same inputs give the same choice on any machine; only the budget
+(seconds) can end the search earlier on a slower one. The report lists every candidate with its agreement,
 expected speed-up and time; --save-recipe writes the choice as a recipe that rebuilds the model
 without searching.
 """
