@@ -56,7 +56,7 @@ from .speed_table import SpeedTable, layer_class, shipped_table
 TARGET_AGREEMENT = 0.99
 BUDGET_S = 20.0  # seconds of search; calibration, the final evaluation and writing come on top
 SEARCH_HOLDOUT = 0.25  # share of --calib held back to measure candidates on (at most 32 samples)
-MIN_SPEEDUP = 1.1  # structural candidates expected slower than this against fp32 are not tried
+MIN_SPEEDUP = 1.1  # run-time and fallback candidates expected slower than this against fp32 come last
 ADAROUND_LAYERS = 4
 ADAROUND_SECONDS = 5.0  # AdaRound's cost-model budget for those layers (onnxq.recovery.adaround_steps)
 DYNAMIC_SPEED = 0.8  # a dynamically quantized MatMul's speed-up, relative to a static int8 one (quantizes its input)

@@ -247,6 +247,8 @@ def _calibration_data(o: CommandOptions, name: str) -> DataArg | None:
 EPILOG_QUANTIZE = """\b
 Examples:
   onnxq quantize model.onnx -o model.int8.onnx --calib calibration_data/
+  onnxq quantize model.onnx -o model.int8.onnx --calib data/ --save-recipe m.recipe.yaml  # pin the choice
+  onnxq quantize model.onnx -o model.int8.onnx --calib data/ --fast          # one pass, no search
   onnxq quantize model.onnx -o model.int8.onnx --calib imgs/ --image-size 224x224 \\
         --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
   onnxq quantize model.onnx -o m.int8.onnx --calib data/ --save-stats m.stats.npz
@@ -364,7 +366,9 @@ def main() -> None:
 @verbosity_options
 @handle_errors
 def quantize_command(**p) -> None:
-    """Quantize MODEL to int8 (static: activation ranges from calibration data)."""
+    """Quantize MODEL to int8. By default it measures candidates (static methods, repairs, run-time
+    quantization, float fallbacks) on held-back samples and keeps the fastest that gives fp32's answers;
+    --fast runs one static pass."""
     request = quantize_request(CommandOptions.current(p))
     check_paths([*quantize_paths(request), PathArg("--report", p["report_path"], OUTPUT)])
     result = quantize(request, progress=progress_factory(p["quiet"]))
