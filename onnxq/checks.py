@@ -119,6 +119,8 @@ ONLY_WHEN = [
     ("--smooth-mul", "smooth_mul", lambda v: v["smooth_alpha"] is not None, "applies with --smooth-alpha"),
     ("--adaround-seconds", "adaround_seconds", lambda v: v["adaround"] or v["adaround_rules"],
      "applies with --adaround (or recipe rules with adaround: true)"),
+    ("--holdout", "holdout", lambda v: v["mode"] == "static" and v["calib"] is not None and v["load_stats"] is None,
+     "holds back part of --calib (static mode, calibrating on --calib)"),
     ("--budget", "budget", lambda v: _searches(v), "limits the automatic search (static mode without --fast or an "
      "accuracy target)"),
     ("--target-agreement", "target_agreement", lambda v: _searches(v), "is the automatic search's aim (static mode "

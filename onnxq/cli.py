@@ -344,6 +344,10 @@ def main() -> None:
               "given (static int8, the speed table's decisions); also ONNXQ_FAST=1 in the environment. Default: "
               "measure candidates on held-back samples and keep the fastest that keeps the task answer (see README, "
               "'The automatic default').")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Share of --calib never calibrated on (its last samples in sorted order, at most 32): what the "
+              "automatic search chooses by (default 0.25) or, with --fast and no --eval-data, what fidelity is "
+              "measured on (default 0.1). --save-recipe records it, so a rebuild calibrates on the same samples.")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=auto.BUDGET_S, show_default=True,
               help="Seconds the automatic search may spend measuring candidates (a search cut short by it can "
               "choose differently on a slower machine: --save-recipe pins the choice).")
@@ -398,9 +402,9 @@ def quantize_request(o: CommandOptions) -> QuantizeRequest:
     v = _recipe_defaults(recipe, {**{k: o[k] for k in (
         "mode", "method", "percentile", "symmetric", "per_tensor", "weight_range", "output_format", "weight_bits",
         "block_size", "weight_zero_points", "weight_method", "smooth_alpha", "smooth_mul", "equalize",
-        "bias_correction", "adaround", "adaround_seconds", "fast")}, "speed_guard": speed_guard}, o)
+        "bias_correction", "adaround", "adaround_seconds", "fast", "holdout")}, "speed_guard": speed_guard}, o)
     check_effective(o.given, {**v, **{k: o[k] for k in ("target_sqnr", "target_cosine", "target_metric", "budget",
-                                                         "target_agreement")},
+                                                         "target_agreement", "calib", "load_stats")},
                               "adaround_rules": any(rule.adaround for rule in recipe.rules)})
     request = QuantizeRequest(
         model=o["model"], output=o["output"], data=data, weight_range=v["weight_range"], exclude=tuple(o["exclude"]),
@@ -420,7 +424,7 @@ def quantize_request(o: CommandOptions) -> QuantizeRequest:
         smooth_alpha=v["smooth_alpha"], smooth_insert_mul=v["smooth_mul"],
         equalize=v["equalize"], bias_correction=v["bias_correction"],
         adaround_seconds=v["adaround_seconds"] if v["adaround"] else None, adaround_rules_seconds=v["adaround_seconds"],
-        search=not v["fast"], auto_target=o["target_agreement"], budget_s=o["budget"],
+        search=not v["fast"], auto_target=o["target_agreement"], budget_s=o["budget"], holdout=v["holdout"],
         auto_dynamic="mode" not in o.given and "mode" not in recipe.settings,
         method_given="method" in o.given or "method" in recipe.settings,
     )
@@ -440,7 +444,7 @@ RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
     "smooth_alpha": ("smooth_alpha", float),
     "smooth_mul": ("smooth_mul", bool), "equalize": ("equalize", bool), "bias_correction": ("bias_correction", bool),
     "adaround": ("adaround", bool), "adaround_seconds": ("adaround_seconds", float),
-    "auto": ("fast", lambda v: not v),
+    "auto": ("fast", lambda v: not v), "holdout": ("holdout", float),
 }
 
 

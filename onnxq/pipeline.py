@@ -140,6 +140,7 @@ class QuantizeRequest:
     budget_s: float = auto.BUDGET_S  # seconds the search may spend on candidates
     auto_dynamic: bool = True  # the search may quantize MatMul/Gemm/LSTM dynamically (not with --mode given)
     method_given: bool = False  # the search keeps the method (--method was given)
+    holdout: float | None = None  # share of --calib never calibrated on; None: holdout_fraction's default
     save_recipe: Path | None = None  # write the effective recipe: reruns give the same model without searching
     smooth_alpha: float | None = None  # SmoothQuant before calibration (onnxq.smooth); None: off
     smooth_insert_mul: bool = False  # smoothing may insert a Mul where 1/s has nowhere to fold
@@ -220,8 +221,11 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
         raise UsageError("no calibration data: give --calib DATA (or --load-stats FILE, or --allow-random)")
     held: SampleSource | None = None
     search: SampleSource | None = None
-    if calib is not None and request.load_stats is None and searches(request):
-        calib, search = split_holdout(calib, auto.SEARCH_HOLDOUT)
+    back: SampleSource | None = None
+    fraction = holdout_fraction(request)
+    if calib is not None and fraction is not None:
+        calib, back = split_holdout(calib, fraction)
+        search = back if searches(request) else None
     if options.eval_data is not None:
         held = open_source(options.eval_data, specs, options.images)
         notes += filter(None, [held.note("--eval-data")])
@@ -229,8 +233,8 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
         held = search
         notes.append("fidelity is measured on the held-back samples the automatic search chose by (give "
                      "--eval-data for samples nothing was chosen on)")
-    elif calib is not None and request.load_stats is None:
-        calib, held = split_holdout(calib, HOLDOUT)
+    else:
+        held = back
     if held is None and calib is not None:
         if request.load_stats is None:
             notes.append("only one calibration sample: fidelity is measured on it, not on held-back data")
@@ -243,6 +247,18 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
     if calib is not None or held is not None:
         check_batch_size(options.batch_size, specs)
     return calib, held, search, notes
+
+
+def holdout_fraction(request: QuantizeRequest) -> float | None:
+    """The share of --calib held back and never calibrated on: --holdout (or a recipe's) when given; else a
+    quarter for the automatic search to choose by, or a tenth for the fidelity report without --eval-data."""
+    if (request.data.calib is None and not request.data.allow_random) or request.load_stats is not None:
+        return None
+    if request.holdout is not None:
+        return request.holdout
+    if searches(request):
+        return auto.SEARCH_HOLDOUT
+    return HOLDOUT if request.data.eval_data is None else None
 
 
 def searches(request: QuantizeRequest) -> bool:
@@ -435,6 +451,8 @@ def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: G
     layers the automatic search gave AdaRound) as rules."""
     values = {"mode": request.mode, "per_channel": settings.per_channel, "weight_range": settings.weight_range,
               "auto": False}  # the recipe holds the search's choice: rebuilding it searches nothing
+    if holdout_fraction(request) is not None:  # a rebuild calibrates on the same samples
+        values["holdout"] = holdout_fraction(request)
     if request.smooth_alpha is not None:
         values.update(smooth_alpha=request.smooth_alpha, smooth_mul=request.smooth_insert_mul)
     if request.mode == "static":

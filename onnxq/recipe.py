@@ -51,6 +51,7 @@ SETTINGS: dict[str, tuple[type, tuple | None]] = {
     "weight_range": (str, ("auto", "full", "reduced")),
     "speed_guard": (str, ("table", "measure", "off")),
     "auto": (bool, None),  # the automatic search (off: --fast)
+    "holdout": (float, None),  # share of --calib never calibrated on (--holdout)
     "format": (str, ("qdq", "qoperator")),
     "weight_bits": (int, (4, 8)),
     "block_size": (int, None),

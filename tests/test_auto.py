@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import make_model, save, tensor, weight
+from conftest import conv_relu_model, image_batch, make_model, save, tensor, weight, write_npz_folder
 from onnx import helper
 
 from onnxq import auto
@@ -317,3 +317,31 @@ def test_emulated_dynamic_matmul_computes_what_the_kernel_computes(tmp_path: Pat
     assert LEVEL == "disabled"
     np.testing.assert_allclose(written_out, kernel, atol=1e-4)
     assert np.argmax(written_out) == np.argmax(kernel)
+
+
+@pytest.mark.auto_search
+def test_saved_recipe_calibrates_on_the_same_samples_as_the_search(tmp_path: Path) -> None:
+    model = save(conv_relu_model(), tmp_path / "m.onnx")
+    calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 12)
+    recipe = tmp_path / "r.yaml"
+    code, report, err = invoke("quantize", model, "-o", tmp_path / "a.onnx", "--calib", calib, "--save-recipe", recipe,
+                               "--json", "-q")
+    assert code == 0, err
+    assert report["auto"]["chosen"].startswith("static")  # activation ranges come from the calibration samples
+    assert report["data"]["calibration"]["samples"] == 9
+    assert "holdout: 0.25" in recipe.read_text()
+    code, again, err = invoke("quantize", model, "-o", tmp_path / "b.onnx", "--calib", calib, "--recipe", recipe,
+                              "--json", "-q")
+    assert code == 0, err
+    assert not again.get("auto") and again["data"]["calibration"]["samples"] == 9
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_holdout_is_refused_without_calibration_samples(tmp_path: Path) -> None:
+    model = save(outlier_classifier(), tmp_path / "m.onnx")
+    stats = tmp_path / "s.npz"
+    code, _, err = invoke("calibrate", model, "-o", stats, "--calib", outlier_calibration(tmp_path / "calib"))
+    assert code == 0, err
+    code, _, err = invoke("quantize", model, "-o", tmp_path / "q.onnx", "--load-stats", stats, "--holdout", "0.5")
+    assert code == 2 and "--holdout" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q.onnx").exists()
