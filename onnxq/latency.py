@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .calibrate import session_for
@@ -43,6 +44,15 @@ def interleaved_runs(sessions: list[ort.InferenceSession], feed: dict[str, np.nd
         reason = first_line(exc)
         raise DataError(f"the model failed on the timing input: {reason}") from None
     return [np.asarray(s) for s in samples]
+
+
+def measured_speedup(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.ndarray],
+                     seconds: float = 1.0) -> dict:
+    """fp32 median latency / int8 median latency on this machine: batch 1 (the feed), one thread, interleaved."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-speed-") as tmp:
+        sessions = [session_for(fp32, Path(tmp), 1), session_for(int8, Path(tmp), 1)]
+        fp32_s, int8_s = interleaved_runs(sessions, feed, min_rounds=5, max_rounds=31, budget_s=seconds)
+    return {"speedup": round(float(np.median(fp32_s) / np.median(int8_s)), 3), "runs": len(fp32_s), "threads": 1}
 
 
 @dataclass

@@ -35,10 +35,11 @@ from .data import (
 )
 from .distributed import RayOptions, collect, evaluator_for
 from .dynamic import WeightOnlyOptions, rewrite_dynamic
-from .errors import DataError, ModelError, UsageError, first_line
+from .errors import DataError, ModelError, OnnxqError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion, is_integer_kernel
 from .ir import Graph, all_graphs, concrete_shapes, constant_values, import_graph, is_constant, node_label
+from .latency import measured_speedup
 from .layer_errors import layer_errors
 from .model_io import (
     externalize,
@@ -547,6 +548,10 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
         with timer.stage("evaluate"):
             fidelity = compare_models(c.reference, quantized, c.held, batch_size=request.data.batch_size,
                                       progress=progress, limit=request.eval_samples, cached=c.cached_reference)
+    measured = None
+    if searched is not None:
+        with timer.stage("measure speed"):
+            measured = _measured_speed(c, quantized)
     with timer.stage("write"):
         save_model(quantized, request.output)
     report = build_report(
@@ -560,6 +565,7 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
         report["smoothing"] = json_safe(c.smoothing)
     if searched is not None:
         report["auto"] = json_safe(searched.to_report())
+        report["auto"]["measured"] = measured
     if target_report is not None:
         report["accuracy_target"] = json_safe(target_report)
         for key, measured_key, gate in (("min_sqnr_db", "min_sqnr_db", "target_sqnr_db"),
@@ -931,6 +937,27 @@ def _already_quantized(op_types: Iterable[str]) -> str:
         return ""
     listed = ", ".join(f"{count} {op}" for op, count in kernels.most_common(3)) + (", ..." if len(kernels) > 3 else "")
     return f": the model is already quantized ({listed}); give onnxq its fp32 original"
+
+
+MEASURE_MAX_BYTES = 512 * 1024**2  # larger models are not timed after the search (two sessions cost seconds)
+
+
+def _measured_speed(c: Calibrated, quantized: onnx.ModelProto) -> dict | None:
+    """The chosen model against fp32 on this machine, when it is the target: the speed table expected it
+    faster, but small models lose to the float/int8 conversions the table does not count. Slower than fp32
+    is said in a note (the model is written all the same: the user asked for int8)."""
+    feed = _timing_feed(c.held, c.calib)
+    if feed is None or not c.target.is_host or model_bytes(quantized) > MEASURE_MAX_BYTES:
+        return None
+    try:
+        measured = measured_speedup(c.reference, quantized, feed)
+    except OnnxqError:
+        return None
+    if measured["speedup"] < 1.0:
+        c.notes.append(f"the int8 model ran at {measured['speedup']:.2f}x fp32 here (batch 1, one thread, "
+                       f"{measured['runs']} interleaved runs): int8 does not pay on this model on this machine; "
+                       "keep the fp32 model, or try --speed-guard measure (onnxq bench measures more)")
+    return measured
 
 
 def _timing_feed(held: SampleSource | None, calib: SampleSource | None) -> dict | None:

@@ -222,6 +222,10 @@ def _search_lines(search: dict | None) -> list[str]:
              f"{search.get('seconds', sum(c['seconds'] for c in candidates)):.1f} s: {search['why']}",
              "    (layers x: the speed table's expected speed-up of the Conv/MatMul/Gemm layers over fp32; the rest "
              "of the model runs alike in every candidate)"]
+    measured = search.get("measured")
+    if measured:
+        lines.append(f"    measured here: the chosen model at {measured['speedup']:.2f}x fp32 (batch 1, one thread, "
+                     f"{measured['runs']} interleaved runs)")
     for c in candidates:
         mark = "*" if c is chosen else " "
         result = (f"error: {c['error']}" if c["error"] else f"agreement {number(c['agreement'], 4)}, decided "

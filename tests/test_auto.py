@@ -328,6 +328,7 @@ def test_saved_recipe_calibrates_on_the_same_samples_as_the_search(tmp_path: Pat
                                "--json", "-q")
     assert code == 0, err
     assert report["auto"]["chosen"].startswith("static")  # activation ranges come from the calibration samples
+    assert report["auto"]["measured"]["speedup"] > 0 and report["auto"]["measured"]["threads"] == 1
     assert report["data"]["calibration"]["samples"] == 9
     assert "holdout: 0.25" in recipe.read_text()
     code, again, err = invoke("quantize", model, "-o", tmp_path / "b.onnx", "--calib", calib, "--recipe", recipe,
@@ -345,3 +346,22 @@ def test_holdout_is_refused_without_calibration_samples(tmp_path: Path) -> None:
     code, _, err = invoke("quantize", model, "-o", tmp_path / "q.onnx", "--load-stats", stats, "--holdout", "0.5")
     assert code == 2 and "--holdout" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.auto_search
+def test_a_chosen_model_slower_than_fp32_here_is_said_in_a_note(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxq import pipeline
+
+    monkeypatch.setattr(pipeline, "measured_speedup", lambda *args, **kwargs: {"speedup": 0.6, "runs": 5,
+                                                                                 "threads": 1})
+    model = save(conv_relu_model(), tmp_path / "m.onnx")
+    calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 12)
+    code, report, err = invoke("quantize", model, "-o", tmp_path / "q.onnx", "--calib", calib, "--json", "-q")
+    assert code == 0, err  # the user asked for int8: it is written, and the note says it does not pay
+    assert report["auto"]["measured"]["speedup"] == 0.6
+    assert any("0.60x fp32 here" in note and "does not pay" in note for note in report["notes"])
+    code, report, err = invoke("quantize", model, "-o", tmp_path / "t.onnx", "--calib", calib, "--json", "-q",
+                               "--target-cpu", "avx2")  # a named target is not this machine: nothing timed
+    assert code == 0, err
+    assert report["auto"]["measured"] is None and not any("does not pay" in note for note in report["notes"])
