@@ -199,6 +199,20 @@ def _groups_within_budget(
     return _groups_and_largest(session, source, names, batch_size, budget)[0]
 
 
+def pack_under_budget(names: list[str], sizes: list[int], budget: int) -> list[list[str]]:
+    """`names` in order, split into consecutive groups whose sizes add up to at most `budget` (a name
+    larger than the budget gets a group of its own)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, size in zip(names, sizes, strict=True):
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
 def _groups_and_largest(
     session: ort.InferenceSession, source: SampleSource, names: list[str], batch_size: int, budget: int
 ) -> tuple[list[list[str]], int]:
@@ -210,14 +224,7 @@ def _groups_and_largest(
     del probe
     if sum(sizes) <= budget:
         return [names], sum(sizes)
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name, size in zip(names, sizes, strict=True):
-        if groups[-1] and used + size > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
+    groups = pack_under_budget(names, sizes, budget)
     print(f"onnxq: activations exceed the memory budget; calibrating in {len(groups)} passes", file=sys.stderr)
     size_of = dict(zip(names, sizes, strict=True))
     return groups, max(sum(size_of[name] for name in group) for group in groups)

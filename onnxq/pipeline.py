@@ -568,14 +568,7 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
         report["auto"]["measured"] = measured
     if target_report is not None:
         report["accuracy_target"] = json_safe(target_report)
-        for key, measured_key, gate in (("min_sqnr_db", "min_sqnr_db", "target_sqnr_db"),
-                                        ("min_cosine", "min_cosine", "target_cosine"),
-                                        ("min_metric", "metric", "target_metric")):
-            required = target_report["target"][key]
-            if required is not None:
-                measured = target_report["final"][measured_key]
-                report["gates"].append({"gate": gate, "required": required, "measured": measured,
-                                        "passed": measured is not None and bool(measured >= required)})
+        report["gates"] += target_gates(target_report)
     return QuantizeResult(report, plan, fidelity)
 
 

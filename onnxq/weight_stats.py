@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibrate import ProgressFactory, _no_progress, run, session_for, with_outputs
+from .calibrate import ProgressFactory, _no_progress, pack_under_budget, run, session_for, with_outputs
 from .data import Feed, SampleSource, batches
 
 PENDING_VALUES = 1 << 19  # rows are folded into X^T X in chunks of about this many values (2 MB)
@@ -121,12 +121,4 @@ def _groups(session, source: SampleSource, names: list[str], batch_size: int, bu
     if not names:
         return []
     sizes = [a.nbytes * batch_size for a in run(session, source.sample(0), names)]
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name, size in zip(names, sizes, strict=True):
-        if groups[-1] and used + size > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
-    return groups
+    return pack_under_budget(names, sizes, budget)
