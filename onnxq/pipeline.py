@@ -262,6 +262,13 @@ def holdout_fraction(request: QuantizeRequest) -> float | None:
     return HOLDOUT if request.data.eval_data is None else None
 
 
+def search_may_go_dynamic(request: QuantizeRequest) -> bool:
+    """Whether the automatic search may quantize layers at run time: not when --mode was given, nor when
+    the user asked for what only static mode makes (QOperator, statistics to load or save, a plan)."""
+    static_only = request.output_format != "qdq" or request.load_stats or request.save_stats or request.save_plan
+    return request.search and request.auto_dynamic and not static_only
+
+
 def searches(request: QuantizeRequest) -> bool:
     """Whether `quantize` runs the automatic search (onnxq.auto): static mode, no accuracy target of the user's."""
     return request.search and request.mode == "static" and request.target is None
@@ -513,7 +520,7 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
     try:
         c = calibrated(request, progress)
     except NothingToQuantize as exc:
-        if not (request.search and request.auto_dynamic):
+        if not search_may_go_dynamic(request):
             raise
         return _dynamic_instead(request, exc.message, progress)
     guard = _apply_speed_guard(c, progress)
@@ -651,8 +658,8 @@ def _search_space(c: Calibrated, reference: CachedReference) -> auto.SearchSpace
 
     methods = (c.settings.method,) if request.method_given else tuple(dict.fromkeys((c.settings.method,
                                                                                      "percentile")))
-    return auto.SearchSpace(build, c.int8_layers(), eligible if request.auto_dynamic else frozenset(), methods,
-                            speed, rank_layers, adaround_layers,
+    run_time = eligible if search_may_go_dynamic(request) else frozenset()
+    return auto.SearchSpace(build, c.int8_layers(), run_time, methods, speed, rank_layers, adaround_layers,
                             can_repair=c.calib is not None and not users_recovery.needs_data)
 
 

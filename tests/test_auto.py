@@ -274,6 +274,25 @@ def test_default_quantize_moves_off_a_static_setting_that_loses_the_answer(tmp_p
 
 
 @pytest.mark.auto_search
+@pytest.mark.parametrize("static_only", ["--save-stats", "--save-plan", "--format", "--load-stats"])
+def test_what_only_static_mode_makes_keeps_the_search_static(tmp_path: Path, static_only: str) -> None:
+    """Statistics, a plan or QOperator ops exist only in static mode: the search must not choose run-time
+    quantization there (it did, and the run then failed on an option the user never gave)."""
+    model = save(outlier_classifier(), tmp_path / "m.onnx")
+    calib = outlier_calibration(tmp_path / "calib")
+    if static_only == "--load-stats":
+        assert invoke("calibrate", model, "-o", tmp_path / "s.npz", "--calib", calib, "-q")[0] == 0
+        extra = ["--load-stats", tmp_path / "s.npz"]
+    else:
+        extra = [static_only, "qoperator" if static_only == "--format" else tmp_path / "side.file"]
+    code, report, err = invoke("quantize", model, "-o", tmp_path / "q.onnx", "--calib", calib, *extra, "--json",
+                               "-q")
+    assert code == 0, err
+    assert report["auto"]["chosen"].startswith("static")
+    assert all(c.get("mode", "static") == "static" and "dynamic" not in c["name"] for c in report["auto"]["candidates"])
+
+
+@pytest.mark.auto_search
 @pytest.mark.parametrize("extra, flag", [(["--fast"], "--budget"), (["--fast"], "--target-agreement"),
                                          (["--mode", "dynamic"], "--budget")])
 def test_search_options_are_refused_where_no_search_runs(tmp_path: Path, extra: list[str], flag: str) -> None:
