@@ -106,16 +106,18 @@ def collect_statistics(
     threads: int = 0,
     keep_batch_extremes: bool = False,
     batch_sizes: list[int] | None = None,
+    histograms: bool = True,
 ) -> Statistics:
     """Statistics of `tensors` (graph inputs or node outputs) over every sample of `source`.
 
     `aliases` maps tensors holding exactly another tensor's values to that tensor: their
     statistics are copied rather than collected. `threads`: onnxruntime's (0: all cores).
     `keep_batch_extremes` and `batch_sizes` (appended to) are for merging shards exactly
-    (onnxq.distributed).
+    (onnxq.distributed). `histograms` False keeps only the extremes (see TensorStats.histogram).
     """
     aliases = aliases or {}
-    stats = Statistics(samples=len(source), source=source.description, keep_batch_extremes=keep_batch_extremes)
+    stats = Statistics(samples=len(source), source=source.description, keep_batch_extremes=keep_batch_extremes,
+                       histograms=histograms)
     input_names = {i.name for i in model.graph.input}
     observed = [t for t in tensors if t not in aliases]
     from_feed = [t for t in observed if t in input_names]

@@ -325,9 +325,11 @@ class _Callback:
 
 def collect(model: onnx.ModelProto, tensors: list[str], source: SampleSource, options: RayOptions | None,
             **kwargs) -> Statistics:
-    """collect_statistics here (options None) or sharded on Ray: the same statistics either way."""
+    """collect_statistics here (options None) or sharded on Ray: the same statistics either way (Ray
+    shards always keep histograms; `histograms=False` only makes the local pass cheaper)."""
+    histograms = kwargs.pop("histograms", True)
     if options is None:
-        return collect_statistics(model, tensors, source, **kwargs)
+        return collect_statistics(model, tensors, source, histograms=histograms, **kwargs)
     return collect_statistics_on_ray(model, tensors, source, options, **kwargs)
 
 

@@ -55,6 +55,7 @@ from .paths import DATA, MODEL, OUTPUT, PathArg, check_paths, quantize_paths
 from .placement import HEAVY_OPS, NodeDecision, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import PreparedModel, prepare_model
+from .ranges import EXTREME_METHODS
 from .recipe import (
     NodeChoice,
     Recipe,
@@ -411,7 +412,8 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progres
         placement = place(graph, options)
     _require_something_to_quantize(placement, dynamic_nodes(choices))
     with timer.stage("calibrate"):
-        stats = _statistics(request, prepared.model, placement.statistics_tensors, graph, calib, digest, progress)
+        stats = _statistics(request, prepared.model, placement.statistics_tensors, graph, calib, digest, progress,
+                            histograms=needs_histograms(request, settings.method, choices))
     if request.save_stats is not None:
         stats.save(request.save_stats)
     return Calibrated(request, target, settings, weight_range_reason, original, prepared.model, prepared.reference,
@@ -966,8 +968,18 @@ def _timing_feed(held: SampleSource | None, calib: SampleSource | None) -> dict 
     return source.sample(0) if source is not None and len(source) else None
 
 
+def needs_histograms(request: QuantizeRequest, method: str, choices: dict[str, NodeChoice]) -> bool:
+    """Whether any range this run may compute reads a histogram: not when every method in play is
+    `global` or `max` and no statistics are saved (then calibration keeps extremes only)."""
+    methods = {method} | {choice.method for choice in choices.values() if choice.method}
+    if searches(request) and not request.method_given:
+        methods.add("percentile")  # the search's second method
+    return request.save_stats is not None or not methods <= EXTREME_METHODS
+
+
 def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[str], graph: Graph,
-                calib: SampleSource | None, digest: str, progress: ProgressFactory) -> Statistics:
+                calib: SampleSource | None, digest: str, progress: ProgressFactory, *,
+                histograms: bool = True) -> Statistics:
     """Load statistics (checking they fit), or collect them for every tensor any setting may need."""
     if request.load_stats is not None:
         stats = Statistics.load(request.load_stats)
@@ -981,7 +993,8 @@ def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[
     assert calib is not None
     observe = tensors_to_observe(graph)
     stats = collect(model, observe, calib, request.data.ray, batch_size=request.data.batch_size,
-                    memory_budget=request.data.memory_budget, progress=progress, aliases=value_aliases(graph, observe))
+                    memory_budget=request.data.memory_budget, progress=progress, aliases=value_aliases(graph, observe),
+                    histograms=histograms)
     stats.model_digest = digest
     return stats
 

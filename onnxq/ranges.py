@@ -24,6 +24,7 @@ import numpy as np
 from .statistics import BINS_PER_SIDE, TensorStats
 
 METHODS = ("global", "max", "percentile", "mse", "kl")
+EXTREME_METHODS = frozenset({"global", "max"})  # read only min/max and the per-batch extremes, no histogram
 # The only method that never collapsed a bench model (README: "Choosing a method").
 DEFAULT_METHOD = "global"
 DEFAULT_PERCENTILE = 99.99
@@ -47,6 +48,8 @@ def compute_range(
         raise ValueError("no statistics collected for this tensor")
     if stats.width_exp is None or (stats.min == 0.0 and stats.max == 0.0):
         return 0.0, 0.0
+    if method not in EXTREME_METHODS and not stats.histogram:
+        raise ValueError(f"internal error: the {method} method needs histograms; these statistics keep extremes only")
     if method == "global":
         lo, hi = stats.min, stats.max
     elif method == "max":

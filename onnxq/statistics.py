@@ -50,6 +50,9 @@ class TensorStats:
     # sharded calibration re-adds them in the single-process order, so the sums match it bit
     # for bit. float32 holds them exactly (they are float32 values): 8 bytes a batch.
     batch_extremes: array | None = field(default=None, compare=False, repr=False)
+    # False: only the extremes are kept (min, max and their per-batch sums), which is all the
+    # `global` and `max` methods read; folding a batch then costs two passes instead of eight.
+    histogram: bool = field(default=True, compare=False, repr=False)
 
     @property
     def width(self) -> float:
@@ -76,12 +79,14 @@ class TensorStats:
         self.max = max(self.max, batch_max)
         self.batches += 1
         self.count += int(x.size)
-        self.zeros += int(np.count_nonzero(x == 0))  # 5x faster than size - count_nonzero(x) on floats
         self.sum_batch_min += batch_min
         self.sum_batch_max += batch_max
         if self.batch_extremes is not None:
             self.batch_extremes.extend((batch_min, batch_max))
         self._grow_to(max(abs(batch_min), abs(batch_max)))
+        if not self.histogram:
+            return
+        self.zeros += int(np.count_nonzero(x == 0))  # 5x faster than size - count_nonzero(x) on floats
         if self.width_exp is None:  # all values so far are exactly zero
             self.counts[BINS_PER_SIDE] += x.size
             return
@@ -109,6 +114,7 @@ class TensorStats:
             zeros=self.zeros + other.zeros,
             sum_batch_min=self.sum_batch_min + other.sum_batch_min,
             sum_batch_max=self.sum_batch_max + other.sum_batch_max,
+            histogram=self.histogram and other.histogram,
         )
         exps = [e for e in (self.width_exp, other.width_exp) if e is not None]
         merged.width_exp = max(exps) if exps else None
@@ -187,10 +193,12 @@ class Statistics:
     model_digest: str = ""
     source: str = ""
     keep_batch_extremes: bool = field(default=False, compare=False, repr=False)  # see TensorStats.batch_extremes
+    histograms: bool = field(default=True, compare=False, repr=False)  # see TensorStats.histogram
 
     def update(self, name: str, values: np.ndarray) -> None:
         if name not in self.tensors:
-            self.tensors[name] = TensorStats(batch_extremes=array("f") if self.keep_batch_extremes else None)
+            self.tensors[name] = TensorStats(batch_extremes=array("f") if self.keep_batch_extremes else None,
+                                             histogram=self.histograms)
         self.tensors[name].update(values)
 
     def merge(self, other: Statistics) -> Statistics:
@@ -211,6 +219,9 @@ class Statistics:
     def save(self, path: str | Path) -> None:
         """Write a single .npz: a JSON header plus one histogram array per tensor."""
         from .model_io import atomic_write_bytes
+
+        if not all(t.histogram for t in self.tensors.values()):
+            raise ValueError("internal error: statistics collected without histograms cannot be saved")
 
         names = sorted(self.tensors)
         header = {

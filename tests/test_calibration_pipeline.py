@@ -19,6 +19,7 @@ import onnx
 import pytest
 from conftest import conv_relu_model, feeds_for, quantize_simple, save, two_input_model, write_npz_folder
 
+from onnxq import pipeline
 from onnxq.calibrate import collect_statistics, session_for, with_outputs
 from onnxq.data import SampleSource, model_input_specs, open_source
 from onnxq.errors import DataError
@@ -26,7 +27,9 @@ from onnxq.evaluate import CachedReference, compare_models
 from onnxq.ir import import_graph
 from onnxq.pipeline import DataOptions
 from onnxq.placement import tensors_to_observe, value_aliases
+from onnxq.plan import QuantSettings
 from onnxq.prepare import prepare_model
+from onnxq.ranges import compute_range
 from onnxq.statistics import BINS_PER_SIDE, Statistics, TensorStats, required_width_exp
 
 calibration = importlib.import_module("onnxq.calibrate")  # the module: onnxq.calibrate is the API function
@@ -180,3 +183,50 @@ def test_quantize_report_says_how_many_samples_fidelity_measured(tmp_path: Path)
     assert (every.report["fidelity"]["samples"], every.report["fidelity"]["available_samples"]) == (7, 7)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert math.isfinite(few.report["fidelity"]["outputs"][0]["cosine"])
+
+
+def test_extremes_only_statistics_give_the_same_global_and_max_ranges_and_refuse_the_rest(tmp_path: Path) -> None:
+    model = conv_relu_model()
+    write_npz_folder(tmp_path / "calib", feeds_for(model), 6)
+    prepared, tensors = prepared_and_tensors(model)
+    source = open_source(tmp_path / "calib", model_input_specs(model))
+    full = collect_statistics(prepared, tensors, source)
+    lean = collect_statistics(prepared, tensors, source, histograms=False)
+    assert lean.tensors.keys() == full.tensors.keys()
+    for name, stats in full.tensors.items():
+        for method in ("global", "max"):
+            for symmetric in (False, True):
+                assert compute_range(lean.tensors[name], method, symmetric=symmetric, levels=255) == compute_range(
+                    stats, method, symmetric=symmetric, levels=255)
+        assert not lean.tensors[name].counts.any()  # no histogram was built
+        with pytest.raises(ValueError, match="needs histograms"):
+            compute_range(lean.tensors[name], "percentile", symmetric=False, levels=255)
+    with pytest.raises(ValueError, match="cannot be saved"):
+        lean.save(tmp_path / "lean.npz")
+    assert not (tmp_path / "lean.npz").exists()
+
+
+@pytest.mark.parametrize("method", ["global", "max", "percentile"])
+def test_quantize_keeps_histograms_only_when_a_method_reads_them(tmp_path: Path, method: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The single pass with `global`/`max` skips the histograms and writes the bytes it wrote with them."""
+    model_path = save(conv_relu_model(), tmp_path / "m.onnx")
+    write_npz_folder(tmp_path / "calib", feeds_for(conv_relu_model()), 6)
+    seen: list[bool] = []
+    real, real_needs = pipeline._statistics, pipeline.needs_histograms
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["histograms"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_statistics", spy)
+    settings = QuantSettings(method=method)
+    quantize_simple(model_path, tmp_path / "lean.onnx", tmp_path / "calib", settings=settings)
+    monkeypatch.setattr(pipeline, "needs_histograms", lambda *_: True)
+    quantize_simple(model_path, tmp_path / "full.onnx", tmp_path / "calib", settings=settings)
+    assert seen == [method == "percentile", True]
+    assert (tmp_path / "lean.onnx").read_bytes() == (tmp_path / "full.onnx").read_bytes()
+    monkeypatch.setattr(pipeline, "needs_histograms", real_needs)
+    quantize_simple(model_path, tmp_path / "saved.onnx", tmp_path / "calib", settings=settings,
+                    save_stats=tmp_path / "s.npz")
+    assert seen[-1] is True and Statistics.load(tmp_path / "s.npz").tensors  # saved statistics are whole
