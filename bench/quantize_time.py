@@ -3,7 +3,7 @@
 The floor is what any quantizer must pay: process start, model load and one plain fp32
 onnxruntime pass over the calibration data (a child that imports only numpy and
 onnxruntime). Each round runs the floor, `onnxq calibrate` and `onnxq quantize
---no-speed-guard --method M` for every method, one after the other, as child processes;
+--fast --method M` for every method (the single pass; the automatic search is timed by bench.run), one after the other, as child processes;
 ratios are taken per round (same machine state) and their median is reported.
 
 python -m bench.quantize_time                                  # every bench model in bench/.cache
@@ -111,7 +111,7 @@ def commands(name: str, methods: list[str], work: Path, before: Path | None = No
                                     source)
         for method in methods:
             cmds[f"quantize {method}{mark}"] = (_onnxq("quantize", model, "-o", work / f"{method}.onnx", "--calib",
-                                                       calib, "--method", method, "--no-speed-guard", "-q"), source)
+                                                       calib, "--method", method, "--fast", "-q"), source)
     return cmds
 
 
