@@ -10,7 +10,9 @@ back the optimized graph onnxruntime saves, and sorts what is left:
 - unfused pairs: a QuantizeLinear whose output only feeds DequantizeLinear nodes, so the
   tensor is rounded for nothing (avoidable);
 - borders: a DequantizeLinear into a float op or a QuantizeLinear after one, the
-  conversions at the edges of float regions (expected wherever a region stays float).
+  conversions at the edges of float regions (expected wherever a region stays float);
+- W8A16: the 8-bit weights and 16-bit pairs of int16 layers, which compute in float on CPU by
+  design (expected; see the README's recipes).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import onnxruntime as ort
 from .errors import ModelError, first_line
 from .model_io import needs_external_data, save_for_onnxruntime
 from .ops import QUANTIZE_OPS, is_integer_kernel
-from .precision import NodePrecision, compare_precision, disagreements
+from .precision import GraphView, NodePrecision, compare_precision, disagreements
 
 
 @dataclass
@@ -36,6 +38,7 @@ class FusionReport:
     dequantized_weights: list[dict] = field(default_factory=list)  # avoidable: int8 weight, float op
     unfused_pairs: list[dict] = field(default_factory=list)  # avoidable: Q -> DQ with nothing int8 around
     borders: dict[str, int] = field(default_factory=dict)  # expected at float regions' edges
+    w8a16: dict[str, int] = field(default_factory=lambda: {"weights": 0, "pairs": 0})  # int16 layers' form
     precision: list[NodePrecision] = field(default_factory=list)  # planned vs executed, per compute node
 
     @property
@@ -50,7 +53,7 @@ class FusionReport:
     def to_dict(self) -> dict:
         return {"int8_kernels": self.int8_kernels, "float_ops": self.float_ops,
                 "dequantized_weights": self.dequantized_weights, "unfused_pairs": self.unfused_pairs,
-                "borders": self.borders, "avoidable": self.avoidable,
+                "borders": self.borders, "w8a16": self.w8a16, "avoidable": self.avoidable,
                 "precision": [row.to_dict() for row in self.precision], "disagreements": self.disagreements}
 
 
@@ -97,8 +100,9 @@ def _sort_quantize_ops(graph: onnx.GraphProto) -> FusionReport:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    view = GraphView(graph)
     report = FusionReport()
-    kernels, floats, borders = Counter(), Counter(), Counter()
+    kernels, floats, borders, wide = Counter(), Counter(), Counter(), Counter()
     for node in graph.node:
         if is_integer_kernel(node.op_type):
             kernels[node.op_type] += 1
@@ -107,14 +111,19 @@ def _sort_quantize_ops(graph: onnx.GraphProto) -> FusionReport:
         if node.op_type == "DequantizeLinear":
             users = consumers.get(node.output[0], [])
             if node.input[0] in constants:
-                report.dequantized_weights.extend(
-                    {"weight": node.input[0], "op": user.op_type, "node": user.name} for user in users
-                    if user.op_type not in QUANTIZE_OPS)
+                for user in (u for u in users if u.op_type not in QUANTIZE_OPS):
+                    if view.touches_wide(user):
+                        wide["weights"] += 1
+                    else:
+                        report.dequantized_weights.append({"weight": node.input[0], "op": user.op_type,
+                                                           "node": user.name})
             elif node.input[0] not in producer or producer[node.input[0]].op_type != "QuantizeLinear":
                 borders["dequantize"] += 1
         if node.op_type == "QuantizeLinear":
             users = consumers.get(node.output[0], [])
-            if users and all(u.op_type == "DequantizeLinear" for u in users):
+            if users and all(u.op_type == "DequantizeLinear" for u in users) and view.is_wide(node):
+                wide["pairs"] += 1
+            elif users and all(u.op_type == "DequantizeLinear" for u in users):
                 source = producer.get(node.input[0])
                 report.unfused_pairs.append({"tensor": node.input[0], "producer": source.op_type if source else "input",
                                              "consumers": sorted({c.op_type for u in users
@@ -124,4 +133,5 @@ def _sort_quantize_ops(graph: onnx.GraphProto) -> FusionReport:
     report.int8_kernels = dict(sorted(kernels.items()))
     report.float_ops = dict(sorted(floats.items()))
     report.borders = dict(sorted(borders.items()))
+    report.w8a16 = {"weights": wide["weights"], "pairs": wide["pairs"]}
     return report

@@ -93,6 +93,10 @@ def format_inspection(info: dict) -> str:
         borders = fusion["borders"]
         lines.append(f"  float-region borders (expected): {borders.get('dequantize', 0)} DequantizeLinear, "
                      f"{borders.get('quantize', 0)} QuantizeLinear")
+        wide = fusion["w8a16"]
+        if wide["weights"] or wide["pairs"]:
+            lines.append(f"  int16 layers (W8A16, float compute on CPU, expected): {wide['weights']} 8-bit weights, "
+                         f"{wide['pairs']} 16-bit Q/DQ pairs")
     else:
         q = info["quantizable"]
         lines.append(f"  quantizable: {q['heavy_ops_int8']} Conv/MatMul/Gemm would run in int8")

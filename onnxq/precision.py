@@ -40,11 +40,14 @@ WIDE_TYPES = (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
 # What each planned status may run as, per optimization level. At "basic" onnxruntime fuses no Q/DQ:
 # int8 layers run on dequantized values ("fake-quant" with weights, "float" without). A float node that
 # onnxruntime fused into another float op (LayerNormalization, Gelu, ...) is not found: "fused".
+# A float op at the border of an int16 layer reads or feeds its 16-bit pairs ("int16") and still computes
+# in float: onnxruntime's CPU provider has no 16-bit kernel it could become.
+FLOAT_KINDS = {"float", "fused", "int16"}
 ALLOWED = {
-    "basic": {"int8": {"fake-quant", "int8", "float"}, "int16": {"int16"}, "float": {"float", "fused"},
+    "basic": {"int8": {"fake-quant", "int8", "float"}, "int16": {"int16"}, "float": FLOAT_KINDS,
               "dynamic": {"int8"}},
-    "extended": {"int8": {"int8"}, "int16": {"int16"}, "float": {"float", "fused"}, "dynamic": {"int8"}},
-    "all": {"int8": {"int8"}, "int16": {"int16"}, "float": {"float", "fused"}, "dynamic": {"int8"}},
+    "extended": {"int8": {"int8"}, "int16": {"int16"}, "float": FLOAT_KINDS, "dynamic": {"int8"}},
+    "all": {"int8": {"int8"}, "int16": {"int16"}, "float": FLOAT_KINDS, "dynamic": {"int8"}},
 }
 PRECISION_OPS = COMPUTE_OPS | {"ConvTranspose"}
 _SUFFIX = re.compile(r"(_token_\d+|_nchwc)+$")  # what onnxruntime appends to names it rewrites
@@ -78,7 +81,7 @@ def compare_precision(written: onnx.ModelProto, optimized: dict[str, onnx.ModelP
                       planned: dict[str, str] | None = None) -> list[NodePrecision]:
     """Per compute node of `written`: planned precision (from `planned`, label -> status, or read from
     the written Q/DQ pairs) against what runs in each optimized graph (level -> model)."""
-    view = _GraphView(written.graph)
+    view = GraphView(written.graph)
     rows = []
     for node in written.graph.node:
         if node.op_type not in PRECISION_OPS and not is_integer_kernel(node.op_type):
@@ -90,7 +93,7 @@ def compare_precision(written: onnx.ModelProto, optimized: dict[str, onnx.ModelP
         rows.append(NodePrecision(label, node.op_type, status,
                                   planned_weights=view.weight_granularity(node) if status == "int8" else None))
     for level, model in optimized.items():
-        executed = _GraphView(model.graph)
+        executed = GraphView(model.graph)
         for row, node in zip(rows, _nodes_of(written, rows), strict=True):
             found = executed.find(node, view)
             row.executed[level] = "fused" if found is None else executed.kind(found)
@@ -109,7 +112,7 @@ def _label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}({', '.join(node.output)})"
 
 
-class _GraphView:
+class GraphView:
     """Producers, constants and name lookups of one protobuf graph."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
@@ -129,7 +132,7 @@ class _GraphView:
             for out in node.output:
                 self.by_output.setdefault(_SUFFIX.sub("", out), []).append((out, node))
 
-    def find(self, written: onnx.NodeProto, source: _GraphView) -> onnx.NodeProto | None:
+    def find(self, written: onnx.NodeProto, source: GraphView) -> onnx.NodeProto | None:
         """The node onnxruntime made of `written` (a node of `source`): same name (less onnxruntime's
         affixes), else same output, else the output of the Relu/Clip it fused with."""
         found = _lookup(self.by_name, written.name) if written.name else None
@@ -149,7 +152,7 @@ class _GraphView:
         producer = self.producer.get(name)
         return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
 
-    def _is_wide(self, pair_node: onnx.NodeProto) -> bool:
+    def is_wide(self, pair_node: onnx.NodeProto) -> bool:
         """A QuantizeLinear or DequantizeLinear of 16-bit values (by its zero point or stored data)."""
         zero_point = (self.constants.get(pair_node.input[2])
                       if len(pair_node.input) > 2 and pair_node.input[2] else None)
@@ -174,21 +177,21 @@ class _GraphView:
         A float layer reading a dequantized activation is still float (a border of its float region)."""
         if is_integer_kernel(node.op_type):
             return "int8"
-        if self._touches_wide(node):
+        if self.touches_wide(node):
             return "int16"
         weight = WEIGHT_INPUT.get(node.op_type)
         if weight is not None and len(node.input) > weight and self._dequantize_of(node.input[weight]) is not None:
             return "fake-quant"
         return "float"
 
-    def _touches_wide(self, node: onnx.NodeProto) -> bool:
+    def touches_wide(self, node: onnx.NodeProto) -> bool:
         """Reads a 16-bit DequantizeLinear or writes into a 16-bit QuantizeLinear."""
-        if any((dq := self._dequantize_of(name)) is not None and self._is_wide(dq) for name in node.input if name):
+        if any((dq := self._dequantize_of(name)) is not None and self.is_wide(dq) for name in node.input if name):
             return True
         users = [user for out in node.output for user in self.consumers.get(out, [])]
         users += [after for user in users if user.op_type in FOLDABLE_ACTIVATIONS
                   for after in self.consumers.get(user.output[0], [])]  # a Relu/Clip in between
-        return any(user.op_type == "QuantizeLinear" and self._is_wide(user) for user in users)
+        return any(user.op_type == "QuantizeLinear" and self.is_wide(user) for user in users)
 
     def planned_status(self, node: onnx.NodeProto) -> str:
         """What a written Q/DQ model asks for, read from its pairs (for `onnxq inspect` without a plan):
@@ -197,7 +200,7 @@ class _GraphView:
         if is_integer_kernel(node.op_type):
             return "int8"
         inputs = [self._dequantize_of(name) for name in self._activations(node)]
-        if self._touches_wide(node):
+        if self.touches_wide(node):
             return "int16"
         weight = WEIGHT_INPUT.get(node.op_type)
         weight_dequantized = (weight is None or (len(node.input) > weight and node.input[weight] not in self.constants

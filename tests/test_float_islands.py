@@ -180,3 +180,35 @@ def test_int16_layer_between_int8_neighbours_runs_on_16_bit_inputs(tmp_path: Pat
         reason = next(n.reason for n in result.plan.nodes if n.name == neighbour)
         assert "16-bit activation of an int16 neighbour" in reason
     assert result.report["fusion"]["disagreements"] == []
+
+
+
+def shift_chain() -> onnx.ModelProto:
+    """conv -> Add(+3) -> Clip -> Mul (hardswish, as PP-OCR writes it) -> conv: the Add and Mul are light
+    ops the plan keeps float."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="pre"),
+             helper.make_node("Add", ["c1", "three"], ["s"], name="shift"),
+             helper.make_node("Clip", ["s", "zero", "six"], ["k"], name="clip"),
+             helper.make_node("Mul", ["c1", "k"], ["h"], name="swish"),
+             helper.make_node("Conv", ["h", "w3", "b3"], ["y"], name="post")]
+    inits = {"w1": weight(rng, (C, C, 1, 1)), "b1": bias(rng, C), "w3": weight(rng, (C, C, 1, 1)),
+             "b3": bias(rng, C), "three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32),
+             "six": np.array(6.0, np.float32)}
+    return make_model(nodes, [tensor("x", SHAPE)], [tensor("y", SHAPE)], inits)
+
+
+def test_float_op_at_the_border_of_an_int16_layer_is_float_and_its_pairs_are_not_avoidable(tmp_path: Path) -> None:
+    """Float ops reading an int16 conv's 16-bit output compute in float, as planned; the int16 layer's
+    8-bit weight and its 16-bit pairs are the W8A16 form, not leftovers (the demo's hardswish Add/Mul
+    next to int16 convs were reported as disagreements and 15 avoidable pairs)."""
+    recipe = parse_recipe({"rules": [{"match": {"name": "pre"}, "precision": "int16"}]}, "r")
+    _, result = quantize_with(shift_chain(), tmp_path, recipe=recipe, speed_guard="off")
+    fusion = result.report["fusion"]
+    assert precision_of(result, "pre")["planned"] == "int16"
+    for light in ("shift", "swish"):
+        row = precision_of(result, light)
+        assert row["planned"] == "float" and "int16" in row["executed"].values(), row
+    assert fusion["disagreements"] == [], fusion["disagreements"]
+    assert fusion["avoidable"] == 0, (fusion["dequantized_weights"], fusion["unfused_pairs"])
+    assert fusion["w8a16"]["weights"] >= 1 and fusion["w8a16"]["pairs"] >= 1
