@@ -426,9 +426,9 @@ def quantize_request(o: CommandOptions) -> QuantizeRequest:
         adaround_seconds=v["adaround_seconds"] if v["adaround"] else None, adaround_rules_seconds=v["adaround_seconds"],
         search=not v["fast"], auto_target=o["target_agreement"], budget_s=o["budget"], holdout=v["holdout"],
         auto_dynamic="mode" not in o.given and "mode" not in recipe.settings,
-        method_given="method" in o.given or "method" in recipe.settings,
+        method_given="method" in o.given or "method" in recipe.settings, recipe_path=o["recipe_path"],
     )
-    check_paths([*quantize_paths(request), PathArg("--recipe", o["recipe_path"], INPUT)])
+    check_paths(quantize_paths(request))
     return request
 
 

@@ -37,10 +37,12 @@ def run() -> None:
     except Interrupted as exc:
         _say(interrupt_message(exc.verb))
         code = exc.exit_code
+        sys.unraisablehook = _ignore
     except KeyboardInterrupt:  # before the handler was installed
         interrupts.ignore()
         _say(interrupt_message("interrupted"))
         code = 130
+        sys.unraisablehook = _ignore
     interrupts.ignore()  # the run is over: a late signal changes nothing
     sys.exit(code)
 
@@ -65,6 +67,11 @@ def scratch_folder() -> Iterator[str]:
             with interrupts.held():
                 shutil.rmtree(folder, ignore_errors=True)
                 interrupts.remove_on_exit(None)
+
+
+def _ignore(_unraisable: object) -> None:
+    """After an interrupt, objects the signal left half-built (a ZipFile opened mid-read) complain with a
+    traceback as they are freed; the one line already said what happened."""
 
 
 def _say(line: str) -> None:

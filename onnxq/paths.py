@@ -183,6 +183,7 @@ def quantize_paths(request, writes_model: bool = True) -> list[PathArg]:
     return [PathArg("MODEL", request.model, MODEL), PathArg("--calib", data.calib, DATA),
             PathArg("--eval-data", data.eval_data, DATA), PathArg("--target-data", request.target_data, DATA),
             PathArg("--load-stats", request.load_stats, INPUT), PathArg("--metric", request.metric, INPUT),
+            PathArg("--recipe", request.recipe_path, INPUT),
             PathArg("--target-cpu", request.target_cpu, INPUT),
             PathArg("--speed-profile", request.speed_profile, CACHE),
             PathArg("-o", request.output if writes_model else None, MODEL_OUTPUT),

@@ -137,6 +137,7 @@ class QuantizeRequest:
     min_sqnr: float | None = None
     fallback: str = "float"  # what the accuracy target turns sensitive layers into: "float" or "int16"
     recipe: Recipe = field(default_factory=Recipe)  # per-node rules (its settings are applied by the caller)
+    recipe_path: Path | None = None  # the file `recipe` was read from: no output may replace it
     search: bool = False  # the automatic search (onnxq.auto); the CLI's default, off with --fast
     auto_target: float = auto.TARGET_AGREEMENT  # task agreement the search aims for
     budget_s: float = auto.BUDGET_S  # seconds the search may spend on candidates

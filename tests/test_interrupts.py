@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -120,3 +121,28 @@ def test_interrupt_between_outputs_keeps_none(tmp_path: Path, monkeypatch: pytes
     result = CliRunner().invoke(main, ["quantize", str(model), "-o", str(tmp_path / "q2.onnx"), "--calib",
                                        str(calib)])
     assert result.exit_code == 130 and result.stderr == "onnxq: interrupted; no output written\n"
+
+
+def test_objects_an_interrupt_left_half_built_print_nothing_when_freed() -> None:
+    """A Ctrl-C inside zipfile.ZipFile's constructor (np.load of an .npz) left an object whose __del__
+    printed 'Exception ignored ... AttributeError' after the one line."""
+    script = textwrap.dedent("""
+        import onnxq.entry as entry, onnxq.cli as cli
+        from onnxq.interrupts import Interrupted
+
+        class HalfBuilt:
+            def __del__(self):
+                raise AttributeError("'ZipFile' object has no attribute '_writing'")
+
+        kept = []
+
+        def interrupted_mid_read():
+            kept.append(HalfBuilt())
+            raise Interrupted(2)
+
+        cli.run_click = interrupted_mid_read
+        entry.run()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == ["onnxq: interrupted; no output written"], done.stderr

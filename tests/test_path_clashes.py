@@ -62,6 +62,8 @@ CLASHES = [  # (arguments, the two options the message names)
      ["-o", "--speed-profile"]),
     (["quantize", "m.onnx", "-o", "q.onnx", "--calib", "calib", "--recipe", "r.yaml", "--save-recipe", "r.yaml"],
      ["--save-recipe", "--recipe"]),
+    (["quantize", "m.onnx", "-o", "q.onnx", "--calib", "calib", "--recipe", "r.yaml", "--report", "r.yaml"],
+     ["--report", "--recipe"]),
     (["quantize", "m.onnx", "-o", "q.onnx", "--calib", "calib", "--target-metric", "1", "--metric", "s.py",
       "--save-plan", "s.py"], ["--save-plan", "--metric"]),
     (["quantize", "m.onnx", "-o", "q.onnx", "--mode", "dynamic", "--report", "m.onnx"], ["--report", "MODEL"]),
