@@ -28,11 +28,13 @@ import itertools
 import math
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import onnx
 
+from . import auto
 from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics
 from .data import SampleSource
 from .errors import OnnxqError, UsageError, first_line
@@ -230,10 +232,10 @@ def _remote(ray, function: Callable, options: RayOptions):
 
 
 def _gather(ray, jobs: Iterable[tuple[object, Callable]], limit: int, total: int, bar, weight: Callable,
-            take: Callable) -> None:
+            take: Callable, drop: Callable[[object], bool] | None = None) -> None:
     """Submit jobs ((item, submit) pairs) with at most `limit` running, and take(item, result) each as it
-    finishes; a failed task fails the run with one line naming it; Ctrl-C (or any error) cancels what is
-    still running."""
+    finishes; after each, running tasks whose item `drop` names are cancelled and forgotten. A failed task
+    fails the run with one line naming it; Ctrl-C (or any error) cancels what is still running."""
     jobs = iter(jobs)
     pending: dict = {}
 
@@ -258,6 +260,9 @@ def _gather(ray, jobs: Iterable[tuple[object, Callable]], limit: int, total: int
                                  f"({type(exc).__name__}: {first_line(exc)})") from None
             take(item, result)
             bar.update(weight(item))
+            for ref in [ref for ref, other in pending.items() if drop is not None and drop(other)]:
+                ray.cancel(ref)  # not forced: the worker stays up for the next task
+                del pending[ref]
             refill()
     except BaseException:
         for ref in pending:
@@ -268,7 +273,7 @@ def _gather(ray, jobs: Iterable[tuple[object, Callable]], limit: int, total: int
 
 
 def _where(item, total: int) -> str:
-    return item.describe(total) if isinstance(item, Shard) else f"candidate {item + 1} of {total}"
+    return item.describe(total) if isinstance(item, Shard | _Trial) else f"candidate {item + 1} of {total}"
 
 
 def _task_error(item, total: int, cause: BaseException) -> OnnxqError:
@@ -319,6 +324,72 @@ class _Callback:
         pass
 
 
+# ---------------------------------------------------------------- the automatic search's candidates
+
+
+@dataclass(frozen=True)
+class _Trial:
+    index: int
+    name: str
+    built_s: float  # building the candidate, on the driver
+
+    def describe(self, total: int) -> str:
+        return f"candidate {self.index + 1} of {total} ({self.name})"
+
+
+class RayScorer:
+    """Scores the automatic search's candidate groups as Ray tasks (onnxq.auto.Scorer).
+
+    The reference (fp32 outputs and held-back samples) goes to the object store once per search;
+    each candidate is built on the driver when a worker is free for it, put once, and scored by a
+    task with onnxq.auto.score, the function the serial search uses (an error building or running
+    the candidate is its row, as there). Once a candidate meets the target, later candidates of its
+    group (slower ones) are not started, and running ones are cancelled.
+    """
+
+    def __init__(self, reference: CachedReference, options: RayOptions) -> None:
+        self.ray = connect(options)
+        self.options = options
+        self.width = worker_count(self.ray, options)
+        self.reference_ref = self.ray.put(reference)
+        self.where = f"Ray, at most {self.width} task{'s' if self.width > 1 else ''} at once"
+
+    def score(self, candidates: Sequence[auto.Candidate], build: Callable[[auto.Candidate], onnx.ModelProto],
+              enough: Callable[[auto.Scored], bool]) -> dict[int, auto.Scored]:
+        task = _remote(self.ray, score_trial, self.options)
+        scored: dict[int, auto.Scored] = {}
+        first_enough = len(candidates)
+
+        def jobs() -> Iterable[tuple[_Trial, Callable]]:
+            for i, candidate in enumerate(candidates):
+                if i > first_enough:
+                    return
+                began = time.perf_counter()
+                try:
+                    model = build(candidate).SerializeToString()
+                except Exception as exc:  # a row, as in the serial search
+                    scored[i] = auto.Scored(error=auto.candidate_error(exc), seconds=time.perf_counter() - began)
+                    continue
+                trial = _Trial(i, candidate.name, time.perf_counter() - began)
+                yield trial, lambda model=model: task.remote(self.reference_ref, model)
+
+        def take(trial: _Trial, result: auto.Scored) -> None:
+            nonlocal first_enough
+            scored[trial.index] = replace(result, seconds=result.seconds + trial.built_s)
+            if enough(result):
+                first_enough = min(first_enough, trial.index)
+
+        _gather(self.ray, jobs(), self.width, len(candidates), _Callback(None), lambda _: 1, take,
+                drop=lambda trial: trial.index > first_enough)
+        return scored
+
+
+def score_trial(reference: CachedReference, model_bytes: bytes) -> auto.Scored:
+    """One task: a candidate model's agreement with fp32 (onnxq.auto.score)."""
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    return auto.score(reference, model)
+
 
 # ---------------------------------------------------------------- entry points for onnxq.pipeline
 
@@ -335,3 +406,8 @@ def evaluator_for(options: RayOptions | None, build: Callable[[frozenset[str]], 
                   reference: CachedReference) -> RayEvaluator | None:
     """A Ray evaluator for the accuracy search, or None (the search then scores candidates itself)."""
     return RayEvaluator(build, reference, options) if options is not None else None
+
+
+def scorer_for(options: RayOptions | None, reference: CachedReference) -> RayScorer | None:
+    """A Ray scorer for the automatic search, or None (it then measures candidates itself)."""
+    return RayScorer(reference, options) if options is not None else None

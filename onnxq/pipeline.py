@@ -33,7 +33,7 @@ from .data import (
     random_source,
     split_holdout,
 )
-from .distributed import RayOptions, collect, evaluator_for
+from .distributed import RayOptions, collect, evaluator_for, scorer_for
 from .dynamic import WeightOnlyOptions, rewrite_dynamic
 from .errors import DataError, ModelError, OnnxqError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
@@ -584,7 +584,7 @@ def _apply_search(c: Calibrated, progress: ProgressFactory) -> auto.SearchOutcom
         reference = CachedReference(c.reference, samples, request.target_samples, level=emulation.LEVEL)
         c.cached_reference = reference
         outcome = auto.search(_search_space(c, reference), reference, target=request.auto_target,
-                              budget_s=request.budget_s)
+                              budget_s=request.budget_s, scorer=scorer_for(request.data.ray, reference))
     chosen = outcome.chosen.candidate
     c.notes.extend(outcome.notes)
     if chosen.mode == "static":

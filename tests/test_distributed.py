@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import itertools
+import json
 import os
 import random
 import signal
@@ -25,8 +26,10 @@ import pytest
 import ray
 from conftest import CHANNELS, IMAGE, bias, feeds_for, make_model, save, tensor, weight, write_npz_folder
 from onnx import helper
+from test_auto import outlier_calibration, outlier_classifier
 
 import onnxq.distributed
+from onnxq import auto
 from onnxq.calibrate import collect_statistics
 from onnxq.data import SampleSource, model_input_specs, open_source
 from onnxq.distributed import (
@@ -39,7 +42,7 @@ from onnxq.distributed import (
     merge_shards,
     shards,
 )
-from onnxq.errors import EXIT_BAD_DATA, UsageError
+from onnxq.errors import EXIT_BAD_DATA, OnnxqError, UsageError
 from onnxq.ir import import_graph
 from onnxq.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from onnxq.placement import tensors_to_observe, value_aliases
@@ -196,6 +199,69 @@ def test_quantize_and_accuracy_search_on_ray_equal_the_serial_run(cluster, work:
         k: v for k, v in serial["accuracy_target"].items() if k not in timed}
     assert serial["accuracy_target"]["met"] and len(serial["accuracy_target"]["steps"]) > 1  # fallbacks were tried
 
+
+
+@pytest.mark.parametrize(("model", "target", "scored"), [
+    ("classifier", auto.TARGET_AGREEMENT, {"static global", "static percentile"}),
+    ("classifier", 1.01, {"static percentile", "static global, MatMul/Gemm/LSTM dynamic", "dynamic",  # the
+                          "static global, 1 most damaged layer float"}),  # run-time group, the fallback ladder
+    ("conv stack", 1.01, {"static percentile", "static global + bias correction",  # repairs, the ladder
+                          "static global + AdaRound on 4 layers", "static global, 2 most damaged layers float"}),
+])  # 1.01: a target nothing reaches, so every group runs
+def test_the_automatic_search_on_ray_equals_the_serial_run(cluster, tmp_path: Path, model: str, target: float,
+                                                           scored: set[str]) -> None:
+    if model == "classifier":
+        save(outlier_classifier(), tmp_path / "m.onnx")
+        calib = outlier_calibration(tmp_path / "calib")
+    else:
+        save(conv_stack_model(), tmp_path / "m.onnx")
+        calib = write_npz_folder(tmp_path / "calib", feeds_for(conv_stack_model()), 23)
+
+    def run(name: str, options: RayOptions | None) -> dict:
+        request = QuantizeRequest(model=tmp_path / "m.onnx", output=tmp_path / f"{name}.onnx",
+                                  data=DataOptions(calib=calib, ray=options), search=True, auto_target=target,
+                                  budget_s=1e9, speed_guard="off")  # a budget every candidate fits in
+        return quantize(request).report["auto"]
+
+    serial, parallel = run("serial", None), run("parallel", RayOptions(workers=3))
+    assert (tmp_path / "parallel.onnx").read_bytes() == (tmp_path / "serial.onnx").read_bytes()
+    assert (serial["scored_on"], parallel["scored_on"]) == ("this process", "Ray, at most 3 tasks at once")
+    untimed = [{k: v for k, v in c.items() if k != "seconds"} for c in serial["candidates"]]
+    assert [{k: v for k, v in c.items() if k != "seconds"} for c in parallel["candidates"]] == untimed
+    timed = ("seconds", "scored_on", "candidates", "measured")
+    assert {k: v for k, v in parallel.items() if k not in timed} == {k: v for k, v in serial.items() if k not in timed}
+    assert scored <= {c["name"] for c in serial["candidates"]}
+
+
+@pytest.mark.auto_search
+def test_quantize_with_ray_runs_the_automatic_search_there(cluster, tmp_path: Path) -> None:
+    save(outlier_classifier(), tmp_path / "m.onnx")
+    calib = outlier_calibration(tmp_path / "calib")
+    out = tmp_path / "q.onnx"
+    result = subprocess.run([sys.executable, "-m", "onnxq.cli", "quantize", str(tmp_path / "m.onnx"), "-o", str(out),
+                             "--calib", str(calib), "--ray", cluster.address, "--workers", "2", "--json", "-q"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    search = json.loads(result.stdout)["auto"]
+    assert search["scored_on"] == "Ray, at most 2 tasks at once" and len(search["candidates"]) > 1
+    assert out.exists()
+
+
+def test_a_search_task_that_keeps_dying_fails_with_one_line_naming_the_candidate(cluster, work: Path,
+                                                                                   tmp_path: Path) -> None:
+    from onnxq.distributed import RayScorer
+
+    class DyingReference:  # defined here: Ray ships it by value (workers cannot import the tests)
+        def fidelity_of(self, model: onnx.ModelProto) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker dies, on every retry
+
+    space = auto.SearchSpace(build=lambda c: conv_stack_model(), int8_layers={}, dynamic_layers=frozenset(),
+                             methods=("global",), speed=lambda c: 2.0, rank_layers=list,
+                             adaround_layers=frozenset)
+    with pytest.raises(OnnxqError) as error:
+        auto.search(space, DyingReference(), scorer=RayScorer(DyingReference(), RayOptions(workers=2)))
+    assert error.value.message.startswith("candidate 1 of 1 (static global): the Ray task failed 4 times")
+    assert len(error.value.message.splitlines()) == 1
 
 def test_a_killed_worker_is_retried(cluster, work: Path) -> None:
     model, tensors, aliases, source = prepared(work / "m.onnx")
