@@ -156,12 +156,27 @@ class SearchSpace:
     rank_layers: Callable[[], list[str]]  # most damaged first (the probe pass, run when first needed)
     adaround_layers: Callable[[list[str]], frozenset[str]]  # of these (in order), the ones AdaRound can afford
     can_repair: bool = True  # calibration samples are there for bias correction and AdaRound
+    probe: Callable[[], Probe] | None = None  # rank_layers' probe model, for a scorer to run (onnxq.layer_errors)
+
+
+Probe = tuple[onnx.ModelProto, dict[str, tuple[str, str]]]  # the probe model; layer -> (fp32 output, copy output)
+
+
+class Ranking(Protocol):
+    def result(self) -> list[str]: ...  # waits for it
+
+    def cancel(self) -> None: ...
 
 
 class Scorer(Protocol):
     """Scores a group of independent candidates at once (onnxq.distributed.RayScorer: as Ray tasks)."""
 
     where: str  # for the report: where candidates were scored
+    width: int  # candidates scored at once
+
+    def rank_later(self, probe: Callable[[], Probe]) -> Ranking:
+        """Start the ranking probe (SearchSpace.probe) beside the candidates; the result is rank_layers'."""
+        ...
 
     def score(self, candidates: Sequence[Candidate], build: Callable[[Candidate], onnx.ModelProto],
               enough: Callable[[Scored], bool]) -> dict[int, Scored]:
@@ -204,6 +219,14 @@ def search(space: SearchSpace, reference: CachedReference, *, target: float = TA
     fallback ladder, the slow ones) is scored at once, and the budget is checked before each group rather
     than before each candidate; the outcome is the serial one when the budget does not end the search."""
     run = _Run(space, reference, target, budget_s, scorer)
+    try:
+        return _search(run)
+    finally:
+        run.release()
+
+
+def _search(run: _Run) -> SearchOutcome:
+    space, target = run.space, run.target
     statics = run.trial([Candidate(f"static {method}", method=method) for method in space.methods])
     if run.stopped or statics[-1].meets(target):
         return run.finish()  # nothing is expected faster than all-int8 static
@@ -217,6 +240,8 @@ def search(space: SearchSpace, reference: CachedReference, *, target: float = TA
     best_met: float | None = None
     too_slow: list[Candidate] = []
     for group in (_dynamic_group(space, repair), None):
+        if group:
+            run.rank_beside(len(group))
         if group is None:  # the fallbacks need the ranking: its probe costs about two candidates
             if not space.int8_layers or run.spent(extra_candidates=2):
                 break
@@ -249,6 +274,7 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     stopped: bool = False  # the budget ended the search
     start: float = field(default_factory=time.perf_counter)
+    ranking_ahead: Ranking | None = None  # the probe, started on the scorer before the search asked for it
 
     def trial(self, candidates: list[Candidate], *, budget: bool = True) -> list[Measured]:
         """Measure `candidates` in order up to the first meeting the target. Here: the budget is checked before
@@ -296,8 +322,27 @@ class _Run:
 
     def rank(self) -> None:
         """Rank the layers by their own error (the probe pass), once."""
-        if not self.ranking:
+        if self.ranking:
+            return
+        if self.scorer is None or self.space.probe is None:
             self.ranking = self.space.rank_layers()
+            return
+        if self.ranking_ahead is None:
+            self.ranking_ahead = self.scorer.rank_later(self.space.probe)
+        self.ranking, self.ranking_ahead = self.ranking_ahead.result(), None
+
+    def rank_beside(self, group: int) -> None:
+        """On a scorer with a slot to spare beside a group of `group` candidates: start the probe now, in case
+        the search needs it later (its ranking is kept only when the serial search would rank)."""
+        if (self.scorer is not None and self.space.probe is not None and self.space.int8_layers
+                and not self.ranking and self.ranking_ahead is None and group < self.scorer.width):
+            self.ranking_ahead = self.scorer.rank_later(self.space.probe)
+
+    def release(self) -> None:
+        """Cancel a probe started ahead and not needed."""
+        if self.ranking_ahead is not None:
+            self.ranking_ahead.cancel()
+            self.ranking_ahead = None
 
     def spent(self, extra_candidates: int = 1) -> bool:
         """True when the next `extra_candidates` candidates, each expected to take as long as the slowest so far,
@@ -317,6 +362,7 @@ class _Run:
         """Bias correction, then AdaRound on the most damaged layers: `baseline` repaired if that helped
         (repairs cost a calibration pass, not speed)."""
         static = baseline.candidate
+        self.rank_beside(1)
         corrected = self.trial([replace(static, name=f"{static.name} + bias correction", bias_correction=True)],
                                budget=False)[0]
         helped = corrected.score[:2] > baseline.score[:2]

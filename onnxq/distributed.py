@@ -39,6 +39,7 @@ from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, col
 from .data import SampleSource
 from .errors import OnnxqError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity
+from .layer_errors import probe_errors
 from .model_io import needs_external_data
 from .statistics import Statistics, TensorStats
 
@@ -329,12 +330,12 @@ class _Callback:
 
 @dataclass(frozen=True)
 class _Trial:
-    index: int
+    index: int  # -1: not a candidate (the ranking probe)
     name: str
-    built_s: float  # building the candidate, on the driver
+    built_s: float = 0.0  # building the candidate, on the driver
 
     def describe(self, total: int) -> str:
-        return f"candidate {self.index + 1} of {total} ({self.name})"
+        return f"candidate {self.index + 1} of {total} ({self.name})" if self.index >= 0 else self.name
 
 
 class RayScorer:
@@ -344,7 +345,8 @@ class RayScorer:
     each candidate is built on the driver when a worker is free for it, put once, and scored by a
     task with onnxq.auto.score, the function the serial search uses (an error building or running
     the candidate is its row, as there). Once a candidate meets the target, later candidates of its
-    group (slower ones) are not started, and running ones are cancelled.
+    group (slower ones) are not started, and running ones are cancelled. The layer-ranking probe
+    is a task too (onnxq.layer_errors.probe_errors), taking one of the `width` slots while it runs.
     """
 
     def __init__(self, reference: CachedReference, options: RayOptions) -> None:
@@ -353,6 +355,14 @@ class RayScorer:
         self.width = worker_count(self.ray, options)
         self.reference_ref = self.ray.put(reference)
         self.where = f"Ray, at most {self.width} task{'s' if self.width > 1 else ''} at once"
+        self.probing: _RayRanking | None = None  # the probe task, while it holds a slot
+
+    def rank_later(self, probe: Callable[[], auto.Probe]) -> _RayRanking:
+        model, pairs = probe()
+        task = _remote(self.ray, rank_layers_task, self.options)
+        ref = task.remote(self.reference_ref, model.SerializeToString(), pairs, self.options.cpus_per_task)
+        self.probing = _RayRanking(self, ref)
+        return self.probing
 
     def score(self, candidates: Sequence[auto.Candidate], build: Callable[[auto.Candidate], onnx.ModelProto],
               enough: Callable[[auto.Scored], bool]) -> dict[int, auto.Scored]:
@@ -371,7 +381,7 @@ class RayScorer:
                     scored[i] = auto.Scored(error=auto.candidate_error(exc), seconds=time.perf_counter() - began)
                     continue
                 trial = _Trial(i, candidate.name, time.perf_counter() - began)
-                yield trial, lambda model=model: task.remote(self.reference_ref, model)
+                yield trial, lambda model=model: task.remote(self.reference_ref, model, self.options.cpus_per_task)
 
         def take(trial: _Trial, result: auto.Scored) -> None:
             nonlocal first_enough
@@ -379,15 +389,45 @@ class RayScorer:
             if enough(result):
                 first_enough = min(first_enough, trial.index)
 
-        _gather(self.ray, jobs(), self.width, len(candidates), _Callback(None), lambda _: 1, take,
+        slots = max(1, self.width - (self.probing is not None))
+        _gather(self.ray, jobs(), slots, len(candidates), _Callback(None), lambda _: 1, take,
                 drop=lambda trial: trial.index > first_enough)
         return scored
 
 
-def score_trial(reference: CachedReference, model_bytes: bytes) -> auto.Scored:
-    """One task: a candidate model's agreement with fp32 (onnxq.auto.score)."""
+class _RayRanking:
+    """The ranking probe's task (onnxq.auto.Ranking)."""
+
+    def __init__(self, scorer: RayScorer, ref) -> None:
+        self.scorer, self.ref = scorer, ref
+
+    def result(self) -> list[str]:
+        ranking: list[list[str]] = []
+        try:
+            _gather(self.scorer.ray, [(_Trial(-1, "the layer-ranking probe"), lambda: self.ref)], 1, 1, _Callback(None),
+                    lambda _: 1, lambda _, result: ranking.append(result))
+        finally:
+            self.scorer.probing = None
+        return ranking[0]
+
+    def cancel(self) -> None:
+        self.scorer.ray.cancel(self.ref, force=True)
+        self.scorer.probing = None
+
+
+def rank_layers_task(reference: CachedReference, model_bytes: bytes, pairs: dict[str, tuple[str, str]],
+                     threads: int) -> list[str]:
+    """One task: the layers by their own error, most damaged first (onnxq.layer_errors.probe_errors)."""
     model = onnx.ModelProto()
     model.ParseFromString(model_bytes)
+    return list(probe_errors(model, pairs, reference.feeds, threads))
+
+
+def score_trial(reference: CachedReference, model_bytes: bytes, threads: int) -> auto.Scored:
+    """One task: a candidate model's agreement with fp32 (onnxq.auto.score), on the task's CPUs."""
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    reference.threads = threads  # this task's copy (onnxruntime's results do not depend on its thread count)
     return auto.score(reference, model)
 
 

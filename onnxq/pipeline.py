@@ -40,7 +40,7 @@ from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion, is_integer_kernel
 from .ir import Graph, all_graphs, concrete_shapes, constant_values, import_graph, is_constant, node_label
 from .latency import measured_speedup
-from .layer_errors import layer_errors
+from .layer_errors import probe_errors, probe_model
 from .model_io import (
     externalize,
     load_model,
@@ -641,8 +641,11 @@ def _search_space(c: Calibrated, reference: CachedReference) -> auto.SearchSpace
                   **dict.fromkeys(candidate.dynamic | c.dynamic, "dynamic")}
         return speed_model.speedup(status)
 
+    def probe() -> auto.Probe:
+        return probe_model(c.prepared, c.plan(), set(c.int8_layers()))
+
     def rank_layers() -> list[str]:
-        return list(layer_errors(c.prepared, c.plan(), set(c.int8_layers()), reference.feeds))
+        return list(probe_errors(*probe(), reference.feeds))
 
     def adaround_layers(ranking: list[str]) -> frozenset[str]:
         layers = {layer.label: layer for layer in find_layers(c.graph, c.placement)[0]}
@@ -653,7 +656,7 @@ def _search_space(c: Calibrated, reference: CachedReference) -> auto.SearchSpace
                                                                                      "percentile")))
     return auto.SearchSpace(build, c.int8_layers(), eligible if request.auto_dynamic else frozenset(), methods,
                             speed, rank_layers, adaround_layers,
-                            can_repair=c.calib is not None and not users_recovery.needs_data)
+                            can_repair=c.calib is not None and not users_recovery.needs_data, probe=probe)
 
 
 def _with_repair(options: RecoveryOptions, candidate: auto.Candidate) -> RecoveryOptions:
