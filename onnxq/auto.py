@@ -36,6 +36,12 @@ not with this host's kernels: the same inputs give the same choice on any machin
 (seconds) can end the search earlier on a slower one. The report lists every candidate with its agreement,
 expected speed-up and time; --save-recipe writes the choice as a recipe that rebuilds the model
 without searching.
+
+With --ray, a Scorer (onnxq.distributed.RayScorer) scores each group of candidates that do not
+depend on each other at once: the static methods, the run-time group, the fallback ladder, the
+ones expected too slow (and the ranking probe beside a group with a slot to spare). The search
+reads the results in the serial order and keeps what the serial search measures; the budget is
+checked before each group instead of before each candidate.
 """
 
 from __future__ import annotations

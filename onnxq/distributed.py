@@ -200,6 +200,13 @@ def merge_shards(results: Sequence[ShardResult], samples: int, source: str, batc
     return merger.result(samples, source)
 
 
+def _one_protobuf(model: onnx.ModelProto) -> onnx.ModelProto:
+    if needs_external_data(model):
+        raise UsageError("--ray ships the model as one protobuf, which cannot exceed 2 GB; this model does: "
+                         "quantize it without --ray")
+    return model
+
+
 def collect_statistics_on_ray(model: onnx.ModelProto, tensors: list[str], source: SampleSource,
                               options: RayOptions, *, batch_size: int = 1,
                               memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: ProgressFactory = _no_progress,
@@ -360,7 +367,8 @@ class RayScorer:
     def rank_later(self, probe: Callable[[], auto.Probe]) -> _RayRanking:
         model, pairs = probe()
         task = _remote(self.ray, rank_layers_task, self.options)
-        ref = task.remote(self.reference_ref, model.SerializeToString(), pairs, self.options.cpus_per_task)
+        ref = task.remote(self.reference_ref, _one_protobuf(model).SerializeToString(), pairs,
+                          self.options.cpus_per_task)
         self.probing = _RayRanking(self, ref)
         return self.probing
 
@@ -376,12 +384,13 @@ class RayScorer:
                     return
                 began = time.perf_counter()
                 try:
-                    model = build(candidate).SerializeToString()
+                    model = build(candidate)
                 except Exception as exc:  # a row, as in the serial search
                     scored[i] = auto.Scored(error=auto.candidate_error(exc), seconds=time.perf_counter() - began)
                     continue
+                data = _one_protobuf(model).SerializeToString()
                 trial = _Trial(i, candidate.name, time.perf_counter() - began)
-                yield trial, lambda model=model: task.remote(self.reference_ref, model, self.options.cpus_per_task)
+                yield trial, lambda data=data: task.remote(self.reference_ref, data, self.options.cpus_per_task)
 
         def take(trial: _Trial, result: auto.Scored) -> None:
             nonlocal first_enough
