@@ -36,14 +36,21 @@ not with this host's kernels: the same inputs give the same choice on any machin
 (seconds) can end the search earlier on a slower one. The report lists every candidate with its agreement,
 expected speed-up and time; --save-recipe writes the choice as a recipe that rebuilds the model
 without searching.
+
+With --ray, a Scorer (onnxq.distributed.RayScorer) scores each group of candidates that do not
+depend on each other at once: the static methods, the run-time group, the fallback ladder, the
+ones expected too slow (and the ranking probe beside a group with a slot to spare). The search
+reads the results in the serial order and keeps what the serial search measures; the budget is
+checked before each group instead of before each candidate.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -134,10 +141,12 @@ class SearchOutcome:
     ranking: list[str] = field(default_factory=list)  # layers by their own error, most damaged first
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    scored_on: str = "this process"  # or Ray (onnxq.distributed.RayScorer)
 
     def to_report(self) -> dict:
         return {"target_agreement": self.target, "chosen": self.chosen.candidate.name, "why": self.why,
-                "seconds": round(self.seconds, 2), "candidates": [m.to_dict() for m in self.measured],
+                "seconds": round(self.seconds, 2), "scored_on": self.scored_on,
+                "candidates": [m.to_dict() for m in self.measured],
                 "layer_ranking": self.ranking[:20]}
 
 
@@ -153,17 +162,80 @@ class SearchSpace:
     rank_layers: Callable[[], list[str]]  # most damaged first (the probe pass, run when first needed)
     adaround_layers: Callable[[list[str]], frozenset[str]]  # of these (in order), the ones AdaRound can afford
     can_repair: bool = True  # calibration samples are there for bias correction and AdaRound
+    probe: Callable[[], Probe] | None = None  # rank_layers' probe model, for a scorer to run (onnxq.layer_errors)
+
+
+Probe = tuple[onnx.ModelProto, dict[str, tuple[str, str]]]  # the probe model; layer -> (fp32 output, copy output)
+
+
+class Ranking(Protocol):
+    def result(self) -> list[str]: ...  # waits for it
+
+    def cancel(self) -> None: ...
+
+
+class Scorer(Protocol):
+    """Scores a group of independent candidates at once (onnxq.distributed.RayScorer: as Ray tasks)."""
+
+    where: str  # for the report: where candidates were scored
+    width: int  # candidates scored at once
+
+    def rank_later(self, probe: Callable[[], Probe]) -> Ranking:
+        """Start the ranking probe (SearchSpace.probe) beside the candidates; the result is rank_layers'."""
+        ...
+
+    def score(self, candidates: Sequence[Candidate], build: Callable[[Candidate], onnx.ModelProto],
+              enough: Callable[[Scored], bool]) -> dict[int, Scored]:
+        """Candidates by index: every one up to the first (in order) that is `enough`; later ones may be missing."""
+        ...
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What measuring one candidate gives (in this process or in a Ray task)."""
+
+    agreement: float | None = None
+    decided_agreement: float | None = None
+    near_ties: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def score(reference: CachedReference, model: onnx.ModelProto) -> Scored:
+    """A candidate's agreement with fp32 on the reference's samples; an error (onnxruntime cannot build or
+    run it) is a result too."""
+    began = time.perf_counter()
+    try:
+        fidelity = reference.fidelity_of(model)
+    except Exception as exc:
+        return Scored(error=candidate_error(exc), seconds=time.perf_counter() - began)
+    return Scored(fidelity.agreement, fidelity.decided_agreement, _near_ties(fidelity),
+                  seconds=time.perf_counter() - began)
+
+
+def candidate_error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
 
 
 def search(space: SearchSpace, reference: CachedReference, *, target: float = TARGET_AGREEMENT,
-           budget_s: float = BUDGET_S) -> SearchOutcome:
-    """Measure candidates (see the module docstring); the fastest meeting `target`, else the most agreeing."""
-    run = _Run(space, reference, target, budget_s)
-    for method in space.methods:
-        if run.measured and run.spent():
-            return run.finish()
-        if run.measure(Candidate(f"static {method}", method=method)).meets(target):
-            return run.finish()  # nothing is expected faster than all-int8 static
+           budget_s: float = BUDGET_S, scorer: Scorer | None = None) -> SearchOutcome:
+    """Measure candidates (see the module docstring); the fastest meeting `target`, else the most agreeing.
+
+    With a `scorer`, each group of independent candidates (the static methods, the run-time group, the
+    fallback ladder, the slow ones) is scored at once, and the budget is checked before each group rather
+    than before each candidate; the outcome is the serial one when the budget does not end the search."""
+    run = _Run(space, reference, target, budget_s, scorer)
+    try:
+        return _search(run)
+    finally:
+        run.release()
+
+
+def _search(run: _Run) -> SearchOutcome:
+    space, target = run.space, run.target
+    statics = run.trial([Candidate(f"static {method}", method=method) for method in space.methods])
+    if run.stopped or statics[-1].meets(target):
+        return run.finish()  # nothing is expected faster than all-int8 static
     best_static = max(run.measured, key=lambda m: m.score)
     repair = best_static.candidate
     within_reach = (best_static.decided_agreement or 0.0) >= target - REPAIR_REACH
@@ -174,26 +246,23 @@ def search(space: SearchSpace, reference: CachedReference, *, target: float = TA
     best_met: float | None = None
     too_slow: list[Candidate] = []
     for group in (_dynamic_group(space, repair), None):
+        if group:
+            run.rank_beside(len(group))
         if group is None:  # the fallbacks need the ranking: its probe costs about two candidates
             if not space.int8_layers or run.spent(extra_candidates=2):
                 break
             run.rank()
             group = _fallback_group(space, repair, run.ranking)
-        for candidate in sorted(group, key=lambda c: -space.speed(c)):
-            expected = space.speed(candidate)
-            if best_met is not None and expected <= best_met:
-                continue
-            if expected < MIN_SPEEDUP:
-                too_slow.append(candidate)
-                continue
-            if run.spent():
-                return run.finish()
-            if run.measure(candidate).meets(target):
-                best_met = expected
+        ordered = [c for c in sorted(group, key=lambda c: -space.speed(c))
+                   if best_met is None or space.speed(c) > best_met]  # slower than one meeting it: skipped
+        too_slow += [c for c in ordered if space.speed(c) < MIN_SPEEDUP]
+        tried = run.trial([c for c in ordered if space.speed(c) >= MIN_SPEEDUP])
+        if run.stopped:
+            return run.finish()
+        if tried and tried[-1].meets(target):
+            best_met = tried[-1].expected_speedup
     if best_met is None:  # the answer comes first: then the candidates expected too slow, fastest first
-        for candidate in sorted(too_slow, key=lambda c: -space.speed(c)):
-            if run.spent() or run.measure(candidate).meets(target):
-                break
+        run.trial(sorted(too_slow, key=lambda c: -space.speed(c)))
     return run.finish()
 
 
@@ -205,33 +274,88 @@ class _Run:
     reference: CachedReference
     target: float
     budget_s: float
+    scorer: Scorer | None = None
     measured: list[Measured] = field(default_factory=list)
     ranking: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stopped: bool = False  # the budget ended the search
     start: float = field(default_factory=time.perf_counter)
+    ranking_ahead: Ranking | None = None  # the probe, started on the scorer before the search asked for it
+
+    def trial(self, candidates: list[Candidate], *, budget: bool = True) -> list[Measured]:
+        """Measure `candidates` in order up to the first meeting the target. Here: the budget is checked before
+        each one (`budget`). On the scorer: once before the group, which is then scored at once (candidates
+        after the first meeting the target are not kept, nor started once it is known)."""
+        if not candidates:
+            return []
+        if self.scorer is None:
+            tried: list[Measured] = []
+            for candidate in candidates:
+                if budget and self.spent():
+                    self.stopped = True
+                    break
+                tried.append(self.measure(candidate))
+                if tried[-1].meets(self.target):
+                    break
+            return tried
+        if budget and self.spent():
+            self.stopped = True
+            return []
+        scored = self.scorer.score(candidates, self.space.build,
+                                   lambda s: s.decided_agreement is not None and s.decided_agreement >= self.target)
+        tried = []
+        for i, candidate in enumerate(candidates):
+            tried.append(self._record(candidate, scored[i]))
+            if tried[-1].meets(self.target):
+                break
+        return tried
 
     def measure(self, candidate: Candidate) -> Measured:
-        result = Measured(candidate, self.space.speed(candidate))
+        """One candidate, built and scored in this process."""
         began = time.perf_counter()
         try:
-            fidelity = self.reference.fidelity_of(self.space.build(candidate))
-            result.agreement, result.decided_agreement = fidelity.agreement, fidelity.decided_agreement
-            result.near_ties = _near_ties(fidelity)
-        except Exception as exc:  # a candidate onnxruntime cannot build or run is a row that says so
-            result.error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
-        result.seconds = time.perf_counter() - began
+            model = self.space.build(candidate)
+        except Exception as exc:  # a candidate that cannot be built is a row that says so
+            return self._record(candidate, Scored(error=candidate_error(exc), seconds=time.perf_counter() - began))
+        scored = score(self.reference, model)
+        return self._record(candidate, replace(scored, seconds=time.perf_counter() - began))
+
+    def _record(self, candidate: Candidate, scored: Scored) -> Measured:
+        result = Measured(candidate, self.space.speed(candidate), scored.agreement, scored.decided_agreement,
+                          scored.near_ties, scored.seconds, scored.error)
         self.measured.append(result)
         return result
 
     def rank(self) -> None:
         """Rank the layers by their own error (the probe pass), once."""
-        if not self.ranking:
+        if self.ranking:
+            return
+        if self.scorer is None or self.space.probe is None:
             self.ranking = self.space.rank_layers()
+            return
+        if self.ranking_ahead is None:
+            self.ranking_ahead = self.scorer.rank_later(self.space.probe)
+        self.ranking, self.ranking_ahead = self.ranking_ahead.result(), None
+
+    def rank_beside(self, group: int) -> None:
+        """On a scorer with a slot to spare beside a group of `group` candidates: start the probe now, in case
+        the search needs it later (its ranking is kept only when the serial search would rank)."""
+        if (self.scorer is not None and self.space.probe is not None and self.space.int8_layers
+                and not self.ranking and self.ranking_ahead is None and group < self.scorer.width):
+            self.ranking_ahead = self.scorer.rank_later(self.space.probe)
+
+    def release(self) -> None:
+        """Cancel a probe started ahead and not needed."""
+        if self.ranking_ahead is not None:
+            self.ranking_ahead.cancel()
+            self.ranking_ahead = None
 
     def spent(self, extra_candidates: int = 1) -> bool:
         """True when the next `extra_candidates` candidates, each expected to take as long as the slowest so far,
-        would end past the budget."""
-        next_cost = extra_candidates * max((m.seconds for m in self.measured), default=0.0)
+        would end past the budget (never before the first candidate)."""
+        if not self.measured:
+            return False
+        next_cost = extra_candidates * max(m.seconds for m in self.measured)
         if time.perf_counter() - self.start + next_cost <= self.budget_s:
             return False
         note = (f"search budget of {self.budget_s:g} s spent after {len(self.measured)} candidates: on a slower "
@@ -244,7 +368,9 @@ class _Run:
         """Bias correction, then AdaRound on the most damaged layers: `baseline` repaired if that helped
         (repairs cost a calibration pass, not speed)."""
         static = baseline.candidate
-        corrected = self.measure(replace(static, name=f"{static.name} + bias correction", bias_correction=True))
+        self.rank_beside(1)
+        corrected = self.trial([replace(static, name=f"{static.name} + bias correction", bias_correction=True)],
+                               budget=False)[0]
         helped = corrected.score[:2] > baseline.score[:2]
         best = corrected if helped else baseline
         if corrected.meets(self.target) or self.spent(extra_candidates=3):  # the probe, then AdaRound
@@ -254,12 +380,13 @@ class _Run:
         if not layers:
             return best.candidate
         rounded = replace(static, adaround=layers, bias_correction=helped)
-        measured = self.measure(replace(rounded, name=f"{static.name} + {_repair_name(rounded)}"))
+        measured = self.trial([replace(rounded, name=f"{static.name} + {_repair_name(rounded)}")], budget=False)[0]
         return (measured if measured.score[:2] > best.score[:2] else best).candidate
 
     def finish(self) -> SearchOutcome:
         outcome = _outcome(self.measured, self.target, self.notes, self.ranking)
         outcome.seconds = time.perf_counter() - self.start
+        outcome.scored_on = self.scorer.where if self.scorer is not None else "this process"
         return outcome
 
 

@@ -28,15 +28,18 @@ import itertools
 import math
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import onnx
 
+from . import auto
 from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics
 from .data import SampleSource
 from .errors import OnnxqError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity
+from .layer_errors import probe_errors
 from .model_io import needs_external_data
 from .statistics import Statistics, TensorStats
 
@@ -197,6 +200,13 @@ def merge_shards(results: Sequence[ShardResult], samples: int, source: str, batc
     return merger.result(samples, source)
 
 
+def _one_protobuf(model: onnx.ModelProto) -> onnx.ModelProto:
+    if needs_external_data(model):
+        raise UsageError("--ray ships the model as one protobuf, which cannot exceed 2 GB; this model does: "
+                         "quantize it without --ray")
+    return model
+
+
 def collect_statistics_on_ray(model: onnx.ModelProto, tensors: list[str], source: SampleSource,
                               options: RayOptions, *, batch_size: int = 1,
                               memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: ProgressFactory = _no_progress,
@@ -230,10 +240,10 @@ def _remote(ray, function: Callable, options: RayOptions):
 
 
 def _gather(ray, jobs: Iterable[tuple[object, Callable]], limit: int, total: int, bar, weight: Callable,
-            take: Callable) -> None:
+            take: Callable, drop: Callable[[object], bool] | None = None) -> None:
     """Submit jobs ((item, submit) pairs) with at most `limit` running, and take(item, result) each as it
-    finishes; a failed task fails the run with one line naming it; Ctrl-C (or any error) cancels what is
-    still running."""
+    finishes; after each, running tasks whose item `drop` names are cancelled and forgotten. A failed task
+    fails the run with one line naming it; Ctrl-C (or any error) cancels what is still running."""
     jobs = iter(jobs)
     pending: dict = {}
 
@@ -258,6 +268,9 @@ def _gather(ray, jobs: Iterable[tuple[object, Callable]], limit: int, total: int
                                  f"({type(exc).__name__}: {first_line(exc)})") from None
             take(item, result)
             bar.update(weight(item))
+            for ref in [ref for ref, other in pending.items() if drop is not None and drop(other)]:
+                ray.cancel(ref)  # not forced: the worker stays up for the next task
+                del pending[ref]
             refill()
     except BaseException:
         for ref in pending:
@@ -268,7 +281,7 @@ def _gather(ray, jobs: Iterable[tuple[object, Callable]], limit: int, total: int
 
 
 def _where(item, total: int) -> str:
-    return item.describe(total) if isinstance(item, Shard) else f"candidate {item + 1} of {total}"
+    return item.describe(total) if isinstance(item, Shard | _Trial) else f"candidate {item + 1} of {total}"
 
 
 def _task_error(item, total: int, cause: BaseException) -> OnnxqError:
@@ -319,6 +332,113 @@ class _Callback:
         pass
 
 
+# ---------------------------------------------------------------- the automatic search's candidates
+
+
+@dataclass(frozen=True)
+class _Trial:
+    index: int  # -1: not a candidate (the ranking probe)
+    name: str
+    built_s: float = 0.0  # building the candidate, on the driver
+
+    def describe(self, total: int) -> str:
+        return f"candidate {self.index + 1} of {total} ({self.name})" if self.index >= 0 else self.name
+
+
+class RayScorer:
+    """Scores the automatic search's candidate groups as Ray tasks (onnxq.auto.Scorer).
+
+    The reference (fp32 outputs and held-back samples) goes to the object store once per search;
+    each candidate is built on the driver when a worker is free for it, put once, and scored by a
+    task with onnxq.auto.score, the function the serial search uses (an error building or running
+    the candidate is its row, as there). Once a candidate meets the target, later candidates of its
+    group (slower ones) are not started, and running ones are cancelled. The layer-ranking probe
+    is a task too (onnxq.layer_errors.probe_errors), taking one of the `width` slots while it runs.
+    """
+
+    def __init__(self, reference: CachedReference, options: RayOptions) -> None:
+        self.ray = connect(options)
+        self.options = options
+        self.width = worker_count(self.ray, options)
+        self.reference_ref = self.ray.put(reference)
+        self.where = f"Ray, at most {self.width} task{'s' if self.width > 1 else ''} at once"
+        self.probing: _RayRanking | None = None  # the probe task, while it holds a slot
+
+    def rank_later(self, probe: Callable[[], auto.Probe]) -> _RayRanking:
+        model, pairs = probe()
+        task = _remote(self.ray, rank_layers_task, self.options)
+        ref = task.remote(self.reference_ref, _one_protobuf(model).SerializeToString(), pairs,
+                          self.options.cpus_per_task)
+        self.probing = _RayRanking(self, ref)
+        return self.probing
+
+    def score(self, candidates: Sequence[auto.Candidate], build: Callable[[auto.Candidate], onnx.ModelProto],
+              enough: Callable[[auto.Scored], bool]) -> dict[int, auto.Scored]:
+        task = _remote(self.ray, score_trial, self.options)
+        scored: dict[int, auto.Scored] = {}
+        first_enough = len(candidates)
+
+        def jobs() -> Iterable[tuple[_Trial, Callable]]:
+            for i, candidate in enumerate(candidates):
+                if i > first_enough:
+                    return
+                began = time.perf_counter()
+                try:
+                    model = build(candidate)
+                except Exception as exc:  # a row, as in the serial search
+                    scored[i] = auto.Scored(error=auto.candidate_error(exc), seconds=time.perf_counter() - began)
+                    continue
+                data = _one_protobuf(model).SerializeToString()
+                trial = _Trial(i, candidate.name, time.perf_counter() - began)
+                yield trial, lambda data=data: task.remote(self.reference_ref, data, self.options.cpus_per_task)
+
+        def take(trial: _Trial, result: auto.Scored) -> None:
+            nonlocal first_enough
+            scored[trial.index] = replace(result, seconds=result.seconds + trial.built_s)
+            if enough(result):
+                first_enough = min(first_enough, trial.index)
+
+        slots = max(1, self.width - (self.probing is not None))
+        _gather(self.ray, jobs(), slots, len(candidates), _Callback(None), lambda _: 1, take,
+                drop=lambda trial: trial.index > first_enough)
+        return scored
+
+
+class _RayRanking:
+    """The ranking probe's task (onnxq.auto.Ranking)."""
+
+    def __init__(self, scorer: RayScorer, ref) -> None:
+        self.scorer, self.ref = scorer, ref
+
+    def result(self) -> list[str]:
+        ranking: list[list[str]] = []
+        try:
+            _gather(self.scorer.ray, [(_Trial(-1, "the layer-ranking probe"), lambda: self.ref)], 1, 1, _Callback(None),
+                    lambda _: 1, lambda _, result: ranking.append(result))
+        finally:
+            self.scorer.probing = None
+        return ranking[0]
+
+    def cancel(self) -> None:
+        self.scorer.ray.cancel(self.ref, force=True)
+        self.scorer.probing = None
+
+
+def rank_layers_task(reference: CachedReference, model_bytes: bytes, pairs: dict[str, tuple[str, str]],
+                     threads: int) -> list[str]:
+    """One task: the layers by their own error, most damaged first (onnxq.layer_errors.probe_errors)."""
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    return list(probe_errors(model, pairs, reference.feeds, threads))
+
+
+def score_trial(reference: CachedReference, model_bytes: bytes, threads: int) -> auto.Scored:
+    """One task: a candidate model's agreement with fp32 (onnxq.auto.score), on the task's CPUs."""
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    reference.threads = threads  # this task's copy (onnxruntime's results do not depend on its thread count)
+    return auto.score(reference, model)
+
 
 # ---------------------------------------------------------------- entry points for onnxq.pipeline
 
@@ -337,3 +457,8 @@ def evaluator_for(options: RayOptions | None, build: Callable[[frozenset[str]], 
                   reference: CachedReference) -> RayEvaluator | None:
     """A Ray evaluator for the accuracy search, or None (the search then scores candidates itself)."""
     return RayEvaluator(build, reference, options) if options is not None else None
+
+
+def scorer_for(options: RayOptions | None, reference: CachedReference) -> RayScorer | None:
+    """A Ray scorer for the automatic search, or None (it then measures candidates itself)."""
+    return RayScorer(reference, options) if options is not None else None

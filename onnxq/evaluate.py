@@ -211,6 +211,7 @@ class CachedReference:
         self.source = source.description
         self.metric = metric
         self.level = level  # onnxruntime optimization level candidates run at (onnxq.emulation: "disabled")
+        self.threads = 0  # onnxruntime threads a candidate runs on (0: its default; a Ray task sets its CPUs)
         with tempfile.TemporaryDirectory(prefix="onnxq-ref-") as tmp:
             session = session_for(reference, Path(tmp))
             self.outputs = [self._run(session, feed) for feed in self.feeds]
@@ -224,7 +225,7 @@ class CachedReference:
                      else {name: OutputAgreement(name) for name in self.names})
         candidates = []
         with tempfile.TemporaryDirectory(prefix="onnxq-eval-") as tmp:
-            session = session_for(model, Path(tmp), level=self.level)
+            session = session_for(model, Path(tmp), self.threads, level=self.level)
             for feed, expected in zip(self.feeds, self.outputs, strict=True):
                 got = self._run(session, feed)
                 for name in self.names:

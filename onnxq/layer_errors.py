@@ -85,12 +85,17 @@ def _quantized_input(graph: gs.Graph, tensor: gs.Tensor, entry: TensorPlan | Non
 def layer_errors(prepared: onnx.ModelProto, plan: QuantPlan, layers: set[str],
                  feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Each layer's SQNR (dB) against its fp32 output on `feeds`, lowest = most damaged first."""
-    model, pairs = probe_model(prepared, plan, layers)
+    return probe_errors(*probe_model(prepared, plan, layers), feeds)
+
+
+def probe_errors(model: onnx.ModelProto, pairs: dict[str, tuple[str, str]], feeds: list[dict[str, np.ndarray]],
+                 threads: int = 0) -> dict[str, float]:
+    """The probe pass of layer_errors over `feeds` (a Ray task runs it in onnxq.distributed)."""
     names = [name for pair in pairs.values() for name in pair]
     signal = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
     with tempfile.TemporaryDirectory(prefix="onnxq-probe-") as tmp:
-        session = session_for(model, Path(tmp), level=LEVEL)  # the copies' Q/DQ as written: onnxq.emulation
+        session = session_for(model, Path(tmp), threads, level=LEVEL)  # the copies' Q/DQ as written: onnxq.emulation
         for feed in feeds:
             values = dict(zip(names, run(session, feed, names), strict=True))
             for label, (reference, copy) in pairs.items():

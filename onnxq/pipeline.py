@@ -33,14 +33,14 @@ from .data import (
     random_source,
     split_holdout,
 )
-from .distributed import RayOptions, collect, evaluator_for
+from .distributed import RayOptions, collect, evaluator_for, scorer_for
 from .dynamic import WeightOnlyOptions, rewrite_dynamic
 from .errors import DataError, ModelError, OnnxqError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity, compare_models, load_metric
 from .fusion import FusionReport, check_fusion, is_integer_kernel
 from .ir import Graph, all_graphs, concrete_shapes, constant_values, import_graph, is_constant, node_label
 from .latency import measured_speedup
-from .layer_errors import layer_errors
+from .layer_errors import probe_errors, probe_model
 from .model_io import (
     externalize,
     load_model,
@@ -594,7 +594,7 @@ def _apply_search(c: Calibrated, progress: ProgressFactory) -> auto.SearchOutcom
         reference = CachedReference(c.reference, samples, request.target_samples, level=emulation.LEVEL)
         c.cached_reference = reference
         outcome = auto.search(_search_space(c, reference), reference, target=request.auto_target,
-                              budget_s=request.budget_s)
+                              budget_s=request.budget_s, scorer=scorer_for(request.data.ray, reference))
     chosen = outcome.chosen.candidate
     c.notes.extend(outcome.notes)
     if chosen.mode == "static":
@@ -651,8 +651,11 @@ def _search_space(c: Calibrated, reference: CachedReference) -> auto.SearchSpace
                   **dict.fromkeys(candidate.dynamic | c.dynamic, "dynamic")}
         return speed_model.speedup(status)
 
+    def probe() -> auto.Probe:
+        return probe_model(c.prepared, c.plan(), set(c.int8_layers()))
+
     def rank_layers() -> list[str]:
-        return list(layer_errors(c.prepared, c.plan(), set(c.int8_layers()), reference.feeds))
+        return list(probe_errors(*probe(), reference.feeds))
 
     def adaround_layers(ranking: list[str]) -> frozenset[str]:
         layers = {layer.label: layer for layer in find_layers(c.graph, c.placement)[0]}
@@ -663,7 +666,7 @@ def _search_space(c: Calibrated, reference: CachedReference) -> auto.SearchSpace
                                                                                      "percentile")))
     run_time = eligible if search_may_go_dynamic(request) else frozenset()
     return auto.SearchSpace(build, c.int8_layers(), run_time, methods, speed, rank_layers, adaround_layers,
-                            can_repair=c.calib is not None and not users_recovery.needs_data)
+                            can_repair=c.calib is not None and not users_recovery.needs_data, probe=probe)
 
 
 def _with_repair(options: RecoveryOptions, candidate: auto.Candidate) -> RecoveryOptions:

@@ -218,8 +218,9 @@ def _search_lines(search: dict | None) -> list[str]:
     chosen = next((c for c in candidates if c["name"] == search["chosen"]), None)
     if chosen is None:
         return [f"  automatic: {search['chosen']} ({search['why']})"]
+    where = f" (on {search['scored_on']})" if search.get("scored_on", "this process") != "this process" else ""
     lines = [f"  automatic: {search['chosen']}, chosen from {len(candidates)} candidates measured in "
-             f"{search.get('seconds', sum(c['seconds'] for c in candidates)):.1f} s: {search['why']}",
+             f"{search.get('seconds', sum(c['seconds'] for c in candidates)):.1f} s{where}: {search['why']}",
              "    (layers x: the speed table's expected speed-up of the Conv/MatMul/Gemm layers over fp32; the rest "
              "of the model runs alike in every candidate)"]
     measured = search.get("measured")

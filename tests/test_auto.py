@@ -4,6 +4,7 @@ and the pipeline around it (held-back samples, the written recipe reproducing th
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -206,6 +207,80 @@ def test_a_candidate_that_fails_to_build_is_a_row_with_its_error() -> None:
     assert errors and "onnxruntime refused" in errors[0].error
     assert outcome.chosen.meets(auto.TARGET_AGREEMENT) and len(outcome.chosen.candidate.keep_float) == 2
 
+
+
+class ShuffledScorer:
+    """Scores a whole group, in a shuffled order, whatever meets the target: the most a parallel scorer
+    (onnxq.distributed.RayScorer) may do; the search must keep only what the serial one measures."""
+
+    where, width = "shuffled", 4
+
+    def __init__(self, reference: FakeReference, seed: int, rank=None) -> None:
+        self.reference, self.random, self.groups, self.rank = reference, random.Random(seed), [], rank
+        self.probes: list[str] = []  # what became of each probe started: "used" or "cancelled"
+
+    def score(self, candidates, build, enough) -> dict[int, auto.Scored]:
+        self.groups.append([c.name for c in candidates])
+        order = self.random.sample(range(len(candidates)), len(candidates))
+        return {i: auto.score(self.reference, build(candidates[i])) for i in order}
+
+    def rank_later(self, probe):
+        probe()
+        index = len(self.probes)
+        self.probes.append("running")
+        scorer = self
+
+        class Started:
+            def result(self) -> list[str]:
+                scorer.probes[index] = "used"
+                return scorer.rank()
+
+            def cancel(self) -> None:
+                scorer.probes[index] = "cancelled"
+
+        return Started()
+
+
+def random_score(seed: int):
+    """Agreement per candidate, fixed by the seed and the candidate: from hopeless to meeting the target,
+    sometimes an error."""
+    def score(c: auto.Candidate) -> float:
+        draw = random.Random(f"{seed} {c}").random()
+        if draw < 0.05:
+            raise RuntimeError(f"onnxruntime refused {c.name}")
+        return 0.8 + 0.2 * draw ** 0.5
+
+    return score
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_scoring_groups_at_once_gives_the_serial_search(seed: int) -> None:
+    score = random_score(seed)
+    probes: list[int] = []
+
+    def rank() -> list[str]:
+        probes.append(seed)
+        return sorted(LAYERS, key=lambda label: random.Random(f"{seed} {label}").random())
+
+    space = replace(fake_space(), rank_layers=rank, probe=lambda: (None, {}))
+    serial = auto.search(space, FakeReference(score))
+    assert len(probes) == (1 if serial.ranking else 0)
+    scorer = ShuffledScorer(FakeReference(score), seed, rank)  # the probe runs on the scorer, maybe ahead
+    grouped = auto.search(space, FakeReference(score), scorer=scorer)
+    rows = [[{k: v for k, v in m.to_dict().items() if k != "seconds"} for m in o.measured] for o in (serial, grouped)]
+    assert rows[0] == rows[1]
+    assert grouped.chosen.candidate == serial.chosen.candidate and grouped.ranking == serial.ranking
+    assert grouped.notes == serial.notes
+    assert scorer.probes.count("used") == len(probes) // 2  # where the serial search ranked, not elsewhere
+    assert set(scorer.probes) <= {"used", "cancelled"}  # a probe started ahead and not needed is cancelled
+    assert (serial.scored_on, grouped.scored_on) == ("this process", "shuffled")
+
+
+def test_on_a_scorer_the_budget_is_checked_before_each_group() -> None:
+    scorer = ShuffledScorer(FakeReference(lambda c: 0.5, delay_s=0.05), 0)
+    outcome = auto.search(fake_space(), FakeReference(lambda c: 0.5), budget_s=0.08, scorer=scorer)
+    assert scorer.groups == [["static global", "static percentile"]]  # the first group runs whole
+    assert len(outcome.measured) == 2 and any("budget of 0.08 s" in note for note in outcome.notes)
 
 # ------------------------------------------------------------------ the pipeline and the CLI
 

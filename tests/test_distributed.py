@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import itertools
+import json
 import os
 import random
 import signal
@@ -17,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -25,8 +28,10 @@ import pytest
 import ray
 from conftest import CHANNELS, IMAGE, bias, feeds_for, make_model, save, tensor, weight, write_npz_folder
 from onnx import helper
+from test_auto import outlier_calibration, outlier_classifier
 
 import onnxq.distributed
+from onnxq import auto
 from onnxq.calibrate import collect_statistics
 from onnxq.data import SampleSource, model_input_specs, open_source
 from onnxq.distributed import (
@@ -39,7 +44,7 @@ from onnxq.distributed import (
     merge_shards,
     shards,
 )
-from onnxq.errors import EXIT_BAD_DATA, UsageError
+from onnxq.errors import EXIT_BAD_DATA, OnnxqError, UsageError
 from onnxq.ir import import_graph
 from onnxq.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from onnxq.placement import tensors_to_observe, value_aliases
@@ -197,6 +202,83 @@ def test_quantize_and_accuracy_search_on_ray_equal_the_serial_run(cluster, work:
     assert serial["accuracy_target"]["met"] and len(serial["accuracy_target"]["steps"]) > 1  # fallbacks were tried
 
 
+
+@pytest.mark.parametrize(("model", "target", "scored"), [
+    ("classifier", auto.TARGET_AGREEMENT, {"static global", "static percentile"}),
+    ("classifier", 1.01, {"static percentile", "static global, MatMul/Gemm/LSTM dynamic", "dynamic",  # the
+                          "static global, 1 most damaged layer float"}),  # run-time group, the fallback ladder
+    ("conv stack", 1.01, {"static percentile", "static global + bias correction",  # repairs, the ladder
+                          "static global + AdaRound on 4 layers", "static global, 2 most damaged layers float"}),
+])  # 1.01: a target nothing reaches, so every group runs
+def test_the_automatic_search_on_ray_equals_the_serial_run(cluster, tmp_path: Path, model: str, target: float,
+                                                           scored: set[str]) -> None:
+    if model == "classifier":
+        save(outlier_classifier(), tmp_path / "m.onnx")
+        calib = outlier_calibration(tmp_path / "calib")
+    else:
+        save(conv_stack_model(), tmp_path / "m.onnx")
+        calib = write_npz_folder(tmp_path / "calib", feeds_for(conv_stack_model()), 23)
+
+    def run(name: str, options: RayOptions | None) -> dict:
+        request = QuantizeRequest(model=tmp_path / "m.onnx", output=tmp_path / f"{name}.onnx",
+                                  data=DataOptions(calib=calib, ray=options), search=True, auto_target=target,
+                                  budget_s=1e9, speed_guard="off")  # a budget every candidate fits in
+        return quantize(request).report["auto"]
+
+    serial, parallel = run("serial", None), run("parallel", RayOptions(workers=3))
+    assert (tmp_path / "parallel.onnx").read_bytes() == (tmp_path / "serial.onnx").read_bytes()
+    assert (serial["scored_on"], parallel["scored_on"]) == ("this process", "Ray, at most 3 tasks at once")
+    untimed = [{k: v for k, v in c.items() if k != "seconds"} for c in serial["candidates"]]
+    assert [{k: v for k, v in c.items() if k != "seconds"} for c in parallel["candidates"]] == untimed
+    timed = ("seconds", "scored_on", "candidates", "measured")
+    assert {k: v for k, v in parallel.items() if k not in timed} == {k: v for k, v in serial.items() if k not in timed}
+    assert scored <= {c["name"] for c in serial["candidates"]}
+
+
+@pytest.mark.auto_search
+def test_quantize_with_ray_runs_the_automatic_search_there(cluster, tmp_path: Path) -> None:
+    save(outlier_classifier(), tmp_path / "m.onnx")
+    calib = outlier_calibration(tmp_path / "calib")
+    out, report = tmp_path / "q.onnx", tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "onnxq.cli", "quantize", str(tmp_path / "m.onnx"), "-o", str(out),
+                             "--calib", str(calib), "--ray", cluster.address, "--workers", "2", "--report",
+                             str(report)], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    search = json.loads(report.read_text())["auto"]
+    assert search["scored_on"] == "Ray, at most 2 tasks at once" and len(search["candidates"]) > 1
+    assert "s (on Ray, at most 2 tasks at once): " in result.stderr  # the summary
+    assert out.exists()
+
+
+def test_a_search_task_that_keeps_dying_fails_with_one_line_naming_the_candidate(cluster, work: Path,
+                                                                                   tmp_path: Path) -> None:
+    from onnxq.distributed import RayScorer
+
+    class DyingReference:  # defined here: Ray ships it by value (workers cannot import the tests)
+        def fidelity_of(self, model: onnx.ModelProto) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker dies, on every retry
+
+    space = auto.SearchSpace(build=lambda c: conv_stack_model(), int8_layers={}, dynamic_layers=frozenset(),
+                             methods=("global",), speed=lambda c: 2.0, rank_layers=list,
+                             adaround_layers=frozenset)
+    with pytest.raises(OnnxqError) as error:
+        auto.search(space, DyingReference(), scorer=RayScorer(DyingReference(), RayOptions(workers=2)))
+    assert error.value.message.startswith("candidate 1 of 1 (static global): the Ray task failed 4 times")
+    assert len(error.value.message.splitlines()) == 1
+
+
+def test_a_search_candidate_over_2_gb_is_refused_on_ray_in_one_line(cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxq.distributed import RayScorer
+
+    scorer = RayScorer(SimpleNamespace(feeds=[]), RayOptions(workers=2))
+    monkeypatch.setattr(onnxq.distributed, "needs_external_data", lambda model: model.graph.name == "big")
+    big = conv_stack_model()
+    big.graph.name = "big"
+    space = auto.SearchSpace(build=lambda c: big, int8_layers={}, dynamic_layers=frozenset(), methods=("global",),
+                             speed=lambda c: 2.0, rank_layers=list, adaround_layers=frozenset)
+    with pytest.raises(UsageError, match="cannot exceed 2 GB; this model does: quantize it without --ray"):
+        auto.search(space, SimpleNamespace(), scorer=scorer)
+
 def test_a_killed_worker_is_retried(cluster, work: Path) -> None:
     model, tensors, aliases, source = prepared(work / "m.onnx")
     marker = work / "killed-once"
@@ -232,15 +314,6 @@ def test_an_unreadable_shard_fails_with_one_line_naming_it(cluster, work: Path, 
 
 
 def test_ctrl_c_cancels_the_tasks(cluster, work: Path) -> None:
-    # Ctrl-C as a command-line process gets it (another test's library may have replaced the handler)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        interrupt_a_slow_calibration(work)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def interrupt_a_slow_calibration(work: Path) -> None:
     model, tensors, aliases, source = prepared(work / "m.onnx")
     progress = work / "ctrl-c"
     progress.mkdir()
@@ -252,30 +325,69 @@ def interrupt_a_slow_calibration(work: Path) -> None:
         return load(index)
 
     slow_source = SampleSource(source.description, len(source), slow, source.kind)
+    ctrl_c_once_started(progress, lambda: collect_statistics_on_ray(model, tensors, slow_source,
+                                                                     RayOptions(workers=2), aliases=aliases))
+    time.sleep(2.0)  # a cancelled task reads no further samples: 23 samples at 0.3 s would take 3.5 s a shard
+    seen = len(list(progress.iterdir()))
+    time.sleep(2.0)
+    assert len(list(progress.iterdir())) == seen < len(source)
+    assert_all_cpus_free()
 
+
+def test_ctrl_c_cancels_the_search_tasks(cluster, tmp_path: Path) -> None:
+    from onnxq.distributed import RayScorer
+
+    started, finished = tmp_path / "started", tmp_path / "finished"
+    started.mkdir()
+    finished.mkdir()
+
+    class SlowReference:  # defined here: Ray ships it by value
+        def fidelity_of(self, model: onnx.ModelProto) -> SimpleNamespace:
+            name = f"{os.getpid()}-{time.monotonic()}"
+            (started / name).touch()
+            time.sleep(2.0)
+            (finished / name).touch()
+            return SimpleNamespace(agreement=0.5, decided_agreement=0.5, outputs=[])
+
+    space = auto.SearchSpace(build=lambda c: conv_stack_model(), int8_layers={}, dynamic_layers=frozenset(),
+                             methods=("global", "percentile"), speed=lambda c: 2.0, rank_layers=list,
+                             adaround_layers=frozenset)
+    scorer = RayScorer(SlowReference(), RayOptions(workers=2))
+    ctrl_c_once_started(started, lambda: auto.search(space, SlowReference(), scorer=scorer))
+    time.sleep(2.5)  # a task that was not cancelled would have finished by now
+    assert any(started.iterdir()) and not any(finished.iterdir())
+    assert_all_cpus_free()
+
+
+def ctrl_c_once_started(started: Path, call: Callable[[], object]) -> None:
+    """Press Ctrl-C once a file appears in `started`, as a command-line process gets it, and check that `call`
+    ends with KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # another test's library may have replaced it
     stop = threading.Event()
 
-    def ctrl_c_once_started() -> None:  # again every 0.2 s: one landing in Ray's own code may be swallowed
-        while not any(progress.iterdir()):
+    def press() -> None:  # again every 0.2 s: one landing in Ray's own code may be swallowed
+        while not any(started.iterdir()):
             time.sleep(0.05)
         while not stop.is_set():
             _thread.interrupt_main()
             stop.wait(0.2)
 
-    presser = threading.Thread(target=ctrl_c_once_started, daemon=True)
+    presser = threading.Thread(target=press, daemon=True)
     presser.start()
-    with pytest.raises(KeyboardInterrupt):
-        collect_statistics_on_ray(model, tensors, slow_source, RayOptions(workers=2), aliases=aliases)
-    while presser.is_alive():
-        try:
-            stop.set()
-            presser.join()
-        except KeyboardInterrupt:  # one more press, already on its way
-            pass
-    time.sleep(2.0)  # a cancelled task reads no further samples: 23 samples at 0.3 s would take 3.5 s a shard
-    seen = len(list(progress.iterdir()))
-    time.sleep(2.0)
-    assert len(list(progress.iterdir())) == seen < len(source)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call()
+        while presser.is_alive():
+            try:
+                stop.set()
+                presser.join()
+            except KeyboardInterrupt:  # one more press, already on its way
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def assert_all_cpus_free() -> None:
     deadline = time.time() + 20
     while ray.available_resources().get("CPU", 0) < 4 and time.time() < deadline:
         time.sleep(0.2)
