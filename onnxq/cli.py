@@ -14,7 +14,6 @@ from pathlib import Path
 import click
 
 from . import __version__, auto
-from .calibrate import Progress
 from .checks import check_effective
 from .command_options import CommandOptions
 from .convert import ACTIVATION_TYPES, ConvertRequest, convert, convert_paths, format_convert_summary
@@ -39,26 +38,8 @@ from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from .recipe import Recipe
 from .report import format_summary
 from .sensitivity import SensitivityResult, Target
+from .session import progress_factory
 from .statistics import Statistics
-
-
-class TqdmProgress(Progress):
-    def __init__(self, total: int, label: str) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total, desc=label, unit="sample", file=sys.stderr, leave=False)
-
-    def update(self, n: int) -> None:
-        self._bar.update(n)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def progress_factory(quiet: bool):
-    if quiet or not sys.stderr.isatty():
-        return lambda total, label: Progress()
-    return TqdmProgress
 
 
 def handle_errors(func):

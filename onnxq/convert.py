@@ -30,7 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__, qmath
-from .calibrate import ProgressFactory, _no_progress, collect_statistics
+from .calibrate import collect_statistics
 from .cpu import default_weight_range, host_cpu
 from .data import model_input_specs, open_source
 from .errors import ModelError, UsageError
@@ -46,6 +46,7 @@ from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, compute_range
 from .report import json_safe, number
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
+from .session import ProgressFactory, no_progress
 
 ACTIVATION_TYPES = ("keep", "uint8", "int8")
 EVAL_LIMIT = 256  # samples the fidelity comparison runs on at most
@@ -489,7 +490,7 @@ def calibrate_missing(prepared: onnx.ModelProto, roots: list[str], request: Conv
 # ------------------------------------------------------------------ the command
 
 
-def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -> ConvertResult:
+def convert(request: ConvertRequest, progress: ProgressFactory = no_progress) -> ConvertResult:
     """Convert a Q/DQ (QAT) model to onnxq's int8 form; see the module docstring."""
     start = time.perf_counter()
     if request.output_format not in ("qdq", "qoperator"):

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 
 from . import agreement as task_agreement
-from .calibrate import Progress, ProgressFactory, _no_progress, run, session_for
 from .data import SampleSource, batches
 from .errors import DataError, UsageError
+from .session import Progress, ProgressFactory, no_progress, run, session_for
 
 
 @dataclass
@@ -142,7 +142,7 @@ def compare_models(
     source: SampleSource,
     *,
     batch_size: int = 1,
-    progress: ProgressFactory = _no_progress,
+    progress: ProgressFactory = no_progress,
     limit: int | None = None,
     cached: CachedReference | None = None,
 ) -> Fidelity:

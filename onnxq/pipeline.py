@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__, auto, emulation
-from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress
+from .calibrate import DEFAULT_MEMORY_BUDGET
 from .checks import check_finite_weights, check_not_qdq, check_targets, unmatched_excludes
 from .cpu import TargetCpu, default_weight_range, resolve_target
 from .data import (
@@ -72,6 +72,7 @@ from .report import build_report, json_safe
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
 from .sensitivity import SearchResult, SensitivityResult, Target, measure_sensitivity, search_fallbacks
+from .session import ProgressFactory, no_progress
 from .smooth import smooth_model, validate_alpha
 from .speed_guard import (
     MODES,
@@ -364,7 +365,7 @@ class Calibrated:
                 if d.status == "int8" and d.op_type in HEAVY_OPS and d.name not in pinned}
 
 
-def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progress, *,
+def calibrated(request: QuantizeRequest, progress: ProgressFactory = no_progress, *,
                writes_model: bool = True) -> Calibrated:
     timer = StageTimer()
     check_paths(quantize_paths(request, writes_model))
@@ -486,7 +487,7 @@ def _smooth(request: QuantizeRequest, prepared: PreparedModel, calib: SampleSour
     return result.to_report()
 
 
-def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
+def quantize(request: QuantizeRequest, progress: ProgressFactory = no_progress) -> QuantizeResult:
     """Quantize `request.model`; its outputs (model, statistics, plan, recipe) are all written at the end, or none."""
     check_paths(quantize_paths(request))
     target = request.target or Target()
@@ -497,7 +498,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         return quantize_static(request, progress)
 
 
-def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
+def quantize_static(request: QuantizeRequest, progress: ProgressFactory = no_progress) -> QuantizeResult:
     if request.fallback == "int8":
         raise UsageError("--fallback int8 (int8 weights) is for --mode weight-only --weight-bits 4")
     if (request.target is not None and request.target_data is None and request.data.eval_data is None
@@ -797,7 +798,7 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
             "fallback": request.fallback, "float_nodes": result.float_nodes, "steps": result.steps, "speed": speed}
 
 
-def sensitivity(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> SensitivityResult:
+def sensitivity(request: QuantizeRequest, progress: ProgressFactory = no_progress) -> SensitivityResult:
     """Rank the int8 layers of `request.model` by measured sensitivity (no model is written)."""
     if request.data.eval_data is None and request.data.calib is None:
         raise UsageError("sensitivity needs samples to measure on: give --eval-data or --calib")
@@ -806,7 +807,7 @@ def sensitivity(request: QuantizeRequest, progress: ProgressFactory = _no_progre
     return measure_sensitivity(c.build, c.int8_layers(), reference, progress)
 
 
-def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFactory = _no_progress
+def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFactory = no_progress
                                  ) -> QuantizeResult:
     """--mode dynamic or weight-only: weights are quantized ahead, activations (if at all) at run time."""
     if request.mode not in ("dynamic", "weight-only"):
@@ -998,7 +999,7 @@ def check_written_model(model: onnx.ModelProto, planned: dict[str, str] | None =
 
 
 def calibrate_only(model_path: Path, output: Path | None, data: DataOptions,
-                   progress: ProgressFactory = _no_progress) -> Statistics:
+                   progress: ProgressFactory = no_progress) -> Statistics:
     """Collect (and save, unless `output` is None) statistics for every tensor quantize may need (for
     --load-stats later)."""
     check_paths([PathArg("MODEL", model_path, MODEL), PathArg("--calib", data.calib, DATA),

@@ -18,7 +18,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__, qmath
-from .calibrate import ProgressFactory, _no_progress
 from .evaluate import compare_models
 from .ir import NameAllocator, export_model, import_graph
 from .model_io import save_model
@@ -28,6 +27,7 @@ from .pipeline import QuantizeRequest, calibrated, check_written_model
 from .plan import QuantPlan, TensorPlan, build_plan
 from .report import json_safe, number
 from .rewrite_qdq import write_qdq
+from .session import ProgressFactory, no_progress
 
 
 @dataclass
@@ -42,7 +42,7 @@ def params_path_for(output: Path) -> Path:
 
 
 def qat_prep(request: QuantizeRequest, params_path: Path | None = None,
-             progress: ProgressFactory = _no_progress) -> PrepResult:
+             progress: ProgressFactory = no_progress) -> PrepResult:
     params_path = params_path or params_path_for(request.output)
     check_paths([*quantize_paths(request), PathArg("--params", params_path, OUTPUT)])
     with transaction():  # the model and its parameters file are written together, or neither

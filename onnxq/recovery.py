@@ -31,12 +31,13 @@ import onnx_graphsurgeon as gs
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import qmath
-from .calibrate import _groups_within_budget, run, session_for
+from .calibrate import groups_within_budget
 from .data import SampleSource, batches
 from .errors import UsageError
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_empty, node_label
 from .placement import HEAVY_OPS, Placement
 from .plan import QuantPlan
+from .session import run, session_for
 
 HOMOGENEOUS_ACTIVATIONS = {"Relu", "LeakyRelu", "PRelu"}  # f(x / s) = f(x) / s for every s > 0
 EQUALIZE_ITERATIONS = 20
@@ -324,7 +325,7 @@ def collect_moments(model: onnx.ModelProto, layers: list[Layer], source: SampleS
             if layer.label in gram}
     with tempfile.TemporaryDirectory(prefix="onnxq-recovery-") as tmp:
         session = session_for(model, Path(tmp), outputs=names)
-        groups = _groups_within_budget(session, source, names, batch_size, memory_budget) or [[]]
+        groups = groups_within_budget(session, source, names, batch_size, memory_budget) or [[]]
         for index, group in enumerate(groups):
             wanted = set(group) | (inputs if index == 0 else set())
             for feed, _ in batches(source, batch_size):

@@ -31,12 +31,12 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from .calibrate import ProgressFactory, _no_progress, session_for
 from .cpu import INT8_FEATURES, TargetCpu, host_cpu
 from .errors import DataError, OutputError
 from .ir import constant_values, is_constant, node_label
 from .latency import interleaved_runs
 from .placement import Placement
+from .session import ProgressFactory, no_progress, session_for
 from .speed_table import FLOAT_MIN_GAIN, SpeedTable, layer_class, shipped_table
 
 GUARDED_OPS = ("Conv", "MatMul", "Gemm")
@@ -211,7 +211,7 @@ def run_speed_guard(
     feed: dict[str, np.ndarray],
     profile_path: Path,
     model_key: str,
-    progress: ProgressFactory = _no_progress,
+    progress: ProgressFactory = no_progress,
     *,
     pinned: bool = False,
     compare: Callable[[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]], tuple[float, float]] = compare_latency,

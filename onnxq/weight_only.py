@@ -26,7 +26,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import weight_rounding as wr
-from .calibrate import ProgressFactory, _no_progress
 from .data import SampleSource, model_input_specs, open_source
 from .dynamic import MS, WeightOnlyOptions, _finish, _matmul_weight, rewrite_weight_only
 from .errors import UsageError
@@ -36,6 +35,7 @@ from .placement import NodeDecision
 from .qmath import QType
 from .recipe import NodeChoice, Rule, Selector
 from .sensitivity import Target, measure_sensitivity, search_fallbacks
+from .session import ProgressFactory, no_progress
 from .smooth import _divide_activation, _find_groups, _scale_weight_rows
 from .weight_stats import InputStats, collect_input_stats
 
@@ -71,7 +71,7 @@ class Int4Result:
 def quantize_int4(model: onnx.ModelProto, options: WeightOnlyOptions, choices: dict[str, NodeChoice],
                   calib: SampleSource | None, *, batch_size: int = 1, memory_budget: int = 2 * 1024**3,
                   search: tuple[Target, CachedReference, int, str] | None = None,
-                  progress: ProgressFactory = _no_progress) -> Int4Result:
+                  progress: ProgressFactory = no_progress) -> Int4Result:
     """The int4 model. `search`: (target, reference, max fallbacks, fallback "int8"|"float")."""
     if options.method in NEEDS_DATA and calib is None:
         raise UsageError(f"--weight-method {options.method} measures each layer's inputs: give --calib "
@@ -429,7 +429,7 @@ def quantize_embeddings_int8(model: onnx.ModelProto, choices: dict[str, NodeChoi
 
 def run_weight_only(request: QuantizeRequest, model: onnx.ModelProto, reference: onnx.ModelProto, qtype: QType,
                     choices: dict[str, NodeChoice], held: SampleSource | None,
-                    progress: ProgressFactory = _no_progress) -> Int4Result:
+                    progress: ProgressFactory = no_progress) -> Int4Result:
     """--mode weight-only as the pipeline runs it: int8 per channel (+ 8-bit embeddings), or int4."""
     options = request.weight_only
     if options.bits == 8:

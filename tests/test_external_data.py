@@ -52,6 +52,7 @@ def test_memory_budget_splits_calibration_into_passes(tmp_path: Path, conv_calib
     from onnxq.ir import import_graph
     from onnxq.placement import tensors_to_observe
     from onnxq.prepare import prepare_model
+    from onnxq.session import Progress
 
     prepared = prepare_model(onnx.load(str(conv_model_path))).model
     tensors = [t for t in tensors_to_observe(import_graph(prepared)) if t != "x"]
@@ -59,15 +60,9 @@ def test_memory_budget_splits_calibration_into_passes(tmp_path: Path, conv_calib
     source = open_source(conv_calib, model_input_specs(prepared))
     runs: list[int] = []
 
-    class Counting:
+    class Counting(Progress):
         def __init__(self, total: int, label: str) -> None:
             runs.append(total)
-
-        def update(self, n: int) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
 
     one_pass = collect_statistics(prepared, tensors, source, progress=Counting)
     split = collect_statistics(prepared, tensors, source, memory_budget=1, progress=Counting)
@@ -124,10 +119,10 @@ def test_large_model_in_every_mode(tmp_path: Path, mode: str, external_everythin
 
 
 def test_no_pass_changes_the_model_it_is_given(tmp_path: Path, external_everything: None) -> None:
-    from onnxq.calibrate import session_for
     from onnxq.fusion import check_fusion
     from onnxq.model_io import save_model
     from onnxq.prepare import prepare_model
+    from onnxq.session import session_for
 
     model = deep_conv_model()
     before = model.SerializeToString(deterministic=True)
