@@ -37,9 +37,10 @@ from .errors import ModelError, UsageError
 from .evaluate import compare_models
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, node_label
 from .model_io import load_model, save_model
+from .ops import FOLDABLE_ACTIVATIONS, MATMUL_OPS, PASS_THROUGH_OPS
 from .paths import DATA, MODEL, MODEL_OUTPUT, PathArg, check_paths
 from .pipeline import DataOptions, check_batch_size, check_written_model
-from .placement import FOLDABLE_ACTIVATIONS, PASS_THROUGH_OPS, Placement, PlacementOptions, place
+from .placement import Placement, PlacementOptions, place
 from .plan import QuantPlan, QuantSettings, TensorPlan, bias_plan, clipped_fraction, weight_plan
 from .prepare import infer_types, prepare_model
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, compute_range
@@ -453,7 +454,7 @@ def _drop_reason(graph: gs.Graph, name: str, placement: Placement) -> str:
         return "the tensor is gone after graph preparation (folded or eliminated)"
     if is_constant(tensor):
         return "a constant no int8 node reads as a weight"
-    if tensor.inputs and tensor.inputs[0].op in ("MatMul", "Gemm"):
+    if tensor.inputs and tensor.inputs[0].op in MATMUL_OPS:
         return f"output of {tensor.inputs[0].op}: its int8 kernel gives float output directly"
     if name in {t.name for t in graph.outputs}:
         return "a graph output of a float node (no int8 consumer)"

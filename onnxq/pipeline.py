@@ -50,9 +50,10 @@ from .model_io import (
     save_model,
     weights_on_disk,
 )
+from .ops import DYNAMIC_OPS, HEAVY_OPS, MATMUL_OPS
 from .outputs import transaction
 from .paths import DATA, MODEL, OUTPUT, PathArg, check_paths, quantize_paths
-from .placement import HEAVY_OPS, NodeDecision, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
+from .placement import NodeDecision, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import PreparedModel, prepare_model
 from .recipe import (
@@ -90,7 +91,6 @@ from .statistics import Statistics
 from .weight_only import run_weight_only, target_gates
 
 RANDOM_SAMPLES = 16
-DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM")  # what onnxruntime runs with activations quantized at run time
 TARGET_SAMPLES = 32  # held-back samples the target search measures on (default)
 EVAL_SAMPLES = 32  # held-back samples the fidelity report measures on (default; None: all)
 HOLDOUT = 0.1  # share of --calib held back for the fidelity report without the automatic search
@@ -671,7 +671,7 @@ def _runs_dynamically(node: gs.Node) -> bool:
     """A MatMul/Gemm with a constant 2-D weight, or an LSTM: what dynamic quantization rewrites."""
     if node.op == "LSTM":
         return True
-    return node.op in ("MatMul", "Gemm") and len(node.inputs) > 1 and is_constant(node.inputs[1]) \
+    return node.op in MATMUL_OPS and len(node.inputs) > 1 and is_constant(node.inputs[1]) \
         and constant_values(node.inputs[1]).ndim == 2
 
 

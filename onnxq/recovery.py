@@ -35,7 +35,8 @@ from .calibrate import groups_within_budget
 from .data import SampleSource, batches
 from .errors import UsageError
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_empty, node_label
-from .placement import HEAVY_OPS, Placement
+from .ops import HEAVY_OPS
+from .placement import Placement
 from .plan import QuantPlan
 from .session import run, session_for
 

@@ -33,6 +33,7 @@ import onnx_graphsurgeon as gs
 from .data import SampleSource, batches
 from .errors import UsageError
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_float32, node_label
+from .ops import MATMUL_OPS
 from .session import ProgressFactory, no_progress, run, session_for
 
 S_MIN, S_MAX = 1e-4, 1e4  # s stays finite and invertible in float32 whatever the statistics say
@@ -146,7 +147,7 @@ def _weight_kn(node: gs.Node) -> np.ndarray:
 
 def _smoothable(node: gs.Node) -> bool:
     """A MatMul/Gemm whose second input is a constant float 2-D weight (X @ W, X's last axis = K)."""
-    if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2 or is_constant(node.inputs[0]):
+    if node.op not in MATMUL_OPS or len(node.inputs) < 2 or is_constant(node.inputs[0]):
         return False
     weight = node.inputs[1]
     if not is_constant(weight) or not is_float32(weight) or constant_values(weight).ndim != 2:

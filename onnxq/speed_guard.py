@@ -35,11 +35,11 @@ from .cpu import INT8_FEATURES, TargetCpu, host_cpu
 from .errors import DataError, OutputError
 from .ir import constant_values, is_constant, node_label
 from .latency import interleaved_runs
+from .ops import HEAVY_OPS
 from .placement import Placement
 from .session import ProgressFactory, no_progress, session_for
 from .speed_table import FLOAT_MIN_GAIN, SpeedTable, layer_class, shipped_table
 
-GUARDED_OPS = ("Conv", "MatMul", "Gemm")
 MODES = ("table", "measure", "off")
 PROFILE_FORMAT = "onnxq-speed-profile/1"
 MIN_ROUNDS = 7
@@ -123,7 +123,7 @@ def guarded_nodes(graph: gs.Graph, placement: Placement, pinned: frozenset[str] 
     """int8 Conv/MatMul/Gemm nodes with a constant weight that no recipe pins: what the guard may keep float."""
     int8 = {d.name for d in placement.nodes if d.status == "int8"}
     return [node for node in graph.nodes
-            if node.op in GUARDED_OPS and node_label(node) in int8 and node_label(node) not in pinned
+            if node.op in HEAVY_OPS and node_label(node) in int8 and node_label(node) not in pinned
             and len(node.inputs) > 1 and is_constant(node.inputs[1])]
 
 

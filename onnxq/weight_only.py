@@ -27,10 +27,11 @@ import onnx_graphsurgeon as gs
 
 from . import weight_rounding as wr
 from .data import SampleSource, model_input_specs, open_source
-from .dynamic import MS, WeightOnlyOptions, _finish, _matmul_weight, rewrite_weight_only
+from .dynamic import WeightOnlyOptions, _finish, _matmul_weight, rewrite_weight_only
 from .errors import UsageError
 from .evaluate import CachedReference, load_metric
 from .ir import NameAllocator, all_graphs, constant_values, import_graph, is_constant, is_float32, node_label
+from .ops import MATMUL_OPS, MS_DOMAIN
 from .placement import NodeDecision
 from .qmath import QType
 from .recipe import NodeChoice, Rule, Selector
@@ -161,7 +162,7 @@ def find_layers(graph: gs.Graph, choices: dict[str, NodeChoice]) -> dict[str, La
     layers: dict[str, Layer] = {}
     for _, node in _nodes(graph):
         label = node_label(node)
-        if node.op in ("MatMul", "Gemm"):
+        if node.op in MATMUL_OPS:
             found = _matmul_weight(node)
             if not isinstance(found, str):
                 layers[label] = Layer(label, node.op, found[0])
@@ -265,7 +266,7 @@ def build_model(model: onnx.ModelProto, cache: RoundingCache, bits: dict[str, in
     for sub, node in _nodes(graph):
         label = node_label(node)
         layer = cache.layers.get(label)
-        if node.op not in ("MatMul", "Gemm"):
+        if node.op not in MATMUL_OPS:
             continue
         if layer is None:
             why = _matmul_weight(node)
@@ -309,7 +310,7 @@ def _matmul_nbits(graph: gs.Graph, node: gs.Node, quant: wr.BlockQuant, names: N
     attrs = {"K": k, "N": n, "bits": quant.fmt.bits, "block_size": quant.fmt.block_size}
     if quant.fmt.bits == 8:  # onnxruntime's fast 8-bit kernel quantizes A per block (as it does for DQ -> MatMul)
         attrs["accuracy_level"] = 4
-    new = gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=MS)
+    new = gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=MS_DOMAIN)
     node.inputs.clear()
     node.outputs.clear()
     graph.nodes.append(new)
@@ -329,7 +330,7 @@ def _gbq_node(graph: gs.Graph, node: gs.Node, inputs: list[gs.Tensor], quant: wr
     attrs = {"bits": quant.fmt.bits, "block_size": quant.fmt.block_size, "gather_axis": 0, "quantize_axis": 1}
     data, scales, *zeros = inputs
     new = gs.Node("GatherBlockQuantized", node.name or names.new("GatherBlockQuantized"), attrs,
-                  [data, node.inputs[1], scales, *zeros], list(node.outputs), domain=MS)
+                  [data, node.inputs[1], scales, *zeros], list(node.outputs), domain=MS_DOMAIN)
     node.inputs.clear()
     node.outputs.clear()
     graph.nodes.append(new)
