@@ -21,6 +21,7 @@ from .data import DataArg, FeedLoader, ImagePreprocessing, model_input_specs, op
 from .distributed import RayOptions
 from .doctor import format_diagnosis, this_machine
 from .dynamic import WeightOnlyOptions
+from .enums import Format, Mode, SpeedGuard, WeightRange
 from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError, first_line, one_line
 from .input_shapes import parse_input_shapes
 from .inspect_model import format_inspection, inspect_model
@@ -260,7 +261,7 @@ def main() -> None:
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data for the fidelity report "
               "(default: the last 10% of --calib, 25% when the automatic search runs, at most 32 samples, not used "
               "for calibration).")
-@click.option("--mode", type=click.Choice(["static", "dynamic", "weight-only"]), default="static", show_default=True,
+@click.option("--mode", type=click.Choice(Mode.values()), default="static", show_default=True,
               help="static: activation ranges from calibration; dynamic: MatMul/Gemm/LSTM activations quantized "
                    "at run time (no calibration); weight-only: integer weights, float compute (no calibration).")
 @click.option("--weight-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
@@ -273,10 +274,10 @@ def main() -> None:
 @method_options
 @click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
-@click.option("--format", "output_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
+@click.option("--format", "output_format", type=click.Choice(Format.values()), default="qdq", show_default=True,
               help="qdq: QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels; qoperator: "
                    "integer operators (QLinearConv, MatMulIntegerToFloat, QGemm, ...), same parameters.")
-@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
+@click.option("--weight-range", type=click.Choice(WeightRange.values()), default="auto", show_default=True,
               help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
 @click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="YAML recipe: per-node precision "
@@ -284,7 +285,7 @@ def main() -> None:
               "type, and settings used as defaults for these options (see README).")
 @click.option("--save-recipe", type=click.Path(path_type=Path), help="Write the effective recipe (settings as used, "
               "rules, the speed guard's and the accuracy target's choices): --recipe with it rebuilds this model.")
-@click.option("--speed-guard", type=click.Choice(["table", "measure", "off"]), default="table", show_default=True,
+@click.option("--speed-guard", type=click.Choice(SpeedGuard.values()), default="table", show_default=True,
               help="Keep in float the layers whose int8 form does not make the model faster on the target CPU: "
                    "table decides from onnxq's measured table for the CPU class (same output on every machine); "
                    "measure times the model on this machine; off keeps every int8 layer.")
@@ -540,7 +541,7 @@ Examples:
 @click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics (no calibration pass).")
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True)
 @click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0.")
-@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True)
+@click.option("--weight-range", type=click.Choice(WeightRange.values()), default="auto", show_default=True)
 @click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
               help="Held-back samples each variant is measured on.")
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Rows in the printed table.")
@@ -642,7 +643,7 @@ the message names the node), 4 bad data, 5 cannot write output, 1 internal error
 """)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the int8 model.")
-@click.option("--format", "output_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
+@click.option("--format", "output_format", type=click.Choice(Format.values()), default="qdq", show_default=True,
               help="qdq: Q/DQ pairs placed for onnxruntime's int8 kernels; qoperator: integer operators.")
 @click.option("--activations", type=click.Choice(ACTIVATION_TYPES), default="uint8", show_default=True,
               help="Activation type: uint8 (a learned int8 activation keeps its scale, its zero point moves by "
@@ -693,7 +694,7 @@ Example (train the fake-quant model, then convert it):
 @method_options
 @click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
-@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
+@click.option("--weight-range", type=click.Choice(WeightRange.values()), default="auto", show_default=True,
               help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
 @click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
 @report_options

@@ -33,6 +33,7 @@ from . import __version__, qmath
 from .calibrate import collect_statistics
 from .cpu import default_weight_range, host_cpu
 from .data import model_input_specs, open_source
+from .enums import Format
 from .errors import ModelError, UsageError
 from .evaluate import compare_models
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, node_label
@@ -494,8 +495,8 @@ def calibrate_missing(prepared: onnx.ModelProto, roots: list[str], request: Conv
 def convert(request: ConvertRequest, progress: ProgressFactory = no_progress) -> ConvertResult:
     """Convert a Q/DQ (QAT) model to onnxq's int8 form; see the module docstring."""
     start = time.perf_counter()
-    if request.output_format not in ("qdq", "qoperator"):
-        raise UsageError(f"unknown format {request.output_format!r}; choose qdq or qoperator")
+    if request.output_format not in Format.values():
+        raise UsageError(f"unknown format {request.output_format!r}; choose {' or '.join(Format.values())}")
     if request.activations not in ACTIVATION_TYPES:
         raise UsageError(f"--activations must be one of {', '.join(ACTIVATION_TYPES)}, got {request.activations!r}")
     check_paths(convert_paths(request))

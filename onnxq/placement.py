@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import onnx_graphsurgeon as gs
 
+from .enums import NodeStatus
 from .ir import constant_values, is_constant, is_empty, is_float32, node_label
 from .ops import (
     BIASED_OPS,
@@ -51,8 +52,11 @@ class BiasTarget:
 class NodeDecision:
     name: str
     op_type: str
-    status: str  # "int8", "int16", "folded", "shared-scale", "float"
+    status: str  # a NodeStatus value (kept a plain str: plans and recipes store it as written)
     reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.status = NodeStatus(self.status).value
 
 
 @dataclass

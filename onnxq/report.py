@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from .enums import QUANTIZED_STATUSES
 from .model_io import model_bytes
 
 if TYPE_CHECKING:
@@ -16,9 +17,6 @@ if TYPE_CHECKING:
     from .pipeline import QuantizeRequest
     from .plan import QuantPlan
     from .statistics import Statistics
-
-QUANTIZED_STATUSES = ("int8", "int4", "folded", "shared-scale", "dynamic")
-
 
 def build_report(*, request: QuantizeRequest, version: str, original: onnx.ModelProto, quantized_bytes: int,
                  plan: QuantPlan, stats: Statistics, calib: SampleSource | None, held: SampleSource | None,

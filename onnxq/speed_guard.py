@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from .cpu import INT8_FEATURES, TargetCpu, host_cpu
+from .enums import SpeedGuard
 from .errors import DataError, OutputError
 from .ir import constant_values, is_constant, node_label
 from .latency import interleaved_runs
@@ -40,7 +41,7 @@ from .placement import Placement
 from .session import ProgressFactory, no_progress, session_for
 from .speed_table import FLOAT_MIN_GAIN, SpeedTable, layer_class, shipped_table
 
-MODES = ("table", "measure", "off")
+MODES = SpeedGuard.values()
 PROFILE_FORMAT = "onnxq-speed-profile/1"
 MIN_ROUNDS = 7
 MAX_ROUNDS = 41
