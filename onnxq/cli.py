@@ -16,7 +16,7 @@ import click
 from . import __version__, auto
 from .checks import check_effective
 from .command_options import CommandOptions
-from .convert import ACTIVATION_TYPES, ConvertRequest, convert, convert_paths, format_convert_summary
+from .convert import ACTIVATION_TYPES, ConvertRequest, convert, convert_paths
 from .data import DataArg, FeedLoader, ImagePreprocessing, model_input_specs, open_source
 from .distributed import RayOptions
 from .doctor import format_diagnosis, this_machine
@@ -34,7 +34,7 @@ from .paths import INPUT, OUTPUT, PathArg, check_paths, quantize_paths
 from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from .pipeline import sensitivity as run_sensitivity
 from .plan import QuantSettings
-from .qat_prep import format_prep_summary, params_path_for, qat_prep
+from .qat_prep import params_path_for, qat_prep
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from .recipe import Recipe
 from .report import format_summary
@@ -665,7 +665,7 @@ def convert_command(**p) -> None:
     check_paths([*convert_paths(request), PathArg("--report", p["report_path"], OUTPUT)])
     result = convert(request, progress=progress_factory(p["quiet"]))
     _write_report(result.report, p["report_path"])
-    _emit(result.report, p["as_json"], p["quiet"], format_convert_summary)
+    _emit(result.report, p["as_json"], p["quiet"], format_summary)
 
 
 def convert_request(o: CommandOptions) -> ConvertRequest:
@@ -708,7 +708,7 @@ def qat_prep_command(**p) -> None:
                                                    OUTPUT), PathArg("--report", p["report_path"], OUTPUT)])
     result = qat_prep(request, params_path, progress=progress_factory(p["quiet"]))
     _write_report(result.report, p["report_path"])
-    _emit(result.report, p["as_json"], p["quiet"], format_prep_summary)
+    _emit(result.report, p["as_json"], p["quiet"], format_summary)
 
 
 def qat_prep_request(o: CommandOptions) -> QuantizeRequest:

@@ -45,7 +45,7 @@ from .placement import Placement, PlacementOptions, place
 from .plan import QuantPlan, QuantSettings, TensorPlan, bias_plan, clipped_fraction, weight_plan
 from .prepare import infer_types, prepare_model
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, compute_range
-from .report import json_safe, number
+from .report import TIMINGS, fidelity_section, json_safe, report_header
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
 from .session import ProgressFactory, no_progress
@@ -539,8 +539,8 @@ def convert(request: ConvertRequest, progress: ProgressFactory = no_progress) ->
         fidelity = compare_models(original, quantized, held, batch_size=request.data.batch_size, progress=progress)
     save_model(quantized, request.output)
     report = {
-        "onnxq_version": __version__, "command": "convert", "model": str(request.model),
-        "output": str(request.output), "format": request.output_format, "activations": request.activations,
+        **report_header("convert", request.model, request.output, __version__),
+        "format": request.output_format, "activations": request.activations,
         "nodes": _node_counts(plan), "int8_nodes": [d.name for d in plan.nodes if d.status == "int8"],
         "weights": {"folded_fake_quant": len(stripped.folded_weights), "stored_integers": len(stripped.stored_weights)},
         "tensors": {"learned": origins.learned, "shared_learned": origins.shared, "calibrated": origins.calibrated,
@@ -548,10 +548,8 @@ def convert(request: ConvertRequest, progress: ProgressFactory = no_progress) ->
         "converted_types": origins.converted, "dropped": origins.dropped,
         "kept_float": [{"node": node, "reason": why} for node, why in sorted(kept_float.items())],
         "fusion": fusion.to_dict(), "notes": stripped.notes + prepared.notes,
-        "fidelity": None if fidelity is None else {"reference": "the input (fake-quant) model",
-                                                   "samples": fidelity.samples, "source": fidelity.source,
-                                                   "outputs": fidelity.outputs},
-        "seconds": round(time.perf_counter() - start, 3),
+        "fidelity": fidelity_section(fidelity, "the input (fake-quant) model"),
+        TIMINGS: {"convert": round(time.perf_counter() - start, 3)},
     }
     return ConvertResult(json_safe(report), plan)
 
@@ -633,29 +631,3 @@ def _roots_without_params(graph: gs.Graph, placement: Placement, learned: dict[s
 
 def _node_counts(plan: QuantPlan) -> dict[str, int]:
     return dict(sorted(Counter(d.status for d in plan.nodes).items()))
-
-
-def format_convert_summary(report: dict) -> str:
-    tensors = report["tensors"]
-    lines = [f"onnxq: converted {report['model']} -> {report['output']} ({report['format']}): "
-             f"{len(report['int8_nodes'])} int8 nodes; {len(tensors['learned']) + len(tensors['shared_learned'])} "
-             f"tensors keep learned parameters, {len(tensors['calibrated'])} calibrated, "
-             f"{len(tensors['computed'])} weights/biases quantized by onnxq (biases: int32, input x weight scale)"]
-    if report["converted_types"]:
-        lines.append(f"  {len(report['converted_types'])} activations converted to {report['activations']}")
-    if report["dropped"]:
-        lines.append(f"  {len(report['dropped'])} learned parameters not used (see the report's 'dropped')")
-    if report["kept_float"]:
-        lines.append(f"  {len(report['kept_float'])} nodes kept float, as the input model leaves their tensors float "
-                     "(see the report's 'kept_float'; --calibrate-missing --calib DATA quantizes them)")
-    fusion = report["fusion"]
-    kernels = ", ".join(f"{op} {n}" for op, n in fusion["int8_kernels"].items()) or "none"
-    lines.append(f"  onnxruntime int8 kernels: {kernels}; avoidable unfused: {fusion['avoidable']}")
-    fidelity = report["fidelity"]
-    if fidelity is not None:
-        for out in fidelity["outputs"]:
-            agree = out["top1_agreement"]
-            extra = f", top-1 agreement {agree:.4f}" if agree is not None else ""
-            lines.append(f"  vs the input model on {fidelity['samples']} samples, {out['name']}: "
-                         f"cosine {number(out['cosine'], 5)}, SQNR {number(out['sqnr_db'], 1)} dB{extra}")
-    return "\n".join(lines)
