@@ -49,7 +49,7 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        verbose = kwargs.get("verbose", False)
+        verbose = kwargs.pop("verbose", False)  # -v is this wrapper's option, not the command's
         try:
             check_finite_options(kwargs)
             with transaction():
@@ -175,8 +175,10 @@ def report_options(func):
 
 
 def verbosity_options(func):
-    func = click.option("-v", "--verbose", is_flag=True, help="More detail; tracebacks on internal errors.")(func)
-    return click.option("-q", "--quiet", is_flag=True, help="No summary and no progress bar on stderr.")(func)
+    func = click.option("-v", "--verbose", is_flag=True, help="On an internal error (a bug), print its Python "
+                        "traceback before the one-line message.")(func)
+    return click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors: no summary, progress bar "
+                        "or notes.")(func)
 
 
 def ray_options(func):
@@ -496,7 +498,7 @@ Example (calibration sharded over two machines):
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Merged statistics file.")
 @verbosity_options
 @handle_errors
-def merge_stats(inputs, output, quiet, verbose) -> None:
+def merge_stats(inputs, output, quiet) -> None:
     """Merge statistics files into the statistics of the union of their data (exact; see README)."""
     if len(inputs) < 2:
         raise UsageError("merge-stats needs at least two statistics files")
@@ -520,7 +522,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout.")
 @verbosity_options
 @handle_errors
-def inspect(model, as_json, quiet, verbose) -> None:
+def inspect(model, as_json, quiet) -> None:
     """Show a model's ops; for an int8 model, which Q/DQ onnxruntime fused and which it did not."""
     info = inspect_model(model)
     _emit(info, as_json, quiet, format_inspection)
@@ -627,7 +629,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout.")
 @verbosity_options
 @handle_errors
-def doctor(cpuinfo, as_json, quiet, verbose) -> None:
+def doctor(cpuinfo, as_json, quiet) -> None:
     """This CPU's int8 features, the onnxruntime build, and what they mean for quantize's defaults."""
     _emit(this_machine(cpuinfo), as_json, quiet, format_diagnosis)
 

@@ -445,11 +445,11 @@ def build_convert_plan(graph: gs.Graph, placement: Placement, learned: dict[str,
             origins.computed.append(name)
         plan.tensors[name] = entry
     for name in sorted(set(learned) - used):
-        origins.dropped.append({"tensor": name, "reason": _drop_reason(graph, name, placement)})
+        origins.dropped.append({"tensor": name, "reason": _drop_reason(graph, name)})
     return plan, origins
 
 
-def _drop_reason(graph: gs.Graph, name: str, placement: Placement) -> str:
+def _drop_reason(graph: gs.Graph, name: str) -> str:
     tensor = graph.tensors().get(name)
     if tensor is None:
         return "the tensor is gone after graph preparation (folded or eliminated)"

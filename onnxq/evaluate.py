@@ -26,7 +26,7 @@ import onnx
 
 from . import agreement as task_agreement
 from .data import SampleSource, batches
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, first_line
 from .session import Progress, ProgressFactory, no_progress, run, session_for
 
 
@@ -256,7 +256,7 @@ def load_metric(path: Path) -> UserMetric:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise UsageError(f"metric script {path} failed to load: {type(exc).__name__}: {exc}") from None
+        raise UsageError(f"metric script {path} failed to load: {type(exc).__name__}: {first_line(exc)}") from None
     score = getattr(module, "score", None)
     if not callable(score):
         raise UsageError(f"metric script {path} has no function score(references, candidates, feeds)")
@@ -271,7 +271,7 @@ def load_metric(path: Path) -> UserMetric:
             value = float(score(references, candidates, feeds, labels) if wants_labels else
                           score(references, candidates, feeds))
         except Exception as exc:
-            raise DataError(f"metric script {path} failed: {type(exc).__name__}: {exc}") from None
+            raise DataError(f"metric script {path} failed: {type(exc).__name__}: {first_line(exc)}") from None
         if not math.isfinite(value):
             raise DataError(f"metric script {path} returned {value}, not a finite number")
         return value

@@ -518,7 +518,7 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = no_pro
             raise
         return _dynamic_instead(request, exc.message, progress)
     guard = _apply_speed_guard(c, progress)
-    searched = _apply_search(c, progress) if searches(request) else None
+    searched = _apply_search(c) if searches(request) else None
     if searched is not None and searched.chosen.candidate.mode == "dynamic":
         return _searched_dynamic(request, searched, c.timer, progress)
     target_report = _apply_accuracy_target(c, progress) if request.target is not None else None
@@ -573,7 +573,7 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = no_pro
     return QuantizeResult(report, plan, fidelity)
 
 
-def _apply_search(c: Calibrated, progress: ProgressFactory) -> auto.SearchOutcome | None:
+def _apply_search(c: Calibrated) -> auto.SearchOutcome | None:
     """The automatic default (onnxq.auto): search the candidates, then apply the chosen one to `c`."""
     request = c.request
     samples = c.search_samples
@@ -713,20 +713,20 @@ def _apply_recovery(c: Calibrated, progress: ProgressFactory) -> None:
     if not options.needs_data:
         return
     with c.timer.stage("recovery"):
-        result = _recovered(c, c.placement, c.settings, options)
+        result = _recovered(c, c.placement, c.settings, options, progress)
         c.prepared = result.model
         c.graph = import_graph(result.model)
         c.placement = place(c.graph, c.options)
     c.recovery.update(result.report)
 
 
-def _recovered(c: Calibrated, placement: Placement, settings: QuantSettings, options: RecoveryOptions
-               ) -> RecoveryResult:
+def _recovered(c: Calibrated, placement: Placement, settings: QuantSettings, options: RecoveryOptions,
+               progress: ProgressFactory = no_progress) -> RecoveryResult:
     """The prepared model with bias correction / AdaRound for `placement` (layer inputs read from its QDQ model)."""
     plan = build_plan(c.graph, placement, c.stats, settings, c.digest,
                       activation_overrides(c.graph, placement, c.choices))
     return recover(c.prepared, write_qdq(c.prepared, plan), placement, plan, c.calib, options,
-                   batch_size=c.request.data.batch_size, memory_budget=c.request.data.memory_budget)
+                   batch_size=c.request.data.batch_size, memory_budget=c.request.data.memory_budget, progress=progress)
 
 
 def _apply_speed_guard(c: Calibrated, progress: ProgressFactory) -> GuardResult | None:

@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 import yaml
 
 from .enums import Format, Mode, NodeStatus, SpeedGuard, WeightRange
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .ir import all_graphs, node_label
 from .model_io import atomic_write_bytes
 from .placement import Placement, quantized_tensors_of
@@ -157,8 +157,7 @@ class Recipe:
         except FileNotFoundError:
             raise UsageError(f"recipe not found: {path}") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UsageError(f"recipe {path} is not readable YAML: {detail}") from None
+            raise UsageError(f"recipe {path} is not readable YAML: {first_line(exc)}") from None
         return parse_recipe(data if data is not None else {}, str(path))
 
 

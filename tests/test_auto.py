@@ -130,7 +130,7 @@ def fake_space(speed=None, **kwargs) -> auto.SearchSpace:
 
 
 def test_static_meeting_the_target_ends_the_search_at_once() -> None:
-    outcome = auto.search(fake_space(), FakeReference(lambda c: 1.0))
+    outcome = auto.search(fake_space(), FakeReference(lambda _c: 1.0))
     assert [m.candidate.name for m in outcome.measured] == ["static global"]
     assert outcome.chosen.candidate.mode == "static" and not outcome.notes
 
@@ -190,7 +190,7 @@ def test_nothing_meeting_the_target_keeps_the_most_agreeing_with_a_note() -> Non
 
 
 def test_the_budget_ends_the_search_and_says_so() -> None:
-    outcome = auto.search(fake_space(), FakeReference(lambda c: 0.5, delay_s=0.05), budget_s=0.08)
+    outcome = auto.search(fake_space(), FakeReference(lambda _c: 0.5, delay_s=0.05), budget_s=0.08)
     assert len(outcome.measured) == 1  # a second candidate, as slow as the first, would end past the budget
     assert any("budget of 0.08 s" in note for note in outcome.notes)
 
@@ -292,7 +292,7 @@ def test_inspect_names_the_answer_each_output_carries(tmp_path: Path) -> None:
     assert "probs: classes" in CliRunner().invoke(main, ["inspect", str(model)]).stdout
 
 
-def test_emulated_dynamic_matmul_computes_what_the_kernel_computes(tmp_path: Path) -> None:
+def test_emulated_dynamic_matmul_computes_what_the_kernel_computes() -> None:
     from onnxq.dynamic import rewrite_dynamic
     from onnxq.emulation import LEVEL, emulated
     from onnxq.plan import QuantSettings
@@ -353,7 +353,7 @@ def test_a_chosen_model_slower_than_fp32_here_is_said_in_a_note(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from onnxq import pipeline
 
-    monkeypatch.setattr(pipeline, "measured_speedup", lambda *args, **kwargs: {"speedup": 0.6, "runs": 5,
+    monkeypatch.setattr(pipeline, "measured_speedup", lambda *_args, **_kwargs: {"speedup": 0.6, "runs": 5,
                                                                                  "threads": 1})
     model = save(conv_relu_model(), tmp_path / "m.onnx")
     calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 12)

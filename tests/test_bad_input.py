@@ -81,12 +81,12 @@ def edit_stats(source: Path, target: Path, edit) -> Path:
 
 
 def _entry(key, value):
-    def edit(header, counts):
+    def edit(header, _counts):
         header["tensors"][0][key] = value
     return edit
 
 
-def _negative_bin(header, counts):
+def _negative_bin(_header, counts):
     counts[0, 10] = -4
     return counts
 

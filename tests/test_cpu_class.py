@@ -90,8 +90,9 @@ def test_the_host_class_is_forced_by_the_environment(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize(("preset", "weight_range"), [("avx2", "reduced"), ("avx512-vnni", "full"), ("amx", "full"),
                                                       ("arm64", "full")])
+@pytest.mark.usefixtures("cpu_class")
 def test_target_cpu_preset_sets_weight_range_and_is_reported(tmp_path: Path, separable, preset: str,
-                                                              weight_range: str, cpu_class: str) -> None:
+                                                              weight_range: str) -> None:
     model, calib = separable
     result = quantize_simple(model, tmp_path / "q.onnx", calib, target_cpu=preset)
     assert result.report["settings"]["weight_range"] == weight_range

@@ -170,7 +170,8 @@ def test_an_address_nobody_answers_at_fails_at_once() -> None:
 # ---------------------------------------------------------------- on the cluster
 
 
-def test_calibration_on_ray_is_byte_identical_for_1_2_and_3_workers(cluster, work: Path,
+@pytest.mark.usefixtures("cluster")
+def test_calibration_on_ray_is_byte_identical_for_1_2_and_3_workers(work: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(ray.nodes()) == 2
     calibrate_only(work / "m.onnx", work / "local.npz", DataOptions(calib=work / "calib"))
@@ -182,7 +183,8 @@ def test_calibration_on_ray_is_byte_identical_for_1_2_and_3_workers(cluster, wor
         assert out.read_bytes() == (work / "local.npz").read_bytes(), f"{workers} workers"
 
 
-def test_quantize_and_accuracy_search_on_ray_equal_the_serial_run(cluster, work: Path) -> None:
+@pytest.mark.usefixtures("cluster")
+def test_quantize_and_accuracy_search_on_ray_equal_the_serial_run(work: Path) -> None:
     def run(name: str, options: RayOptions | None) -> dict:
         request = QuantizeRequest(model=work / "m.onnx", output=work / f"{name}.onnx",
                                   data=DataOptions(calib=work / "calib", ray=options),
@@ -197,7 +199,8 @@ def test_quantize_and_accuracy_search_on_ray_equal_the_serial_run(cluster, work:
     assert serial["accuracy_target"]["met"] and len(serial["accuracy_target"]["steps"]) > 1  # fallbacks were tried
 
 
-def test_a_killed_worker_is_retried(cluster, work: Path) -> None:
+@pytest.mark.usefixtures("cluster")
+def test_a_killed_worker_is_retried(work: Path) -> None:
     model, tensors, aliases, source = prepared(work / "m.onnx")
     marker = work / "killed-once"
     load = source.sample
@@ -231,7 +234,8 @@ def test_an_unreadable_shard_fails_with_one_line_naming_it(cluster, work: Path, 
     assert not out.exists()
 
 
-def test_ctrl_c_cancels_the_tasks(cluster, work: Path) -> None:
+@pytest.mark.usefixtures("cluster")
+def test_ctrl_c_cancels_the_tasks(work: Path) -> None:
     # Ctrl-C as a command-line process gets it (another test's library may have replaced the handler)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

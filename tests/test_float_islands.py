@@ -136,7 +136,7 @@ def test_without_isolation_onnxruntime_requantizes_and_the_check_says_so(
     from onnxq import pipeline
     from onnxq.fusion import check_fusion
 
-    monkeypatch.setattr(rewrite_qdq, "isolate_float_layers", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rewrite_qdq, "isolate_float_layers", lambda *_args, **_kwargs: None)
     monkeypatch.setattr(pipeline, "check_fusion", check_fusion)  # no conftest assertion: we look ourselves
     build, exclude = PATTERNS[pattern]
     _, result = quantize_with(build(), tmp_path, exclude=exclude)

@@ -187,7 +187,8 @@ def test_alpha_validated(tmp_path: Path, data: Path, alpha: float) -> None:
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_smoothing_refuses_saved_statistics(tmp_path: Path, data: Path) -> None:
+@pytest.mark.usefixtures("data")
+def test_smoothing_refuses_saved_statistics(tmp_path: Path) -> None:
     model_path = save(ln_qkv_model(), tmp_path / "m.onnx")
     result = CliRunner().invoke(main, ["quantize", str(model_path), "-o", str(tmp_path / "q.onnx"), "--load-stats",
                                        str(tmp_path / "s.npz"), "--smooth-alpha", "0.5"])

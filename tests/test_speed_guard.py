@@ -60,7 +60,7 @@ class FakeTimer:
         self.timings = timings
         self.calls: list[str] = []
 
-    def __call__(self, current: onnx.ModelProto, trial: onnx.ModelProto, feed: dict) -> tuple[float, float]:
+    def __call__(self, current: onnx.ModelProto, trial: onnx.ModelProto, _feed: dict) -> tuple[float, float]:
         kind = self._kind_made_float(current, trial)
         self.calls.append(kind)
         return self.timings[kind]
