@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import bias, image_batch, make_model, quantize_simple, save, tensor, weight, write_npz_folder
 from onnx import helper
 
 from onnxq import speed_guard
@@ -33,7 +34,6 @@ from onnxq.speed_table import (
     layer_class,
     shipped_table,
 )
-from tests.conftest import bias, image_batch, make_model, quantize_simple, save, tensor, weight, write_npz_folder
 
 C = 16
 

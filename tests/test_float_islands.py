@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import bias, cosine, make_model, run, save, tensor, weight, write_npz_folder
 from onnx import helper
 
 from onnxq import rewrite_qdq
 from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
 from onnxq.plan import QuantSettings
 from onnxq.recipe import parse_recipe
-from tests.conftest import bias, cosine, make_model, run, save, tensor, weight, write_npz_folder
 
 C = 16
 SHAPE = [1, C, 8, 8]

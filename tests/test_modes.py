@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from conftest import cosine, run, save, tensor, write_npz_folder
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import qmath
@@ -24,7 +25,6 @@ from onnxq.dynamic import (
 )
 from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
 from onnxq.plan import QuantSettings
-from tests.conftest import cosine, run, save, tensor, write_npz_folder
 
 K, N = 40, 24
 

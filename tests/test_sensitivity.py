@@ -15,12 +15,12 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import make_model, save, tensor, weight, write_npz_folder
 from onnx import helper
 
 from onnxq.cli import main
 from onnxq.pipeline import DataOptions, QuantizeRequest, quantize, sensitivity
 from onnxq.sensitivity import Target
-from tests.conftest import make_model, save, tensor, weight, write_npz_folder
 
 D = 32
 
