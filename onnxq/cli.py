@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -167,6 +166,41 @@ def method_options(func):
                         help="Calibration method (see README).")(func)
 
 
+def settings_options(func):
+    """How activations and weights are quantized: quantize's options, shared by sensitivity so that it ranks layers
+    under the settings quantize will use (request fields: settings_fields)."""
+    decorators = [
+        method_options,
+        click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 "
+                     "asymmetric)."),
+        click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel)."),
+        click.option("--weight-range", type=click.Choice(WeightRange.values()), default="auto", show_default=True,
+                     help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks "
+                          "this CPU."),
+        click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable)."),
+        click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="YAML recipe: per-node "
+                     "precision (float, int8, int16 activations, int4 weights), per-channel and method by node name, "
+                     "regex or op type, and settings used as defaults for these options (see README)."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+SETTINGS_OPTIONS = ("method", "percentile", "symmetric", "per_tensor", "weight_range")  # recipe settings may set
+
+
+def load_recipe(o: CommandOptions) -> Recipe:
+    return Recipe.load(o["recipe_path"]) if o["recipe_path"] is not None else Recipe()
+
+
+def settings_fields(o: CommandOptions, recipe: Recipe, v: dict) -> dict:
+    """The request fields settings_options give (`v`: SETTINGS_OPTIONS' values, the recipe's settings applied)."""
+    return {"settings": QuantSettings(method=v["method"], percentile=v["percentile"], symmetric=v["symmetric"],
+                                      per_channel=not v["per_tensor"]),
+            "weight_range": v["weight_range"], "exclude": tuple(o["exclude"]), "recipe": recipe}
+
+
 def report_options(func):
     """--report FILE and --json."""
     func = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")(func)
@@ -273,18 +307,10 @@ def main() -> None:
               "symmetric).")
 @click.option("--weight-method", type=click.Choice(["rtn", "gptq", "awq", "hqq"]), default="rtn", show_default=True,
               help="--weight-bits 4 rounding: rtn (nearest), gptq and awq (need --calib), hqq (data-free); see README.")
-@method_options
-@click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
-@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
+@settings_options
 @click.option("--format", "output_format", type=click.Choice(Format.values()), default="qdq", show_default=True,
               help="qdq: QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels; qoperator: "
                    "integer operators (QLinearConv, MatMulIntegerToFloat, QGemm, ...), same parameters.")
-@click.option("--weight-range", type=click.Choice(WeightRange.values()), default="auto", show_default=True,
-              help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
-@click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="YAML recipe: per-node precision "
-              "(float, int8, int16 activations, int4 weights), per-channel and method by node name, regex or op "
-              "type, and settings used as defaults for these options (see README).")
 @click.option("--save-recipe", type=click.Path(path_type=Path), help="Write the effective recipe (settings as used, "
               "rules, the speed guard's and the accuracy target's choices): --recipe with it rebuilds this model.")
 @click.option("--speed-guard", type=click.Choice(SpeedGuard.values()), default="table", show_default=True,
@@ -377,21 +403,21 @@ def quantize_request(o: CommandOptions) -> QuantizeRequest:
     """quantize's options as a request: the CLI and onnxq.api both build it here."""
     data = _data(o)
     data.ray = _ray_options(o["ray_address"], o["workers"])
-    recipe = Recipe.load(o["recipe_path"]) if o["recipe_path"] is not None else Recipe()
+    recipe = load_recipe(o)
     speed_guard = o["speed_guard"]
     if o["no_speed_guard"]:
         if "speed_guard" in o.given:
             raise UsageError("--no-speed-guard and --speed-guard contradict each other; give one")
         speed_guard = "off"
     v = _recipe_defaults(recipe, {**{k: o[k] for k in (
-        "mode", "method", "percentile", "symmetric", "per_tensor", "weight_range", "output_format", "weight_bits",
-        "block_size", "weight_zero_points", "weight_method", "smooth_alpha", "smooth_mul", "equalize",
-        "bias_correction", "adaround", "adaround_seconds", "fast", "holdout")}, "speed_guard": speed_guard}, o)
+        "mode", *SETTINGS_OPTIONS, "output_format", "weight_bits", "block_size", "weight_zero_points",
+        "weight_method", "smooth_alpha", "smooth_mul", "equalize", "bias_correction", "adaround", "adaround_seconds",
+        "fast", "holdout")}, "speed_guard": speed_guard}, o)
     check_effective(o.given, {**v, **{k: o[k] for k in ("target_sqnr", "target_cosine", "target_metric", "budget",
                                                          "target_agreement", "calib", "load_stats")},
                               "adaround_rules": any(rule.adaround for rule in recipe.rules)})
     request = QuantizeRequest(
-        model=o["model"], output=o["output"], data=data, weight_range=v["weight_range"], exclude=tuple(o["exclude"]),
+        model=o["model"], output=o["output"], data=data, **settings_fields(o, recipe, v),
         speed_guard=v["speed_guard"], speed_profile=o["speed_profile"], target_cpu=o["target_cpu"],
         output_format=v["output_format"],
         target=_target(o["target_sqnr"], o["target_cosine"], o["target_metric"]), metric=o["metric"],
@@ -401,10 +427,8 @@ def quantize_request(o: CommandOptions) -> QuantizeRequest:
         mode=v["mode"], weight_only=WeightOnlyOptions(bits=int(v["weight_bits"]), block_size=v["block_size"],
                                                       symmetric=not v["weight_zero_points"],
                                                       method=v["weight_method"]),
-        settings=QuantSettings(method=v["method"], percentile=v["percentile"], symmetric=v["symmetric"],
-                               per_channel=not v["per_tensor"]),
         load_stats=o["load_stats"], save_stats=o["save_stats"], save_plan=o["save_plan"], min_cosine=o["min_cosine"],
-        min_sqnr=o["min_sqnr"], recipe=recipe, save_recipe=o["save_recipe"],
+        min_sqnr=o["min_sqnr"], save_recipe=o["save_recipe"],
         smooth_alpha=v["smooth_alpha"], smooth_insert_mul=v["smooth_mul"],
         equalize=v["equalize"], bias_correction=v["bias_correction"],
         adaround_seconds=v["adaround_seconds"] if v["adaround"] else None, adaround_rules_seconds=v["adaround_seconds"],
@@ -541,9 +565,7 @@ Examples:
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Samples to measure on (default: the last 10% "
               "of --calib).")
 @click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics (no calibration pass).")
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True)
-@click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0.")
-@click.option("--weight-range", type=click.Choice(WeightRange.values()), default="auto", show_default=True)
+@settings_options
 @click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
               help="Held-back samples each variant is measured on.")
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Rows in the printed table.")
@@ -555,8 +577,8 @@ def sensitivity_command(**p) -> None:
     but that layer int8."""
     output, plot = p["output"], p["plot"]
     request = sensitivity_request(CommandOptions.current(p))
-    check_paths([*quantize_paths(request, writes_model=False), PathArg("-o", output, OUTPUT),
-                 PathArg("--plot", plot, OUTPUT)])
+    check_paths([*quantize_paths(request, writes_model=False), PathArg("--recipe", p["recipe_path"], INPUT),
+                 PathArg("-o", output, OUTPUT), PathArg("--plot", plot, OUTPUT)])
     result: SensitivityResult = run_sensitivity(request, progress=progress_factory(p["quiet"]))
     if output is not None:
         result.save_json(output)
@@ -570,10 +592,14 @@ def sensitivity_command(**p) -> None:
 
 
 def sensitivity_request(o: CommandOptions) -> QuantizeRequest:
-    """sensitivity's options as a request (no model is written)."""
-    return QuantizeRequest(model=o["model"], output=Path(os.devnull), data=_data(o), load_stats=o["load_stats"],
-                           weight_range=o["weight_range"], sensitivity_samples=o["samples"], speed_guard="off",
-                           settings=QuantSettings(method=o["method"], symmetric=o["symmetric"]))
+    """sensitivity's options as a request (no model is written): quantize's settings, built as quantize builds them."""
+    recipe = load_recipe(o)
+    v = _recipe_defaults(recipe, {k: o[k] for k in SETTINGS_OPTIONS}, o)
+    mode = recipe.settings.get("mode", Mode.STATIC)
+    if mode != Mode.STATIC:
+        raise UsageError(f"sensitivity ranks the layers of static int8; the recipe sets mode {mode}")
+    return QuantizeRequest(model=o["model"], data=_data(o), load_stats=o["load_stats"],
+                           sensitivity_samples=o["samples"], speed_guard="off", **settings_fields(o, recipe, v))
 
 
 @main.command("bench", epilog="""\b

@@ -112,7 +112,7 @@ class DataOptions:
 @dataclass
 class QuantizeRequest:
     model: Path
-    output: Path
+    output: Path | None = None  # where quantize writes the model (sensitivity and calibrate write none)
     settings: QuantSettings = field(default_factory=QuantSettings)
     data: DataOptions = field(default_factory=DataOptions)
     weight_range: str = "auto"  # "auto" picks by this CPU (see onnxq.cpu)
@@ -489,6 +489,8 @@ def _smooth(request: QuantizeRequest, prepared: PreparedModel, calib: SampleSour
 
 def quantize(request: QuantizeRequest, progress: ProgressFactory = no_progress) -> QuantizeResult:
     """Quantize `request.model`; its outputs (model, statistics, plan, recipe) are all written at the end, or none."""
+    if request.output is None:
+        raise UsageError("quantize needs an output path for the int8 model (-o)")
     check_paths(quantize_paths(request))
     target = request.target or Target()
     check_targets(request.min_cosine, request.min_sqnr, target.min_cosine, target.min_sqnr_db, target.min_metric)
