@@ -39,7 +39,7 @@ def rounded(weight: np.ndarray, axis: int, bits: int) -> np.ndarray:
     return (np.clip(np.round(weight / scale), -levels, levels) * scale).astype(np.float32)
 
 
-def jittered(weight: np.ndarray, axis: int, rng: np.random.Generator, relative: float) -> np.ndarray:
+def jittered(weight: np.ndarray, _axis: int, rng: np.random.Generator, relative: float) -> np.ndarray:
     """weight * (1 + relative * N(0, 1)), element-wise."""
     return (weight * (1 + relative * rng.standard_normal(weight.shape))).astype(np.float32)
 

@@ -21,7 +21,7 @@ CHARSET = load_charset(REPO / "demo" / "ppocr_v4_rec.onnx")
 
 
 def score(references: list[dict[str, np.ndarray]], candidates: list[dict[str, np.ndarray]],
-          feeds: list[dict[str, np.ndarray]]) -> float:
+          _feeds: list[dict[str, np.ndarray]]) -> float:
     same = [_text(r) == _text(c) for r, c in zip(references, candidates, strict=True)]
     return sum(same) / len(same)
 

@@ -9,12 +9,10 @@ group is one pass over the data. Nothing is kept between batches but statistics.
 from __future__ import annotations
 
 import copy
-import itertools
 import queue
-import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,77 +20,12 @@ import onnx
 import onnxruntime as ort
 
 from .data import SampleSource, batches
-from .errors import DataError, ModelError, first_line
-from .model_io import add_outputs, save_for_onnxruntime
+from .errors import DataError
+from .session import ProgressFactory, no_progress, run, session_for
 from .statistics import Statistics
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 PREFETCH_BYTES = 256 * 1024**2  # two batches' activations at most, for the next batch to run during the fold
-
-ProgressFactory = Callable[[int, str], "Progress"]
-
-
-class Progress:
-    """No-op progress; the CLI passes a tqdm-backed one."""
-
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _no_progress(total: int, label: str) -> Progress:
-    return Progress()
-
-
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of the model that also returns the named float tensors (session_for(outputs=...) avoids the copy)."""
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    add_outputs(augmented, names)
-    return augmented
-
-
-_saved = itertools.count()  # unique scratch names: a session may still map an earlier model's data file
-
-
-LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-
-
-def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0,
-                outputs: list[str] | None = None, *, spin: bool = True, level: str = "all") -> ort.InferenceSession:
-    """An onnxruntime CPU session (all optimizations) for a model in memory (saved into `workdir`, also returning
-    `outputs`) or on disk.
-
-    `spin=False`: idle onnxruntime threads sleep instead of spinning, leaving the cores to
-    another thread of this process (calibration folds statistics while the next batch runs).
-    `level="disabled"`: no graph optimization (Q/DQ pairs run as written; onnxq.emulation).
-    """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[level]
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 4  # errors reach the user as onnxq's one line
-    path = model if isinstance(model, Path) else save_for_onnxruntime(model, workdir, f"model_{next(_saved)}.onnx",
-                                                                      outputs or ())
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        reason = first_line(exc)
-        raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
-
-
-def run(session: ort.InferenceSession, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
-    try:
-        return session.run(names, feed)
-    except Exception as exc:
-        reason = first_line(exc)
-        raise DataError(f"the model failed on the calibration data: {reason}") from None
-
 
 def collect_statistics(
     model: onnx.ModelProto,
@@ -101,7 +34,7 @@ def collect_statistics(
     *,
     batch_size: int = 1,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    progress: ProgressFactory = _no_progress,
+    progress: ProgressFactory = no_progress,
     aliases: dict[str, str] | None = None,
     threads: int = 0,
     keep_batch_extremes: bool = False,
@@ -127,6 +60,8 @@ def collect_statistics(
         groups, largest = _groups_and_largest(session, source, from_model, batch_size, memory_budget)
         ahead = 2 * largest <= min(PREFETCH_BYTES, memory_budget)
         bar = progress(len(source) * max(1, len(groups)), "calibrating")
+        if len(groups) > 1:
+            bar.note(f"activations exceed the memory budget; calibrating in {len(groups)} passes")
         try:
             for index, group in enumerate(groups or [[]]):
                 for feed, outputs, count in prefetched(session, source, batch_size, group, ahead=ahead):
@@ -194,7 +129,7 @@ def prefetched(session: ort.InferenceSession, source: SampleSource, batch_size: 
         worker.join()
 
 
-def _groups_within_budget(
+def groups_within_budget(
     session: ort.InferenceSession, source: SampleSource, names: list[str], batch_size: int, budget: int
 ) -> list[list[str]]:
     """Split tensors so one batch of a group fits the memory budget (sizes from a one-sample probe)."""
@@ -218,7 +153,7 @@ def pack_under_budget(names: list[str], sizes: list[int], budget: int) -> list[l
 def _groups_and_largest(
     session: ort.InferenceSession, source: SampleSource, names: list[str], batch_size: int, budget: int
 ) -> tuple[list[list[str]], int]:
-    """_groups_within_budget's groups, and the bytes of one batch of the largest."""
+    """groups_within_budget's groups, and the bytes of one batch of the largest."""
     if not names:
         return [], 0
     probe = run(session, source.sample(0), names)
@@ -227,6 +162,5 @@ def _groups_and_largest(
     if sum(sizes) <= budget:
         return [names], sum(sizes)
     groups = pack_under_budget(names, sizes, budget)
-    print(f"onnxq: activations exceed the memory budget; calibrating in {len(groups)} passes", file=sys.stderr)
     size_of = dict(zip(names, sizes, strict=True))
     return groups, max(sum(size_of[name] for name in group) for group in groups)

@@ -19,11 +19,7 @@ import onnx
 
 from .errors import ModelError, UsageError
 from .model_io import is_spilled, read_tensor
-
-# inputs of these ops that onnxq quantizes (or a kernel reads) as weights
-WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (0, 1), "Gemm": (0, 1, 2), "LSTM": (1, 2, 3),
-                 "GRU": (1, 2, 3), "RNN": (1, 2, 3)}
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+from .ops import QDQ_OPS, WEIGHT_INPUTS
 
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, dict[str, onnx.TensorProto]]]:

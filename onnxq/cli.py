@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -14,14 +13,14 @@ from pathlib import Path
 import click
 
 from . import __version__, auto
-from .calibrate import Progress
 from .checks import check_effective
 from .command_options import CommandOptions
-from .convert import ACTIVATION_TYPES, ConvertRequest, convert, convert_paths, format_convert_summary
+from .convert import ACTIVATION_TYPES, ConvertRequest, convert, convert_paths
 from .data import DataArg, FeedLoader, ImagePreprocessing, model_input_specs, open_source
 from .distributed import RayOptions
 from .doctor import format_diagnosis, this_machine
 from .dynamic import WeightOnlyOptions
+from .enums import Format, Mode, SpeedGuard, WeightRange
 from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError, first_line, one_line
 from .input_shapes import parse_input_shapes
 from .inspect_model import format_inspection, inspect_model
@@ -34,31 +33,13 @@ from .paths import INPUT, OUTPUT, PathArg, check_paths, quantize_paths
 from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from .pipeline import sensitivity as run_sensitivity
 from .plan import QuantSettings
-from .qat_prep import format_prep_summary, params_path_for, qat_prep
+from .qat_prep import params_path_for, qat_prep
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from .recipe import Recipe
 from .report import format_summary
 from .sensitivity import SensitivityResult, Target
+from .session import progress_factory
 from .statistics import Statistics
-
-
-class TqdmProgress(Progress):
-    def __init__(self, total: int, label: str) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total, desc=label, unit="sample", file=sys.stderr, leave=False)
-
-    def update(self, n: int) -> None:
-        self._bar.update(n)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def progress_factory(quiet: bool):
-    if quiet or not sys.stderr.isatty():
-        return lambda total, label: Progress()
-    return TqdmProgress
 
 
 def handle_errors(func):
@@ -67,7 +48,7 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        verbose = kwargs.get("verbose", False)
+        verbose = kwargs.pop("verbose", False)  # -v is this wrapper's option, not the command's
         try:
             check_finite_options(kwargs)
             with transaction():
@@ -185,6 +166,41 @@ def method_options(func):
                         help="Calibration method (see README).")(func)
 
 
+def settings_options(func):
+    """How activations and weights are quantized: quantize's options, shared by sensitivity so that it ranks layers
+    under the settings quantize will use (request fields: settings_fields)."""
+    decorators = [
+        method_options,
+        click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 "
+                     "asymmetric)."),
+        click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel)."),
+        click.option("--weight-range", type=click.Choice(WeightRange.values()), default="auto", show_default=True,
+                     help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks "
+                          "this CPU."),
+        click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable)."),
+        click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="YAML recipe: per-node "
+                     "precision (float, int8, int16 activations, int4 weights), per-channel and method by node name, "
+                     "regex or op type, and settings used as defaults for these options (see README)."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+SETTINGS_OPTIONS = ("method", "percentile", "symmetric", "per_tensor", "weight_range")  # recipe settings may set
+
+
+def load_recipe(o: CommandOptions) -> Recipe:
+    return Recipe.load(o["recipe_path"]) if o["recipe_path"] is not None else Recipe()
+
+
+def settings_fields(o: CommandOptions, recipe: Recipe, v: dict) -> dict:
+    """The request fields settings_options give (`v`: SETTINGS_OPTIONS' values, the recipe's settings applied)."""
+    return {"settings": QuantSettings(method=v["method"], percentile=v["percentile"], symmetric=v["symmetric"],
+                                      per_channel=not v["per_tensor"]),
+            "weight_range": v["weight_range"], "exclude": tuple(o["exclude"]), "recipe": recipe}
+
+
 def report_options(func):
     """--report FILE and --json."""
     func = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")(func)
@@ -193,8 +209,10 @@ def report_options(func):
 
 
 def verbosity_options(func):
-    func = click.option("-v", "--verbose", is_flag=True, help="More detail; tracebacks on internal errors.")(func)
-    return click.option("-q", "--quiet", is_flag=True, help="No summary and no progress bar on stderr.")(func)
+    func = click.option("-v", "--verbose", is_flag=True, help="On an internal error (a bug), print its Python "
+                        "traceback before the one-line message.")(func)
+    return click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors: no summary, progress bar "
+                        "or notes.")(func)
 
 
 def ray_options(func):
@@ -279,7 +297,7 @@ def main() -> None:
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data for the fidelity report "
               "(default: the last 10% of --calib, 25% when the automatic search runs, at most 32 samples, not used "
               "for calibration).")
-@click.option("--mode", type=click.Choice(["static", "dynamic", "weight-only"]), default="static", show_default=True,
+@click.option("--mode", type=click.Choice(Mode.values()), default="static", show_default=True,
               help="static: activation ranges from calibration; dynamic: MatMul/Gemm/LSTM activations quantized "
                    "at run time (no calibration); weight-only: integer weights, float compute (no calibration).")
 @click.option("--weight-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
@@ -289,21 +307,13 @@ def main() -> None:
               "symmetric).")
 @click.option("--weight-method", type=click.Choice(["rtn", "gptq", "awq", "hqq"]), default="rtn", show_default=True,
               help="--weight-bits 4 rounding: rtn (nearest), gptq and awq (need --calib), hqq (data-free); see README.")
-@method_options
-@click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
-@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
-@click.option("--format", "output_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
+@settings_options
+@click.option("--format", "output_format", type=click.Choice(Format.values()), default="qdq", show_default=True,
               help="qdq: QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels; qoperator: "
                    "integer operators (QLinearConv, MatMulIntegerToFloat, QGemm, ...), same parameters.")
-@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
-              help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
-@click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
-@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="YAML recipe: per-node precision "
-              "(float, int8, int16 activations, int4 weights), per-channel and method by node name, regex or op "
-              "type, and settings used as defaults for these options (see README).")
 @click.option("--save-recipe", type=click.Path(path_type=Path), help="Write the effective recipe (settings as used, "
               "rules, the speed guard's and the accuracy target's choices): --recipe with it rebuilds this model.")
-@click.option("--speed-guard", type=click.Choice(["table", "measure", "off"]), default="table", show_default=True,
+@click.option("--speed-guard", type=click.Choice(SpeedGuard.values()), default="table", show_default=True,
               help="Keep in float the layers whose int8 form does not make the model faster on the target CPU: "
                    "table decides from onnxq's measured table for the CPU class (same output on every machine); "
                    "measure times the model on this machine; off keeps every int8 layer.")
@@ -393,21 +403,21 @@ def quantize_request(o: CommandOptions) -> QuantizeRequest:
     """quantize's options as a request: the CLI and onnxq.api both build it here."""
     data = _data(o)
     data.ray = _ray_options(o["ray_address"], o["workers"])
-    recipe = Recipe.load(o["recipe_path"]) if o["recipe_path"] is not None else Recipe()
+    recipe = load_recipe(o)
     speed_guard = o["speed_guard"]
     if o["no_speed_guard"]:
         if "speed_guard" in o.given:
             raise UsageError("--no-speed-guard and --speed-guard contradict each other; give one")
         speed_guard = "off"
     v = _recipe_defaults(recipe, {**{k: o[k] for k in (
-        "mode", "method", "percentile", "symmetric", "per_tensor", "weight_range", "output_format", "weight_bits",
-        "block_size", "weight_zero_points", "weight_method", "smooth_alpha", "smooth_mul", "equalize",
-        "bias_correction", "adaround", "adaround_seconds", "fast", "holdout")}, "speed_guard": speed_guard}, o)
+        "mode", *SETTINGS_OPTIONS, "output_format", "weight_bits", "block_size", "weight_zero_points",
+        "weight_method", "smooth_alpha", "smooth_mul", "equalize", "bias_correction", "adaround", "adaround_seconds",
+        "fast", "holdout")}, "speed_guard": speed_guard}, o)
     check_effective(o.given, {**v, **{k: o[k] for k in ("target_sqnr", "target_cosine", "target_metric", "budget",
                                                          "target_agreement", "calib", "load_stats")},
                               "adaround_rules": any(rule.adaround for rule in recipe.rules)})
     request = QuantizeRequest(
-        model=o["model"], output=o["output"], data=data, weight_range=v["weight_range"], exclude=tuple(o["exclude"]),
+        model=o["model"], output=o["output"], data=data, **settings_fields(o, recipe, v),
         speed_guard=v["speed_guard"], speed_profile=o["speed_profile"], target_cpu=o["target_cpu"],
         output_format=v["output_format"],
         target=_target(o["target_sqnr"], o["target_cosine"], o["target_metric"]), metric=o["metric"],
@@ -417,10 +427,8 @@ def quantize_request(o: CommandOptions) -> QuantizeRequest:
         mode=v["mode"], weight_only=WeightOnlyOptions(bits=int(v["weight_bits"]), block_size=v["block_size"],
                                                       symmetric=not v["weight_zero_points"],
                                                       method=v["weight_method"]),
-        settings=QuantSettings(method=v["method"], percentile=v["percentile"], symmetric=v["symmetric"],
-                               per_channel=not v["per_tensor"]),
         load_stats=o["load_stats"], save_stats=o["save_stats"], save_plan=o["save_plan"], min_cosine=o["min_cosine"],
-        min_sqnr=o["min_sqnr"], recipe=recipe, save_recipe=o["save_recipe"],
+        min_sqnr=o["min_sqnr"], save_recipe=o["save_recipe"],
         smooth_alpha=v["smooth_alpha"], smooth_insert_mul=v["smooth_mul"],
         equalize=v["equalize"], bias_correction=v["bias_correction"],
         adaround_seconds=v["adaround_seconds"] if v["adaround"] else None, adaround_rules_seconds=v["adaround_seconds"],
@@ -514,7 +522,7 @@ Example (calibration sharded over two machines):
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Merged statistics file.")
 @verbosity_options
 @handle_errors
-def merge_stats(inputs, output, quiet, verbose) -> None:
+def merge_stats(inputs, output, quiet) -> None:
     """Merge statistics files into the statistics of the union of their data (exact; see README)."""
     if len(inputs) < 2:
         raise UsageError("merge-stats needs at least two statistics files")
@@ -538,7 +546,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout.")
 @verbosity_options
 @handle_errors
-def inspect(model, as_json, quiet, verbose) -> None:
+def inspect(model, as_json, quiet) -> None:
     """Show a model's ops; for an int8 model, which Q/DQ onnxruntime fused and which it did not."""
     info = inspect_model(model)
     _emit(info, as_json, quiet, format_inspection)
@@ -557,9 +565,7 @@ Examples:
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Samples to measure on (default: the last 10% "
               "of --calib).")
 @click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics (no calibration pass).")
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True)
-@click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0.")
-@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True)
+@settings_options
 @click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
               help="Held-back samples each variant is measured on.")
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Rows in the printed table.")
@@ -571,8 +577,8 @@ def sensitivity_command(**p) -> None:
     but that layer int8."""
     output, plot = p["output"], p["plot"]
     request = sensitivity_request(CommandOptions.current(p))
-    check_paths([*quantize_paths(request, writes_model=False), PathArg("-o", output, OUTPUT),
-                 PathArg("--plot", plot, OUTPUT)])
+    check_paths([*quantize_paths(request, writes_model=False), PathArg("--recipe", p["recipe_path"], INPUT),
+                 PathArg("-o", output, OUTPUT), PathArg("--plot", plot, OUTPUT)])
     result: SensitivityResult = run_sensitivity(request, progress=progress_factory(p["quiet"]))
     if output is not None:
         result.save_json(output)
@@ -586,10 +592,14 @@ def sensitivity_command(**p) -> None:
 
 
 def sensitivity_request(o: CommandOptions) -> QuantizeRequest:
-    """sensitivity's options as a request (no model is written)."""
-    return QuantizeRequest(model=o["model"], output=Path(os.devnull), data=_data(o), load_stats=o["load_stats"],
-                           weight_range=o["weight_range"], sensitivity_samples=o["samples"], speed_guard="off",
-                           settings=QuantSettings(method=o["method"], symmetric=o["symmetric"]))
+    """sensitivity's options as a request (no model is written): quantize's settings, built as quantize builds them."""
+    recipe = load_recipe(o)
+    v = _recipe_defaults(recipe, {k: o[k] for k in SETTINGS_OPTIONS}, o)
+    mode = recipe.settings.get("mode", Mode.STATIC)
+    if mode != Mode.STATIC:
+        raise UsageError(f"sensitivity ranks the layers of static int8; the recipe sets mode {mode}")
+    return QuantizeRequest(model=o["model"], data=_data(o), load_stats=o["load_stats"],
+                           sensitivity_samples=o["samples"], speed_guard="off", **settings_fields(o, recipe, v))
 
 
 @main.command("bench", epilog="""\b
@@ -645,7 +655,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout.")
 @verbosity_options
 @handle_errors
-def doctor(cpuinfo, as_json, quiet, verbose) -> None:
+def doctor(cpuinfo, as_json, quiet) -> None:
     """This CPU's int8 features, the onnxruntime build, and what they mean for quantize's defaults."""
     _emit(this_machine(cpuinfo), as_json, quiet, format_diagnosis)
 
@@ -661,7 +671,7 @@ the message names the node), 4 bad data, 5 cannot write output, 1 internal error
 """)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the int8 model.")
-@click.option("--format", "output_format", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True,
+@click.option("--format", "output_format", type=click.Choice(Format.values()), default="qdq", show_default=True,
               help="qdq: Q/DQ pairs placed for onnxruntime's int8 kernels; qoperator: integer operators.")
 @click.option("--activations", type=click.Choice(ACTIVATION_TYPES), default="uint8", show_default=True,
               help="Activation type: uint8 (a learned int8 activation keeps its scale, its zero point moves by "
@@ -683,7 +693,7 @@ def convert_command(**p) -> None:
     check_paths([*convert_paths(request), PathArg("--report", p["report_path"], OUTPUT)])
     result = convert(request, progress=progress_factory(p["quiet"]))
     _write_report(result.report, p["report_path"])
-    _emit(result.report, p["as_json"], p["quiet"], format_convert_summary)
+    _emit(result.report, p["as_json"], p["quiet"], format_summary)
 
 
 def convert_request(o: CommandOptions) -> ConvertRequest:
@@ -712,7 +722,7 @@ Example (train the fake-quant model, then convert it):
 @method_options
 @click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
-@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
+@click.option("--weight-range", type=click.Choice(WeightRange.values()), default="auto", show_default=True,
               help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
 @click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
 @report_options
@@ -726,7 +736,7 @@ def qat_prep_command(**p) -> None:
                                                    OUTPUT), PathArg("--report", p["report_path"], OUTPUT)])
     result = qat_prep(request, params_path, progress=progress_factory(p["quiet"]))
     _write_report(result.report, p["report_path"])
-    _emit(result.report, p["as_json"], p["quiet"], format_prep_summary)
+    _emit(result.report, p["as_json"], p["quiet"], format_summary)
 
 
 def qat_prep_request(o: CommandOptions) -> QuantizeRequest:

@@ -30,22 +30,25 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__, qmath
-from .calibrate import ProgressFactory, _no_progress, collect_statistics
+from .calibrate import collect_statistics
 from .cpu import default_weight_range, host_cpu
 from .data import model_input_specs, open_source
+from .enums import Format
 from .errors import ModelError, UsageError
 from .evaluate import compare_models
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, node_label
 from .model_io import load_model, save_model
+from .ops import FOLDABLE_ACTIVATIONS, MATMUL_OPS, PASS_THROUGH_OPS
 from .paths import DATA, MODEL, MODEL_OUTPUT, PathArg, check_paths
 from .pipeline import DataOptions, check_batch_size, check_written_model
-from .placement import FOLDABLE_ACTIVATIONS, PASS_THROUGH_OPS, Placement, PlacementOptions, place
+from .placement import Placement, PlacementOptions, place
 from .plan import QuantPlan, QuantSettings, TensorPlan, bias_plan, clipped_fraction, weight_plan
 from .prepare import infer_types, prepare_model
 from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, compute_range
-from .report import json_safe, number
+from .report import TIMINGS, fidelity_section, json_safe, report_header
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
+from .session import ProgressFactory, no_progress
 
 ACTIVATION_TYPES = ("keep", "uint8", "int8")
 EVAL_LIMIT = 256  # samples the fidelity comparison runs on at most
@@ -442,17 +445,17 @@ def build_convert_plan(graph: gs.Graph, placement: Placement, learned: dict[str,
             origins.computed.append(name)
         plan.tensors[name] = entry
     for name in sorted(set(learned) - used):
-        origins.dropped.append({"tensor": name, "reason": _drop_reason(graph, name, placement)})
+        origins.dropped.append({"tensor": name, "reason": _drop_reason(graph, name)})
     return plan, origins
 
 
-def _drop_reason(graph: gs.Graph, name: str, placement: Placement) -> str:
+def _drop_reason(graph: gs.Graph, name: str) -> str:
     tensor = graph.tensors().get(name)
     if tensor is None:
         return "the tensor is gone after graph preparation (folded or eliminated)"
     if is_constant(tensor):
         return "a constant no int8 node reads as a weight"
-    if tensor.inputs and tensor.inputs[0].op in ("MatMul", "Gemm"):
+    if tensor.inputs and tensor.inputs[0].op in MATMUL_OPS:
         return f"output of {tensor.inputs[0].op}: its int8 kernel gives float output directly"
     if name in {t.name for t in graph.outputs}:
         return "a graph output of a float node (no int8 consumer)"
@@ -489,11 +492,11 @@ def calibrate_missing(prepared: onnx.ModelProto, roots: list[str], request: Conv
 # ------------------------------------------------------------------ the command
 
 
-def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -> ConvertResult:
+def convert(request: ConvertRequest, progress: ProgressFactory = no_progress) -> ConvertResult:
     """Convert a Q/DQ (QAT) model to onnxq's int8 form; see the module docstring."""
     start = time.perf_counter()
-    if request.output_format not in ("qdq", "qoperator"):
-        raise UsageError(f"unknown format {request.output_format!r}; choose qdq or qoperator")
+    if request.output_format not in Format.values():
+        raise UsageError(f"unknown format {request.output_format!r}; choose {' or '.join(Format.values())}")
     if request.activations not in ACTIVATION_TYPES:
         raise UsageError(f"--activations must be one of {', '.join(ACTIVATION_TYPES)}, got {request.activations!r}")
     check_paths(convert_paths(request))
@@ -536,8 +539,8 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
         fidelity = compare_models(original, quantized, held, batch_size=request.data.batch_size, progress=progress)
     save_model(quantized, request.output)
     report = {
-        "onnxq_version": __version__, "command": "convert", "model": str(request.model),
-        "output": str(request.output), "format": request.output_format, "activations": request.activations,
+        **report_header("convert", request.model, request.output, __version__),
+        "format": request.output_format, "activations": request.activations,
         "nodes": _node_counts(plan), "int8_nodes": [d.name for d in plan.nodes if d.status == "int8"],
         "weights": {"folded_fake_quant": len(stripped.folded_weights), "stored_integers": len(stripped.stored_weights)},
         "tensors": {"learned": origins.learned, "shared_learned": origins.shared, "calibrated": origins.calibrated,
@@ -545,10 +548,8 @@ def convert(request: ConvertRequest, progress: ProgressFactory = _no_progress) -
         "converted_types": origins.converted, "dropped": origins.dropped,
         "kept_float": [{"node": node, "reason": why} for node, why in sorted(kept_float.items())],
         "fusion": fusion.to_dict(), "notes": stripped.notes + prepared.notes,
-        "fidelity": None if fidelity is None else {"reference": "the input (fake-quant) model",
-                                                   "samples": fidelity.samples, "source": fidelity.source,
-                                                   "outputs": fidelity.outputs},
-        "seconds": round(time.perf_counter() - start, 3),
+        "fidelity": fidelity_section(fidelity, "the input (fake-quant) model"),
+        TIMINGS: {"convert": round(time.perf_counter() - start, 3)},
     }
     return ConvertResult(json_safe(report), plan)
 
@@ -630,29 +631,3 @@ def _roots_without_params(graph: gs.Graph, placement: Placement, learned: dict[s
 
 def _node_counts(plan: QuantPlan) -> dict[str, int]:
     return dict(sorted(Counter(d.status for d in plan.nodes).items()))
-
-
-def format_convert_summary(report: dict) -> str:
-    tensors = report["tensors"]
-    lines = [f"onnxq: converted {report['model']} -> {report['output']} ({report['format']}): "
-             f"{len(report['int8_nodes'])} int8 nodes; {len(tensors['learned']) + len(tensors['shared_learned'])} "
-             f"tensors keep learned parameters, {len(tensors['calibrated'])} calibrated, "
-             f"{len(tensors['computed'])} weights/biases quantized by onnxq (biases: int32, input x weight scale)"]
-    if report["converted_types"]:
-        lines.append(f"  {len(report['converted_types'])} activations converted to {report['activations']}")
-    if report["dropped"]:
-        lines.append(f"  {len(report['dropped'])} learned parameters not used (see the report's 'dropped')")
-    if report["kept_float"]:
-        lines.append(f"  {len(report['kept_float'])} nodes kept float, as the input model leaves their tensors float "
-                     "(see the report's 'kept_float'; --calibrate-missing --calib DATA quantizes them)")
-    fusion = report["fusion"]
-    kernels = ", ".join(f"{op} {n}" for op, n in fusion["int8_kernels"].items()) or "none"
-    lines.append(f"  onnxruntime int8 kernels: {kernels}; avoidable unfused: {fusion['avoidable']}")
-    fidelity = report["fidelity"]
-    if fidelity is not None:
-        for out in fidelity["outputs"]:
-            agree = out["top1_agreement"]
-            extra = f", top-1 agreement {agree:.4f}" if agree is not None else ""
-            lines.append(f"  vs the input model on {fidelity['samples']} samples, {out['name']}: "
-                         f"cosine {number(out['cosine'], 5)}, SQNR {number(out['sqnr_db'], 1)} dB{extra}")
-    return "\n".join(lines)

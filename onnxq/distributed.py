@@ -35,12 +35,14 @@ from dataclasses import dataclass, replace
 import onnx
 
 from . import auto
-from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress, collect_statistics
+from .calibrate import DEFAULT_MEMORY_BUDGET, collect_statistics
 from .data import SampleSource
 from .errors import OnnxqError, UsageError, first_line
 from .evaluate import CachedReference, Fidelity
 from .layer_errors import probe_errors
 from .model_io import needs_external_data
+from .session import ProgressFactory
+from .session import no_progress as _no_progress
 from .statistics import Statistics, TensorStats
 
 TASK_RETRIES = 3  # a worker that dies mid-task (killed, out of memory, node lost) is retried this often

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,12 +35,11 @@ from .ir import (
     node_label,
     replace_nodes,
 )
+from .ops import DYNAMIC_OPS, HEAVY_OPS, MATMUL_OPS, MS_DOMAIN, NO_DYNAMIC_KERNEL, gemm_attribute_problem
 from .placement import NodeDecision
 from .recipe import NodeChoice
 
 NO_CHOICE = NodeChoice()
-
-MS = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def _finish(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     for sub in all_graphs(graph):
         sub.cleanup(remove_unused_graph_inputs=False)
     model = export_model(graph, like)
-    import_domain(model, MS)
+    import_domain(model, MS_DOMAIN)
     model.producer_name = "onnxq"
     return model
 
@@ -80,8 +79,9 @@ def _matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
         return "weight is not 2-D"
     if node.op == "MatMul":
         return weight, None
-    if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
-        return "Gemm with transA, alpha or beta"
+    problem = gemm_attribute_problem(node.attrs)
+    if problem is not None:
+        return problem
     if node.attrs.get("transB", 0):
         weight = np.ascontiguousarray(weight.T)
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
@@ -90,7 +90,7 @@ def _matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
     return weight, bias
 
 
-def _chosen_nodes(graph: gs.Graph, ops: tuple[str, ...], choices: dict[str, NodeChoice],
+def _chosen_nodes(graph: gs.Graph, ops: Collection[str], choices: dict[str, NodeChoice],
                   decisions: list[NodeDecision]) -> Iterator[tuple[gs.Graph, gs.Node, NodeChoice]]:
     """(graph, node, recipe choice) for every node of `ops`, also in subgraphs; nodes a recipe keeps float
     are recorded in `decisions` and not yielded."""
@@ -123,8 +123,8 @@ def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: boo
     if only is not None:
         skip = NodeChoice(precision="float", reason="not a dynamic layer")
         choices.update({node_label(node): skip for sub in all_graphs(graph) for node in sub.nodes
-                        if node.op in ("MatMul", "Gemm", "LSTM") and node_label(node) not in only})
-    for sub, node, choice in _chosen_nodes(graph, ("MatMul", "Gemm"), choices, decisions):
+                        if node.op in DYNAMIC_OPS and node_label(node) not in only})
+    for sub, node, choice in _chosen_nodes(graph, MATMUL_OPS, choices, decisions):
         found = _matmul_weight(node)
         if isinstance(found, str):
             decisions.append(NodeDecision(node_label(node), node.op, "float", found))
@@ -137,7 +137,7 @@ def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: boo
                   gs.Constant(names.new(f"{base}_weight_scale"), scale),
                   gs.Constant(names.new(f"{base}_weight_zero_point"), np.zeros(scale.shape, np.int8))]
         inputs = [node.inputs[0], *params] + ([bias] if bias is not None else [])
-        new = gs.Node("DynamicQuantizeMatMul", node.name, {}, inputs, list(node.outputs), domain=MS)
+        new = gs.Node("DynamicQuantizeMatMul", node.name, {}, inputs, list(node.outputs), domain=MS_DOMAIN)
         replace_nodes(sub, [node], new)
         decisions.append(NodeDecision(base, node.op, "int8", "DynamicQuantizeMatMul"))
     for sub, node, choice in _chosen_nodes(graph, ("LSTM",), choices, decisions):
@@ -145,7 +145,7 @@ def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: boo
         decisions.append(_dynamic_lstm(sub, node, names, qtype, per_row))
     for sub in all_graphs(graph):
         for node in sub.nodes:
-            if node.op in ("Conv", "GRU"):
+            if node.op in NO_DYNAMIC_KERNEL:
                 decisions.append(NodeDecision(node_label(node), node.op, "float",
                                               "no dynamic int8 kernel onnxruntime's CPU provider runs for it"))
     return _finish(graph, model), decisions
@@ -203,7 +203,7 @@ def _dynamic_lstm(graph: gs.Graph, node: gs.Node, names: NameAllocator, qtype: q
     # X, W, R, B, sequence_lens, initial_h, initial_c, P, W_scale, W_zero_point, R_scale, R_zero_point
     new_inputs = [inputs[0], *quantized, *inputs[3:8], *params]
     attrs = {k: v for k, v in node.attrs.items() if k not in ("layout", "input_forget")}
-    new = gs.Node("DynamicQuantizeLSTM", node.name, attrs, new_inputs, list(node.outputs), domain=MS)
+    new = gs.Node("DynamicQuantizeLSTM", node.name, attrs, new_inputs, list(node.outputs), domain=MS_DOMAIN)
     replace_nodes(graph, [node], new)
     return NodeDecision(label, node.op, "int8", "DynamicQuantizeLSTM")
 
@@ -214,7 +214,7 @@ def rewrite_weight_only(model: onnx.ModelProto, options: WeightOnlyOptions, qtyp
     graph = import_graph(model)
     names = NameAllocator(graph)
     decisions: list[NodeDecision] = []
-    for sub, node, choice in _chosen_nodes(graph, ("Conv", "MatMul", "Gemm"), choices or {}, decisions):
+    for sub, node, choice in _chosen_nodes(graph, HEAVY_OPS, choices or {}, decisions):
         if {"int4": 4, "int8": 8}.get(choice.weights or "", options.bits) == 4:
             decisions.append(_int4_matmul(sub, node, names, options))
         else:
@@ -291,5 +291,5 @@ def _int4_matmul(graph: gs.Graph, node: gs.Node, names: NameAllocator, options: 
     if zeros is not None:
         inputs.append(gs.Constant(names.new(f"{base}_zero_points"), zeros))
     attrs = {"K": k, "N": n, "bits": 4, "block_size": options.block_size}
-    replace_nodes(graph, [node], gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=MS))
+    replace_nodes(graph, [node], gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=MS_DOMAIN))
     return NodeDecision(label, node.op, "int4", f"4-bit weights, blocks of {options.block_size} (MatMulNBits)")

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 
 from . import agreement as task_agreement
-from .calibrate import Progress, ProgressFactory, _no_progress, run, session_for
 from .data import SampleSource, batches
-from .errors import DataError, UsageError
+from .errors import DataError, UsageError, first_line
+from .session import Progress, ProgressFactory, no_progress, run, session_for
 
 
 @dataclass
@@ -142,7 +142,7 @@ def compare_models(
     source: SampleSource,
     *,
     batch_size: int = 1,
-    progress: ProgressFactory = _no_progress,
+    progress: ProgressFactory = no_progress,
     limit: int | None = None,
     cached: CachedReference | None = None,
 ) -> Fidelity:
@@ -257,7 +257,7 @@ def load_metric(path: Path) -> UserMetric:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise UsageError(f"metric script {path} failed to load: {type(exc).__name__}: {exc}") from None
+        raise UsageError(f"metric script {path} failed to load: {type(exc).__name__}: {first_line(exc)}") from None
     score = getattr(module, "score", None)
     if not callable(score):
         raise UsageError(f"metric script {path} has no function score(references, candidates, feeds)")
@@ -272,7 +272,7 @@ def load_metric(path: Path) -> UserMetric:
             value = float(score(references, candidates, feeds, labels) if wants_labels else
                           score(references, candidates, feeds))
         except Exception as exc:
-            raise DataError(f"metric script {path} failed: {type(exc).__name__}: {exc}") from None
+            raise DataError(f"metric script {path} failed: {type(exc).__name__}: {first_line(exc)}") from None
         if not math.isfinite(value):
             raise DataError(f"metric script {path} returned {value}, not a finite number")
         return value

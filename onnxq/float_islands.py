@@ -25,14 +25,9 @@ import onnx_graphsurgeon as gs
 
 from . import qmath
 from .ir import NameAllocator, constant_values, is_constant, is_empty, node_label
-from .ops import REQUANTIZED_BY_ONNXRUNTIME
+from .ops import DQ_PROPAGATING_OPS, MATMUL_OPS, REQUANTIZED_BY_ONNXRUNTIME, WEIGHT_REQUANTIZED_OPS
 from .placement import NodeDecision
 
-# Ops whose float weight onnxruntime's WeightBiasQuantization quantizes (it needs only input 0 dequantized).
-WEIGHT_REQUANTIZED_OPS = {"Conv", "ConvTranspose", "Gemm"}
-# Ops onnxruntime's QDQ propagation moves a DequantizeLinear forward through (they only move values:
-# a float one of them reading int8 values computes nothing differently).
-DQ_PROPAGATING_OPS = {"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice"}
 # Plan statuses of nodes that compute in float.
 FLOAT_COMPUTE = ("float", "int16")
 
@@ -44,7 +39,7 @@ def isolate_float_layers(graph: gs.Graph, decisions: list[NodeDecision], names: 
         if status.get(node_label(node)) == "float":
             _read_raw_floats(node, status)
     for node in list(graph.nodes):
-        if node.op in ("MatMul", "Gemm") and status.get(node_label(node)) == "int16":
+        if node.op in MATMUL_OPS and status.get(node_label(node)) == "int16":
             _store_rounded_weight(node, names)
     views: dict[tuple[str, int, int], gs.Variable] = {}
     for node in list(graph.nodes):
@@ -165,7 +160,7 @@ def _axis_params(base: str, scale: np.ndarray, zero_point: np.ndarray | None, le
 
 def _input_axis(consumer: gs.Node, index: int) -> tuple[int, int | None]:
     """An axis of the consumer's input `index` with a known length (channels where the weight tells)."""
-    if index == 0 and consumer.op in ("Conv", "ConvTranspose", "Gemm"):
+    if index == 0 and consumer.op in WEIGHT_REQUANTIZED_OPS:
         shape = _weight_shape(consumer.inputs[1])
         if shape is not None:
             if consumer.op == "Conv":

@@ -23,10 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 
-from .errors import ModelError, first_line
-from .model_io import needs_external_data, save_for_onnxruntime
+from . import session
 from .ops import QUANTIZE_OPS, is_integer_kernel
 from .precision import GraphView, NodePrecision, compare_precision, disagreements
 
@@ -57,30 +55,13 @@ class FusionReport:
                 "precision": [row.to_dict() for row in self.precision], "disagreements": self.disagreements}
 
 
-LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+LEVELS = ("basic", "extended", "all")  # onnxruntime optimization levels whose graphs onnxq.precision compares
 
 
 def optimized_graph(model: onnx.ModelProto, level: str = "all") -> onnx.ModelProto:
     """The graph onnxruntime's CPU provider runs, after its optimizations at `level`."""
     with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as tmp:
-        target = Path(tmp) / "optimized.onnx"
-        large = needs_external_data(model)
-        source = save_for_onnxruntime(model, Path(tmp))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = LEVELS[level]
-        options.optimized_model_filepath = str(target)
-        options.log_severity_level = 4
-        if large:
-            options.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
-        try:
-            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            reason = first_line(exc)
-            raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
-        return onnx.load(str(target))
+        return session.optimized_graph(model, Path(tmp), level)
 
 
 def check_fusion(model: onnx.ModelProto, planned: dict[str, str] | None = None) -> FusionReport:

@@ -14,10 +14,11 @@ from pathlib import Path
 import onnx
 
 from .agreement import infer_measures
-from .fusion import QUANTIZE_OPS, check_fusion, is_integer_kernel
+from .fusion import check_fusion
 from .ir import import_graph
 from .model_io import load_model
-from .placement import HEAVY_OPS, PlacementOptions, place
+from .ops import HEAVY_OPS, QUANTIZE_OPS, is_integer_kernel
+from .placement import PlacementOptions, place
 from .prepare import prepare_model
 
 

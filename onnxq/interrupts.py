@@ -42,7 +42,7 @@ _state = {"held": 0, "pending": 0, "armed": False, "received": 0}
 _remove_on_exit: list[str] = []  # folders an immediate exit removes first (the run's scratch folder)
 
 
-def _handler(signum: int, frame: object) -> None:
+def _handler(signum: int, _frame: object) -> None:
     if _state["held"]:
         _state["pending"] = _state["pending"] or signum
         return

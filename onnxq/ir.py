@@ -13,8 +13,6 @@ import onnx_graphsurgeon as gs
 
 from .model_io import is_spilled, read_tensor
 
-Tensor = gs.Tensor
-Node = gs.Node
 Graph = gs.Graph
 
 

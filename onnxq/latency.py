@@ -16,12 +16,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibrate import session_for
 from .data import InputSpec, SampleSource, example_dims, model_input_specs
 from .errors import DataError, UsageError, first_line
 from .input_shapes import check_input_shapes
 from .model_io import load_model
 from .report import size_change
+from .session import session_for
 
 
 def interleaved_runs(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *, warmup: int = 2,

@@ -22,11 +22,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import qmath
-from .calibrate import run, session_for
 from .emulation import LEVEL
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, node_label
 from .ops import HEAVY_OPS
 from .plan import QuantPlan, TensorPlan
+from .session import run, session_for
 
 
 def probe_model(prepared: onnx.ModelProto, plan: QuantPlan, layers: set[str]) -> tuple[onnx.ModelProto,

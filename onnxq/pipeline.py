@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__, auto, emulation
-from .calibrate import DEFAULT_MEMORY_BUDGET, ProgressFactory, _no_progress
+from .calibrate import DEFAULT_MEMORY_BUDGET
 from .checks import check_finite_weights, check_not_qdq, check_targets, unmatched_excludes
 from .cpu import TargetCpu, default_weight_range, resolve_target
 from .data import (
@@ -50,9 +50,10 @@ from .model_io import (
     save_model,
     weights_on_disk,
 )
+from .ops import DYNAMIC_OPS, HEAVY_OPS, MATMUL_OPS
 from .outputs import transaction
 from .paths import DATA, MODEL, OUTPUT, PathArg, check_paths, quantize_paths
-from .placement import HEAVY_OPS, NodeDecision, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
+from .placement import NodeDecision, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import PreparedModel, prepare_model
 from .ranges import EXTREME_METHODS
@@ -73,6 +74,7 @@ from .report import build_report, json_safe
 from .rewrite_qdq import write_qdq
 from .rewrite_qop import write_qoperator
 from .sensitivity import SearchResult, SensitivityResult, Target, measure_sensitivity, search_fallbacks
+from .session import ProgressFactory, no_progress
 from .smooth import smooth_model, validate_alpha
 from .speed_guard import (
     MODES,
@@ -90,7 +92,6 @@ from .statistics import Statistics
 from .weight_only import run_weight_only, target_gates
 
 RANDOM_SAMPLES = 16
-DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM")  # what onnxruntime runs with activations quantized at run time
 TARGET_SAMPLES = 32  # held-back samples the target search measures on (default)
 EVAL_SAMPLES = 32  # held-back samples the fidelity report measures on (default; None: all)
 HOLDOUT = 0.1  # share of --calib held back for the fidelity report without the automatic search
@@ -112,7 +113,7 @@ class DataOptions:
 @dataclass
 class QuantizeRequest:
     model: Path
-    output: Path
+    output: Path | None = None  # where quantize writes the model (sensitivity and calibrate write none)
     settings: QuantSettings = field(default_factory=QuantSettings)
     data: DataOptions = field(default_factory=DataOptions)
     weight_range: str = "auto"  # "auto" picks by this CPU (see onnxq.cpu)
@@ -373,7 +374,7 @@ class Calibrated:
                 if d.status == "int8" and d.op_type in HEAVY_OPS and d.name not in pinned}
 
 
-def calibrated(request: QuantizeRequest, progress: ProgressFactory = _no_progress, *,
+def calibrated(request: QuantizeRequest, progress: ProgressFactory = no_progress, *,
                writes_model: bool = True) -> Calibrated:
     timer = StageTimer()
     check_paths(quantize_paths(request, writes_model))
@@ -496,8 +497,10 @@ def _smooth(request: QuantizeRequest, prepared: PreparedModel, calib: SampleSour
     return result.to_report()
 
 
-def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
+def quantize(request: QuantizeRequest, progress: ProgressFactory = no_progress) -> QuantizeResult:
     """Quantize `request.model`; its outputs (model, statistics, plan, recipe) are all written at the end, or none."""
+    if request.output is None:
+        raise UsageError("quantize needs an output path for the int8 model (-o)")
     check_paths(quantize_paths(request))
     target = request.target or Target()
     check_targets(request.min_cosine, request.min_sqnr, target.min_cosine, target.min_sqnr_db, target.min_metric)
@@ -507,7 +510,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = _no_progress)
         return quantize_static(request, progress)
 
 
-def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> QuantizeResult:
+def quantize_static(request: QuantizeRequest, progress: ProgressFactory = no_progress) -> QuantizeResult:
     if request.fallback == "int8":
         raise UsageError("--fallback int8 (int8 weights) is for --mode weight-only --weight-bits 4")
     if (request.target is not None and request.target_data is None and request.data.eval_data is None
@@ -527,7 +530,7 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
             raise
         return _dynamic_instead(request, exc.message, progress)
     guard = _apply_speed_guard(c, progress)
-    searched = _apply_search(c, progress) if searches(request) else None
+    searched = _apply_search(c) if searches(request) else None
     if searched is not None and searched.chosen.candidate.mode == "dynamic":
         return _searched_dynamic(request, searched, c.timer, progress)
     target_report = _apply_accuracy_target(c, progress) if request.target is not None else None
@@ -582,7 +585,7 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = _no_pr
     return QuantizeResult(report, plan, fidelity)
 
 
-def _apply_search(c: Calibrated, progress: ProgressFactory) -> auto.SearchOutcome | None:
+def _apply_search(c: Calibrated) -> auto.SearchOutcome | None:
     """The automatic default (onnxq.auto): search the candidates, then apply the chosen one to `c`."""
     request = c.request
     samples = c.search_samples
@@ -683,7 +686,7 @@ def _runs_dynamically(node: gs.Node) -> bool:
     """A MatMul/Gemm with a constant 2-D weight, or an LSTM: what dynamic quantization rewrites."""
     if node.op == "LSTM":
         return True
-    return node.op in ("MatMul", "Gemm") and len(node.inputs) > 1 and is_constant(node.inputs[1]) \
+    return node.op in MATMUL_OPS and len(node.inputs) > 1 and is_constant(node.inputs[1]) \
         and constant_values(node.inputs[1]).ndim == 2
 
 
@@ -725,20 +728,20 @@ def _apply_recovery(c: Calibrated, progress: ProgressFactory) -> None:
     if not options.needs_data:
         return
     with c.timer.stage("recovery"):
-        result = _recovered(c, c.placement, c.settings, options)
+        result = _recovered(c, c.placement, c.settings, options, progress)
         c.prepared = result.model
         c.graph = import_graph(result.model)
         c.placement = place(c.graph, c.options)
     c.recovery.update(result.report)
 
 
-def _recovered(c: Calibrated, placement: Placement, settings: QuantSettings, options: RecoveryOptions
-               ) -> RecoveryResult:
+def _recovered(c: Calibrated, placement: Placement, settings: QuantSettings, options: RecoveryOptions,
+               progress: ProgressFactory = no_progress) -> RecoveryResult:
     """The prepared model with bias correction / AdaRound for `placement` (layer inputs read from its QDQ model)."""
     plan = build_plan(c.graph, placement, c.stats, settings, c.digest,
                       activation_overrides(c.graph, placement, c.choices))
     return recover(c.prepared, write_qdq(c.prepared, plan), placement, plan, c.calib, options,
-                   batch_size=c.request.data.batch_size, memory_budget=c.request.data.memory_budget)
+                   batch_size=c.request.data.batch_size, memory_budget=c.request.data.memory_budget, progress=progress)
 
 
 def _apply_speed_guard(c: Calibrated, progress: ProgressFactory) -> GuardResult | None:
@@ -810,7 +813,7 @@ def _apply_accuracy_target(c: Calibrated, progress: ProgressFactory) -> dict:
             "fallback": request.fallback, "float_nodes": result.float_nodes, "steps": result.steps, "speed": speed}
 
 
-def sensitivity(request: QuantizeRequest, progress: ProgressFactory = _no_progress) -> SensitivityResult:
+def sensitivity(request: QuantizeRequest, progress: ProgressFactory = no_progress) -> SensitivityResult:
     """Rank the int8 layers of `request.model` by measured sensitivity (no model is written)."""
     if request.data.eval_data is None and request.data.calib is None:
         raise UsageError("sensitivity needs samples to measure on: give --eval-data or --calib")
@@ -819,7 +822,7 @@ def sensitivity(request: QuantizeRequest, progress: ProgressFactory = _no_progre
     return measure_sensitivity(c.build, c.int8_layers(), reference, progress)
 
 
-def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFactory = _no_progress
+def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFactory = no_progress
                                  ) -> QuantizeResult:
     """--mode dynamic or weight-only: weights are quantized ahead, activations (if at all) at run time."""
     if request.mode not in ("dynamic", "weight-only"):
@@ -1022,7 +1025,7 @@ def check_written_model(model: onnx.ModelProto, planned: dict[str, str] | None =
 
 
 def calibrate_only(model_path: Path, output: Path | None, data: DataOptions,
-                   progress: ProgressFactory = _no_progress) -> Statistics:
+                   progress: ProgressFactory = no_progress) -> Statistics:
     """Collect (and save, unless `output` is None) statistics for every tensor quantize may need (for
     --load-stats later)."""
     check_paths([PathArg("MODEL", model_path, MODEL), PathArg("--calib", data.calib, DATA),

@@ -20,17 +20,18 @@ from dataclasses import dataclass, field, replace
 
 import onnx_graphsurgeon as gs
 
+from .enums import NodeStatus
 from .ir import constant_values, is_constant, is_empty, is_float32, node_label
 from .ops import (
+    BIASED_OPS,
     COMPUTE_OPS,
     FLOAT_OUTPUT_OPS,
     FOLDABLE_ACTIVATIONS,
     HEAVY_OPS,
     PASS_THROUGH_OPS,
     VALUE_PRESERVING_OPS,
+    gemm_attribute_problem,
 )
-
-__all__ = ["FOLDABLE_ACTIVATIONS", "HEAVY_OPS", "PASS_THROUGH_OPS"]  # re-exported for older imports
 
 
 @dataclass
@@ -51,8 +52,11 @@ class BiasTarget:
 class NodeDecision:
     name: str
     op_type: str
-    status: str  # "int8", "int16", "folded", "shared-scale", "float"
+    status: str  # a NodeStatus value (kept a plain str: plans and recipes store it as written)
     reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.status = NodeStatus(self.status).value
 
 
 @dataclass
@@ -163,7 +167,7 @@ def _why_not_compute(node: gs.Node, options: PlacementOptions) -> str | None:
     if node_label(node) in options.keep_float:
         return options.keep_float[node_label(node)]
     data_inputs = [t for t in node.inputs if not is_empty(t)]
-    if node.op in ("Conv", "Gemm"):
+    if node.op in BIASED_OPS:
         data_inputs = data_inputs[:2]
     if not all(is_float32(t) for t in data_inputs) or not all(is_float32(t) for t in node.outputs[:1]):
         return "inputs or output are not float32 (or their type is unknown)"
@@ -178,10 +182,9 @@ def _why_not_compute(node: gs.Node, options: PlacementOptions) -> str | None:
             bias = node.inputs[2]
             if not is_constant(bias) or constant_values(bias).ndim != 1:
                 return "bias is not a constant vector"
-        if node.attrs.get("transA", 0):
-            return "transposed A input"
-        if node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
-            return "alpha or beta other than 1 (onnxruntime has no int8 kernel for it)"
+        problem = gemm_attribute_problem(node.attrs)
+        if problem is not None:
+            return problem
     if node.op in ("Add", "Mul") and any(is_constant(t) for t in node.inputs):
         return "one operand is a constant (kept float for accuracy)"
     if node.op in ("MatMul",) and any(is_constant(t) and constant_values(t).ndim != 2 for t in node.inputs):

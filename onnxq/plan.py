@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import qmath
+from .enums import RESOLVED_WEIGHT_RANGES, WeightRange
 from .errors import DataError, UsageError
 from .ir import constant_values
 from .model_io import atomic_write_bytes
@@ -30,15 +31,16 @@ class QuantSettings:
     percentile: float = 99.99
     symmetric: bool = False  # activations: False -> asymmetric range; True -> symmetric around zero
     per_channel: bool = True
-    weight_range: str = "full"  # "reduced": 7-bit weights for x86 CPUs without VNNI
+    weight_range: str = WeightRange.FULL.value  # resolved: never "auto" (onnxq.enums.WeightRange)
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"--percentile must be in (50, 100], got {self.percentile}")
-        if self.weight_range not in ("full", "reduced"):
-            raise UsageError(f"weight range must be 'full' or 'reduced', got {self.weight_range!r}")
+        if self.weight_range not in RESOLVED_WEIGHT_RANGES:
+            raise UsageError(f"weight range must be {' or '.join(map(repr, RESOLVED_WEIGHT_RANGES))}, "
+                             f"got {self.weight_range!r}")
 
     @property
     def activation_qtype(self) -> qmath.QType:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 from onnx import version_converter
 
 from .errors import ModelError, first_line
@@ -32,6 +31,7 @@ from .model_io import (
     spill_folder,
     weights_on_disk,
 )
+from .session import write_optimized
 from .simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
 
 MIN_OPSET = 13
@@ -114,20 +114,7 @@ def _optimize_once(model: onnx.ModelProto, source: Path | None = None) -> onnx.M
         large = needs_external_data(model)
         target = (spill_folder() if large else Path(tmp)) / "optimized.onnx"
         source = source or save_for_onnxruntime(model, Path(tmp), "source.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(target)
-        options.log_severity_level = 4  # errors reach the user as onnxq's one line
-        if large:
-            options.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", "optimized.data"
-            )
-        try:
-            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            reason = first_line(exc)
-            reason = reason.replace(f" from {source}", "")  # our temporary copy means nothing to the user
-            raise ModelError(f"onnxruntime cannot load the model: {reason}") from None
+        write_optimized(source, target, "basic", external_data="optimized.data" if large else None)
         optimized = onnx.load(str(target), load_external_data=not large)
         if large:
             spill(optimized, target.parent)

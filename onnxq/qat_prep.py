@@ -18,7 +18,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__, qmath
-from .calibrate import ProgressFactory, _no_progress
 from .evaluate import compare_models
 from .ir import NameAllocator, export_model, import_graph
 from .model_io import save_model
@@ -26,8 +25,9 @@ from .outputs import transaction
 from .paths import OUTPUT, PathArg, check_paths, quantize_paths
 from .pipeline import QuantizeRequest, calibrated, check_written_model
 from .plan import QuantPlan, TensorPlan, build_plan
-from .report import json_safe, number
+from .report import FP32_REFERENCE, TIMINGS, fidelity_section, json_safe, report_header
 from .rewrite_qdq import write_qdq
+from .session import ProgressFactory, no_progress
 
 
 @dataclass
@@ -42,7 +42,7 @@ def params_path_for(output: Path) -> Path:
 
 
 def qat_prep(request: QuantizeRequest, params_path: Path | None = None,
-             progress: ProgressFactory = _no_progress) -> PrepResult:
+             progress: ProgressFactory = no_progress) -> PrepResult:
     params_path = params_path or params_path_for(request.output)
     check_paths([*quantize_paths(request), PathArg("--params", params_path, OUTPUT)])
     with transaction():  # the model and its parameters file are written together, or neither
@@ -51,27 +51,32 @@ def qat_prep(request: QuantizeRequest, params_path: Path | None = None,
 
 def _qat_prep(request: QuantizeRequest, params_path: Path, progress: ProgressFactory) -> PrepResult:
     c = calibrated(replace(request, speed_guard="off"), progress)
-    full = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
-    plan = QuantPlan(settings=full.settings, nodes=full.nodes, model_digest=c.digest,
-                     tensors={n: t for n, t in full.tensors.items() if t.role != "bias"})
-    activations = QuantPlan(settings=plan.settings, tensors={t.name: t for t in plan.by_role("activation")})
-    model = add_weight_fake_quant(write_qdq(c.prepared, activations), plan.by_role("weight"))
-    fusion = check_written_model(model)
+    timer = c.timer
+    with timer.stage("plan"):
+        full = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
+        plan = QuantPlan(settings=full.settings, nodes=full.nodes, model_digest=c.digest,
+                         tensors={n: t for n, t in full.tensors.items() if t.role != "bias"})
+    with timer.stage("rewrite"):
+        activations = QuantPlan(settings=plan.settings, tensors={t.name: t for t in plan.by_role("activation")})
+        model = add_weight_fake_quant(write_qdq(c.prepared, activations), plan.by_role("weight"))
+    with timer.stage("check"):
+        fusion = check_written_model(model)
     fidelity = None
     if c.held is not None:
-        fidelity = compare_models(c.reference, model, c.held, batch_size=request.data.batch_size, progress=progress)
-    save_model(model, request.output)
-    plan.save(params_path)
+        with timer.stage("evaluate"):
+            fidelity = compare_models(c.reference, model, c.held, batch_size=request.data.batch_size,
+                                      progress=progress)
+    with timer.stage("write"):
+        save_model(model, request.output)
+        plan.save(params_path)
     report = {
-        "onnxq_version": __version__, "command": "qat-prep", "model": str(request.model),
-        "output": str(request.output), "params": str(params_path), "settings": plan.settings.__dict__,
-        "weight_range_reason": c.weight_range_reason,
+        **report_header("qat-prep", request.model, request.output, __version__), "params": str(params_path),
+        "settings": plan.settings.__dict__, "weight_range_reason": c.weight_range_reason,
         "fake_quant": {"activations": len(plan.by_role("activation")), "weights": len(plan.by_role("weight"))},
         "int8_nodes": [d.name for d in plan.nodes if d.status == "int8"],
         "calibration": {"source": c.calib.description, "samples": len(c.calib)} if c.calib is not None else None,
-        "fidelity": None if fidelity is None else {"reference": "the fp32 model", "samples": fidelity.samples,
-                                                   "source": fidelity.source, "outputs": fidelity.outputs},
-        "notes": c.notes, "fusion": fusion.to_dict(),
+        "fidelity": fidelity_section(fidelity, FP32_REFERENCE),
+        "notes": c.notes, "fusion": fusion.to_dict(), TIMINGS: timer.seconds,
     }
     return PrepResult(json_safe(report), plan)
 
@@ -101,16 +106,3 @@ def add_weight_fake_quant(model: onnx.ModelProto, weights: list[TensorPlan]) -> 
     result = export_model(graph, model)
     result.producer_name = "onnxq"
     return result
-
-
-def format_prep_summary(report: dict) -> str:
-    counts = report["fake_quant"]
-    lines = [f"onnxq: fake-quant model {report['output']}: {counts['activations']} activations and "
-             f"{counts['weights']} weights behind QuantizeLinear->DequantizeLinear; parameters -> {report['params']}"]
-    fidelity = report["fidelity"]
-    if fidelity is not None:
-        for out in fidelity["outputs"]:
-            lines.append(f"  vs fp32 on {fidelity['samples']} held-back samples, {out['name']}: "
-                         f"cosine {number(out['cosine'], 5)}, SQNR {number(out['sqnr_db'], 1)} dB")
-    lines.append(f"  after training: onnxq convert {report['output']} -o MODEL.int8.onnx")
-    return "\n".join(lines)

@@ -31,7 +31,8 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 import yaml
 
-from .errors import UsageError
+from .enums import Format, Mode, NodeStatus, SpeedGuard, WeightRange
+from .errors import UsageError, first_line
 from .ir import all_graphs, node_label
 from .model_io import atomic_write_bytes
 from .placement import Placement, quantized_tensors_of
@@ -39,20 +40,20 @@ from .plan import ActivationOverride
 from .ranges import METHODS
 
 RECIPE_VERSION = 1
-PRECISIONS = ("float", "int8", "int16", "dynamic")  # dynamic: int8 with activations quantized at run time
-WEIGHT_TYPES = ("int8", "int4")
+PRECISIONS = (NodeStatus.FLOAT.value, NodeStatus.INT8.value, NodeStatus.INT16.value, NodeStatus.DYNAMIC.value)
+WEIGHT_TYPES = (NodeStatus.INT8.value, NodeStatus.INT4.value)
 # Settings a recipe may hold: name -> (type, allowed values or None).
 SETTINGS: dict[str, tuple[type, tuple | None]] = {
-    "mode": (str, ("static", "dynamic", "weight-only")),
+    "mode": (str, Mode.values()),
     "method": (str, tuple(METHODS)),
     "percentile": (float, None),
     "symmetric": (bool, None),
     "per_channel": (bool, None),
-    "weight_range": (str, ("auto", "full", "reduced")),
-    "speed_guard": (str, ("table", "measure", "off")),
+    "weight_range": (str, WeightRange.values()),
+    "speed_guard": (str, SpeedGuard.values()),
     "auto": (bool, None),  # the automatic search (off: --fast)
     "holdout": (float, None),  # share of --calib never calibrated on (--holdout)
-    "format": (str, ("qdq", "qoperator")),
+    "format": (str, Format.values()),
     "weight_bits": (int, (4, 8)),
     "block_size": (int, None),
     "weight_zero_points": (bool, None),
@@ -156,8 +157,7 @@ class Recipe:
         except FileNotFoundError:
             raise UsageError(f"recipe not found: {path}") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UsageError(f"recipe {path} is not readable YAML: {detail}") from None
+            raise UsageError(f"recipe {path} is not readable YAML: {first_line(exc)}") from None
         return parse_recipe(data if data is not None else {}, str(path))
 
 

@@ -31,12 +31,14 @@ import onnx_graphsurgeon as gs
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import qmath
-from .calibrate import _groups_within_budget, run, session_for
+from .calibrate import groups_within_budget
 from .data import SampleSource, batches
 from .errors import UsageError
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_empty, node_label
-from .placement import HEAVY_OPS, Placement
+from .ops import HEAVY_OPS
+from .placement import Placement
 from .plan import QuantPlan
+from .session import ProgressFactory, no_progress, run, session_for
 
 HOMOGENEOUS_ACTIVATIONS = {"Relu", "LeakyRelu", "PRelu"}  # f(x / s) = f(x) / s for every s > 0
 EQUALIZE_ITERATIONS = 20
@@ -315,7 +317,8 @@ def _window_sums(layer: Layer, x: np.ndarray, out_hw: tuple[int, ...]) -> np.nda
 
 
 def collect_moments(model: onnx.ModelProto, layers: list[Layer], source: SampleSource, *, batch_size: int,
-                    memory_budget: int, gram: set[str]) -> dict[str, InputMoments]:
+                    memory_budget: int, gram: set[str], progress: ProgressFactory = no_progress
+                    ) -> dict[str, InputMoments]:
     """Input moments of every layer (`gram`: labels that also need the Gram matrix) over `source`."""
     inputs = {i.name for i in model.graph.input}
     names = sorted({layer.input_name for layer in layers} - inputs)
@@ -324,16 +327,21 @@ def collect_moments(model: onnx.ModelProto, layers: list[Layer], source: SampleS
             if layer.label in gram}
     with tempfile.TemporaryDirectory(prefix="onnxq-recovery-") as tmp:
         session = session_for(model, Path(tmp), outputs=names)
-        groups = _groups_within_budget(session, source, names, batch_size, memory_budget) or [[]]
-        for index, group in enumerate(groups):
-            wanted = set(group) | (inputs if index == 0 else set())
-            for feed, _ in batches(source, batch_size):
-                values = dict(zip(group, run(session, feed, group), strict=True)) if group else {}
-                values.update({k: v for k, v in feed.items() if k in inputs})
-                for layer in layers:
-                    if layer.input_name in wanted and layer.input_name in values:
-                        accumulate(layer, values[layer.input_name], moments[layer.label], rngs.get(layer.label))
-                del values
+        groups = groups_within_budget(session, source, names, batch_size, memory_budget) or [[]]
+        bar = progress(len(source) * len(groups), "reading layer inputs")
+        try:
+            for index, group in enumerate(groups):
+                wanted = set(group) | (inputs if index == 0 else set())
+                for feed, count in batches(source, batch_size):
+                    values = dict(zip(group, run(session, feed, group), strict=True)) if group else {}
+                    values.update({k: v for k, v in feed.items() if k in inputs})
+                    for layer in layers:
+                        if layer.input_name in wanted and layer.input_name in values:
+                            accumulate(layer, values[layer.input_name], moments[layer.label], rngs.get(layer.label))
+                    del values
+                    bar.update(count)
+        finally:
+            bar.close()
     return moments
 
 
@@ -485,7 +493,7 @@ class RecoveryResult:
 
 def recover(prepared: onnx.ModelProto, quantized_view: onnx.ModelProto, placement: Placement, plan: QuantPlan,
             source: SampleSource | None, options: RecoveryOptions, *, batch_size: int = 1,
-            memory_budget: int = 2 * 1024**3) -> RecoveryResult:
+            memory_budget: int = 2 * 1024**3, progress: ProgressFactory = no_progress) -> RecoveryResult:
     """AdaRound and/or bias correction of the int8 layers of `prepared`, with the plan's weight scales.
 
     `quantized_view` is the QDQ model of `plan`: the layer inputs are read from it, as the
@@ -510,12 +518,12 @@ def recover(prepared: onnx.ModelProto, quantized_view: onnx.ModelProto, placemen
             else:
                 gram_wanted.add(layer.label)
     moments = collect_moments(quantized_view, layers, source, batch_size=batch_size, memory_budget=memory_budget,
-                              gram=gram_wanted)
+                              gram=gram_wanted, progress=progress)
     qtype = plan.settings.weight_qtype
     originals = {layer.label: layer.matrix() for layer in layers}  # bias correction compares with these
     if gram_wanted:
         report["adaround"] = _adaround_layers([la for la in layers if la.label in gram_wanted], moments, plan, qtype,
-                                              options.adaround_seconds or 0.0)
+                                              options.adaround_seconds or 0.0, progress)
     if options.bias_correction:
         report["bias_correction"] = _correct_biases(graph, layers, moments, originals, plan, qtype)
     report["seconds"] = round(time.perf_counter() - start, 2)
@@ -569,25 +577,33 @@ def affordable_layers(layers: list[Layer], count: int, seconds: float) -> list[s
 
 
 def _adaround_layers(layers: list[Layer], moments: dict[str, InputMoments], plan: QuantPlan, qtype: qmath.QType,
-                     seconds: float) -> dict:
+                     seconds: float, progress: ProgressFactory = no_progress) -> dict:
     steps = adaround_steps([(layer.label, step_flops(layer)) for layer in layers], seconds)
     rows = []
     start = time.perf_counter()
-    for layer in sorted(layers, key=lambda la: la.label):
-        m = moments[layer.label]
-        if m.gram is None:
-            continue
-        w = layer.matrix()
-        scale = _weight_scales(layer, plan)
-        result = adaround(w, scale, m.gram, m.gram_count, qtype.qmin, qtype.qmax, steps[layer.label])
-        layer.weight.values = layer.from_matrix(result.q * scale[..., None])
-        nearest = np.clip(np.rint(w / scale[..., None]), qtype.qmin, qtype.qmax)
-        rows.append({"layer": layer.label, "steps": result.steps, "loss_nearest": result.loss_nearest,
-                     "loss_adaround": result.loss_chosen,
-                     "changed_weights": int(np.count_nonzero(result.q != nearest))})
+    bar = progress(len(layers), "adaround")
+    try:
+        for layer in sorted(layers, key=lambda la: la.label):
+            rows.extend(_adaround_layer(layer, moments[layer.label], plan, qtype, steps[layer.label]))
+            bar.update(1)
+    finally:
+        bar.close()
     improved = [r for r in rows if r["loss_adaround"] < r["loss_nearest"]]
     return {"layers_improved": len(improved), "layers": rows, "seconds": round(time.perf_counter() - start, 2),
             "mean_loss_ratio": _mean_ratio(rows)}
+
+
+def _adaround_layer(layer: Layer, m: InputMoments, plan: QuantPlan, qtype: qmath.QType, steps: int) -> list[dict]:
+    """Re-round one layer's weights in place; its report row (none without a Gram matrix)."""
+    if m.gram is None:
+        return []
+    w = layer.matrix()
+    scale = _weight_scales(layer, plan)
+    result = adaround(w, scale, m.gram, m.gram_count, qtype.qmin, qtype.qmax, steps)
+    layer.weight.values = layer.from_matrix(result.q * scale[..., None])
+    nearest = np.clip(np.rint(w / scale[..., None]), qtype.qmin, qtype.qmax)
+    return [{"layer": layer.label, "steps": result.steps, "loss_nearest": result.loss_nearest,
+             "loss_adaround": result.loss_chosen, "changed_weights": int(np.count_nonzero(result.q != nearest))}]
 
 
 def _mean_ratio(rows: list[dict]) -> float | None:

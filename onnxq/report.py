@@ -1,4 +1,5 @@
-"""The quantize report: a JSON-ready dict with everything, and a short text summary."""
+"""The reports of quantize, convert and qat-prep: JSON-ready dicts that share their header, fidelity and
+timing keys, and the one text summary (format_summary) that reads any of them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from .enums import QUANTIZED_STATUSES
 from .model_io import model_bytes
 
 if TYPE_CHECKING:
@@ -17,7 +19,8 @@ if TYPE_CHECKING:
     from .plan import QuantPlan
     from .statistics import Statistics
 
-QUANTIZED_STATUSES = ("int8", "int4", "folded", "shared-scale", "dynamic")
+FP32_REFERENCE = "the fp32 model"
+TIMINGS = "timings_s"  # stage -> seconds, in every report
 
 
 def build_report(*, request: QuantizeRequest, version: str, original: onnx.ModelProto, quantized_bytes: int,
@@ -28,9 +31,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
     original_bytes = model_bytes(original)
     nodes = _node_summary(plan)
     report = {
-        "onnxq_version": version,
-        "model": str(request.model),
-        "output": str(request.output),
+        **report_header("quantize", request.model, request.output, version),
         "target_cpu": None if target is None else {**target, "speed_decisions": _speed_decisions(speed_guard)},
         "settings": {**plan.settings.__dict__, "weight_range_reason": weight_range_reason,
                      "exclude": list(request.exclude), "format": request.output_format,
@@ -47,9 +48,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
         "nodes": nodes,
         "size": {"fp32_bytes": original_bytes, "int8_bytes": quantized_bytes,
                  "ratio": round(original_bytes / quantized_bytes, 3) if quantized_bytes else None},
-        "fidelity": None if fidelity is None else {"samples": fidelity.samples, "source": fidelity.source,
-                                                   "available_samples": fidelity.available or fidelity.samples,
-                                                   "outputs": fidelity.outputs},
+        "fidelity": fidelity_section(fidelity, FP32_REFERENCE),
         "tensors": [_tensor_row(t) for t in plan.tensors.values()],
         "float_nodes": [{"name": n.name, "op_type": n.op_type, "reason": n.reason}
                         for n in plan.nodes if n.status == "float"],
@@ -57,10 +56,23 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
         "fusion": fusion,
         "recovery": recovery,
         "notes": notes,
-        "timings_s": timings,
+        TIMINGS: timings,
     }
     report["gates"] = _gates(request, fidelity)
     return json_safe(report)
+
+
+def report_header(command: str, model: object, output: object, version: str) -> dict:
+    """The keys every report starts with."""
+    return {"onnxq_version": version, "command": command, "model": str(model), "output": str(output)}
+
+
+def fidelity_section(fidelity: Fidelity | None, reference: str) -> dict | None:
+    """How closely the written model follows `reference` (None: not measured), alike in every report."""
+    if fidelity is None:
+        return None
+    return {"reference": reference, "samples": fidelity.samples, "source": fidelity.source,
+            "available_samples": fidelity.available or fidelity.samples, "outputs": fidelity.outputs}
 
 
 def _speed_decisions(guard: dict) -> str:
@@ -131,7 +143,12 @@ def json_safe(value):
 
 
 def format_summary(report: dict) -> str:
-    """A few human lines for stderr."""
+    """A few human lines for stderr, for the report of any command."""
+    body = {"convert": _convert_lines, "qat-prep": _prep_lines}.get(report.get("command", "quantize"), _quantize_lines)
+    return "\n".join(body(report))
+
+
+def _quantize_lines(report: dict) -> list[str]:
     nodes, size = report["nodes"], report["size"]
     lines = [f"onnxq {report['onnxq_version']}: {report['model']} -> {report['output']}"]
     target = report.get("target_cpu")
@@ -157,25 +174,8 @@ def format_summary(report: dict) -> str:
     lines.append("    " + ", ".join(ops))
     lines.append(f"  size: {size['fp32_bytes'] / 1e6:.2f} MB -> {size['int8_bytes'] / 1e6:.2f} MB "
                  f"({size_change(size['fp32_bytes'], size['int8_bytes'])})")
-    fidelity = report["fidelity"]
-    if fidelity:
-        measured = fidelity["samples"]
-        available = fidelity.get("available_samples") or measured
-        of, every = (f" of {available}", "; --eval-samples all for every one") if available > measured else ("", "")
-        lines.append(f"  fidelity on {measured}{of} samples ({fidelity['source']}{every}):")
-        for out in fidelity["outputs"]:
-            task = out.get("task") or {}
-            same = (f"; task ({task['kind']}): agreement {number(task['agreement'], 4)}{_near_ties(task)}"
-                    if task.get("agreement") is not None else "")
-            lines.append(f"    {out['name']}: cosine {number(out['cosine'], 5)} "
-                         f"(worst sample {number(out['worst_sample_cosine'], 5)}), "
-                         f"SQNR {number(out['sqnr_db'], 1)} dB{same}")
-    else:
-        lines.append("  fidelity: not measured (no evaluation data)")
-    fusion = report.get("fusion")
-    if fusion:
-        kernels = ", ".join(f"{op} {n}" for op, n in fusion["int8_kernels"].items()) or "none"
-        lines.append(f"  onnxruntime int8 kernels: {kernels}; avoidable unfused Q/DQ: {fusion['avoidable']}")
+    lines.extend(_fidelity_lines(report["fidelity"]))
+    lines.extend(_fusion_lines(report.get("fusion")))
     lines.extend(_search_lines(report.get("auto")))
     smoothing = report.get("smoothing")
     if smoothing:
@@ -195,11 +195,67 @@ def format_summary(report: dict) -> str:
     for gate in report["gates"]:
         verdict = "passed" if gate["passed"] else "MISSED"
         lines.append(f"  gate {gate['gate']} >= {gate['required']}: {verdict} (measured {number(gate['measured'], 4)})")
-    for note in report["notes"]:
-        lines.append(f"  note: {note}")
-    total = sum(report["timings_s"].values())
-    lines.append(f"  time: {total:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()) + ")")
-    return "\n".join(lines)
+    return lines + _closing_lines(report)
+
+
+def _convert_lines(report: dict) -> list[str]:
+    tensors = report["tensors"]
+    lines = [f"onnxq: converted {report['model']} -> {report['output']} ({report['format']}): "
+             f"{len(report['int8_nodes'])} int8 nodes; {len(tensors['learned']) + len(tensors['shared_learned'])} "
+             f"tensors keep learned parameters, {len(tensors['calibrated'])} calibrated, "
+             f"{len(tensors['computed'])} weights/biases quantized by onnxq (biases: int32, input x weight scale)"]
+    if report["converted_types"]:
+        lines.append(f"  {len(report['converted_types'])} activations converted to {report['activations']}")
+    if report["dropped"]:
+        lines.append(f"  {len(report['dropped'])} learned parameters not used (see the report's 'dropped')")
+    if report["kept_float"]:
+        lines.append(f"  {len(report['kept_float'])} nodes kept float, as the input model leaves their tensors float "
+                     "(see the report's 'kept_float'; --calibrate-missing --calib DATA quantizes them)")
+    return lines + _fusion_lines(report["fusion"]) + _fidelity_lines(report["fidelity"]) + _closing_lines(report)
+
+
+def _prep_lines(report: dict) -> list[str]:
+    counts = report["fake_quant"]
+    lines = [f"onnxq: fake-quant model {report['output']}: {counts['activations']} activations and "
+             f"{counts['weights']} weights behind QuantizeLinear->DequantizeLinear; parameters -> {report['params']}"]
+    lines += _fidelity_lines(report["fidelity"]) + _closing_lines(report)
+    return [*lines, f"  after training: onnxq convert {report['output']} -o MODEL.int8.onnx"]
+
+
+def _fidelity_lines(fidelity: dict | None) -> list[str]:
+    if not fidelity:
+        return ["  fidelity: not measured (no evaluation data)"]
+    measured = fidelity["samples"]
+    available = fidelity.get("available_samples") or measured
+    of, every = (f" of {available}", "; --eval-samples all for every one") if available > measured else ("", "")
+    reference = fidelity.get("reference", FP32_REFERENCE)
+    versus = "" if reference == FP32_REFERENCE else f" vs {reference}"
+    lines = [f"  fidelity{versus} on {measured}{of} samples ({fidelity['source']}{every}):"]
+    for out in fidelity["outputs"]:
+        task = out.get("task") or {}
+        same = (f"; task ({task['kind']}): agreement {number(task['agreement'], 4)}{_near_ties(task)}"
+                if task.get("agreement") is not None else "")
+        lines.append(f"    {out['name']}: cosine {number(out['cosine'], 5)} "
+                     f"(worst sample {number(out['worst_sample_cosine'], 5)}), "
+                     f"SQNR {number(out['sqnr_db'], 1)} dB{same}")
+    return lines
+
+
+def _fusion_lines(fusion: dict | None) -> list[str]:
+    if not fusion:
+        return []
+    kernels = ", ".join(f"{op} {n}" for op, n in fusion["int8_kernels"].items()) or "none"
+    return [f"  onnxruntime int8 kernels: {kernels}; avoidable unfused Q/DQ: {fusion['avoidable']}"]
+
+
+def _closing_lines(report: dict) -> list[str]:
+    """Notes, then the time each stage took."""
+    lines = [f"  note: {note}" for note in report.get("notes", [])]
+    timings = report.get(TIMINGS) or {}
+    if timings:
+        lines.append(f"  time: {sum(timings.values()):.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+                     + ")")
+    return lines
 
 
 def _near_ties(task: dict) -> str:

@@ -26,9 +26,9 @@ import onnx_graphsurgeon as gs
 from . import qmath
 from .float_islands import isolate_float_layers
 from .ir import NameAllocator, constant_values, export_model, import_domain, import_graph
+from .ops import MS_DOMAIN
 from .plan import QuantPlan, TensorPlan
 
-MS = "com.microsoft"
 WIDE_QTYPES = ("int16", "uint16")  # standard QuantizeLinear takes them from opset 21 on
 
 
@@ -36,7 +36,7 @@ def write_qdq(prepared: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     graph = import_graph(prepared)
     names = NameAllocator(graph)
     tensors = graph.tensors()
-    wide_domain = "" if _default_opset(prepared) >= 21 else MS
+    wide_domain = "" if _default_opset(prepared) >= 21 else MS_DOMAIN
     for entry in plan.by_role("activation"):
         domain = wide_domain if entry.qtype in WIDE_QTYPES else ""
         _quantize_activation(graph, tensors[entry.name], entry, names, domain)
@@ -45,7 +45,7 @@ def write_qdq(prepared: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     isolate_float_layers(graph, plan.nodes, names)
     model = export_model(graph, prepared)
     model.producer_name = "onnxq"
-    import_domain(model, MS)  # only declared when a 16-bit pair uses it
+    import_domain(model, MS_DOMAIN)  # only declared when a 16-bit pair uses it
     return model
 
 

@@ -22,12 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .ir import export_model, import_domain, import_graph, is_constant, replace_nodes
-
-MS = "com.microsoft"
-PASS_THROUGH = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Resize"}
-ELEMENTWISE = {"Add": "QLinearAdd", "Mul": "QLinearMul"}
-UNARY = {"Sigmoid": "QLinearSigmoid", "LeakyRelu": "QLinearLeakyRelu", "AveragePool": "QLinearAveragePool",
-         "GlobalAveragePool": "QLinearGlobalAveragePool"}
+from .ops import FOLDABLE_ACTIVATIONS, HEAVY_OPS, MS_DOMAIN, PASS_THROUGH_OPS, QLINEAR_BINARY, QLINEAR_UNARY
 
 
 @dataclass
@@ -46,7 +41,7 @@ def write_qoperator(qdq_model: onnx.ModelProto) -> onnx.ModelProto:
     for node in list(graph.nodes):
         rewriter.visit(node)
     model = export_model(graph, qdq_model)
-    import_domain(model, MS)
+    import_domain(model, MS_DOMAIN)
     model.producer_name = "onnxq"
     return model
 
@@ -63,15 +58,15 @@ class _Rewriter:
                                                                    node.attrs.get("axis"))
 
     def visit(self, node: gs.Node) -> None:
-        if node.op in ("Conv", "MatMul", "Gemm"):
+        if node.op in HEAVY_OPS:
             self._heavy(node)
-        elif node.op in ELEMENTWISE:
-            self._simple(node, ELEMENTWISE[node.op], list(node.inputs), interleave_output_first=False)
+        elif node.op in QLINEAR_BINARY:
+            self._simple(node, QLINEAR_BINARY[node.op], list(node.inputs), interleave_output_first=False)
         elif node.op == "Concat":
             self._simple(node, "QLinearConcat", list(node.inputs), interleave_output_first=True)
-        elif node.op in UNARY:
-            self._simple(node, UNARY[node.op], node.inputs[:1], interleave_output_first=False)
-        elif node.op in PASS_THROUGH:
+        elif node.op in QLINEAR_UNARY:
+            self._simple(node, QLINEAR_UNARY[node.op], node.inputs[:1], interleave_output_first=False)
+        elif node.op in PASS_THROUGH_OPS:
             self._pass_through(node)
 
     # -------------------------------------------------------------- helpers
@@ -92,7 +87,7 @@ class _Rewriter:
             consumer = tensor.outputs[0]
             if consumer.op == "QuantizeLinear":
                 return consumer, skipped
-            if not through_activation or consumer.op not in ("Relu", "Clip") or skipped:
+            if not through_activation or consumer.op not in FOLDABLE_ACTIVATIONS or skipped:
                 return None
             skipped.append(consumer)
             tensor = consumer.outputs[0]
@@ -144,7 +139,7 @@ class _Rewriter:
             return
         output = node.outputs[0]
         inputs = [a.tensor, b.tensor, a.scale, b.scale, a.zero_point, b.zero_point]
-        self._replace([node], gs.Node("MatMulIntegerToFloat", node.name, {}, inputs, [output], domain=MS))
+        self._replace([node], gs.Node("MatMulIntegerToFloat", node.name, {}, inputs, [output], domain=MS_DOMAIN))
 
     def _gemm(self, node: gs.Node, a: Quantized, b: Quantized, bias: Quantized | None, found) -> None:
         attrs = {k: v for k, v in node.attrs.items() if k in ("transA", "transB", "alpha")}
@@ -154,12 +149,12 @@ class _Rewriter:
             quantizer = found[0]
             self._replace([node, quantizer], gs.Node("QGemm", node.name, attrs,
                                                      [*inputs, quantizer.inputs[1], quantizer.inputs[2]],
-                                                     [quantizer.outputs[0]], domain=MS))
+                                                     [quantizer.outputs[0]], domain=MS_DOMAIN))
             return
         output = node.outputs[0]
         if bias is None:
             inputs = inputs[:6]
-        self._replace([node], gs.Node("QGemm", node.name, attrs, inputs, [output], domain=MS))
+        self._replace([node], gs.Node("QGemm", node.name, attrs, inputs, [output], domain=MS_DOMAIN))
 
     def _simple(self, node: gs.Node, op: str, sources: list[gs.Tensor], interleave_output_first: bool) -> None:
         quantized = [self._activation(t) for t in sources]
@@ -175,7 +170,8 @@ class _Rewriter:
         attrs = dict(node.attrs)
         if node.op in ("AveragePool", "GlobalAveragePool"):
             attrs["channels_last"] = 0
-        self._replace([node, quantizer], gs.Node(op, node.name, attrs, inputs, [quantizer.outputs[0]], domain=MS))
+        new = gs.Node(op, node.name, attrs, inputs, [quantizer.outputs[0]], domain=MS_DOMAIN)
+        self._replace([node, quantizer], new)
 
     def _pass_through(self, node: gs.Node) -> None:
         source = self._activation(node.inputs[0])

@@ -25,8 +25,8 @@ from typing import Protocol
 
 import onnx
 
-from .calibrate import ProgressFactory, _no_progress
 from .evaluate import CachedReference, Fidelity
+from .session import ProgressFactory, no_progress
 
 Build = Callable[[frozenset[str]], onnx.ModelProto]  # float nodes -> quantized model
 
@@ -136,7 +136,7 @@ def _finite(value: float) -> float | str | None:
 
 
 def measure_sensitivity(build: Build, candidates: dict[str, str], reference: CachedReference,
-                        progress: ProgressFactory = _no_progress, *, all_but: bool = True,
+                        progress: ProgressFactory = no_progress, *, all_but: bool = True,
                         evaluator: Evaluator | None = None) -> SensitivityResult:
     """`candidates`: node -> op type of every int8 layer to rank. `all_but=False` skips the
     all-but-this-layer models (the ranking needs only the others): half the work."""
@@ -192,7 +192,7 @@ class SearchResult:
 
 
 def search_fallbacks(build: Build, ranked: list[str], target: Target, reference: CachedReference,
-                     max_fallbacks: int, progress: ProgressFactory = _no_progress, *,
+                     max_fallbacks: int, progress: ProgressFactory = no_progress, *,
                      evaluator: Evaluator | None = None) -> SearchResult:
     """Keep ranked layers in float one by one until `target` holds; the best model's float nodes.
 

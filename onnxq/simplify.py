@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_empty, is_float32
+from .ops import BIASED_OPS
 
 
 def fold_affine_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -150,9 +151,6 @@ def _spatial_mean(node: gs.Node) -> bool:
     else:
         axes = list(node.attrs.get("axes", []))
     return sorted(a % rank for a in axes) == list(range(2, rank))
-
-
-BIASED_OPS = ("Conv", "Gemm")
 
 
 def unshare_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

@@ -30,10 +30,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calibrate import ProgressFactory, _no_progress, run, session_for
 from .data import SampleSource, batches
 from .errors import UsageError
 from .ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_float32, node_label
+from .ops import MATMUL_OPS
+from .session import ProgressFactory, no_progress, run, session_for
 
 S_MIN, S_MAX = 1e-4, 1e4  # s stays finite and invertible in float32 whatever the statistics say
 
@@ -83,7 +84,7 @@ class _Group:
 
 
 def smooth_model(model: onnx.ModelProto, alpha: float, source: SampleSource, *, batch_size: int = 1,
-                 insert_mul: bool = False, progress: ProgressFactory = _no_progress) -> SmoothResult:
+                 insert_mul: bool = False, progress: ProgressFactory = no_progress) -> SmoothResult:
     """The model with every smoothable MatMul/Gemm input smoothed (outputs unchanged up to rounding)."""
     validate_alpha(alpha)
     graph = import_graph(model)
@@ -114,7 +115,7 @@ def smoothing_factors(a: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def channel_absmax(model: onnx.ModelProto, tensors: list[str], source: SampleSource, batch_size: int = 1,
-                   progress: ProgressFactory = _no_progress) -> dict[str, np.ndarray]:
+                   progress: ProgressFactory = no_progress) -> dict[str, np.ndarray]:
     """Per-channel (last axis) abs-max of `tensors` over `source`; only a running max is kept.
 
     Graph inputs among `tensors` are read from the feeds (onnxruntime has no output by their name).
@@ -146,7 +147,7 @@ def _weight_kn(node: gs.Node) -> np.ndarray:
 
 def _smoothable(node: gs.Node) -> bool:
     """A MatMul/Gemm whose second input is a constant float 2-D weight (X @ W, X's last axis = K)."""
-    if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2 or is_constant(node.inputs[0]):
+    if node.op not in MATMUL_OPS or len(node.inputs) < 2 or is_constant(node.inputs[0]):
         return False
     weight = node.inputs[1]
     if not is_constant(weight) or not is_float32(weight) or constant_values(weight).ndim != 2:

@@ -31,16 +31,17 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from .calibrate import ProgressFactory, _no_progress, session_for
 from .cpu import INT8_FEATURES, TargetCpu, host_cpu
+from .enums import SpeedGuard
 from .errors import DataError, OutputError
 from .ir import constant_values, is_constant, node_label
 from .latency import interleaved_runs
+from .ops import HEAVY_OPS
 from .placement import Placement
+from .session import ProgressFactory, no_progress, session_for
 from .speed_table import FLOAT_MIN_GAIN, SpeedTable, layer_class, shipped_table
 
-GUARDED_OPS = ("Conv", "MatMul", "Gemm")
-MODES = ("table", "measure", "off")
+MODES = SpeedGuard.values()
 PROFILE_FORMAT = "onnxq-speed-profile/1"
 MIN_ROUNDS = 7
 MAX_ROUNDS = 41
@@ -123,7 +124,7 @@ def guarded_nodes(graph: gs.Graph, placement: Placement, pinned: frozenset[str] 
     """int8 Conv/MatMul/Gemm nodes with a constant weight that no recipe pins: what the guard may keep float."""
     int8 = {d.name for d in placement.nodes if d.status == "int8"}
     return [node for node in graph.nodes
-            if node.op in GUARDED_OPS and node_label(node) in int8 and node_label(node) not in pinned
+            if node.op in HEAVY_OPS and node_label(node) in int8 and node_label(node) not in pinned
             and len(node.inputs) > 1 and is_constant(node.inputs[1])]
 
 
@@ -211,7 +212,7 @@ def run_speed_guard(
     feed: dict[str, np.ndarray],
     profile_path: Path,
     model_key: str,
-    progress: ProgressFactory = _no_progress,
+    progress: ProgressFactory = no_progress,
     *,
     pinned: bool = False,
     compare: Callable[[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]], tuple[float, float]] = compare_latency,

@@ -26,16 +26,17 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import weight_rounding as wr
-from .calibrate import ProgressFactory, _no_progress
 from .data import SampleSource, model_input_specs, open_source
-from .dynamic import MS, WeightOnlyOptions, _finish, _matmul_weight, rewrite_weight_only
+from .dynamic import WeightOnlyOptions, _finish, _matmul_weight, rewrite_weight_only
 from .errors import UsageError
 from .evaluate import CachedReference, load_metric
 from .ir import NameAllocator, all_graphs, constant_values, import_graph, is_constant, is_float32, node_label
+from .ops import MATMUL_OPS, MS_DOMAIN
 from .placement import NodeDecision
 from .qmath import QType
 from .recipe import NodeChoice, Rule, Selector
 from .sensitivity import Target, measure_sensitivity, search_fallbacks
+from .session import ProgressFactory, no_progress
 from .smooth import _divide_activation, _find_groups, _scale_weight_rows
 from .weight_stats import InputStats, collect_input_stats
 
@@ -71,7 +72,7 @@ class Int4Result:
 def quantize_int4(model: onnx.ModelProto, options: WeightOnlyOptions, choices: dict[str, NodeChoice],
                   calib: SampleSource | None, *, batch_size: int = 1, memory_budget: int = 2 * 1024**3,
                   search: tuple[Target, CachedReference, int, str] | None = None,
-                  progress: ProgressFactory = _no_progress) -> Int4Result:
+                  progress: ProgressFactory = no_progress) -> Int4Result:
     """The int4 model. `search`: (target, reference, max fallbacks, fallback "int8"|"float")."""
     if options.method in NEEDS_DATA and calib is None:
         raise UsageError(f"--weight-method {options.method} measures each layer's inputs: give --calib "
@@ -161,7 +162,7 @@ def find_layers(graph: gs.Graph, choices: dict[str, NodeChoice]) -> dict[str, La
     layers: dict[str, Layer] = {}
     for _, node in _nodes(graph):
         label = node_label(node)
-        if node.op in ("MatMul", "Gemm"):
+        if node.op in MATMUL_OPS:
             found = _matmul_weight(node)
             if not isinstance(found, str):
                 layers[label] = Layer(label, node.op, found[0])
@@ -265,7 +266,7 @@ def build_model(model: onnx.ModelProto, cache: RoundingCache, bits: dict[str, in
     for sub, node in _nodes(graph):
         label = node_label(node)
         layer = cache.layers.get(label)
-        if node.op not in ("MatMul", "Gemm"):
+        if node.op not in MATMUL_OPS:
             continue
         if layer is None:
             why = _matmul_weight(node)
@@ -309,7 +310,7 @@ def _matmul_nbits(graph: gs.Graph, node: gs.Node, quant: wr.BlockQuant, names: N
     attrs = {"K": k, "N": n, "bits": quant.fmt.bits, "block_size": quant.fmt.block_size}
     if quant.fmt.bits == 8:  # onnxruntime's fast 8-bit kernel quantizes A per block (as it does for DQ -> MatMul)
         attrs["accuracy_level"] = 4
-    new = gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=MS)
+    new = gs.Node("MatMulNBits", node.name, attrs, inputs, list(node.outputs), domain=MS_DOMAIN)
     node.inputs.clear()
     node.outputs.clear()
     graph.nodes.append(new)
@@ -329,7 +330,7 @@ def _gbq_node(graph: gs.Graph, node: gs.Node, inputs: list[gs.Tensor], quant: wr
     attrs = {"bits": quant.fmt.bits, "block_size": quant.fmt.block_size, "gather_axis": 0, "quantize_axis": 1}
     data, scales, *zeros = inputs
     new = gs.Node("GatherBlockQuantized", node.name or names.new("GatherBlockQuantized"), attrs,
-                  [data, node.inputs[1], scales, *zeros], list(node.outputs), domain=MS)
+                  [data, node.inputs[1], scales, *zeros], list(node.outputs), domain=MS_DOMAIN)
     node.inputs.clear()
     node.outputs.clear()
     graph.nodes.append(new)
@@ -429,7 +430,7 @@ def quantize_embeddings_int8(model: onnx.ModelProto, choices: dict[str, NodeChoi
 
 def run_weight_only(request: QuantizeRequest, model: onnx.ModelProto, reference: onnx.ModelProto, qtype: QType,
                     choices: dict[str, NodeChoice], held: SampleSource | None,
-                    progress: ProgressFactory = _no_progress) -> Int4Result:
+                    progress: ProgressFactory = no_progress) -> Int4Result:
     """--mode weight-only as the pipeline runs it: int8 per channel (+ 8-bit embeddings), or int4."""
     options = request.weight_only
     if options.bits == 8:

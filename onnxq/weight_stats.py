@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibrate import ProgressFactory, _no_progress, pack_under_budget, run, session_for, with_outputs
+from .calibrate import pack_under_budget
 from .data import Feed, SampleSource, batches
+from .session import ProgressFactory, no_progress, run, session_for, with_outputs
 
 PENDING_VALUES = 1 << 19  # rows are folded into X^T X in chunks of about this many values (2 MB)
 
@@ -78,7 +79,7 @@ def token_rows(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 def collect_input_stats(model: onnx.ModelProto, tensors: list[str], source: SampleSource, *, batch_size: int = 1,
-                        memory_budget: int = 2 * 1024**3, progress: ProgressFactory = _no_progress
+                        memory_budget: int = 2 * 1024**3, progress: ProgressFactory = no_progress
                         ) -> dict[str, InputStats]:
     """InputStats of each named float tensor (graph input or node output) over every sample of `source`."""
     found: dict[str, InputStats] = {}

@@ -359,8 +359,8 @@ def speed_guard_off_unless_asked(request: pytest.FixtureRequest, monkeypatch: py
         from onnxq import pipeline
         from onnxq.speed_guard import GuardResult
 
-        monkeypatch.setattr(pipeline, "run_speed_guard", lambda *args, **kwargs: GuardResult(source="(tests)"))
-        monkeypatch.setattr(pipeline, "table_guard", lambda *args, **kwargs: GuardResult("table", "(tests)"))
+        monkeypatch.setattr(pipeline, "run_speed_guard", lambda *_args, **_kwargs: GuardResult(source="(tests)"))
+        monkeypatch.setattr(pipeline, "table_guard", lambda *_args, **_kwargs: GuardResult("table", "(tests)"))
 
 
 @pytest.fixture(autouse=True)

@@ -131,7 +131,7 @@ def fake_space(speed=None, **kwargs) -> auto.SearchSpace:
 
 
 def test_static_meeting_the_target_ends_the_search_at_once() -> None:
-    outcome = auto.search(fake_space(), FakeReference(lambda c: 1.0))
+    outcome = auto.search(fake_space(), FakeReference(lambda _c: 1.0))
     assert [m.candidate.name for m in outcome.measured] == ["static global"]
     assert outcome.chosen.candidate.mode == "static" and not outcome.notes
 
@@ -191,7 +191,7 @@ def test_nothing_meeting_the_target_keeps_the_most_agreeing_with_a_note() -> Non
 
 
 def test_the_budget_ends_the_search_and_says_so() -> None:
-    outcome = auto.search(fake_space(), FakeReference(lambda c: 0.5, delay_s=0.05), budget_s=0.08)
+    outcome = auto.search(fake_space(), FakeReference(lambda _c: 0.5, delay_s=0.05), budget_s=0.08)
     assert len(outcome.measured) == 1  # a second candidate, as slow as the first, would end past the budget
     assert any("budget of 0.08 s" in note for note in outcome.notes)
 
@@ -219,7 +219,7 @@ class ShuffledScorer:
         self.reference, self.random, self.groups, self.rank = reference, random.Random(seed), [], rank
         self.probes: list[str] = []  # what became of each probe started: "used" or "cancelled"
 
-    def score(self, candidates, build, enough) -> dict[int, auto.Scored]:
+    def score(self, candidates, build, _enough) -> dict[int, auto.Scored]:
         self.groups.append([c.name for c in candidates])
         order = self.random.sample(range(len(candidates)), len(candidates))
         return {i: auto.score(self.reference, build(candidates[i])) for i in order}
@@ -277,8 +277,8 @@ def test_scoring_groups_at_once_gives_the_serial_search(seed: int) -> None:
 
 
 def test_on_a_scorer_the_budget_is_checked_before_each_group() -> None:
-    scorer = ShuffledScorer(FakeReference(lambda c: 0.5, delay_s=0.05), 0)
-    outcome = auto.search(fake_space(), FakeReference(lambda c: 0.5), budget_s=0.08, scorer=scorer)
+    scorer = ShuffledScorer(FakeReference(lambda _c: 0.5, delay_s=0.05), 0)
+    outcome = auto.search(fake_space(), FakeReference(lambda _c: 0.5), budget_s=0.08, scorer=scorer)
     assert scorer.groups == [["static global", "static percentile"]]  # the first group runs whole
     assert len(outcome.measured) == 2 and any("budget of 0.08 s" in note for note in outcome.notes)
 
@@ -386,7 +386,7 @@ def test_inspect_names_the_answer_each_output_carries(tmp_path: Path) -> None:
     assert "probs: classes" in CliRunner().invoke(main, ["inspect", str(model)]).stdout
 
 
-def test_emulated_dynamic_matmul_computes_what_the_kernel_computes(tmp_path: Path) -> None:
+def test_emulated_dynamic_matmul_computes_what_the_kernel_computes() -> None:
     from onnxq.dynamic import rewrite_dynamic
     from onnxq.emulation import LEVEL, emulated
     from onnxq.plan import QuantSettings
@@ -447,7 +447,7 @@ def test_a_chosen_model_slower_than_fp32_here_is_said_in_a_note(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from onnxq import pipeline
 
-    monkeypatch.setattr(pipeline, "measured_speedup", lambda *args, **kwargs: {"speedup": 0.6, "runs": 5,
+    monkeypatch.setattr(pipeline, "measured_speedup", lambda *_args, **_kwargs: {"speedup": 0.6, "runs": 5,
                                                                                  "threads": 1})
     model = save(conv_relu_model(), tmp_path / "m.onnx")
     calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 12)

@@ -23,11 +23,9 @@ from conftest import (
 from onnx import helper
 
 from onnxq.cli import main
-from onnxq.convert import format_convert_summary
 from onnxq.dynamic import WeightOnlyOptions
 from onnxq.errors import EXIT_BAD_DATA, EXIT_BAD_MODEL, EXIT_USAGE, DataError, ModelError, first_line
-from onnxq.qat_prep import format_prep_summary
-from onnxq.report import size_change
+from onnxq.report import format_summary, size_change
 from onnxq.statistics import Statistics
 
 
@@ -60,15 +58,17 @@ def one_error_line(stderr: str) -> str:
 
 def test_infinite_sqnr_summaries() -> None:
     """Reports write inf as the string "inf" (JSON has none); the text summaries used to format it as a float."""
-    fidelity = {"samples": 3, "outputs": [{"name": "y", "cosine": 1.0, "sqnr_db": "inf", "top1_agreement": None}]}
-    prep = {"output": "f.onnx", "params": "p.json", "fake_quant": {"activations": 2, "weights": 2},
-            "fidelity": fidelity}
-    assert "SQNR inf dB" in format_prep_summary(prep)
-    converted = {"model": "a", "output": "b", "format": "qdq", "int8_nodes": ["c"], "converted_types": [],
+    fidelity = {"samples": 3, "source": "calib", "outputs": [{"name": "y", "cosine": 1.0, "worst_sample_cosine": 1.0,
+                                                             "sqnr_db": "inf", "top1_agreement": None}]}
+    prep = {"command": "qat-prep", "output": "f.onnx", "params": "p.json",
+            "fake_quant": {"activations": 2, "weights": 2}, "fidelity": fidelity}
+    assert "SQNR inf dB" in format_summary(prep)
+    converted = {"command": "convert", "model": "a", "output": "b", "format": "qdq", "int8_nodes": ["c"],
+                 "converted_types": [],
                  "dropped": [], "kept_float": [], "fidelity": fidelity,
                  "tensors": {"learned": [], "shared_learned": [], "calibrated": [], "computed": []},
                  "fusion": {"int8_kernels": {}, "avoidable": 0}}
-    assert "SQNR inf dB" in format_convert_summary(converted)
+    assert "SQNR inf dB" in format_summary(converted)
 
 
 def edit_stats(source: Path, target: Path, edit) -> Path:
@@ -81,12 +81,12 @@ def edit_stats(source: Path, target: Path, edit) -> Path:
 
 
 def _entry(key, value):
-    def edit(header, counts):
+    def edit(header, _counts):
         header["tensors"][0][key] = value
     return edit
 
 
-def _negative_bin(header, counts):
+def _negative_bin(_header, counts):
     counts[0, 10] = -4
     return counts
 

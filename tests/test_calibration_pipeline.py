@@ -20,7 +20,7 @@ import pytest
 from conftest import conv_relu_model, feeds_for, quantize_simple, save, two_input_model, write_npz_folder
 
 from onnxq import pipeline
-from onnxq.calibrate import collect_statistics, session_for, with_outputs
+from onnxq.calibrate import collect_statistics
 from onnxq.data import SampleSource, model_input_specs, open_source
 from onnxq.errors import DataError
 from onnxq.evaluate import CachedReference, compare_models
@@ -30,6 +30,7 @@ from onnxq.placement import tensors_to_observe, value_aliases
 from onnxq.plan import QuantSettings
 from onnxq.prepare import prepare_model
 from onnxq.ranges import compute_range
+from onnxq.session import progress_factory, session_for, with_outputs
 from onnxq.statistics import BINS_PER_SIDE, Statistics, TensorStats, required_width_exp
 
 calibration = importlib.import_module("onnxq.calibrate")  # the module: onnxq.calibrate is the API function
@@ -102,6 +103,18 @@ def test_prefetched_calibration_is_byte_identical_to_the_plain_loop(tmp_path: Pa
     collect_statistics(prepared, tensors, source, memory_budget=budget).save(tmp_path / "fast.npz")
     oracle_statistics(prepared, tensors, source).save(tmp_path / "oracle.npz")
     assert (tmp_path / "fast.npz").read_bytes() == (tmp_path / "oracle.npz").read_bytes()
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "not-quiet"])
+def test_the_several_passes_note_reaches_stderr_only_without_quiet(tmp_path: Path, quiet: bool,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    model = conv_relu_model()
+    write_npz_folder(tmp_path / "calib", feeds_for(model), 3)
+    prepared, tensors = prepared_and_tensors(model)
+    source = open_source(tmp_path / "calib", model_input_specs(model))
+    collect_statistics(prepared, tensors, source, memory_budget=1, progress=progress_factory(quiet))
+    err = capsys.readouterr().err
+    assert err == "" if quiet else "activations exceed the memory budget; calibrating in" in err
 
 
 def test_two_inputs_and_aliases_fold_like_the_plain_loop(tmp_path: Path) -> None:

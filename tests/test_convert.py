@@ -34,11 +34,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import qmath
 from onnxq.cli import main
-from onnxq.convert import ConvertRequest, convert, format_convert_summary
+from onnxq.convert import ConvertRequest, convert
 from onnxq.errors import EXIT_BAD_MODEL, EXIT_USAGE, UsageError
 from onnxq.pipeline import DataOptions, QuantizeRequest
 from onnxq.plan import QuantPlan, QuantSettings
 from onnxq.qat_prep import qat_prep
+from onnxq.report import format_summary
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "qat_digits"
 NP_TYPES = {"uint8": np.uint8, "int8": np.int8}
@@ -215,7 +216,7 @@ def test_tensor_the_input_leaves_float_stays_float_unless_calibrated(tmp_path: P
     assert "leaves x float" in result.report["kept_float"][0]["reason"] and "x" not in dequantize_params(
         onnx.load(str(output)))
     assert result.report["tensors"]["calibrated"] == [] and "conv2" in result.report["int8_nodes"]
-    assert "1 nodes kept float" in format_convert_summary(result.report)
+    assert "1 nodes kept float" in format_summary(result.report)
     with pytest.raises(UsageError, match=r"need calibration data \(--calib\): x"):
         convert_model(model, tmp_path, calibrate_missing=True)
     calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 6)
@@ -404,6 +405,23 @@ def test_qat_prep_then_convert_equals_quantize(prepped, tmp_path: Path) -> None:
         np.testing.assert_allclose(got.scale, entry.scale, rtol=1e-7, err_msg=name)
     np.testing.assert_array_equal(int8_initializers(onnx.load(str(tmp_path / "rt.int8.onnx")))["w1_quantized"],
                                   int8_initializers(onnx.load(str(tmp_path / "direct.int8.onnx")))["w1_quantized"])
+
+
+def test_quantize_convert_and_qat_prep_reports_share_their_keys_and_summary(prepped, tmp_path: Path) -> None:
+    source, calib, request, prep = prepped
+    converted = convert(ConvertRequest(model=request.output, output=tmp_path / "rt.int8.onnx",
+                                       data=DataOptions(calib=calib)))
+    direct = quantize_simple(source, tmp_path / "direct.int8.onnx", calib, speed_guard="off")
+    reports = {"qat-prep": prep.report, "convert": converted.report, "quantize": direct.report}
+    references = {"qat-prep": "the fp32 model", "convert": "the input (fake-quant) model", "quantize": "the fp32 model"}
+    for command, report in reports.items():
+        assert report["command"] == command and report["onnxq_version"] and report["output"]
+        assert set(report["fidelity"]) == {"reference", "samples", "source", "available_samples", "outputs"}
+        assert report["fidelity"]["reference"] == references[command]
+        assert report["timings_s"] and all(v >= 0 for v in report["timings_s"].values()), command
+        summary = format_summary(report)
+        assert "cosine" in summary and "  time: " in summary, summary
+    assert " vs the input (fake-quant) model on " in format_summary(converted.report)
 
 
 def test_qat_prep_cli_writes_model_params_and_report(tmp_path: Path, conv_model_path: Path, conv_calib: Path) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import bias, image_batch, make_model, quantize_simple, save, tensor, weight, write_npz_folder
 from onnx import helper
 
 from onnxq import speed_guard
@@ -33,7 +34,6 @@ from onnxq.speed_table import (
     layer_class,
     shipped_table,
 )
-from tests.conftest import bias, image_batch, make_model, quantize_simple, save, tensor, weight, write_npz_folder
 
 C = 16
 
@@ -90,8 +90,9 @@ def test_the_host_class_is_forced_by_the_environment(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize(("preset", "weight_range"), [("avx2", "reduced"), ("avx512-vnni", "full"), ("amx", "full"),
                                                       ("arm64", "full")])
+@pytest.mark.usefixtures("cpu_class")
 def test_target_cpu_preset_sets_weight_range_and_is_reported(tmp_path: Path, separable, preset: str,
-                                                              weight_range: str, cpu_class: str) -> None:
+                                                              weight_range: str) -> None:
     model, calib = separable
     result = quantize_simple(model, tmp_path / "q.onnx", calib, target_cpu=preset)
     assert result.report["settings"]["weight_range"] == weight_range

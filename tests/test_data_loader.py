@@ -70,7 +70,8 @@ def test_a_loader_gives_the_same_model_as_the_same_samples_in_a_folder(ws: Path)
     assert (ws / "path.onnx").read_bytes() == (ws / "folder.onnx").read_bytes()
 
 
-def test_every_command_that_reads_data_takes_a_loader(ws: Path) -> None:
+@pytest.mark.usefixtures("ws")
+def test_every_command_that_reads_data_takes_a_loader() -> None:
     script = ["--data-loader-script", "loader.py"]
     assert cli("calibrate", "conv.onnx", "-o", "s.npz", *script)[0] == 0
     code, out, err = cli("sensitivity", "conv.onnx", *script, "--samples", "1", "--json")
@@ -143,7 +144,8 @@ def test_a_broken_loader_is_one_line_naming_the_script_and_sample(ws: Path, case
     assert not (ws / "q.onnx").exists()
 
 
-def test_loader_options_that_clash_or_are_missing(ws: Path) -> None:
+@pytest.mark.usefixtures("ws")
+def test_loader_options_that_clash_or_are_missing() -> None:
     code, _, err = cli("quantize", "conv.onnx", "-o", "q.onnx", "--data-loader-script", "loader.py", "--calib", "d")
     assert code == 2 and "--calib and --data-loader-script both give the data" in one_line(err)
     code, _, err = cli("quantize", "conv.onnx", "-o", "q.onnx", "--data-loader-script", "missing.py")

@@ -175,7 +175,8 @@ def test_an_address_nobody_answers_at_fails_at_once() -> None:
 # ---------------------------------------------------------------- on the cluster
 
 
-def test_calibration_on_ray_is_byte_identical_for_1_2_and_3_workers(cluster, work: Path,
+@pytest.mark.usefixtures("cluster")
+def test_calibration_on_ray_is_byte_identical_for_1_2_and_3_workers(work: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(ray.nodes()) == 2
     calibrate_only(work / "m.onnx", work / "local.npz", DataOptions(calib=work / "calib"))
@@ -187,7 +188,8 @@ def test_calibration_on_ray_is_byte_identical_for_1_2_and_3_workers(cluster, wor
         assert out.read_bytes() == (work / "local.npz").read_bytes(), f"{workers} workers"
 
 
-def test_quantize_and_accuracy_search_on_ray_equal_the_serial_run(cluster, work: Path) -> None:
+@pytest.mark.usefixtures("cluster")
+def test_quantize_and_accuracy_search_on_ray_equal_the_serial_run(work: Path) -> None:
     def run(name: str, options: RayOptions | None) -> dict:
         request = QuantizeRequest(model=work / "m.onnx", output=work / f"{name}.onnx",
                                   data=DataOptions(calib=work / "calib", ray=options),
@@ -210,7 +212,8 @@ def test_quantize_and_accuracy_search_on_ray_equal_the_serial_run(cluster, work:
     ("conv stack", 1.01, {"static percentile", "static global + bias correction",  # repairs, the ladder
                           "static global + AdaRound on 4 layers", "static global, 2 most damaged layers float"}),
 ])  # 1.01: a target nothing reaches, so every group runs
-def test_the_automatic_search_on_ray_equals_the_serial_run(cluster, tmp_path: Path, model: str, target: float,
+@pytest.mark.usefixtures("cluster")
+def test_the_automatic_search_on_ray_equals_the_serial_run(tmp_path: Path, model: str, target: float,
                                                            scored: set[str]) -> None:
     if model == "classifier":
         save(outlier_classifier(), tmp_path / "m.onnx")
@@ -250,16 +253,16 @@ def test_quantize_with_ray_runs_the_automatic_search_there(cluster, tmp_path: Pa
     assert out.exists()
 
 
-def test_a_search_task_that_keeps_dying_fails_with_one_line_naming_the_candidate(cluster, work: Path,
-                                                                                   tmp_path: Path) -> None:
+@pytest.mark.usefixtures("cluster")
+def test_a_search_task_that_keeps_dying_fails_with_one_line_naming_the_candidate() -> None:
     from onnxq.distributed import RayScorer
 
     class DyingReference:  # defined here: Ray ships it by value (workers cannot import the tests)
-        def fidelity_of(self, model: onnx.ModelProto) -> None:
+        def fidelity_of(self, _model: onnx.ModelProto) -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # the worker dies, on every retry
 
-    space = auto.SearchSpace(build=lambda c: conv_stack_model(), int8_layers={}, dynamic_layers=frozenset(),
-                             methods=("global",), speed=lambda c: 2.0, rank_layers=list,
+    space = auto.SearchSpace(build=lambda _c: conv_stack_model(), int8_layers={}, dynamic_layers=frozenset(),
+                             methods=("global",), speed=lambda _c: 2.0, rank_layers=list,
                              adaround_layers=frozenset)
     with pytest.raises(OnnxqError) as error:
         auto.search(space, DyingReference(), scorer=RayScorer(DyingReference(), RayOptions(workers=2)))
@@ -267,19 +270,22 @@ def test_a_search_task_that_keeps_dying_fails_with_one_line_naming_the_candidate
     assert len(error.value.message.splitlines()) == 1
 
 
-def test_a_search_candidate_over_2_gb_is_refused_on_ray_in_one_line(cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("cluster")
+def test_a_search_candidate_over_2_gb_is_refused_on_ray_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from onnxq.distributed import RayScorer
 
     scorer = RayScorer(SimpleNamespace(feeds=[]), RayOptions(workers=2))
     monkeypatch.setattr(onnxq.distributed, "needs_external_data", lambda model: model.graph.name == "big")
     big = conv_stack_model()
     big.graph.name = "big"
-    space = auto.SearchSpace(build=lambda c: big, int8_layers={}, dynamic_layers=frozenset(), methods=("global",),
-                             speed=lambda c: 2.0, rank_layers=list, adaround_layers=frozenset)
+    space = auto.SearchSpace(build=lambda _c: big, int8_layers={}, dynamic_layers=frozenset(), methods=("global",),
+                             speed=lambda _c: 2.0, rank_layers=list, adaround_layers=frozenset)
     with pytest.raises(UsageError, match="cannot exceed 2 GB; this model does: quantize it without --ray"):
         auto.search(space, SimpleNamespace(), scorer=scorer)
 
-def test_a_killed_worker_is_retried(cluster, work: Path) -> None:
+
+@pytest.mark.usefixtures("cluster")
+def test_a_killed_worker_is_retried(work: Path) -> None:
     model, tensors, aliases, source = prepared(work / "m.onnx")
     marker = work / "killed-once"
     load = source.sample
@@ -313,7 +319,8 @@ def test_an_unreadable_shard_fails_with_one_line_naming_it(cluster, work: Path, 
     assert not out.exists()
 
 
-def test_ctrl_c_cancels_the_tasks(cluster, work: Path) -> None:
+@pytest.mark.usefixtures("cluster")
+def test_ctrl_c_cancels_the_tasks(work: Path) -> None:
     model, tensors, aliases, source = prepared(work / "m.onnx")
     progress = work / "ctrl-c"
     progress.mkdir()
@@ -334,7 +341,8 @@ def test_ctrl_c_cancels_the_tasks(cluster, work: Path) -> None:
     assert_all_cpus_free()
 
 
-def test_ctrl_c_cancels_the_search_tasks(cluster, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("cluster")
+def test_ctrl_c_cancels_the_search_tasks(tmp_path: Path) -> None:
     from onnxq.distributed import RayScorer
 
     started, finished = tmp_path / "started", tmp_path / "finished"
@@ -342,15 +350,15 @@ def test_ctrl_c_cancels_the_search_tasks(cluster, tmp_path: Path) -> None:
     finished.mkdir()
 
     class SlowReference:  # defined here: Ray ships it by value
-        def fidelity_of(self, model: onnx.ModelProto) -> SimpleNamespace:
+        def fidelity_of(self, _model: onnx.ModelProto) -> SimpleNamespace:
             name = f"{os.getpid()}-{time.monotonic()}"
             (started / name).touch()
             time.sleep(2.0)
             (finished / name).touch()
             return SimpleNamespace(agreement=0.5, decided_agreement=0.5, outputs=[])
 
-    space = auto.SearchSpace(build=lambda c: conv_stack_model(), int8_layers={}, dynamic_layers=frozenset(),
-                             methods=("global", "percentile"), speed=lambda c: 2.0, rank_layers=list,
+    space = auto.SearchSpace(build=lambda _c: conv_stack_model(), int8_layers={}, dynamic_layers=frozenset(),
+                             methods=("global", "percentile"), speed=lambda _c: 2.0, rank_layers=list,
                              adaround_layers=frozenset)
     scorer = RayScorer(SlowReference(), RayOptions(workers=2))
     ctrl_c_once_started(started, lambda: auto.search(space, SlowReference(), scorer=scorer))

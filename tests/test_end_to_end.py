@@ -343,7 +343,7 @@ def test_load_stats_needs_no_inference(tmp_path: Path, conv_model_path: Path, co
     assert saved.samples == 9  # 10 minus the held-back one
     assert {"x", "c1", "r1", "y"} <= set(saved.tensors)
 
-    def no_inference(*args, **kwargs):
+    def no_inference(*_args, **_kwargs):
         raise AssertionError("an inference pass ran although statistics were loaded")
 
     # onnxq.distributed (pipeline's way in) imported the function by name: patch both bindings, and the runner

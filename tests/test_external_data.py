@@ -45,13 +45,14 @@ def test_external_data_model_in_and_out(tmp_path: Path, conv_calib: Path, monkey
     assert result.report["fidelity"]["outputs"][0]["cosine"] > 0.98
 
 
-def test_memory_budget_splits_calibration_into_passes(tmp_path: Path, conv_calib: Path, conv_model_path: Path) -> None:
+def test_memory_budget_splits_calibration_into_passes(conv_calib: Path, conv_model_path: Path) -> None:
     """A tiny budget forces one pass per tensor group; the statistics must equal the one-pass ones."""
     from onnxq.calibrate import collect_statistics
     from onnxq.data import model_input_specs, open_source
     from onnxq.ir import import_graph
     from onnxq.placement import tensors_to_observe
     from onnxq.prepare import prepare_model
+    from onnxq.session import Progress
 
     prepared = prepare_model(onnx.load(str(conv_model_path))).model
     tensors = [t for t in tensors_to_observe(import_graph(prepared)) if t != "x"]
@@ -59,15 +60,9 @@ def test_memory_budget_splits_calibration_into_passes(tmp_path: Path, conv_calib
     source = open_source(conv_calib, model_input_specs(prepared))
     runs: list[int] = []
 
-    class Counting:
-        def __init__(self, total: int, label: str) -> None:
+    class Counting(Progress):
+        def __init__(self, total: int, _label: str) -> None:
             runs.append(total)
-
-        def update(self, n: int) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
 
     one_pass = collect_statistics(prepared, tensors, source, progress=Counting)
     split = collect_statistics(prepared, tensors, source, memory_budget=1, progress=Counting)
@@ -104,7 +99,8 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic", "weight-only"])
-def test_large_model_in_every_mode(tmp_path: Path, mode: str, external_everything: None) -> None:
+@pytest.mark.usefixtures("external_everything")
+def test_large_model_in_every_mode(tmp_path: Path, mode: str) -> None:
     """Each pass used to turn the model it was given into references to its own scratch folder, then deleted."""
     source_dir, out_dir = tmp_path / "in", tmp_path / "out"
     source_dir.mkdir()
@@ -123,11 +119,12 @@ def test_large_model_in_every_mode(tmp_path: Path, mode: str, external_everythin
     assert result.report["fidelity"]["outputs"][0]["cosine"] > 0.98
 
 
-def test_no_pass_changes_the_model_it_is_given(tmp_path: Path, external_everything: None) -> None:
-    from onnxq.calibrate import session_for
+@pytest.mark.usefixtures("external_everything")
+def test_no_pass_changes_the_model_it_is_given(tmp_path: Path) -> None:
     from onnxq.fusion import check_fusion
     from onnxq.model_io import save_model
     from onnxq.prepare import prepare_model
+    from onnxq.session import session_for
 
     model = deep_conv_model()
     before = model.SerializeToString(deterministic=True)
@@ -144,7 +141,8 @@ def ort_run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndar
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
 
 
-def test_external_writer_is_deterministic_and_aligned(tmp_path: Path, external_everything: None) -> None:
+@pytest.mark.usefixtures("external_everything")
+def test_external_writer_is_deterministic_and_aligned(tmp_path: Path) -> None:
     from onnxq.model_io import EXTERNAL_ALIGNMENT, save_model
 
     model = deep_conv_model()

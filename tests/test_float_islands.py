@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import bias, cosine, make_model, run, save, tensor, weight, write_npz_folder
 from onnx import helper
 
 from onnxq import rewrite_qdq
 from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
 from onnxq.plan import QuantSettings
 from onnxq.recipe import parse_recipe
-from tests.conftest import bias, cosine, make_model, run, save, tensor, weight, write_npz_folder
 
 C = 16
 SHAPE = [1, C, 8, 8]
@@ -136,7 +136,7 @@ def test_without_isolation_onnxruntime_requantizes_and_the_check_says_so(
     from onnxq import pipeline
     from onnxq.fusion import check_fusion
 
-    monkeypatch.setattr(rewrite_qdq, "isolate_float_layers", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rewrite_qdq, "isolate_float_layers", lambda *_args, **_kwargs: None)
     monkeypatch.setattr(pipeline, "check_fusion", check_fusion)  # no conftest assertion: we look ourselves
     build, exclude = PATTERNS[pattern]
     _, result = quantize_with(build(), tmp_path, exclude=exclude)

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from click.testing import CliRunner
+from conftest import IMAGE, make_model, quantize_simple, save, tensor, weight
 from onnx import TensorProto, helper
 
 from onnxq.cli import main
 from onnxq.fusion import check_fusion
-from tests.conftest import IMAGE, make_model, quantize_simple, save, tensor, weight
 
 
 def badly_placed_qdq_model() -> onnx.ModelProto:

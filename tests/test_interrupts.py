@@ -85,7 +85,7 @@ def test_failed_write_leaves_no_model(tmp_path: Path, monkeypatch: pytest.Monkey
     out = tmp_path / "out"
     out.mkdir()
 
-    def unwritable(self, path) -> None:
+    def unwritable(_self, path) -> None:
         raise OutputError(f"cannot write {path}: Permission denied")
 
     monkeypatch.setattr(onnxq.qat_prep.QuantPlan, "save", unwritable)
@@ -108,7 +108,7 @@ def test_interrupt_between_outputs_keeps_none(tmp_path: Path, monkeypatch: pytes
     out = tmp_path / "out"
     out.mkdir()
 
-    def interrupted(report: dict) -> str:
+    def interrupted(_report: dict) -> str:
         raise Interrupted(signal.SIGINT)
 
     monkeypatch.setattr(onnxq.cli, "format_summary", interrupted)
@@ -117,7 +117,7 @@ def test_interrupt_between_outputs_keeps_none(tmp_path: Path, monkeypatch: pytes
     assert result.exit_code == 130
     assert result.stderr == f"onnxq: interrupted after the outputs were written: {out / 'q.onnx'}, {out / 'r.json'}\n"
     assert sorted(os.listdir(out)) == ["q.onnx", "r.json"]
-    monkeypatch.setattr(onnxq.cli, "quantize", lambda *a, **k: interrupted({}))
+    monkeypatch.setattr(onnxq.cli, "quantize", lambda *_a, **_k: interrupted({}))
     result = CliRunner().invoke(main, ["quantize", str(model), "-o", str(tmp_path / "q2.onnx"), "--calib",
                                        str(calib)])
     assert result.exit_code == 130 and result.stderr == "onnxq: interrupted; no output written\n"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import dynamic_model, quantize_simple, save
 
 from onnxq.cli import main
-from tests.conftest import dynamic_model, quantize_simple, save
 
 
 def bench(*args) -> tuple[int, str, str]:

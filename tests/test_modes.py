@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from conftest import cosine, run, save, tensor, write_npz_folder
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import qmath
@@ -24,7 +25,6 @@ from onnxq.dynamic import (
 )
 from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
 from onnxq.plan import QuantSettings
-from tests.conftest import cosine, run, save, tensor, write_npz_folder
 
 K, N = 40, 24
 
@@ -118,7 +118,7 @@ def test_weight_only_int8_conv(tmp_path: Path, conv_model_path: Path, conv_calib
 
 @pytest.mark.parametrize("block_size", [16, 32, 64])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_matmulnbits_matches_numpy(tmp_path: Path, block_size: int, symmetric: bool) -> None:
+def test_int4_matmulnbits_matches_numpy(block_size: int, symmetric: bool) -> None:
     model, w = matmul_model(k=70)  # K not a multiple of any block size: the last block is padded
     written, decisions = rewrite_weight_only(model, WeightOnlyOptions(bits=4, block_size=block_size,
                                                                       symmetric=symmetric), qmath.INT8)
@@ -240,7 +240,7 @@ def test_dynamic_lstm_matches_numpy(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("attrs", "why"), [({"layout": 1}, "layout=1"), ({"input_forget": 1}, "input_forget"),
                                             ({"activations": ["Sigmoid", "Relu", "Tanh"]}, "activations")])
-def test_dynamic_lstm_left_float_with_reason(tmp_path: Path, attrs: dict, why: str) -> None:
+def test_dynamic_lstm_left_float_with_reason(attrs: dict, why: str) -> None:
     model, _ = lstm_model(**attrs)
     written, decisions = rewrite_dynamic(model, qmath.INT8, per_channel=True)
     assert [n.op_type for n in written.graph.node] == ["LSTM"]

@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
-
-from tests.conftest import (
+from conftest import (
     CHANNELS,
     IMAGE,
     bias,
@@ -31,6 +29,7 @@ from tests.conftest import (
     weight,
     write_npz_folder,
 )
+from onnx import helper
 
 C = CHANNELS
 FEATURE = [1, C, 16, 16]

@@ -439,14 +439,15 @@ def test_stable_range_only_widens_and_by_a_little(lo: float, hi: float) -> None:
     assert stable_range(s_lo, s_hi) == (s_lo, s_hi)
 
 
-def test_last_bit_differences_in_activations_give_the_same_plan(tmp_path) -> None:
+def test_last_bit_differences_in_activations_give_the_same_plan() -> None:
     """Another CPU's fp32 kernels round differently (~1e-7 relative): the plan must not change."""
+    from conftest import conv_relu_model
+
     from onnxq.ir import import_graph
     from onnxq.placement import PlacementOptions, place
     from onnxq.plan import QuantSettings, build_plan
     from onnxq.prepare import prepare_model
     from onnxq.statistics import Statistics
-    from tests.conftest import conv_relu_model
 
     graph = import_graph(prepare_model(conv_relu_model()).model)
     placement = place(graph, PlacementOptions())

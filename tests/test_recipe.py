@@ -9,15 +9,15 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import conv_relu_model, image_batch, make_model, run, save, tensor, weight, write_npz_folder
 from onnx import helper, numpy_helper
+from test_sensitivity import D, fragile_model, near_constant
 
 from onnxq.cli import main
 from onnxq.errors import UsageError
 from onnxq.pipeline import DataOptions, QuantizeRequest, calibrated, quantize
 from onnxq.recipe import Recipe, Rule, Selector, parse_recipe
 from onnxq.sensitivity import Target
-from tests.conftest import conv_relu_model, image_batch, make_model, run, save, tensor, weight, write_npz_folder
-from tests.test_sensitivity import D, fragile_model, near_constant
 
 
 def write_recipe(path: Path, text: str) -> Path:
@@ -351,7 +351,7 @@ def test_metric_returning_nan_is_a_data_error(tmp_path: Path, conv_model_path: P
 
 
 def test_dynamic_rule_quantizes_that_layer_at_run_time_beside_static_ones(tmp_path: Path) -> None:
-    from tests.test_auto import outlier_calibration, outlier_classifier
+    from test_auto import outlier_calibration, outlier_classifier
 
     model = save(outlier_classifier(), tmp_path / "m.onnx")
     calib = outlier_calibration(tmp_path / "calib")

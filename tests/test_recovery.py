@@ -18,6 +18,7 @@ from onnxq.errors import UsageError
 from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
 from onnxq.plan import QuantSettings
 from onnxq.recovery import adaround, apply_equalization, equalization_scales, equalize_model, rounding_loss
+from onnxq.session import Progress, ProgressFactory, no_progress
 
 QMAX = 127
 
@@ -87,13 +88,14 @@ def positive_feeds(fan_in: int):
     return lambda rng: {"x": (2.0 + 0.5 * rng.standard_normal((1, fan_in))).astype(np.float32)}
 
 
-def quantize_gemm(tmp_path: Path, name: str, **kwargs) -> tuple[onnx.ModelProto, dict, list[np.ndarray]]:
+def quantize_gemm(tmp_path: Path, name: str, progress: ProgressFactory = no_progress,
+                  **kwargs) -> tuple[onnx.ModelProto, dict, list[np.ndarray]]:
     model_path = save(gemm_model(), tmp_path / "gemm.onnx")
     calib = write_npz_folder(tmp_path / "calib", positive_feeds(64), 24)
     evaluation = write_npz_folder(tmp_path / "eval", positive_feeds(64), 4, seed=7)
     out = tmp_path / f"{name}.onnx"
     result = quantize(QuantizeRequest(model=model_path, output=out, data=DataOptions(calib=calib, eval_data=evaluation),
-                                      weight_range="full", **kwargs))
+                                      weight_range="full", **kwargs), progress)
     xs = [np.load(p)["x"] for p in sorted(calib.glob("*.npz"))]
     return onnx.load(str(out)), result.report, xs
 
@@ -243,6 +245,20 @@ def test_adaround_in_the_pipeline_lowers_the_layer_error_and_keeps_the_scales(tm
     error = {name: float(np.mean((x @ (w - q * scale[:, None]).T) ** 2)) for name, q in
              (("plain", q_plain), ("learned", q_learned))}
     assert error["learned"] < error["plain"]
+
+
+def test_adaround_shows_its_progress(tmp_path: Path) -> None:
+    bars: dict[str, list[int]] = {}
+
+    class Recording(Progress):
+        def __init__(self, total: int, label: str) -> None:
+            self.done = bars.setdefault(label, [total, 0])
+
+        def update(self, n: int) -> None:
+            self.done[1] += n
+
+    quantize_gemm(tmp_path, "m", Recording, adaround_seconds=0.5)
+    assert bars["reading layer inputs"] == [24, 24] and bars["adaround"][0] == bars["adaround"][1] >= 1
 
 
 def test_adaround_output_is_byte_identical(tmp_path: Path) -> None:

@@ -15,12 +15,16 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import make_model, save, tensor, weight, write_npz_folder
 from onnx import helper
 
+from onnxq import cli
 from onnxq.cli import main
+from onnxq.command_options import CommandOptions
+from onnxq.errors import EXIT_USAGE, UsageError
 from onnxq.pipeline import DataOptions, QuantizeRequest, quantize, sensitivity
+from onnxq.plan import QuantSettings
 from onnxq.sensitivity import Target
-from tests.conftest import make_model, save, tensor, weight, write_npz_folder
 
 D = 32
 
@@ -119,3 +123,45 @@ def test_target_needs_samples(tmp_path: Path, fragile) -> None:
     result = CliRunner().invoke(main, ["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--allow-random",
                                        "--target-sqnr", "20"])
     assert result.exit_code == 2 and "needs samples" in result.stderr
+
+
+def _request_of(command: str, args: list[str]) -> QuantizeRequest:
+    """The request `onnxq COMMAND ARGS` builds, without running it."""
+    built = {}
+    builders = {"quantize": cli.quantize_request, "sensitivity": cli.sensitivity_request}
+    context = cli.main.commands[command].make_context(command, args)
+    with context:
+        built["request"] = builders[command](CommandOptions.current(context.params))
+    return built["request"]
+
+
+def test_sensitivity_measures_under_quantizes_settings(tmp_path: Path, fragile) -> None:
+    model, calib, _ = fragile
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("settings: {method: percentile, per_channel: false}\nrules:\n"
+                      "  - {match: {name: ordinary_b}, precision: float}\n")
+    shared = ["--calib", str(calib), "--percentile", "99.9", "--symmetric", "--weight-range", "reduced",
+              "--exclude", "ordinary_a", "--recipe", str(recipe)]
+    quantized = _request_of("quantize", [str(model), "-o", str(tmp_path / "q.onnx"), *shared])
+    measured = _request_of("sensitivity", [str(model), *shared])
+    assert measured.output is None
+    assert measured.settings == quantized.settings == QuantSettings(method="percentile", percentile=99.9,
+                                                                    symmetric=True, per_channel=False)
+    assert (measured.weight_range, measured.exclude, measured.recipe) == (quantized.weight_range, quantized.exclude,
+                                                                          quantized.recipe)
+    ranked = sensitivity(measured).ranked_nodes()
+    assert ranked == ["fragile"]  # ordinary_a excluded, ordinary_b float by the recipe: not int8, not ranked
+
+
+def test_sensitivity_refuses_a_recipe_for_another_mode(tmp_path: Path, fragile) -> None:
+    model, calib, _ = fragile
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("settings: {mode: dynamic}\n")
+    result = CliRunner().invoke(main, ["sensitivity", str(model), "--calib", str(calib), "--recipe", str(recipe)])
+    assert result.exit_code == EXIT_USAGE and "mode dynamic" in result.stderr
+
+
+def test_quantize_needs_an_output_path(fragile) -> None:
+    model, calib, _ = fragile
+    with pytest.raises(UsageError, match="-o"):
+        quantize(QuantizeRequest(model=model, data=DataOptions(calib=calib)))

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import make_model, quantize_simple, run, save, tensor, weight, write_npz_folder
 from onnx import helper
 
 from onnxq.cli import main
@@ -16,7 +17,6 @@ from onnxq.data import SampleSource, model_input_specs, open_source
 from onnxq.errors import UsageError
 from onnxq.prepare import prepare_model
 from onnxq.smooth import SmoothResult, channel_absmax, smooth_model, smoothing_factors
-from tests.conftest import make_model, quantize_simple, run, save, tensor, weight, write_npz_folder
 
 TOKENS, K, N = 16, 32, 24
 OUTLIER = 5  # the activation channel 20x larger than the rest
@@ -187,7 +187,8 @@ def test_alpha_validated(tmp_path: Path, data: Path, alpha: float) -> None:
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_smoothing_refuses_saved_statistics(tmp_path: Path, data: Path) -> None:
+@pytest.mark.usefixtures("data")
+def test_smoothing_refuses_saved_statistics(tmp_path: Path) -> None:
     model_path = save(ln_qkv_model(), tmp_path / "m.onnx")
     result = CliRunner().invoke(main, ["quantize", str(model_path), "-o", str(tmp_path / "q.onnx"), "--load-stats",
                                        str(tmp_path / "s.npz"), "--smooth-alpha", "0.5"])

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import IMAGE, bias, image_batch, make_model, quantize_simple, save, tensor, weight, write_npz_folder
 from onnx import helper
 
 from onnxq import pipeline
@@ -22,7 +23,6 @@ from onnxq.cli import main
 from onnxq.errors import DataError, ModelError
 from onnxq.ir import import_graph
 from onnxq.speed_guard import FLOAT_MIN_GAIN, LayerTiming, SpeedProfile, layer_kind, run_speed_guard
-from tests.conftest import IMAGE, bias, image_batch, make_model, quantize_simple, save, tensor, weight, write_npz_folder
 
 pytestmark = pytest.mark.speed_guard
 
@@ -60,7 +60,7 @@ class FakeTimer:
         self.timings = timings
         self.calls: list[str] = []
 
-    def __call__(self, current: onnx.ModelProto, trial: onnx.ModelProto, feed: dict) -> tuple[float, float]:
+    def __call__(self, current: onnx.ModelProto, trial: onnx.ModelProto, _feed: dict) -> tuple[float, float]:
         kind = self._kind_made_float(current, trial)
         self.calls.append(kind)
         return self.timings[kind]

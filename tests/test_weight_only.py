@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+from transformer_models import make_transformer, token_feeds, write_feeds
 
 from onnxq import weight_rounding as wr
 from onnxq.data import model_input_specs, open_source
@@ -20,7 +21,6 @@ from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
 from onnxq.recipe import Recipe, Rule, Selector
 from onnxq.sensitivity import Target
 from onnxq.weight_stats import collect_input_stats, token_rows
-from tests.transformer_models import make_transformer, token_feeds, write_feeds
 
 ONNXQ = [sys.executable, "-m", "onnxq.cli"]
 
