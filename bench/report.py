@@ -208,6 +208,7 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
            "- Made by: " + "; ".join(f"`{c}`" for c in commands) + " (`make bench` runs `python -m bench.run`)", "",
            "## Headline", "", headline(results), "",
            *unseen_section(results_dir / "unseen"),
+           *limit_section(results_dir / "limit"),
            "onnxq default = `onnxq quantize MODEL --calib DATA` (the automatic search, README 'The automatic "
            "default'); --fast = the single pass that was the default before it. Quantize s ÷ floor: the quantize "
            "child's wall time (without its evaluation on --eval-data) ÷ (process start + model load + one plain "
@@ -249,6 +250,36 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
         out += target_lines(res)
     out += quantize_time_lines(results_dir / "timing")
     path.write_text("\n".join(out))
+
+
+def limit_section(folder: Path) -> list[str]:
+    """The speed limit per model (bench/speed_limit.py), when it was run."""
+    results = _results(folder)
+    if not results:
+        return []
+    commands = sorted({r["command"] for r in results})
+    lines = ["## Speed limit per model", "",
+             "Made by " + "; ".join(f"`{c}`" for c in commands) + " (bench/README.md, 'Speed limit'). "
+             "Limit: every op onnxruntime has an int8 kernel for timed alone in fp32 and in fused int8 QDQ form at "
+             "its real shapes, side by side, the faster of the two per op plus the Q/DQ conversions at the "
+             "float/int8 boundaries that choice makes, everything else at its fp32 cost; heavy only: the same "
+             "with only Conv/MatMul/Gemm allowed in int8. The model columns are fp32 ÷ model, 1 thread, batch 1, "
+             "all models of a row timed in one interleaved run: ratios, measured side by side on a shared "
+             "2-core machine (fp32 ms moves with its load). Best peer: the fastest ORT/NNCF model of that run, "
+             "with its agreement with fp32 (the headline's measure).", "",
+             "| model | CPU class | fp32 ms | limit × | limit, heavy ops only × | onnxq default × | onnxq --fast × "
+             "| best peer × (which, agreement) | onnxq default as % of limit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        speed, peer = r["speedup"], r.get("best_peer")
+        agree = r.get("fp32_agreement", {}).get(peer) if peer else None
+        peer_cell = (f"{speed[peer]:.2f} ({peer}, {_fmt(agree)})" if peer else "—")
+        share = r.get("onnxq_default_of_limit")
+        lines.append(f"| {r['model']} | {r['cpu_class']} | {r['fp32_ms']:.1f} | {r['limit_speedup']:.2f} "
+                     f"| {r['heavy_only']['limit_speedup']:.2f} | {_fmt(speed.get('onnxq-default'), '.2f')} "
+                     f"| {_fmt(speed.get('onnxq-fast'), '.2f')} | {peer_cell} "
+                     f"| {'—' if share is None else f'{100 * share:.0f}%'} |")
+    return [*lines, ""]
 
 
 def quantize_time_lines(folder: Path) -> list[str]:
