@@ -38,7 +38,6 @@ class WeightTarget:
     name: str
     axis: int | None  # None: per-tensor
     full_range: bool = False  # all 8 bits even on CPUs that need 7 (the node computes in float: 16-bit inputs)
-    operand: bool = False  # the single-value constant of an Add/Mul: quantized like an activation (exactly)
 
 
 @dataclass
@@ -183,8 +182,8 @@ def _why_not_compute(node: gs.Node, options: PlacementOptions) -> str | None:
             return "transposed A input"
         if node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
             return "alpha or beta other than 1 (onnxruntime has no int8 kernel for it)"
-    if node.op in ("Add", "Mul") and any(is_constant(t) for t in node.inputs) and _scalar_operand(node) is None:
-        return "one operand is a constant tensor (kept float for accuracy)"
+    if node.op in ("Add", "Mul") and any(is_constant(t) for t in node.inputs):
+        return "one operand is a constant (kept float for accuracy)"
     if node.op in ("MatMul",) and any(is_constant(t) and constant_values(t).ndim != 2 for t in node.inputs):
         return "constant operand is not a 2-D weight"
     return None
@@ -215,25 +214,7 @@ def _compute_roles(node: gs.Node, options: PlacementOptions) -> tuple[list[str],
         return activations, weights, []
     if op in ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"):
         return [node.inputs[0].name], [], []
-    operand = _scalar_operand(node) if op in ("Add", "Mul") else None
-    if operand is not None:  # x + c, x * c (hard-swish's x + 3): c is exact in 8 bits, x decides
-        return [t.name for t in node.inputs if t is not operand], [WeightTarget(operand.name, None, operand=True)], []
     return [t.name for t in node.inputs if not is_empty(t)], [], []
-
-
-def _scalar_operand(node: gs.Node) -> gs.Constant | None:
-    """The constant of a two-input Add/Mul whose other input is an activation, when it holds one value.
-
-    onnxruntime runs such an op as QLinearAdd / QLinearMul only with both inputs quantized; a single value
-    quantized alone is exact (it sits at the end of its own range), so it costs no accuracy, and it lets
-    chains like hard-swish (x * clip(x + 3, 0, 6) / 6) stay int8 between their convolutions.
-    """
-    if len(node.inputs) != 2:
-        return None
-    constants = [t for t in node.inputs if is_constant(t)]
-    if len(constants) != 1 or not is_float32(constants[0]) or constant_values(constants[0]).size != 1:
-        return None
-    return constants[0]
 
 
 def _add_weight(known: dict[str, WeightTarget], target: WeightTarget) -> None:
@@ -248,7 +229,7 @@ def _add_weight(known: dict[str, WeightTarget], target: WeightTarget) -> None:
         known[target.name] = target
         return
     known[target.name] = WeightTarget(target.name, seen.axis if seen.axis == target.axis else None,
-                                      seen.full_range and target.full_range, seen.operand and target.operand)
+                                      seen.full_range and target.full_range)
 
 
 def _bias(node: gs.Node, index: int, weight: WeightTarget) -> list[BiasTarget]:

@@ -32,7 +32,7 @@ from .model_io import (
     spill_folder,
     weights_on_disk,
 )
-from .simplify import divisions_to_products, fold_affine_into_conv, means_to_global_pool, unshare_biases
+from .simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
 
 MIN_OPSET = 13
 ORT_MIN_OPSET = 7  # onnxruntime has no kernels for older ai.onnx operators
@@ -195,9 +195,6 @@ def prepare_model(model: onnx.ModelProto, source: Path | None = None) -> Prepare
     work, folded = fold_affine_into_conv(work)
     if folded:
         notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
-    work, divisions = divisions_to_products(work)
-    if divisions:
-        notes.append(f"{divisions} divisions by a constant written as multiplications by its reciprocal")
     work, copies = unshare_biases(work)
     if copies:
         notes.append(f"{copies} Conv/Gemm biases shared with another node (or merged as equal by onnxruntime) "

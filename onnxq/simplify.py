@@ -9,11 +9,6 @@ A bias read by several Conv/Gemm nodes gets one copy per node: an int32 bias is
 quantized with its node's input scale, which differs between them (a Linear
 applied twice, or equal small biases onnxruntime's optimizer merged into one).
 
-A division by a single constant is a multiplication by its reciprocal (within one rounding of float32,
-far below int8's step): onnxruntime has an int8 Mul (QLinearMul) and no int8 Div, so hard-swish written as
-x * clip(x + 3, 0, 6) / 6 can then stay int8 from one convolution to the next instead of a dequantize,
-a float Div and a quantize at full resolution.
-
 A ReduceMean over every spatial axis is a GlobalAveragePool (PyTorch's dynamo
 exporter writes adaptive_avg_pool2d(x, 1) and x.mean((2, 3)) that way): as
 GlobalAveragePool it runs in int8 instead of forcing a dequantize/quantize.
@@ -155,30 +150,6 @@ def _spatial_mean(node: gs.Node) -> bool:
     else:
         axes = list(node.attrs.get("axes", []))
     return sorted(a % rank for a in axes) == list(range(2, rank))
-
-
-def divisions_to_products(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Div(x, c) with c a single finite, non-zero float32 constant -> Mul(x, 1 / c); returns the model and
-    how many were rewritten (the node keeps its name)."""
-    graph = import_graph(model)
-    names = NameAllocator(graph)
-    rewritten = 0
-    for node in graph.nodes:
-        if node.op != "Div" or len(node.inputs) != 2 or is_constant(node.inputs[0]):
-            continue
-        divisor = node.inputs[1]
-        if not is_constant(divisor) or not is_float32(divisor):  # Div's inputs share one type: x is float32 too
-            continue
-        value = constant_values(divisor)
-        if value.size != 1 or not np.isfinite(value).all() or (value == 0).any():
-            continue
-        reciprocal = np.asarray(np.float32(1.0) / value.astype(np.float32), dtype=np.float32).reshape(value.shape)
-        node.op = "Mul"
-        node.inputs[1] = gs.Constant(names.new(f"{divisor.name}_reciprocal"), reciprocal)
-        rewritten += 1
-    if not rewritten:
-        return model, 0
-    return export_model(graph, model), rewritten
 
 
 BIASED_OPS = ("Conv", "Gemm")
