@@ -19,13 +19,16 @@ with every op in fp32 is exactly fp32. The same limit with only the heavy ops al
 its fp32 cost) is in the JSON as heavy_only.
 
 Then fp32, onnxq's default and --fast models and every peer model the bench left in bench/.cache/work/
-(ORT QDQ/QOperator/dynamic, NNCF; rows that ran ok) are timed side by side in one interleaved run (1 thread,
-batch 1, the first evaluation sample) and their speedups set against the limit. With --profile the int8
-models are also profiled: time per op kind (the "where the time goes" breakdown). All figures are ratios
+(ORT QDQ/QOperator/dynamic, NNCF; rows that ran ok) are run side by side, interleaved (1 thread, batch 1,
+the first evaluation sample): wall-clock medians, and onnxruntime's profile, whose per-node times give the
+speedups set against the limit and the time per op kind ("where the time goes"). All figures are ratios
 measured in the same run on this machine's CPU class; absolute ms move with the machine's load.
+--compare-only times fp32 and the --extra models only, with the bench's task metrics (a change's before
+and after).
 
+    .venv/bin/python -m bench.speed_limit                   # every model -> bench/results/limit/<model>.json
     .venv/bin/python -m bench.speed_limit --models ppocr-cls,ppocr-det
-    .venv/bin/python -m bench.speed_limit --profile      # every model -> bench/results/limit/<model>.json
+    .venv/bin/python -m bench.speed_limit --models ppocr-det --compare-only --extra ppocr-det:new=/tmp/new.onnx
 """
 
 from __future__ import annotations
