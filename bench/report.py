@@ -208,6 +208,7 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
            "- Made by: " + "; ".join(f"`{c}`" for c in commands) + " (`make bench` runs `python -m bench.run`)", "",
            "## Headline", "", headline(results), "",
            *unseen_section(results_dir / "unseen"),
+           *limit_section(results_dir / "limit"),
            "onnxq default = `onnxq quantize MODEL --calib DATA` (the automatic search, README 'The automatic "
            "default'); --fast = the single pass that was the default before it. Quantize s ÷ floor: the quantize "
            "child's wall time (without its evaluation on --eval-data) ÷ (process start + model load + one plain "
@@ -249,6 +250,46 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
         out += target_lines(res)
     out += quantize_time_lines(results_dir / "timing")
     path.write_text("\n".join(out))
+
+
+def limit_section(folder: Path) -> list[str]:
+    """The speed limit per model (bench/speed_limit.py), when it was run."""
+    results = [r for r in _results(folder) if "limit_speedup" in r]  # not the --compare-only runs
+    if not results:
+        return []
+    commands = sorted({r["command"].strip() for r in results})
+    lines = ["## Speed limit per model", "",
+             "Made by " + "; ".join(f"`{c}`" for c in commands) + " (bench/README.md, 'Speed limit'). "
+             "Limit: every op onnxruntime has an int8 kernel for timed alone in fp32 and in fused int8 QDQ form at "
+             "its real shapes, side by side, the faster of the two per op plus the Q/DQ conversions at the "
+             "float/int8 boundaries that choice makes, everything else at its fp32 cost; heavy only: the same "
+             "with only Conv/MatMul/Gemm allowed in int8. The model columns are fp32 ÷ model, 1 thread, batch 1, "
+             "all models of a row timed in one interleaved run: ratios, measured side by side on a shared "
+             "2-core machine (fp32 ms moves with its load). Best peer: the fastest ORT/NNCF model of that run whose "
+             "agreement with fp32 (the headline's measure, from the bench's results) is at least 0.9 × onnxq "
+             "default's, else the most agreeing one; % of limit: the default's speedup ÷ the limit (the "
+             "peer's in brackets). Above 100%: the limit misses a form that model uses (bench/README.md).", "",
+             "| model | CPU class | fp32 ms | limit × | limit, heavy ops only × | onnxq default × | onnxq --fast × "
+             "| best peer × (which, agreement) | onnxq default as % of limit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        speed, agreement = r["speedup"], r.get("fp32_agreement", {})
+        peers = [cid for cid in speed if cid.startswith(("ort-", "nncf-"))]
+        # the fastest peer that answers about as well as onnxq's default (a fast peer that answers wrongly is no
+        # target); when none does, the most agreeing one
+        floor = 0.9 * (agreement.get("onnxq-default") or 0.0)
+        usable = [cid for cid in peers if (agreement.get(cid) or 0.0) >= floor]
+        peer = (max(usable, key=lambda cid: speed[cid]) if usable else
+                max(peers, key=lambda cid: (agreement.get(cid) or 0.0, speed[cid]), default=None))
+        agree = agreement.get(peer) if peer else None
+        peer_cell = (f"{speed[peer]:.2f} ({peer}, {_fmt(agree)})" if peer else "—")
+        share = r.get("onnxq_default_of_limit")
+        peer_share = f" (peer {100 * speed[peer] / r['limit_speedup']:.0f}%)" if peer else ""
+        lines.append(f"| {r['model']} | {r['cpu_class']} | {r['fp32_ms']:.1f} | {r['limit_speedup']:.2f} "
+                     f"| {r['heavy_only']['limit_speedup']:.2f} | {_fmt(speed.get('onnxq-default'), '.2f')} "
+                     f"| {_fmt(speed.get('onnxq-fast'), '.2f')} | {peer_cell} "
+                     f"| {'—' if share is None else f'{100 * share:.0f}%'}{peer_share} |")
+    return [*lines, ""]
 
 
 def quantize_time_lines(folder: Path) -> list[str]:
