@@ -56,7 +56,6 @@ from .paths import DATA, MODEL, OUTPUT, PathArg, check_paths, quantize_paths
 from .placement import NodeDecision, Placement, PlacementOptions, place, tensors_to_observe, value_aliases
 from .plan import QuantPlan, QuantSettings, build_plan
 from .prepare import PreparedModel, prepare_model
-from .ranges import EXTREME_METHODS
 from .recipe import (
     NodeChoice,
     Recipe,
@@ -92,6 +91,7 @@ from .statistics import Statistics
 from .weight_only import run_weight_only, target_gates
 
 RANDOM_SAMPLES = 16
+CLIPS_NOTHING = frozenset({"global"})  # methods whose range holds every calibration value
 TARGET_SAMPLES = 32  # held-back samples the target search measures on (default)
 EVAL_SAMPLES = 32  # held-back samples the fidelity report measures on (default; None: all)
 HOLDOUT = 0.1  # share of --calib held back for the fidelity report without the automatic search
@@ -976,12 +976,13 @@ def _timing_feed(held: SampleSource | None, calib: SampleSource | None) -> dict 
 
 
 def needs_histograms(request: QuantizeRequest, method: str, choices: dict[str, NodeChoice]) -> bool:
-    """Whether any range this run may compute reads a histogram: not when every method in play is
-    `global` or `max` and no statistics are saved (then calibration keeps extremes only)."""
+    """Whether this run reads a histogram: not when every method in play is `global` and no statistics
+    are saved (then calibration keeps extremes only). `max` reads only extremes too, but the report's
+    fraction of values it clips is counted on the histogram."""
     methods = {method} | {choice.method for choice in choices.values() if choice.method}
     if searches(request) and not request.method_given:
         methods.add("percentile")  # the search's second method
-    return request.save_stats is not None or not methods <= EXTREME_METHODS
+    return request.save_stats is not None or not methods <= CLIPS_NOTHING
 
 
 def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[str], graph: Graph,
