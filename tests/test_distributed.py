@@ -245,7 +245,8 @@ def test_quantize_with_ray_runs_the_automatic_search_there(cluster, tmp_path: Pa
     out, report = tmp_path / "q.onnx", tmp_path / "report.json"
     result = subprocess.run([sys.executable, "-m", "onnxq.cli", "quantize", str(tmp_path / "m.onnx"), "-o", str(out),
                              "--calib", str(calib), "--ray", cluster.address, "--workers", "2", "--report",
-                             str(report)], capture_output=True, text=True, timeout=180)
+                             str(report), "--speed-guard", "off"],  # the amx table keeps such tiny MatMuls float
+                            capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     search = json.loads(report.read_text())["auto"]
     assert search["scored_on"] == "Ray, at most 2 tasks at once" and len(search["candidates"]) > 1
