@@ -58,6 +58,7 @@ import onnx_graphsurgeon as gs
 
 from .evaluate import CachedReference, Fidelity
 from .ir import all_graphs, constant_values, is_constant, node_label
+from .ops import HEAVY_OPS
 from .speed_table import SpeedTable, layer_class, shipped_table
 
 TARGET_AGREEMENT = 0.99
@@ -470,7 +471,7 @@ class SpeedModel:
         model = cls(table or shipped_table(), row_class)
         macs_known = []
         for node in graph.nodes:
-            if node.op not in ("Conv", "MatMul", "Gemm"):
+            if node.op not in HEAVY_OPS:
                 continue
             layer = layer_class(node, shapes)
             decision = model.table.decide(row_class, layer) if layer is not None else None

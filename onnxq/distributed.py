@@ -74,7 +74,7 @@ def connect(options: RayOptions):
             ray.init(address=options.address or None, logging_level="ERROR", log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             where = options.address or "RAY_ADDRESS / a local Ray"
-            raise UsageError(f"cannot connect to Ray at {where}: {str(exc).splitlines()[0]}") from None
+            raise UsageError(f"cannot connect to Ray at {where}: {first_line(exc)}") from None
     return ray
 
 
