@@ -3,8 +3,9 @@
 The floor is what any quantizer must pay: process start, model load and one plain fp32
 onnxruntime pass over the calibration data (a child that imports only numpy and
 onnxruntime). Each round runs the floor, `onnxq calibrate` and `onnxq quantize
---fast --method M` for every method (the single pass; the automatic search is timed by bench.run), one after the other, as child processes;
-ratios are taken per round (same machine state) and their median is reported.
+--fast --method M` for every method (the single pass; the automatic search is timed by
+bench.run), one after the other, as child processes; ratios are taken per round (same machine
+state) and their median is reported.
 
 python -m bench.quantize_time                                  # every bench model in bench/.cache
 python -m bench.quantize_time --models ppocr-rec --rounds 5
@@ -134,11 +135,11 @@ def time_run(names: list[str], methods: list[str], rounds: int, before: Path | N
                                         rss_limit_mb=12_000, env=_env(source))
                 runs[key].append(res.to_dict())
                 print(f"  {name} {key}: {res.status} {res.wall_s:.2f} s {res.peak_rss_mb:.0f} MB", flush=True)
-        result["models"][name] = summarise(runs, rounds)
+        result["models"][name] = summarise(runs)
     return result
 
 
-def summarise(runs: dict[str, list], rounds: int) -> dict:
+def summarise(runs: dict[str, list]) -> dict:
     floor = [r["wall_s"] for r in runs["floor"]]
     rows = {}
     for key, results in runs.items():

@@ -304,12 +304,13 @@ def quantize_time_lines(folder: Path) -> list[str]:
     before = any("(before)" in k for k in rows)
     out = ["## Quantize time against its floor", "",
            f"`python -m bench.quantize_time --rounds {res['rounds']}"
-           + (" --before <the previous commit's checkout>" if before else "") + "` on "
+           + (" --before <an earlier checkout>" if before else "") + "` on "
            f"{m['cpu']}, {m['cores']} cores, VNNI: {m['vnni']}, AMX: {m['amx']} (see bench/README.md). "
            "Floor: process start + model load + one plain "
            "fp32 onnxruntime pass over the calibration data. Each cell: median over rounds of (time ÷ the same "
-           "round's floor)" + ("; before → now" if before else "") + ". quantize runs --no-speed-guard and "
-           "includes its evaluation of the held-back samples.", "",
+           "round's floor)" + ("; before → now" if before else "") + ". quantize runs `--fast --method M` (the "
+           "single pass, speed table included) and includes its evaluation of the held-back samples; calibrate "
+           "always keeps histograms (its statistics are saved).", "",
            "| model | floor s | calibrate | " + " | ".join(f"quantize {x}" for x in methods)
            + " | peak RSS MB |", "|---|---|---|" + "---|" * len(methods) + "---|"]
     for name, rows in res["models"].items():

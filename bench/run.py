@@ -282,7 +282,7 @@ def run(names: list[str], cfg_fn, samples: dict[str, tuple[int, int]], results: 
 def run_quick(results: Path = RESULTS / "quick", n: int = 8, markdown: Path | None = None,
               command: str = "python -m bench.run --quick") -> dict:
     """bench-quick: the PP-OCRv4 recogniser, ``n`` calibration and ``n`` evaluation lines, 3 rows."""
-    return run(["ppocr-rec"], lambda spec: configs.quick(), {"ppocr-rec": (n, n)}, results, markdown,
+    return run(["ppocr-rec"], lambda _spec: configs.quick(), {"ppocr-rec": (n, n)}, results, markdown,
                command, rounds=3)[0]
 
 

@@ -227,7 +227,7 @@ class Unwrap(nn.Module):
         return post(self.inner(*args))
 
 
-def prepared(name: str, spec: Spec) -> nn.Module:
+def prepared(spec: Spec) -> nn.Module:
     torch.manual_seed(0)
     model = spec.build()
     if spec.warm:
@@ -248,7 +248,7 @@ def _export_dynamo(model: nn.Module, args: tuple, names: list[str], dynamic: dic
 
 
 def export_one(name: str, spec: Spec, exporter: str, path: Path) -> None:
-    model = prepared(name, spec)
+    model = prepared(spec)
     args = tuple(spec.inputs.values())
     names = list(spec.inputs)
     if exporter.startswith("dynamo"):

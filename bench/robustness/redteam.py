@@ -173,7 +173,7 @@ def _set(key: str, value) -> Callable[[dict, np.ndarray], np.ndarray]:
     return edit
 
 
-def _negative_counts(header: dict, counts: np.ndarray) -> np.ndarray:
+def _negative_counts(_header: dict, counts: np.ndarray) -> np.ndarray:
     counts[0, 100] = -5
     return counts
 

@@ -51,7 +51,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denom) if denom else float(np.array_equal(a, b))
 
 
-def verify(model: Path, out: Path, calib: Path, reference: list[np.ndarray]) -> dict:
+def verify(out: Path, calib: Path, reference: list[np.ndarray]) -> dict:
     found: dict = {}
     try:
         onnx.checker.check_model(str(out), full_check=True)
@@ -98,7 +98,7 @@ def run_one(model: Path, calib: Path, work: Path, config: str, reference: list[n
         nodes = json.loads(report.read_text()).get("nodes") or {}
         row["quantized"] = f"{nodes.get('quantized')}/{nodes.get('total')}"
     if rc == 0 and out.exists() and reference is not None:
-        row.update(verify(model, out, calib, reference))
+        row.update(verify(out, calib, reference))
     return row
 
 
