@@ -74,14 +74,10 @@ def check_fusion(model: onnx.ModelProto, planned: dict[str, str] | None = None) 
 
 
 def _sort_quantize_ops(graph: onnx.GraphProto) -> FusionReport:
-    constants = {t.name for t in graph.initializer}
-    constants.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
     view = GraphView(graph)
+    constants = set(view.constants)
+    constants.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
+    producer, consumers = view.producer, view.consumers
     report = FusionReport()
     kernels, floats, borders, wide = Counter(), Counter(), Counter(), Counter()
     for node in graph.node:
@@ -102,15 +98,15 @@ def _sort_quantize_ops(graph: onnx.GraphProto) -> FusionReport:
                 borders["dequantize"] += 1
         if node.op_type == "QuantizeLinear":
             users = consumers.get(node.output[0], [])
-            if users and all(u.op_type == "DequantizeLinear" for u in users) and view.is_wide(node):
+            if not (users and all(u.op_type == "DequantizeLinear" for u in users)):
+                borders["quantize"] += 1
+            elif view.is_wide(node):
                 wide["pairs"] += 1
-            elif users and all(u.op_type == "DequantizeLinear" for u in users):
+            else:
                 source = producer.get(node.input[0])
                 report.unfused_pairs.append({"tensor": node.input[0], "producer": source.op_type if source else "input",
                                              "consumers": sorted({c.op_type for u in users
                                                                   for c in consumers.get(u.output[0], [])})})
-            else:
-                borders["quantize"] += 1
     report.int8_kernels = dict(sorted(kernels.items()))
     report.float_ops = dict(sorted(floats.items()))
     report.borders = dict(sorted(borders.items()))

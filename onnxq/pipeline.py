@@ -265,6 +265,12 @@ def holdout_fraction(request: QuantizeRequest) -> float | None:
     return HOLDOUT if request.data.eval_data is None else None
 
 
+def search_methods(request: QuantizeRequest, method: str) -> tuple[str, ...]:
+    """The calibration methods the automatic search measures: the given one, then `percentile` unless
+    --method (or a recipe's) fixed it."""
+    return (method,) if request.method_given else tuple(dict.fromkeys((method, "percentile")))
+
+
 def search_may_go_dynamic(request: QuantizeRequest) -> bool:
     """Whether the automatic search may quantize layers at run time: not when --mode was given, nor when
     the user asked for what only static mode makes (QOperator, statistics to load or save, a plan)."""
@@ -665,8 +671,7 @@ def _search_space(c: Calibrated, reference: CachedReference) -> auto.SearchSpace
         return frozenset(affordable_layers([layers[label] for label in ranking if label in layers],
                                            auto.ADAROUND_LAYERS, auto.ADAROUND_SECONDS))
 
-    methods = (c.settings.method,) if request.method_given else tuple(dict.fromkeys((c.settings.method,
-                                                                                     "percentile")))
+    methods = search_methods(request, c.settings.method)
     run_time = eligible if search_may_go_dynamic(request) else frozenset()
     return auto.SearchSpace(build, c.int8_layers(), run_time, methods, speed, rank_layers, adaround_layers,
                             can_repair=c.calib is not None and not users_recovery.needs_data, probe=probe)
@@ -979,9 +984,8 @@ def needs_histograms(request: QuantizeRequest, method: str, choices: dict[str, N
     """Whether this run reads a histogram: not when every method in play is `global` and no statistics
     are saved (then calibration keeps extremes only). `max` reads only extremes too, but the report's
     fraction of values it clips is counted on the histogram."""
-    methods = {method} | {choice.method for choice in choices.values() if choice.method}
-    if searches(request) and not request.method_given:
-        methods.add("percentile")  # the search's second method
+    methods = {choice.method for choice in choices.values() if choice.method}
+    methods.update(search_methods(request, method) if searches(request) else (method,))
     return request.save_stats is not None or not methods <= CLIPS_NOTHING
 
 
