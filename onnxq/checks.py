@@ -4,8 +4,6 @@
   NaN activations, dynamic and weight-only not at all);
 - a model that already carries QuantizeLinear/DequantizeLinear: `convert` is the command for it;
 - accuracy targets and gates outside what a cosine or an SQNR can be;
-- options that do nothing in the chosen mode (`--weight-bits 4` in static mode, ...): a user who
-  gives one expects it to act;
 - `--exclude` names that match no node or op type (a typo would otherwise go unnoticed).
 """
 
@@ -87,62 +85,3 @@ def unmatched_excludes(exclude: tuple[str, ...], nodes: list[tuple[str, str]]) -
     names = {name for name, _ in nodes} | {op for _, op in nodes}
     return [f"--exclude {value} matches no node name or op type in the model (after preparation); nothing excluded "
             "by it" for value in exclude if value not in names]
-
-
-# (option, parameter, when it does something, what to say): quantize options that only act in some settings
-ONLY_WHEN = [
-    ("--weight-bits", "weight_bits", lambda v: v["mode"] == "weight-only", "applies to --mode weight-only"),
-    ("--block-size", "block_size", lambda v: v["mode"] == "weight-only" and v["weight_bits"] == "4",
-     "applies to --mode weight-only --weight-bits 4"),
-    ("--weight-zero-points", "weight_zero_points", lambda v: v["mode"] == "weight-only" and v["weight_bits"] == "4",
-     "applies to --mode weight-only --weight-bits 4"),
-    ("--method", "method", lambda v: v["mode"] == "static", "sets how static mode calibrates activation ranges"),
-    ("--percentile", "percentile", lambda v: v["mode"] == "static" and v["method"] == "percentile",
-     "applies to --method percentile"),
-    ("--symmetric", "symmetric", lambda v: v["mode"] == "static", "sets static mode's activation type (dynamic "
-     "mode quantizes activations to uint8 at run time, weight-only not at all)"),
-    ("--weight-range", "weight_range", lambda v: v["mode"] != "weight-only", "does nothing in weight-only mode "
-     "(float compute: full 8-bit weights)"),
-    ("--speed-guard", "speed_guard", lambda v: v["mode"] == "static" or v["speed_guard"] == "off",
-     "decides static mode's int8 layers"),
-    ("--speed-profile", "speed_profile", lambda v: v["mode"] == "static" and v["speed_guard"] == "measure",
-     "holds the timings of --speed-guard measure (static mode)"),
-    ("--memory-budget", "memory_budget", lambda v: v["mode"] == "static", "bounds static mode's calibration"),
-    ("--max-samples", "max_samples", lambda v: v["mode"] == "static", "limits static mode's calibration samples"),
-    ("--allow-random", "allow_random", lambda v: v["mode"] == "static", "lets static mode calibrate on random data"),
-    ("--target-cpu", "target_cpu", lambda v: v["mode"] != "weight-only", "sets the int8 weight range (static and "
-     "dynamic modes; weight-only computes in float)"),
-    ("--smooth-mul", "smooth_mul", lambda v: v["smooth_alpha"] is not None, "applies with --smooth-alpha"),
-    ("--adaround-seconds", "adaround_seconds", lambda v: v["adaround"] or v["adaround_rules"],
-     "applies with --adaround (or recipe rules with adaround: true)"),
-    ("--holdout", "holdout", lambda v: v["mode"] == "static" and v["calib"] is not None and v["load_stats"] is None,
-     "holds back part of --calib (static mode, calibrating on --calib)"),
-    ("--budget", "budget", lambda v: _searches(v), "limits the automatic search (static mode without --fast or an "
-     "accuracy target)"),
-    ("--target-agreement", "target_agreement", lambda v: _searches(v), "is the automatic search's aim (static mode "
-     "without --fast or an accuracy target)"),
-]
-
-
-def _searches(values: dict) -> bool:
-    """The automatic search runs: static mode, no --fast, no accuracy target of the user's."""
-    return values["mode"] == "static" and not values["fast"] and all(
-        values[p] is None for p in ("target_sqnr", "target_cosine", "target_metric"))
-TARGET_OPTIONS = [("--target-sqnr", "target_sqnr"), ("--target-cosine", "target_cosine"),
-                  ("--target-metric", "target_metric"), ("--target-samples", "target_samples"),
-                  ("--target-data", "target_data"), ("--fallback", "fallback"), ("--max-fallbacks", "max_fallbacks")]
-
-
-def check_effective(given: set[str], values: dict) -> None:
-    """UsageError for an option given on the command line that the chosen settings would ignore."""
-    for option, param, acts, what in ONLY_WHEN:
-        if param in given and not acts(values):
-            raise UsageError(f"{option} {what}; it does nothing here (--mode {values['mode']}): leave it out")
-    has_target = any(values[p] is not None for p in ("target_sqnr", "target_cosine", "target_metric"))
-    for option, param in TARGET_OPTIONS:
-        if param in given and values["mode"] == "dynamic":
-            raise UsageError(f"{option} (accuracy target) applies to --mode static and weight-only; it does nothing "
-                             "with --mode dynamic")
-        if param in given and not has_target:
-            raise UsageError(f"{option} applies with an accuracy target (--target-sqnr, --target-cosine or "
-                             "--target-metric)")

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import click
 
-from . import __version__, auto
-from .checks import check_effective
+from . import __version__
 from .command_options import CommandOptions
-from .convert import ACTIVATION_TYPES, ConvertRequest, convert, convert_paths
+from .convert import ConvertRequest, convert, convert_paths
 from .data import DataArg, FeedLoader, ImagePreprocessing, model_input_specs, open_source
 from .distributed import RayOptions
 from .doctor import format_diagnosis, this_machine
 from .dynamic import WeightOnlyOptions
-from .enums import Format, Mode, SpeedGuard, WeightRange
+from .enums import Mode
 from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError, first_line, one_line
 from .input_shapes import parse_input_shapes
 from .inspect_model import format_inspection, inspect_model
@@ -28,13 +27,24 @@ from .interrupts import Interrupted
 from .latency import all_threads, compare_fp32_int8, format_comparison
 from .loaders import data_argument, script_argument
 from .model_io import atomic_write_bytes, load_model
+from .options import (
+    BENCH,
+    CALIBRATE,
+    CONVERT,
+    QAT_PREP,
+    QUANTIZE,
+    SENSITIVITY,
+    check_effective,
+    click_options,
+    request_fields,
+    with_recipe_settings,
+)
 from .outputs import commit, interrupt_message, transaction
 from .paths import INPUT, OUTPUT, PathArg, check_paths, quantize_paths
 from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from .pipeline import sensitivity as run_sensitivity
 from .plan import QuantSettings
 from .qat_prep import params_path_for, qat_prep
-from .ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS
 from .recipe import Recipe
 from .report import format_summary
 from .sensitivity import SensitivityResult, Target
@@ -110,102 +120,8 @@ def _parse_floats(value: str, option: str) -> tuple[float, ...]:
     return numbers
 
 
-def data_options(func):
-    """Options shared by every command that reads calibration data."""
-    decorators = [
-        click.option("--calib", type=click.Path(path_type=Path), help="Calibration data: folder of .npz/.npy, "
-                     "one stacked .npz/.npy, a folder of images, or ONNX test_data_set_N/ folders."),
-        click.option("--data-loader-script", metavar="FILE[:FUNCTION]", help="Calibration data from your own "
-                     "code: FUNCTION (default load_data) in FILE yields feed dicts, input name -> numpy array (or "
-                     "(feeds, label) pairs for a --metric); the same as --calib FILE.py[:FUNCTION]. --eval-data and "
-                     "--target-data take FILE.py[:FUNCTION] too (README: 'Data from your own code')."),
-        click.option("--allow-random", is_flag=True, help="Calibrate on random normal data when no --calib is "
-                     "given (the report says so)."),
-        input_shapes_option("--allow-random: the shapes of inputs with open dimensions"),
-        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Samples per inference run (same-shaped samples are stacked on axis 0)."),
-        click.option("--max-samples", type=click.IntRange(min=1), help="Use at most this many calibration samples."),
-        click.option("--memory-budget", type=click.IntRange(min=16), default=2048, show_default=True,
-                     help="MB of exposed activations per inference run; above it calibration runs in several passes."),
-    ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return image_options(func)
-
-
-def input_shapes_option(what: str):
-    return click.option("--input-shapes", multiple=True, metavar="NAME:DIMS[,...]",
-                        help=f"{what}, as Polygraphy and onnxslim take them: x:1x3x48x320 (several: comma-separated "
-                             "or the option repeated).")
-
-
-def image_options(func):
-    """How a folder of images becomes tensors (every command that reads data)."""
-    decorators = [
-        click.option("--image-size", help="Images: resize to WIDTHxHEIGHT (default: the model's input size)."),
-        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Images: tensor layout "
-                     "(default: from the model's input shape)."),
-        click.option("--scale", "pixel_scale", type=float, default=1 / 255, show_default="1/255",
-                     help="Images: multiply pixel values (0..255) by this."),
-        click.option("--mean", default="0", show_default=True, help="Images: subtract per channel after scaling "
-                     "(one value or R,G,B)."),
-        click.option("--std", default="1", show_default=True, help="Images: then divide per channel."),
-        click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True,
-                     help="Images: channel order the model expects."),
-    ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
-
-
-def method_options(func):
-    """--method and --percentile, as quantize, convert and qat-prep share them."""
-    func = click.option("--percentile", type=float, default=DEFAULT_PERCENTILE, show_default=True,
-                        help="Percentile for --method percentile.")(func)
-    return click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-                        help="Calibration method (see README).")(func)
-
-
-def settings_options(func):
-    """How activations and weights are quantized: quantize's options, shared by sensitivity so that it ranks layers
-    under the settings quantize will use (request fields: settings_fields)."""
-    decorators = [
-        method_options,
-        click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 "
-                     "asymmetric)."),
-        click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel)."),
-        click.option("--weight-range", type=click.Choice(WeightRange.values()), default="auto", show_default=True,
-                     help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks "
-                          "this CPU."),
-        click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable)."),
-        click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="YAML recipe: per-node "
-                     "precision (float, int8, int16 activations, int4 weights), per-channel and method by node name, "
-                     "regex or op type, and settings used as defaults for these options (see README)."),
-    ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
-
-
-SETTINGS_OPTIONS = ("method", "percentile", "symmetric", "per_tensor", "weight_range")  # recipe settings may set
-
-
 def load_recipe(o: CommandOptions) -> Recipe:
-    return Recipe.load(o["recipe_path"]) if o["recipe_path"] is not None else Recipe()
-
-
-def settings_fields(o: CommandOptions, recipe: Recipe, v: dict) -> dict:
-    """The request fields settings_options give (`v`: SETTINGS_OPTIONS' values, the recipe's settings applied)."""
-    return {"settings": QuantSettings(method=v["method"], percentile=v["percentile"], symmetric=v["symmetric"],
-                                      per_channel=not v["per_tensor"]),
-            "weight_range": v["weight_range"], "exclude": tuple(o["exclude"]), "recipe": recipe}
-
-
-def report_options(func):
-    """--report FILE and --json."""
-    func = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")(func)
-    return click.option("--report", "report_path", type=click.Path(path_type=Path),
-                        help="Write the full report as JSON.")(func)
+    return Recipe.load(o["recipe_path"]) if o.values.get("recipe_path") is not None else Recipe()
 
 
 def verbosity_options(func):
@@ -215,22 +131,8 @@ def verbosity_options(func):
                         "or notes.")(func)
 
 
-def ray_options(func):
-    """--ray [ADDRESS] and --workers N (calibrate, quantize)."""
-    func = click.option("--workers", type=click.IntRange(min=1), help="--ray: tasks at once: calibration shards "
-                        "and accuracy-search candidates (default: one per CPU of the cluster).")(func)
-    return click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
-                        help="Calibrate (and run the accuracy search) as Ray tasks: on the cluster at ADDRESS, else "
-                             "RAY_ADDRESS, else a local Ray; same statistics and model as without "
-                             "(pip install 'onnxq[ray]'; see README).")(func)
-
-
 def _ray_options(ray_address: str | None, workers: int | None) -> RayOptions | None:
-    if ray_address is None:
-        if workers is not None:
-            raise UsageError("--workers applies to --ray only")
-        return None
-    return RayOptions(address=ray_address or None, workers=workers)
+    return None if ray_address is None else RayOptions(address=ray_address or None, workers=workers)
 
 
 def _images(o: CommandOptions) -> ImagePreprocessing:
@@ -293,90 +195,7 @@ def main() -> None:
 @main.command(epilog=EPILOG_QUANTIZE)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the int8 model.")
-@data_options
-@click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data for the fidelity report "
-              "(default: the last 10% of --calib, 25% when the automatic search runs, at most 32 samples, not used "
-              "for calibration).")
-@click.option("--mode", type=click.Choice(Mode.values()), default="static", show_default=True,
-              help="static: activation ranges from calibration; dynamic: MatMul/Gemm/LSTM activations quantized "
-                   "at run time (no calibration); weight-only: integer weights, float compute (no calibration).")
-@click.option("--weight-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
-              help="--mode weight-only: 8 = int8 per channel; 4 = MatMul weights as block-wise int4 (MatMulNBits).")
-@click.option("--block-size", type=int, default=32, show_default=True, help="--weight-bits 4: weights per block.")
-@click.option("--weight-zero-points", is_flag=True, help="--weight-bits 4: a zero point per block (default: "
-              "symmetric).")
-@click.option("--weight-method", type=click.Choice(["rtn", "gptq", "awq", "hqq"]), default="rtn", show_default=True,
-              help="--weight-bits 4 rounding: rtn (nearest), gptq and awq (need --calib), hqq (data-free); see README.")
-@settings_options
-@click.option("--format", "output_format", type=click.Choice(Format.values()), default="qdq", show_default=True,
-              help="qdq: QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels; qoperator: "
-                   "integer operators (QLinearConv, MatMulIntegerToFloat, QGemm, ...), same parameters.")
-@click.option("--save-recipe", type=click.Path(path_type=Path), help="Write the effective recipe (settings as used, "
-              "rules, the speed guard's and the accuracy target's choices): --recipe with it rebuilds this model.")
-@click.option("--speed-guard", type=click.Choice(SpeedGuard.values()), default="table", show_default=True,
-              help="Keep in float the layers whose int8 form does not make the model faster on the target CPU: "
-                   "table decides from onnxq's measured table for the CPU class (same output on every machine); "
-                   "measure times the model on this machine; off keeps every int8 layer.")
-@click.option("--no-speed-guard", is_flag=True, hidden=True, help="Same as --speed-guard off.")
-@click.option("--speed-profile", type=click.Path(path_type=Path), help="--speed-guard measure: timings to reuse and "
-              "extend (default: a per-machine cache in ~/.cache/onnxq).")
-@click.option("--target-cpu", help="Quantize for this CPU: a class (avx2, avx512-vnni, amx, arm64, host), a copy of "
-              "its /proc/cpuinfo or its `onnxq doctor --json` output. Sets the weight range and the speed table "
-              "row. Default: this machine's class (ONNXQ_HOST_CPU=<class> overrides what it reports).")
-@click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse statistics saved by --save-stats or "
-              "`onnxq calibrate` (no inference pass).")
-@click.option("--save-stats", type=click.Path(path_type=Path), help="Save the calibration statistics.")
-@click.option("--save-plan", type=click.Path(path_type=Path), help="Save the per-tensor quantization plan (JSON).")
-@report_options
-@click.option("--target-sqnr", type=float, help="Accuracy target (dB, every output, held-back samples): keep the "
-              "most sensitive layers in float, as few as possible, until it holds; exit 6 if it cannot.")
-@click.option("--target-cosine", type=float, help="Accuracy target as a minimum cosine (as --target-sqnr).")
-@click.option("--metric", type=click.Path(path_type=Path), help="Python file with score(references, candidates, "
-              "feeds) -> float, higher is better (per sample: output name -> array): the task measure for "
-              "--target-metric.")
-@click.option("--target-metric", type=float, help="Accuracy target on --metric's score (as --target-sqnr).")
-@click.option("--target-samples", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Samples the accuracy target is measured on.")
-@click.option("--eval-samples", default="32", show_default=True, help="Held-back samples the fidelity report "
-              "measures (the first N; 'all': every one).")
-@click.option("--target-data", type=click.Path(path_type=Path), help="Samples for the accuracy target (default: "
-              "the held-back ones; give others to keep --eval-data untouched by the search).")
-@click.option("--fallback", type=click.Choice(["float", "int16", "int8"]), default=None,
-              show_default="float; weight-only: int8",
-              help="What the accuracy target turns sensitive layers into: float, int8 weights (--mode weight-only "
-                   "--weight-bits 4), or int16 activations (W8A16; "
-                   "runs in float on CPU, for accelerators that run it natively).")
-@click.option("--max-fallbacks", type=click.IntRange(min=0), help="At most this many layers back to float for the "
-              "target (default: as many as needed).")
-@click.option("--min-cosine", type=float, help="Exit 6 if any output's cosine to fp32 is below this.")
-@click.option("--min-sqnr", type=float, help="Exit 6 if any output's SQNR (dB) is below this.")
-@click.option("--fast", is_flag=True, envvar="ONNXQ_FAST", help="No automatic search: one pass with the settings "
-              "given (static int8, the speed table's decisions); also ONNXQ_FAST=1 in the environment. Default: "
-              "measure candidates on held-back samples and keep the fastest that keeps the task answer (see README, "
-              "'The automatic default').")
-@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Share of --calib never calibrated on (its last samples in sorted order, at most 32): what the "
-              "automatic search chooses by (default 0.25) or, with --fast and no --eval-data, what fidelity is "
-              "measured on (default 0.1). --save-recipe records it, so a rebuild calibrates on the same samples.")
-@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=auto.BUDGET_S, show_default=True,
-              help="Seconds the automatic search may spend measuring candidates (a search cut short by it can "
-              "choose differently on a slower machine: --save-recipe pins the choice).")
-@click.option("--target-agreement", type=click.FloatRange(0, 1), default=auto.TARGET_AGREEMENT, show_default=True,
-              help="Task agreement with fp32 the automatic search aims for (same class, same text, ...).")
-@click.option("--smooth-alpha", type=float, help="SmoothQuant before calibrating: move activation outliers into "
-              "the MatMul/Gemm weights after them (0..1; 0.7 on MiniLM; default off; static and dynamic modes, "
-              "needs --calib). Float outputs do not change.")
-@click.option("--smooth-mul", is_flag=True, help="--smooth-alpha: also smooth activations whose producer cannot "
-              "absorb 1/s, with an inserted Mul (one more op each).")
-@click.option("--equalize", is_flag=True, help="Cross-layer equalization of Conv -> [Relu] -> Conv pairs before "
-              "calibration (same float function, more even per-channel weight ranges).")
-@click.option("--bias-correction", is_flag=True, help="Remove the per-channel output mean shift weight rounding "
-              "causes, measured on the calibration samples.")
-@click.option("--adaround", is_flag=True, help="Learned rounding: pick floor or ceil per weight to minimise each "
-              "layer's output error on the calibration samples.")
-@click.option("--adaround-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-              help="--adaround: approximate optimisation budget over all layers.")
-@ray_options
+@click_options(QUANTIZE)
 @verbosity_options
 @handle_errors
 def quantize_command(**p) -> None:
@@ -404,57 +223,44 @@ def quantize_request(o: CommandOptions) -> QuantizeRequest:
     data = _data(o)
     data.ray = _ray_options(o["ray_address"], o["workers"])
     recipe = load_recipe(o)
-    speed_guard = o["speed_guard"]
+    values = dict(o.values)
     if o["no_speed_guard"]:
         if "speed_guard" in o.given:
             raise UsageError("--no-speed-guard and --speed-guard contradict each other; give one")
-        speed_guard = "off"
-    v = _recipe_defaults(recipe, {**{k: o[k] for k in (
-        "mode", *SETTINGS_OPTIONS, "output_format", "weight_bits", "block_size", "weight_zero_points",
-        "weight_method", "smooth_alpha", "smooth_mul", "equalize", "bias_correction", "adaround", "adaround_seconds",
-        "fast", "holdout")}, "speed_guard": speed_guard}, o)
-    check_effective(o.given, {**v, **{k: o[k] for k in ("target_sqnr", "target_cosine", "target_metric", "budget",
-                                                         "target_agreement", "calib", "load_stats")},
-                              "adaround_rules": any(rule.adaround for rule in recipe.rules)})
+        values["speed_guard"] = "off"
+    v = _with_recipe(QUANTIZE, recipe, values, o)
+    check_effective(QUANTIZE, o.given, {**v, "adaround_rules": any(rule.adaround for rule in recipe.rules)})
     request = QuantizeRequest(
-        model=o["model"], output=o["output"], data=data, **settings_fields(o, recipe, v),
-        speed_guard=v["speed_guard"], speed_profile=o["speed_profile"], target_cpu=o["target_cpu"],
-        output_format=v["output_format"],
-        target=_target(o["target_sqnr"], o["target_cosine"], o["target_metric"]), metric=o["metric"],
-        target_samples=o["target_samples"], target_data=data_argument(o["target_data"], "--target-data"),
-        eval_samples=_count_or_all(o["eval_samples"], "--eval-samples"), max_fallbacks=o["max_fallbacks"],
-        fallback=o["fallback"] or ("int8" if v["mode"] == "weight-only" else "float"),
-        mode=v["mode"], weight_only=WeightOnlyOptions(bits=int(v["weight_bits"]), block_size=v["block_size"],
-                                                      symmetric=not v["weight_zero_points"],
-                                                      method=v["weight_method"]),
-        load_stats=o["load_stats"], save_stats=o["save_stats"], save_plan=o["save_plan"], min_cosine=o["min_cosine"],
-        min_sqnr=o["min_sqnr"], save_recipe=o["save_recipe"],
-        smooth_alpha=v["smooth_alpha"], smooth_insert_mul=v["smooth_mul"],
-        equalize=v["equalize"], bias_correction=v["bias_correction"],
+        model=o["model"], output=o["output"], data=data, **request_fields(QUANTIZE, v),
+        settings=_settings(v), recipe=recipe,
+        target=_target(v["target_sqnr"], v["target_cosine"], v["target_metric"]),
+        target_data=data_argument(v["target_data"], "--target-data"),
+        eval_samples=_count_or_all(v["eval_samples"], "--eval-samples"),
+        fallback=v["fallback"] or ("int8" if v["mode"] == "weight-only" else "float"),
+        weight_only=WeightOnlyOptions(bits=int(v["weight_bits"]), block_size=v["block_size"],
+                                      symmetric=not v["weight_zero_points"], method=v["weight_method"]),
         adaround_seconds=v["adaround_seconds"] if v["adaround"] else None, adaround_rules_seconds=v["adaround_seconds"],
-        search=not v["fast"], auto_target=o["target_agreement"], budget_s=o["budget"], holdout=v["holdout"],
+        search=not v["fast"], auto_target=v["target_agreement"], budget_s=v["budget"],
         auto_dynamic="mode" not in o.given and "mode" not in recipe.settings,
-        method_given="method" in o.given or "method" in recipe.settings, recipe_path=o["recipe_path"],
+        method_given="method" in o.given or "method" in recipe.settings,
     )
     check_paths(quantize_paths(request))
     return request
 
 
+def _with_recipe(command: str, recipe: Recipe, values: dict, o: CommandOptions) -> dict:
+    """The command's values with the recipe's settings as defaults (options the user gave win)."""
+    return with_recipe_settings(command, recipe.settings, values,
+                                lambda name: o.is_default(name) and not (name == "speed_guard" and
+                                                                         o.values.get("no_speed_guard")))
+
+
+def _settings(v: dict) -> QuantSettings:
+    return QuantSettings(method=v["method"], percentile=v["percentile"], symmetric=v["symmetric"],
+                         per_channel=not v["per_tensor"])
+
+
 main.add_command(quantize_command, name="quantize")
-
-# recipe setting -> (quantize option's parameter name, how the recipe value maps onto it)
-RECIPE_OPTIONS: dict[str, tuple[str, Callable]] = {
-    "mode": ("mode", str), "method": ("method", str), "percentile": ("percentile", float),
-    "symmetric": ("symmetric", bool), "per_channel": ("per_tensor", lambda v: not v),
-    "weight_range": ("weight_range", str), "speed_guard": ("speed_guard", str), "format": ("output_format", str),
-    "weight_bits": ("weight_bits", str), "block_size": ("block_size", int),
-    "weight_zero_points": ("weight_zero_points", bool), "weight_method": ("weight_method", str),
-    "smooth_alpha": ("smooth_alpha", float),
-    "smooth_mul": ("smooth_mul", bool), "equalize": ("equalize", bool), "bias_correction": ("bias_correction", bool),
-    "adaround": ("adaround", bool), "adaround_seconds": ("adaround_seconds", float),
-    "auto": ("fast", lambda v: not v), "holdout": ("holdout", float),
-}
-
 
 def _count_or_all(value: str, option: str) -> int | None:
     """A positive count, or None for 'all'."""
@@ -473,16 +279,6 @@ def _target(sqnr: float | None, cosine: float | None, metric: float | None) -> T
     return Target(sqnr, cosine, metric) if (sqnr, cosine, metric) != (None, None, None) else None
 
 
-def _recipe_defaults(recipe: Recipe, values: dict, o: CommandOptions) -> dict:
-    """The recipe's settings replace option defaults; options given on the command line still win."""
-    result = dict(values)
-    for key, value in recipe.settings.items():
-        param, convert = RECIPE_OPTIONS[key]
-        if o.is_default(param):
-            result[param] = convert(value)
-    return result
-
-
 @main.command(epilog="""\b
 Example:
   onnxq calibrate model.onnx --calib data/ -o model.stats.npz
@@ -491,8 +287,7 @@ Example:
 """)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Statistics file to write (.npz).")
-@data_options
-@ray_options
+@click_options(CALIBRATE)
 @verbosity_options
 @handle_errors
 def calibrate(**p) -> None:
@@ -507,6 +302,7 @@ def calibrate(**p) -> None:
 
 def calibrate_data(o: CommandOptions) -> DataOptions:
     """calibrate's options as DataOptions (the CLI and onnxq.api)."""
+    check_effective(CALIBRATE, o.given, o.values)
     data = _data(o)
     data.ray = _ray_options(o["ray_address"], o["workers"])
     return data
@@ -561,15 +357,7 @@ Examples:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the ranking as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG bar chart of the ranking.")
-@data_options
-@click.option("--eval-data", type=click.Path(path_type=Path), help="Samples to measure on (default: the last 10% "
-              "of --calib).")
-@click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics (no calibration pass).")
-@settings_options
-@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Held-back samples each variant is measured on.")
-@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Rows in the printed table.")
-@click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON on stdout.")
+@click_options(SENSITIVITY)
 @verbosity_options
 @handle_errors
 def sensitivity_command(**p) -> None:
@@ -594,12 +382,13 @@ def sensitivity_command(**p) -> None:
 def sensitivity_request(o: CommandOptions) -> QuantizeRequest:
     """sensitivity's options as a request (no model is written): quantize's settings, built as quantize builds them."""
     recipe = load_recipe(o)
-    v = _recipe_defaults(recipe, {k: o[k] for k in SETTINGS_OPTIONS}, o)
+    v = _with_recipe(SENSITIVITY, recipe, o.values, o)
+    check_effective(SENSITIVITY, o.given, v)
     mode = recipe.settings.get("mode", Mode.STATIC)
     if mode != Mode.STATIC:
         raise UsageError(f"sensitivity ranks the layers of static int8; the recipe sets mode {mode}")
-    return QuantizeRequest(model=o["model"], data=_data(o), load_stats=o["load_stats"],
-                           sensitivity_samples=o["samples"], speed_guard="off", **settings_fields(o, recipe, v))
+    return QuantizeRequest(model=o["model"], data=_data(o), **request_fields(SENSITIVITY, v), settings=_settings(v),
+                           recipe=recipe, sensitivity_samples=v["samples"], speed_guard="off")
 
 
 @main.command("bench", epilog="""\b
@@ -609,18 +398,7 @@ Examples:
 """)
 @click.argument("fp32", type=click.Path(path_type=Path))
 @click.argument("int8", type=click.Path(path_type=Path))
-@click.option("--data", "--calib", "data", type=click.Path(path_type=Path), help="A real input: the first sample "
-              "of any --calib form (--calib is the same option); default: random values, for models with static "
-              "input shapes or --input-shapes.")
-@click.option("--data-loader-script", metavar="FILE[:FUNCTION]", help="The first feed FUNCTION (default load_data) "
-              "in FILE yields is the input (see README, 'Data from your own code').")
-@input_shapes_option("Random input: the shapes of inputs with open dimensions")
-@image_options
-@click.option("--batch", "batch", type=click.IntRange(min=2), default=8, show_default=True,
-              help="The larger batch timed besides batch 1 (the sample repeated on axis 0).")
-@click.option("--threads", type=click.IntRange(min=1), multiple=True,
-              help="Thread counts to time (repeatable; default: 1 and all this process may use).")
-@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout.")
+@click_options(BENCH)
 @verbosity_options
 @handle_errors
 def bench_command(**p) -> None:
@@ -671,19 +449,7 @@ the message names the node), 4 bad data, 5 cannot write output, 1 internal error
 """)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the int8 model.")
-@click.option("--format", "output_format", type=click.Choice(Format.values()), default="qdq", show_default=True,
-              help="qdq: Q/DQ pairs placed for onnxruntime's int8 kernels; qoperator: integer operators.")
-@click.option("--activations", type=click.Choice(ACTIVATION_TYPES), default="uint8", show_default=True,
-              help="Activation type: uint8 (a learned int8 activation keeps its scale, its zero point moves by "
-                   "128: the same values, in the type onnxruntime's x86 int8 kernels fuse), int8, or keep each "
-                   "learned type as it is.")
-@data_options
-@click.option("--eval-data", type=click.Path(path_type=Path), help="Samples to compare the output with the input "
-              "(fake-quant) model on (default: --calib, if given).")
-@click.option("--calibrate-missing", is_flag=True, help="Calibrate the tensors the input model leaves float (needs "
-              "--calib) and run their nodes in int8 too (default: those nodes stay float, as in the input).")
-@method_options  # for tensors without learned parameters
-@report_options
+@click_options(CONVERT)
 @verbosity_options
 @handle_errors
 def convert_command(**p) -> None:
@@ -700,6 +466,7 @@ def convert_request(o: CommandOptions) -> ConvertRequest:
     """convert's options as a request (the CLI and onnxq.api)."""
     if o["allow_random"]:
         raise UsageError("convert calibrates only tensors without learned parameters; give real --calib data")
+    check_effective(CONVERT, o.given, o.values)
     return ConvertRequest(model=o["model"], output=o["output"], output_format=o["output_format"],
                           activations=o["activations"], data=_data(o), method=o["method"],
                           percentile=o["percentile"], calibrate_missing=o["calibrate_missing"])
@@ -714,18 +481,7 @@ Example (train the fake-quant model, then convert it):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Where to write the fp32 model with fake-quant pairs.")
-@click.option("--params", "params_path", type=click.Path(path_type=Path), help="Where to write the parameters "
-              "as JSON (default: OUTPUT with suffix .params.json).")
-@data_options
-@click.option("--eval-data", type=click.Path(path_type=Path), help="Held-back data to compare with fp32 on "
-              "(default: the last 10% of --calib).")
-@method_options
-@click.option("--symmetric", is_flag=True, help="Activations as int8 with zero point 0 (default uint8 asymmetric).")
-@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor (default: per output channel).")
-@click.option("--weight-range", type=click.Choice(WeightRange.values()), default="auto", show_default=True,
-              help="'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks this CPU.")
-@click.option("--exclude", multiple=True, help="Keep this node name or op type in float (repeatable).")
-@report_options
+@click_options(QAT_PREP)
 @verbosity_options
 @handle_errors
 def qat_prep_command(**p) -> None:
@@ -741,10 +497,9 @@ def qat_prep_command(**p) -> None:
 
 def qat_prep_request(o: CommandOptions) -> QuantizeRequest:
     """qat-prep's options as a request (the CLI and onnxq.api)."""
-    return QuantizeRequest(model=o["model"], output=o["output"], data=_data(o), weight_range=o["weight_range"],
-                           exclude=tuple(o["exclude"]), speed_guard="off",
-                           settings=QuantSettings(method=o["method"], percentile=o["percentile"],
-                                                  symmetric=o["symmetric"], per_channel=not o["per_tensor"]))
+    check_effective(QAT_PREP, o.given, o.values)
+    return QuantizeRequest(model=o["model"], output=o["output"], data=_data(o), **request_fields(QAT_PREP, o.values),
+                           settings=_settings(o.values), speed_guard="off")
 
 
 def _write_report(report: dict, path: Path | None) -> None:

@@ -147,7 +147,7 @@ class QuantizeRequest:
     holdout: float | None = None  # share of --calib never calibrated on; None: holdout_fraction's default
     save_recipe: Path | None = None  # write the effective recipe: reruns give the same model without searching
     smooth_alpha: float | None = None  # SmoothQuant before calibration (onnxq.smooth); None: off
-    smooth_insert_mul: bool = False  # smoothing may insert a Mul where 1/s has nowhere to fold
+    smooth_mul: bool = False  # smoothing may insert a Mul where 1/s has nowhere to fold
     # accuracy recovery (onnxq.recovery)
     equalize: bool = False
     bias_correction: bool = False
@@ -472,7 +472,7 @@ def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: G
     if holdout_fraction(request) is not None:  # a rebuild calibrates on the same samples
         values["holdout"] = holdout_fraction(request)
     if request.smooth_alpha is not None:
-        values.update(smooth_alpha=request.smooth_alpha, smooth_mul=request.smooth_insert_mul)
+        values.update(smooth_alpha=request.smooth_alpha, smooth_mul=request.smooth_mul)
     if request.mode == "static":
         recovery = recovery or RecoveryOptions(request.bias_correction, request.adaround_seconds)
         values.update(method=settings.method, percentile=settings.percentile, symmetric=settings.symmetric,
@@ -498,7 +498,7 @@ def _smooth(request: QuantizeRequest, prepared: PreparedModel, calib: SampleSour
     if calib is None:
         raise UsageError("--smooth-alpha measures activation channels on calibration data: give --calib")
     result = smooth_model(prepared.model, request.smooth_alpha, calib, batch_size=request.data.batch_size,
-                          insert_mul=request.smooth_insert_mul, progress=progress)
+                          insert_mul=request.smooth_mul, progress=progress)
     prepared.model = result.model
     return result.to_report()
 

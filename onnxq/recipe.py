@@ -31,10 +31,11 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 import yaml
 
-from .enums import Format, Mode, NodeStatus, SpeedGuard, WeightRange
+from .enums import NodeStatus
 from .errors import UsageError, first_line
 from .ir import all_graphs, node_label
 from .model_io import atomic_write_bytes
+from .options import RECIPE_SETTINGS
 from .placement import Placement, quantized_tensors_of
 from .plan import ActivationOverride
 from .ranges import METHODS
@@ -42,29 +43,7 @@ from .ranges import METHODS
 RECIPE_VERSION = 1
 PRECISIONS = (NodeStatus.FLOAT.value, NodeStatus.INT8.value, NodeStatus.INT16.value, NodeStatus.DYNAMIC.value)
 WEIGHT_TYPES = (NodeStatus.INT8.value, NodeStatus.INT4.value)
-# Settings a recipe may hold: name -> (type, allowed values or None).
-SETTINGS: dict[str, tuple[type, tuple | None]] = {
-    "mode": (str, Mode.values()),
-    "method": (str, tuple(METHODS)),
-    "percentile": (float, None),
-    "symmetric": (bool, None),
-    "per_channel": (bool, None),
-    "weight_range": (str, WeightRange.values()),
-    "speed_guard": (str, SpeedGuard.values()),
-    "auto": (bool, None),  # the automatic search (off: --fast)
-    "holdout": (float, None),  # share of --calib never calibrated on (--holdout)
-    "format": (str, Format.values()),
-    "weight_bits": (int, (4, 8)),
-    "block_size": (int, None),
-    "weight_zero_points": (bool, None),
-    "weight_method": (str, ("rtn", "gptq", "awq", "hqq")),
-    "smooth_alpha": (float, None),
-    "smooth_mul": (bool, None),
-    "equalize": (bool, None),
-    "bias_correction": (bool, None),
-    "adaround": (bool, None),
-    "adaround_seconds": (float, None),
-}
+SETTINGS = RECIPE_SETTINGS  # what `settings:` may hold: the options' recipe keys (onnxq.options)
 
 
 @dataclass(frozen=True)
@@ -181,7 +160,7 @@ def _parse_settings(raw: object, where: str) -> dict:
     _no_unknown(raw, set(SETTINGS), where)
     settings = {}
     for key, value in raw.items():
-        kind, allowed = SETTINGS[key]
+        kind, allowed = SETTINGS[key].kind, SETTINGS[key].allowed
         if key == "speed_guard" and isinstance(value, bool):  # recipes saved before the table: true/false
             value = "table" if value else "off"
         if kind is float and isinstance(value, int) and not isinstance(value, bool):

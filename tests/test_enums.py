@@ -24,7 +24,7 @@ def _choices(command: str, option: str) -> tuple[str, ...]:
                                                           ("--speed-guard", SpeedGuard, "speed_guard")])
 def test_quantize_options_and_recipe_settings_accept_the_enum_values(option: str, enum: type, setting: str) -> None:
     assert _choices("quantize", option) == enum.values()
-    assert recipe.SETTINGS[setting][1] == enum.values()
+    assert recipe.SETTINGS[setting].allowed == enum.values()
 
 
 def test_members_are_the_plain_strings_reports_hold() -> None:

@@ -272,5 +272,5 @@ def test_matmul_reading_a_graph_input_gets_an_inserted_mul(tmp_path: Path, data:
     float_outputs_match(prepared, result.model, tmp_path)
     path = save(model, tmp_path / "in.onnx")
     report = quantize_simple(path, tmp_path / "q.onnx", data, mode=mode, smooth_alpha=0.5,
-                             smooth_insert_mul=True).report
+                             smooth_mul=True).report
     assert report["smoothing"]["layers_smoothed"] == 1 and report["fidelity"]["outputs"][0]["cosine"] > 0.99
