@@ -27,7 +27,7 @@ from .interrupts import Interrupted
 from .latency import all_threads, compare_fp32_int8, format_comparison
 from .loaders import data_argument, script_argument
 from .model_io import atomic_write_bytes, load_model
-from .options import (
+from .option_table import (
     BENCH,
     CALIBRATE,
     CONVERT,

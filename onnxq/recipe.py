@@ -35,7 +35,7 @@ from .enums import NodeStatus
 from .errors import UsageError, first_line
 from .ir import all_graphs, node_label
 from .model_io import atomic_write_bytes
-from .options import RECIPE_SETTINGS
+from .option_table import RECIPE_SETTINGS
 from .placement import Placement, quantized_tensors_of
 from .plan import ActivationOverride
 from .ranges import METHODS
@@ -43,7 +43,7 @@ from .ranges import METHODS
 RECIPE_VERSION = 1
 PRECISIONS = (NodeStatus.FLOAT.value, NodeStatus.INT8.value, NodeStatus.INT16.value, NodeStatus.DYNAMIC.value)
 WEIGHT_TYPES = (NodeStatus.INT8.value, NodeStatus.INT4.value)
-SETTINGS = RECIPE_SETTINGS  # what `settings:` may hold: the options' recipe keys (onnxq.options)
+SETTINGS = RECIPE_SETTINGS  # what `settings:` may hold: the options' recipe keys (onnxq.option_table)
 
 
 @dataclass(frozen=True)
