@@ -230,6 +230,9 @@ OPTIONS: tuple[Option, ...] = (
            acts_help="does nothing in weight-only mode (float compute: full 8-bit weights)"),
     Option(("--exclude",), "Keep this node name or op type in float (repeatable).", SETTINGS_COMMANDS, multiple=True,
            request=True),
+    Option(("--exclude-regex",), "Keep in float every node whose name this regular expression matches (repeatable; "
+           "e.g. '^/encoder/layer\\.11/'); the saved recipe holds it as a rule.", SETTINGS_COMMANDS, multiple=True,
+           metavar="REGEX", callback=_check_regex, request=True),
     Option(("--recipe",), "YAML recipe: per-node precision (float, int8, int16 activations, int4 weights), per-channel "
            "and method by node name, regex or op type, and settings used as defaults for these options (see README).",
            (QUANTIZE, SENSITIVITY), dest="recipe_path", type=_path(), request=True),

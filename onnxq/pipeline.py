@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -121,6 +122,7 @@ class QuantizeRequest:
     save_stats: Path | None = None
     save_plan: Path | None = None
     exclude: tuple[str, ...] = ()
+    exclude_regex: tuple[str, ...] = ()  # nodes whose name matches stay float (folded into the recipe's rules)
     speed_guard: str = "table"  # "table", "measure" (time on this machine) or "off" (see onnxq.speed_guard)
     speed_profile: Path | None = None  # --speed-guard measure: None is the per-machine cache
     target_cpu: str | None = None  # a CPU class (avx2, avx512-vnni, amx, arm64, host) or a file describing it
@@ -382,6 +384,7 @@ class Calibrated:
 
 def calibrated(request: QuantizeRequest, progress: ProgressFactory = no_progress, *,
                writes_model: bool = True) -> Calibrated:
+    request = with_exclude_regex(request)
     timer = StageTimer()
     check_paths(quantize_paths(request, writes_model))
     target = resolve_target(request.target_cpu)
@@ -427,6 +430,21 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = no_progress
     return Calibrated(request, target, settings, weight_range_reason, original, prepared.model, prepared.reference,
                       digest, graph, options, placement, stats, calib, held, prepared.notes + recipe_notes + notes,
                       timer, choices, smoothing, recovery, search_samples=search_samples)
+
+
+def with_exclude_regex(request: QuantizeRequest) -> QuantizeRequest:
+    """--exclude-regex R as recipe rules after the user's (precision: float for every node whose name R matches),
+    so placement, the saved recipe, the report and the notes on rules that select nothing all see them."""
+    rules = []
+    for pattern in request.exclude_regex:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"--exclude-regex {pattern!r} is not a regular expression: {exc}") from None
+        rules.append(Rule(Selector(name_regex=pattern), precision="float", reason=f"--exclude-regex {pattern}"))
+    if not rules:
+        return request
+    return replace(request, recipe=Recipe(request.recipe.settings, [*request.recipe.rules, *rules]), exclude_regex=())
 
 
 def _recipe_choices(request: QuantizeRequest, graph: Graph, *, with_exclude: bool = False
@@ -510,6 +528,7 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = no_progress) 
     check_paths(quantize_paths(request))
     target = request.target or Target()
     check_targets(request.min_cosine, request.min_sqnr, target.min_cosine, target.min_sqnr_db, target.min_metric)
+    request = with_exclude_regex(request)
     with transaction():
         if request.mode != "static":
             return quantize_without_calibration(request, progress)
