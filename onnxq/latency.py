@@ -19,8 +19,7 @@ import onnxruntime as ort
 from .data import InputSpec, SampleSource, example_dims, model_input_specs
 from .errors import DataError, UsageError, first_line
 from .input_shapes import check_input_shapes
-from .model_io import load_model
-from .report import size_change
+from .model_io import load_model, size_change
 from .session import session_for
 
 

@@ -305,3 +305,8 @@ def _copy_fields(source, target, skip: str) -> None:
             setattr(target, descriptor.name, value)
 
 
+def size_change(before: int, after: int) -> str:
+    """'3.4x smaller' or '1.19x larger' (never '0.84x smaller')."""
+    if after <= 0 or before <= 0:
+        return "size unknown"
+    return f"{before / after:.3g}x smaller" if after <= before else f"{after / before:.3g}x larger"

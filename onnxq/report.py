@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from .enums import QUANTIZED_STATUSES
-from .model_io import model_bytes
+from .model_io import model_bytes, size_change
 
 if TYPE_CHECKING:
     from .data import SampleSource
@@ -333,13 +333,6 @@ def _static_settings_line(settings: dict) -> str:
             + f", activations {'int8 symmetric' if settings['symmetric'] else 'uint8 asymmetric'}"
             + f", weights int8 {'per-channel' if settings['per_channel'] else 'per-tensor'}"
             + f" ({settings['weight_range']} range: {settings['weight_range_reason']})")
-
-
-def size_change(before: int, after: int) -> str:
-    """'3.4x smaller' or '1.19x larger' (never '0.84x smaller')."""
-    if after <= 0 or before <= 0:
-        return "size unknown"
-    return f"{before / after:.3g}x smaller" if after <= before else f"{after / before:.3g}x larger"
 
 
 def number(value, digits: int) -> str:

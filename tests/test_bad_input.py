@@ -25,7 +25,8 @@ from onnx import helper
 from onnxq.cli import main
 from onnxq.dynamic import WeightOnlyOptions
 from onnxq.errors import EXIT_BAD_DATA, EXIT_BAD_MODEL, EXIT_USAGE, DataError, ModelError, first_line
-from onnxq.report import format_summary, size_change
+from onnxq.model_io import size_change
+from onnxq.report import format_summary
 from onnxq.statistics import Statistics
 
 
