@@ -12,9 +12,11 @@ DEMO_PREP := --image-size 320x48 --mean 0.5 --std 0.5
 
 .PHONY: demo test lint clean bench bench-quick bench-deps bench-new
 
-$(STAMP): pyproject.toml
+# ml_dtypes 0.7.0 (which onnx imports) adds about 0.6 s of CPU to every process start: held below it here
+# (README, Performance); a user's own environment is not constrained.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,ray]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,ray]' 'ml_dtypes>=0.5.4,<0.7'
 	touch $(STAMP)
 
 demo: $(STAMP)
