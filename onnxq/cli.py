@@ -532,13 +532,3 @@ def run_click() -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return result if isinstance(result, int) else 0
-
-
-def run() -> None:
-    from .entry import run as entry_run
-
-    entry_run()
-
-
-if __name__ == "__main__":
-    run()

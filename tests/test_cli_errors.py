@@ -72,7 +72,7 @@ def ws(tmp_path: Path) -> Workspace:
 def run_cli(*args) -> subprocess.CompletedProcess:
     """The CLI as a user runs it (default warning filters: whatever a user would see, we see)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    return subprocess.run([sys.executable, "-m", "onnxq.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "onnxq", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=120)
 
 

@@ -243,7 +243,7 @@ def test_quantize_with_ray_runs_the_automatic_search_there(cluster, tmp_path: Pa
     save(outlier_classifier(), tmp_path / "m.onnx")
     calib = outlier_calibration(tmp_path / "calib")
     out, report = tmp_path / "q.onnx", tmp_path / "report.json"
-    result = subprocess.run([sys.executable, "-m", "onnxq.cli", "quantize", str(tmp_path / "m.onnx"), "-o", str(out),
+    result = subprocess.run([sys.executable, "-m", "onnxq", "quantize", str(tmp_path / "m.onnx"), "-o", str(out),
                              "--calib", str(calib), "--ray", cluster.address, "--workers", "2", "--report",
                              str(report), "--speed-guard", "off"],  # the amx table keeps such tiny MatMuls float
                             capture_output=True, text=True, timeout=180)
@@ -310,7 +310,7 @@ def test_an_unreadable_shard_fails_with_one_line_naming_it(cluster, work: Path, 
     write_npz_folder(bad, feeds_for(conv_stack_model()), 9)
     (bad / "s007.npz").write_bytes(b"not a zip file")
     out = tmp_path / "stats.npz"
-    result = subprocess.run([sys.executable, "-m", "onnxq.cli", "calibrate", str(work / "m.onnx"), "--calib", str(bad),
+    result = subprocess.run([sys.executable, "-m", "onnxq", "calibrate", str(work / "m.onnx"), "--calib", str(bad),
                              "-o", str(out), "--ray", cluster.address, "--workers", "3"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == EXIT_BAD_DATA, result.stderr

@@ -112,7 +112,7 @@ def test_exclude_regex_that_matches_nothing_is_noted_and_a_bad_one_refused(ws: P
                           "--exclude-regex", "^encoder/")
     assert code == 0
     assert any("^encoder/" in note and "selects no node" in note for note in json.loads(stdout)["notes"])
-    done = subprocess.run([sys.executable, "-m", "onnxq.cli", "quantize", "m.onnx", "-o", "out/bad.onnx", "--calib",
+    done = subprocess.run([sys.executable, "-m", "onnxq", "quantize", "m.onnx", "-o", "out/bad.onnx", "--calib",
                            "calib", "--exclude-regex", "conv("], cwd=ws, capture_output=True, text=True, timeout=120)
     assert done.returncode == EXIT_USAGE and "is not a regular expression" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

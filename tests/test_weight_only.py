@@ -22,7 +22,7 @@ from onnxq.recipe import Recipe, Rule, Selector
 from onnxq.sensitivity import Target
 from onnxq.weight_stats import collect_input_stats, token_rows
 
-ONNXQ = [sys.executable, "-m", "onnxq.cli"]
+ONNXQ = [sys.executable, "-m", "onnxq"]
 
 
 def correlated_inputs(rows: int, k: int, seed: int = 0) -> np.ndarray:
