@@ -259,7 +259,7 @@ OPTIONS: tuple[Option, ...] = (
            acts_help="holds the timings of --speed-guard measure (static mode)"),
     Option(("--target-cpu",), "Quantize for this CPU: a class (avx2, avx512-vnni, amx, arm64, host), a copy of its "
            "/proc/cpuinfo or its `onnxq doctor --json` output. Sets the weight range and the speed table row. Default: "
-           "this machine's class (ONNXQ_HOST_CPU=<class> overrides what it reports).", (QUANTIZE,), request=True,
+           "this machine's class (ONNXQ_HOST_CPU=<class> overrides what it reports).", SETTINGS_COMMANDS, request=True,
            acts=lambda v: _mode(v) != Mode.WEIGHT_ONLY,
            acts_help="sets the int8 weight range (static and dynamic modes; weight-only computes in float)"),
     # ---- saved stages
@@ -320,13 +320,14 @@ OPTIONS: tuple[Option, ...] = (
     # ---- repairs
     Option(("--smooth-alpha",), "SmoothQuant before calibrating: move activation outliers into the MatMul/Gemm "
            "weights after them (0..1; 0.7 on MiniLM; default off; static and dynamic modes, needs --calib). Float "
-           "outputs do not change.", (QUANTIZE,), type=float, recipe=RecipeSetting("smooth_alpha", float),
+           "outputs do not change.", (QUANTIZE, SENSITIVITY), type=float, recipe=RecipeSetting("smooth_alpha", float),
            request=True),
     Option(("--smooth-mul",), "--smooth-alpha: also smooth activations whose producer cannot absorb 1/s, with an "
-           "inserted Mul (one more op each).", (QUANTIZE,), is_flag=True, recipe=RecipeSetting("smooth_mul", bool),
-           request=True, acts=lambda v: v["smooth_alpha"] is not None, acts_help="applies with --smooth-alpha"),
+           "inserted Mul (one more op each).", (QUANTIZE, SENSITIVITY), is_flag=True,
+           recipe=RecipeSetting("smooth_mul", bool), request=True, acts=lambda v: v["smooth_alpha"] is not None,
+           acts_help="applies with --smooth-alpha"),
     Option(("--equalize",), "Cross-layer equalization of Conv -> [Relu] -> Conv pairs before calibration (same float "
-           "function, more even per-channel weight ranges).", (QUANTIZE,), is_flag=True,
+           "function, more even per-channel weight ranges).", (QUANTIZE, SENSITIVITY), is_flag=True,
            recipe=RecipeSetting("equalize", bool), request=True),
     Option(("--bias-correction",), "Remove the per-channel output mean shift weight rounding causes, measured on the "
            "calibration samples.", (QUANTIZE,), is_flag=True, recipe=RecipeSetting("bias_correction", bool),

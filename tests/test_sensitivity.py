@@ -22,6 +22,7 @@ from onnxq import cli
 from onnxq.cli import main
 from onnxq.command_options import CommandOptions
 from onnxq.errors import EXIT_USAGE, UsageError
+from onnxq.option_table import options_of
 from onnxq.pipeline import DataOptions, QuantizeRequest, quantize, sensitivity
 from onnxq.plan import QuantSettings
 from onnxq.sensitivity import Target
@@ -141,14 +142,16 @@ def test_sensitivity_measures_under_quantizes_settings(tmp_path: Path, fragile) 
     recipe.write_text("settings: {method: percentile, per_channel: false}\nrules:\n"
                       "  - {match: {name: ordinary_b}, precision: float}\n")
     shared = ["--calib", str(calib), "--percentile", "99.9", "--symmetric", "--weight-range", "reduced",
-              "--exclude", "ordinary_a", "--recipe", str(recipe)]
+              "--exclude", "ordinary_a", "--recipe", str(recipe), "--target-cpu", "avx2", "--exclude-regex", "^nothing"]
     quantized = _request_of("quantize", [str(model), "-o", str(tmp_path / "q.onnx"), *shared])
     measured = _request_of("sensitivity", [str(model), *shared])
     assert measured.output is None
     assert measured.settings == quantized.settings == QuantSettings(method="percentile", percentile=99.9,
                                                                     symmetric=True, per_channel=False)
-    assert (measured.weight_range, measured.exclude, measured.recipe) == (quantized.weight_range, quantized.exclude,
-                                                                          quantized.recipe)
+    shared_fields = [row.name for row in options_of("sensitivity") if row.request and "quantize" in row.commands]
+    assert {"weight_range", "exclude", "exclude_regex", "target_cpu", "equalize", "smooth_alpha"} <= set(shared_fields)
+    assert [getattr(measured, f) for f in shared_fields] == [getattr(quantized, f) for f in shared_fields]
+    assert measured.recipe == quantized.recipe and measured.target_cpu == "avx2"
     ranked = sensitivity(measured).ranked_nodes()
     assert ranked == ["fragile"]  # ordinary_a excluded, ordinary_b float by the recipe: not int8, not ranked
 
