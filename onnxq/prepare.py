@@ -157,11 +157,10 @@ def prepare_model(model: onnx.ModelProto, source: Path | None = None) -> Prepare
     2 GiB): `source` is then its file, onnxruntime's first pass reads the weights from there and the
     prepared model is also the fp32 reference (it computes the same), so the weights are in memory once.
     """
-    work = onnx.ModelProto()
-    work.CopyFrom(model)  # cheap when the weights are on disk
+    work = model  # copied before the first step that changes it: `model` stays as it was
     lazy = on_disk = weights_on_disk(work)
     if on_disk and (source is None or default_opset(work) < MIN_OPSET or _initializer_inputs(work)):
-        work = _with_weights(work, source)  # the steps before onnxruntime's need them in memory
+        work = _with_weights(_copy(work), source)  # the steps before onnxruntime's need them in memory
         on_disk = False
     notes: list[str] = []
     # Upgrade first: the converter needs IR 3 models as they are, initializers listed as inputs.
@@ -175,10 +174,13 @@ def prepare_model(model: onnx.ModelProto, source: Path | None = None) -> Prepare
             reference.CopyFrom(work)
             notes.append(f"onnxruntime does not run opset {opset}: the fp32 reference is the opset "
                          f"{MIN_OPSET} conversion")
+    if work is model and _initializer_inputs(work):
+        work = _copy(work)
     dropped = drop_initializer_inputs(work)
     if dropped:
         notes.append(f"{len(dropped)} initializers were also listed as graph inputs; treated as constants")
-    work = optimize_basic(work, source if on_disk else None)
+    # onnxruntime reads the file itself while the model is still what it holds (no serialized copy)
+    work = optimize_basic(work, source if on_disk or work is model else None)
     work, folded = fold_affine_into_conv(work)
     if folded:
         notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
@@ -192,6 +194,12 @@ def prepare_model(model: onnx.ModelProto, source: Path | None = None) -> Prepare
         notes.append(f"{pooled} ReduceMean ops over all spatial axes written as GlobalAveragePool")
         work = infer_types(work)
     return PreparedModel(work, work if lazy else reference, notes)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)  # cheap when the weights are on disk
+    return copied
 
 
 def _initializer_inputs(model: onnx.ModelProto) -> bool:

@@ -16,6 +16,8 @@ GlobalAveragePool it runs in int8 instead of forcing a dequantize/quantize.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -26,6 +28,8 @@ from .ops import BIASED_OPS
 
 def fold_affine_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Fold constant Mul/Add that follow a Conv into it; returns the model and how many ops went."""
+    if not _conv_feeds_one_mul_or_add(model.graph):
+        return model, 0  # importing the graph costs more than the rest of this pass
     graph = import_graph(model)
     outputs = {t.name for t in graph.outputs}
     names = NameAllocator(graph)
@@ -105,6 +109,8 @@ def _absorb(conv: gs.Node, op: gs.Node, values: np.ndarray, names: NameAllocator
 def means_to_global_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """ReduceMean over all spatial axes of a float N x C x ... tensor -> GlobalAveragePool (+ Flatten
     when keepdims=0); returns the model and how many were replaced. Needs inferred ranks."""
+    if not any(node.op_type == "ReduceMean" for node in model.graph.node):
+        return model, 0
     graph = import_graph(model)
     names = NameAllocator(graph)
     replaced = 0
@@ -155,6 +161,10 @@ def _spatial_mean(node: gs.Node) -> bool:
 
 def unshare_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Give every Conv/Gemm its own constant bias tensor; returns the model and how many copies were made."""
+    uses = _uses(model.graph)
+    if not any(node.op_type in BIASED_OPS and len(node.input) > 2 and uses[node.input[2]] > 1
+               for node in model.graph.node):
+        return model, 0
     graph = import_graph(model)
     names = NameAllocator(graph)
     copies = 0
@@ -169,3 +179,16 @@ def unshare_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     if not copies:
         return model, 0
     return export_model(graph, model), copies
+
+
+def _uses(graph: onnx.GraphProto) -> Counter[str]:
+    """How many node inputs of the top-level graph read each tensor name."""
+    return Counter(name for node in graph.node for name in node.input if name)
+
+
+def _conv_feeds_one_mul_or_add(graph: onnx.GraphProto) -> bool:
+    """Some Conv output is read by exactly one node, a Mul or an Add (what fold_affine_into_conv looks for)."""
+    uses = _uses(graph)
+    readers = {name: node.op_type for node in graph.node for name in node.input if name}
+    return any(node.op_type == "Conv" and node.output and uses[node.output[0]] == 1
+               and readers.get(node.output[0]) in ("Mul", "Add") for node in graph.node)
