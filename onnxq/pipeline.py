@@ -29,6 +29,7 @@ from .data import (
     InputSpec,
     SampleSource,
     model_input_specs,
+    open_calibration,
     open_source,
     random_source,
     split_holdout,
@@ -245,9 +246,8 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
         held = calib
     if search is None and searches(request):
         search = held
-    if calib is not None and options.max_samples is not None:
-        kept = range(min(options.max_samples, len(calib)))
-        calib = calib.subset(kept, f"{calib.description} (max {options.max_samples})")
+    if calib is not None:  # after the holdout: --max-samples cuts what is calibrated on
+        calib = calib.first(options.max_samples, f"{calib.description} (max {options.max_samples})")
     if calib is not None or held is not None:
         check_batch_size(options.batch_size, specs)
     return calib, held, search, notes
@@ -1044,11 +1044,9 @@ def calibrate_only(model_path: Path, output: Path | None, data: DataOptions,
     if data.calib is None:
         if not data.allow_random:
             raise UsageError("no calibration data: give --calib DATA (or --allow-random)")
-        source = random_source(specs, RANDOM_SAMPLES, shapes=data.input_shapes)
+        source = random_source(specs, RANDOM_SAMPLES, shapes=data.input_shapes).first(data.max_samples)
     else:
-        source = open_source(data.calib, specs, data.images)
-    if data.max_samples is not None:
-        source = source.subset(range(min(data.max_samples, len(source))), source.description)
+        source = open_calibration(data.calib, specs, data.images, data.max_samples)
     stats = collect(prepared.model, tensors, source, data.ray, batch_size=data.batch_size,
                     memory_budget=data.memory_budget, progress=progress, aliases=value_aliases(graph, tensors))
     stats.model_digest = model_digest(prepared.model)

@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import weight_rounding as wr
-from .data import SampleSource, model_input_specs, open_source
+from .data import SampleSource, model_input_specs, open_calibration, open_source
 from .dynamic import WeightOnlyOptions, _finish, _matmul_weight, rewrite_weight_only
 from .errors import UsageError
 from .evaluate import CachedReference, load_metric
@@ -443,11 +443,9 @@ def run_weight_only(request: QuantizeRequest, model: onnx.ModelProto, reference:
 
     specs = model_input_specs(model)
     data = request.data
-    calib = open_source(data.calib, specs, data.images) if data.calib is not None else None
+    calib = open_calibration(data.calib, specs, data.images, data.max_samples) if data.calib is not None else None
     if calib is not None:
         check_batch_size(data.batch_size, specs)
-    if calib is not None and data.max_samples is not None:
-        calib = calib.subset(range(min(data.max_samples, len(calib))), calib.description)
     search = None
     if request.target is not None:
         if request.fallback not in ("int8", "float"):
