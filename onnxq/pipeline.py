@@ -65,6 +65,7 @@ from .recipe import (
     activation_overrides,
     adaround_nodes,
     dynamic_nodes,
+    layer_options,
     node_list,
     pinned_int8,
     placement_changes,
@@ -637,7 +638,7 @@ def _search_space(c: Calibrated, reference: CachedReference) -> auto.SearchSpace
     def written(candidate: auto.Candidate) -> onnx.ModelProto:
         if candidate.mode == "dynamic":
             return rewrite_dynamic(c.prepared, c.settings.weight_qtype, c.settings.per_channel,
-                                   {k: v for k, v in c.choices.items() if v.precision != "dynamic"})[0]
+                                   layer_options({k: v for k, v in c.choices.items() if v.precision != "dynamic"}))[0]
         settings = replace(c.settings, method=candidate.method)
         moved = dict.fromkeys(candidate.keep_float | candidate.dynamic, "automatic search")
         options = replace(c.options, keep_float={**c.options.keep_float, **moved})
@@ -872,7 +873,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     with timer.stage("rewrite"):
         if request.mode == "dynamic":
             quantized, decisions = rewrite_dynamic(prepared.model, settings.weight_qtype, settings.per_channel,
-                                                   choices)
+                                                   layer_options(choices))
         else:  # onnxq.weight_only: int8 per channel, or int4 by --weight-method (+ embeddings, target search)
             weight_only = run_weight_only(request, prepared.model, prepared.reference, settings.weight_qtype,
                                           choices, held, progress)
