@@ -100,6 +100,13 @@ class SampleSource:
         subset.ignored = self.ignored
         return subset
 
+    def first(self, count: int | None, description: str | None = None) -> SampleSource:
+        """The first `count` samples (--max-samples; all when None), described as `description` (default: as this
+        source)."""
+        if count is None:
+            return self
+        return self.subset(range(min(count, len(self))), self.description if description is None else description)
+
     def note(self, option: str) -> str | None:
         """What the report says about files the folder holds besides samples."""
         if not self.ignored:
@@ -163,6 +170,12 @@ def open_source(
         raise DataError(f"no calibration samples in {path} (expected .npz, .npy, images or test_data_set_*/)")
     source.ignored = ignored
     return source
+
+
+def open_calibration(path: DataArg, specs: list[InputSpec], images: ImagePreprocessing | None = None,
+                     max_samples: int | None = None) -> SampleSource:
+    """--calib's samples: the first `max_samples` of them (--max-samples) when given."""
+    return open_source(path, specs, images).first(max_samples)
 
 
 def _natural_key(path: Path) -> list:

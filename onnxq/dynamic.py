@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -37,9 +37,22 @@ from .ir import (
 )
 from .ops import DYNAMIC_OPS, HEAVY_OPS, MATMUL_OPS, MS_DOMAIN, NO_DYNAMIC_KERNEL, gemm_attribute_problem
 from .placement import NodeDecision
-from .recipe import NodeChoice
 
-NO_CHOICE = NodeChoice()
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Per-node decisions of --mode dynamic and weight-only, by node label, resolved by the caller (a recipe's:
+    onnxq.recipe.layer_options), as PlacementOptions carries them for static mode."""
+
+    keep_float: dict[str, str] = field(default_factory=dict)  # -> why
+    per_channel: dict[str, bool] = field(default_factory=dict)  # overrides the mode's per_channel
+    weight_bits: dict[str, int] = field(default_factory=dict)  # weight-only: 4 or 8
+
+    def per_channel_for(self, label: str, default: bool) -> bool:
+        return self.per_channel.get(label, default)
+
+
+NO_LAYER_OPTIONS = LayerOptions()
 
 
 @dataclass(frozen=True)
@@ -90,19 +103,19 @@ def _matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
     return weight, bias
 
 
-def _chosen_nodes(graph: gs.Graph, ops: Collection[str], choices: dict[str, NodeChoice],
-                  decisions: list[NodeDecision]) -> Iterator[tuple[gs.Graph, gs.Node, NodeChoice]]:
-    """(graph, node, recipe choice) for every node of `ops`, also in subgraphs; nodes a recipe keeps float
-    are recorded in `decisions` and not yielded."""
+def _chosen_nodes(graph: gs.Graph, ops: Collection[str], keep_float: dict[str, str],
+                  decisions: list[NodeDecision]) -> Iterator[tuple[gs.Graph, gs.Node]]:
+    """(graph, node) for every node of `ops`, also in subgraphs; nodes in `keep_float` are recorded in
+    `decisions` (with its reason) and not yielded."""
     for sub in all_graphs(graph):
         for node in list(sub.nodes):
             if node.op not in ops:
                 continue
-            choice = choices.get(node_label(node), NO_CHOICE)
-            if choice.precision == "float":
-                decisions.append(NodeDecision(node_label(node), node.op, "float", choice.why()))
+            why = keep_float.get(node_label(node))
+            if why is not None:
+                decisions.append(NodeDecision(node_label(node), node.op, "float", why))
             else:
-                yield sub, node, choice
+                yield sub, node
 
 
 def quantize_columns(weight: np.ndarray, qtype: qmath.QType, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -112,27 +125,25 @@ def quantize_columns(weight: np.ndarray, qtype: qmath.QType, per_channel: bool) 
 
 
 def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: bool,
-                    choices: dict[str, NodeChoice] | None = None, only: frozenset[str] | None = None
+                    layers: LayerOptions = NO_LAYER_OPTIONS, only: frozenset[str] | None = None
                     ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
-    """`choices`: a recipe's per-node rules (precision float skips a node; per_channel overrides).
+    """`layers`: nodes kept float, per-channel overrides.
     `only`: rewrite just these nodes (static mode's dynamic layers); the rest are left as they are."""
     graph = import_graph(model)
     names = NameAllocator(graph)
     decisions: list[NodeDecision] = []
-    choices = dict(choices or {})
+    keep_float = dict(layers.keep_float)
     if only is not None:
-        skip = NodeChoice(precision="float", reason="not a dynamic layer")
-        choices.update({node_label(node): skip for sub in all_graphs(graph) for node in sub.nodes
-                        if node.op in DYNAMIC_OPS and node_label(node) not in only})
-    for sub, node, choice in _chosen_nodes(graph, MATMUL_OPS, choices, decisions):
+        keep_float.update({node_label(node): "not a dynamic layer" for sub in all_graphs(graph) for node in sub.nodes
+                           if node.op in DYNAMIC_OPS and node_label(node) not in only})
+    for sub, node in _chosen_nodes(graph, MATMUL_OPS, keep_float, decisions):
         found = _matmul_weight(node)
         if isinstance(found, str):
             decisions.append(NodeDecision(node_label(node), node.op, "float", found))
             continue
         weight, bias = found
-        per_column = per_channel if choice.per_channel is None else choice.per_channel
-        q, scale = quantize_columns(weight, qtype, per_column)
         base = node_label(node)
+        q, scale = quantize_columns(weight, qtype, layers.per_channel_for(base, per_channel))
         params = [gs.Constant(names.new(f"{base}_weight_quantized"), q),
                   gs.Constant(names.new(f"{base}_weight_scale"), scale),
                   gs.Constant(names.new(f"{base}_weight_zero_point"), np.zeros(scale.shape, np.int8))]
@@ -140,8 +151,8 @@ def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: boo
         new = gs.Node("DynamicQuantizeMatMul", node.name, {}, inputs, list(node.outputs), domain=MS_DOMAIN)
         replace_nodes(sub, [node], new)
         decisions.append(NodeDecision(base, node.op, "int8", "DynamicQuantizeMatMul"))
-    for sub, node, choice in _chosen_nodes(graph, ("LSTM",), choices, decisions):
-        per_row = per_channel if choice.per_channel is None else choice.per_channel
+    for sub, node in _chosen_nodes(graph, ("LSTM",), keep_float, decisions):
+        per_row = layers.per_channel_for(node_label(node), per_channel)
         decisions.append(_dynamic_lstm(sub, node, names, qtype, per_row))
     for sub in all_graphs(graph):
         for node in sub.nodes:
@@ -209,13 +220,13 @@ def _dynamic_lstm(graph: gs.Graph, node: gs.Node, names: NameAllocator, qtype: q
 
 
 def rewrite_weight_only(model: onnx.ModelProto, options: WeightOnlyOptions, qtype: qmath.QType,
-                        choices: dict[str, NodeChoice] | None = None) -> tuple[onnx.ModelProto, list[NodeDecision]]:
-    """`choices`: a recipe's per-node rules (precision float skips a node; weights int4/int8 set the bits)."""
+                        layers: LayerOptions = NO_LAYER_OPTIONS) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+    """`layers`: nodes kept float, weight bits by node (else `options.bits`)."""
     graph = import_graph(model)
     names = NameAllocator(graph)
     decisions: list[NodeDecision] = []
-    for sub, node, choice in _chosen_nodes(graph, HEAVY_OPS, choices or {}, decisions):
-        if {"int4": 4, "int8": 8}.get(choice.weights or "", options.bits) == 4:
+    for sub, node in _chosen_nodes(graph, HEAVY_OPS, layers.keep_float, decisions):
+        if layers.weight_bits.get(node_label(node), options.bits) == 4:
             decisions.append(_int4_matmul(sub, node, names, options))
         else:
             decisions.append(_int8_weight(sub, node, names, qtype))

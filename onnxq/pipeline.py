@@ -30,6 +30,7 @@ from .data import (
     InputSpec,
     SampleSource,
     model_input_specs,
+    open_calibration,
     open_source,
     random_source,
     split_holdout,
@@ -65,6 +66,7 @@ from .recipe import (
     activation_overrides,
     adaround_nodes,
     dynamic_nodes,
+    layer_options,
     node_list,
     pinned_int8,
     placement_changes,
@@ -247,9 +249,8 @@ def open_data(request: QuantizeRequest, specs) -> tuple[SampleSource | None, Sam
         held = calib
     if search is None and searches(request):
         search = held
-    if calib is not None and options.max_samples is not None:
-        kept = range(min(options.max_samples, len(calib)))
-        calib = calib.subset(kept, f"{calib.description} (max {options.max_samples})")
+    if calib is not None:  # after the holdout: --max-samples cuts what is calibrated on
+        calib = calib.first(options.max_samples, f"{calib.description} (max {options.max_samples})")
     if calib is not None or held is not None:
         check_batch_size(options.batch_size, specs)
     return calib, held, search, notes
@@ -656,7 +657,7 @@ def _search_space(c: Calibrated, reference: CachedReference) -> auto.SearchSpace
     def written(candidate: auto.Candidate) -> onnx.ModelProto:
         if candidate.mode == "dynamic":
             return rewrite_dynamic(c.prepared, c.settings.weight_qtype, c.settings.per_channel,
-                                   {k: v for k, v in c.choices.items() if v.precision != "dynamic"})[0]
+                                   layer_options({k: v for k, v in c.choices.items() if v.precision != "dynamic"}))[0]
         settings = replace(c.settings, method=candidate.method)
         moved = dict.fromkeys(candidate.keep_float | candidate.dynamic, "automatic search")
         options = replace(c.options, keep_float={**c.options.keep_float, **moved})
@@ -891,7 +892,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     with timer.stage("rewrite"):
         if request.mode == "dynamic":
             quantized, decisions = rewrite_dynamic(prepared.model, settings.weight_qtype, settings.per_channel,
-                                                   choices)
+                                                   layer_options(choices))
         else:  # onnxq.weight_only: int8 per channel, or int4 by --weight-method (+ embeddings, target search)
             weight_only = run_weight_only(request, prepared.model, prepared.reference, settings.weight_qtype,
                                           choices, held, progress)
@@ -1063,11 +1064,9 @@ def calibrate_only(model_path: Path, output: Path | None, data: DataOptions,
     if data.calib is None:
         if not data.allow_random:
             raise UsageError("no calibration data: give --calib DATA (or --allow-random)")
-        source = random_source(specs, RANDOM_SAMPLES, shapes=data.input_shapes)
+        source = random_source(specs, RANDOM_SAMPLES, shapes=data.input_shapes).first(data.max_samples)
     else:
-        source = open_source(data.calib, specs, data.images)
-    if data.max_samples is not None:
-        source = source.subset(range(min(data.max_samples, len(source))), source.description)
+        source = open_calibration(data.calib, specs, data.images, data.max_samples)
     stats = collect(prepared.model, tensors, source, data.ray, batch_size=data.batch_size,
                     memory_budget=data.memory_budget, progress=progress, aliases=value_aliases(graph, tensors))
     stats.model_digest = model_digest(prepared.model)

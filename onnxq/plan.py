@@ -150,7 +150,7 @@ def build_plan(
     plan = QuantPlan(settings=settings, nodes=widened_decisions(graph, placement, wide_sources),
                      model_digest=model_digest)
     sources = sorted(set(placement.activations.values()))
-    shared = {source: _activation_plan(source, source, stats, settings, overrides.get(source, ActivationOverride()))
+    shared = {source: _activation_plan(source, stats, settings, overrides.get(source, ActivationOverride()))
               for source in sources}
     for name, source in sorted(placement.activations.items()):
         plan.tensors[name] = TensorPlan(**{**asdict(shared[source]), "name": name})
@@ -164,22 +164,32 @@ def build_plan(
     return plan
 
 
-def _activation_plan(name: str, source: str, stats: Statistics, settings: QuantSettings,
-                     override: ActivationOverride) -> TensorPlan:
+def _activation_plan(source: str, stats: Statistics, settings: QuantSettings, override: ActivationOverride
+                     ) -> TensorPlan:
     tensor_stats = stats.tensors.get(source)
     if tensor_stats is None:
         raise DataError(f"the statistics have no entry for tensor {source!r}; were they collected on this model?")
     qtype = settings.activation_qtype
     if override.wide:
         qtype = qmath.INT16 if settings.symmetric else qmath.UINT16
-    lo, hi = stable_range(*compute_range(tensor_stats, override.method or settings.method,
-                                         symmetric=settings.symmetric, levels=qtype.qmax - qtype.qmin,
-                                         percentile=override.percentile or settings.percentile))
-    params = qmath.symmetric_params if settings.symmetric else qmath.asymmetric_params
+    return activation_plan(source, tensor_stats, qtype, override.method or settings.method,
+                           override.percentile or settings.percentile, symmetric=settings.symmetric)
+
+
+def activation_plan(source: str, stats: TensorStats, qtype: qmath.QType, method: str, percentile: float, *,
+                    symmetric: bool, stable: bool = True) -> TensorPlan:
+    """The scale and zero point of activation `source` (and of the tensors sharing its scale) from its statistics.
+
+    `stable`: round the range outward to the grid of onnxq.ranges.stable_range (the same bytes on every CPU class).
+    """
+    lo, hi = compute_range(stats, method, symmetric=symmetric, levels=qtype.qmax - qtype.qmin, percentile=percentile)
+    if stable:
+        lo, hi = stable_range(lo, hi)
+    params = qmath.symmetric_params if symmetric else qmath.asymmetric_params
     scale, zero_point = params(np.float64(lo), np.float64(hi), qtype)
     return TensorPlan(
-        name=name, role="activation", qtype=qtype.name, scale=[float(scale)], zero_point=[int(zero_point)],
-        source=source, range=[float(lo), float(hi)], clipped_fraction=clipped_fraction(tensor_stats, lo, hi),
+        name=source, role="activation", qtype=qtype.name, scale=[float(scale)], zero_point=[int(zero_point)],
+        source=source, range=[float(lo), float(hi)], clipped_fraction=clipped_fraction(stats, lo, hi),
     )
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 import yaml
 
+from .dynamic import LayerOptions
 from .enums import NodeStatus
 from .errors import UsageError, first_line
 from .ir import all_graphs, node_label
@@ -43,6 +44,7 @@ from .ranges import METHODS
 RECIPE_VERSION = 1
 PRECISIONS = (NodeStatus.FLOAT.value, NodeStatus.INT8.value, NodeStatus.INT16.value, NodeStatus.DYNAMIC.value)
 WEIGHT_TYPES = (NodeStatus.INT8.value, NodeStatus.INT4.value)
+WEIGHT_BITS = {NodeStatus.INT8.value: 8, NodeStatus.INT4.value: 4}
 SETTINGS = RECIPE_SETTINGS  # what `settings:` may hold: the options' recipe keys (onnxq.option_table)
 
 
@@ -239,6 +241,15 @@ def placement_changes(choices: dict[str, NodeChoice]) -> dict:
         "int16_nodes": frozenset(label for label, c in choices.items() if c.precision == "int16"),
         "per_channel_nodes": {label: c.per_channel for label, c in choices.items() if c.per_channel is not None},
     }
+
+
+def layer_options(choices: dict[str, NodeChoice]) -> LayerOptions:
+    """What the rules decide per node in --mode dynamic and weight-only (placement_changes for static mode)."""
+    return LayerOptions(
+        keep_float={label: c.why() for label, c in choices.items() if c.precision == "float"},
+        per_channel={label: c.per_channel for label, c in choices.items() if c.per_channel is not None},
+        weight_bits={label: WEIGHT_BITS[c.weights] for label, c in choices.items() if c.weights is not None},
+    )
 
 
 def dynamic_nodes(choices: dict[str, NodeChoice]) -> frozenset[str]:

@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import weight_rounding as wr
-from .data import SampleSource, model_input_specs, open_source
+from .data import SampleSource, model_input_specs, open_calibration, open_source
 from .dynamic import WeightOnlyOptions, _finish, _matmul_weight, rewrite_weight_only
 from .errors import UsageError
 from .evaluate import CachedReference, load_metric
@@ -34,7 +34,7 @@ from .ir import NameAllocator, all_graphs, constant_values, import_graph, is_con
 from .ops import MATMUL_OPS, MS_DOMAIN
 from .placement import NodeDecision
 from .qmath import QType
-from .recipe import NodeChoice, Rule, Selector
+from .recipe import WEIGHT_BITS, NodeChoice, Rule, Selector, layer_options
 from .sensitivity import Target, measure_sensitivity, search_fallbacks
 from .session import ProgressFactory, no_progress
 from .smooth import _divide_activation, _find_groups, _scale_weight_rows
@@ -128,7 +128,7 @@ def _chosen_bits(choice: NodeChoice | None, default: int) -> int:
         return default
     if choice.precision == "float":
         return 0
-    return {"int4": 4, "int8": 8}.get(choice.weights or "", default)
+    return WEIGHT_BITS.get(choice.weights or "", default)
 
 
 def _inputs(graph: gs.Graph, layers: dict[str, Layer]) -> dict[str, str]:
@@ -436,18 +436,16 @@ def run_weight_only(request: QuantizeRequest, model: onnx.ModelProto, reference:
     if options.bits == 8:
         if request.target is not None:
             raise UsageError("an accuracy target in --mode weight-only mixes int4 and int8: give --weight-bits 4")
-        quantized, decisions = rewrite_weight_only(model, options, qtype, choices)
+        quantized, decisions = rewrite_weight_only(model, options, qtype, layer_options(choices))
         quantized, embedded = quantize_embeddings_int8(quantized, choices, options.block_size)
         return Int4Result(quantized, decisions + embedded, [], {"method": "rtn", "bits": 8})
     from .pipeline import check_batch_size  # the pipeline imports this module
 
     specs = model_input_specs(model)
     data = request.data
-    calib = open_source(data.calib, specs, data.images) if data.calib is not None else None
+    calib = open_calibration(data.calib, specs, data.images, data.max_samples) if data.calib is not None else None
     if calib is not None:
         check_batch_size(data.batch_size, specs)
-    if calib is not None and data.max_samples is not None:
-        calib = calib.subset(range(min(data.max_samples, len(calib))), calib.description)
     search = None
     if request.target is not None:
         if request.fallback not in ("int8", "float"):

@@ -393,7 +393,7 @@ def test_emulated_dynamic_matmul_computes_what_the_kernel_computes() -> None:
 
     model = outlier_classifier()
     seven_bits = QuantSettings(weight_range="reduced").weight_qtype  # no pair of products saturates on any CPU
-    dynamic = rewrite_dynamic(model, seven_bits, True, {})[0]
+    dynamic = rewrite_dynamic(model, seven_bits, True)[0]
     standard = emulated(dynamic)
     assert not any(n.op_type == "DynamicQuantizeMatMul" for n in standard.graph.node)
     assert {n.op_type for n in standard.graph.node} >= {"DynamicQuantizeLinear", "DequantizeLinear", "MatMul"}

@@ -43,7 +43,7 @@ from onnxq.report import format_summary
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "qat_digits"
 NP_TYPES = {"uint8": np.uint8, "int8": np.int8}
-# Where a dropped pair's DequantizeLinear output name survives (the producer writes it; see onnxq.convert).
+# Where a dropped pair's DequantizeLinear output name survives (the producer writes it; see onnxq.strip_qdq).
 KEPT_NAME = {"x": "x", "r1": "r1_dq"}
 
 

@@ -14,7 +14,8 @@ import pytest
 from conftest import bias, cosine, make_model, run, tensor, weight, write_npz_folder
 from onnx import helper
 
-from onnxq.convert import ConvertRequest, convert, fit_pooling_scales
+from onnxq.convert import ConvertRequest, convert
+from onnxq.convert_plan import fit_pooling_scales
 from onnxq.ir import import_graph
 from onnxq.pipeline import DataOptions
 from onnxq.plan import QuantPlan, QuantSettings, TensorPlan

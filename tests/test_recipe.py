@@ -13,10 +13,13 @@ from conftest import conv_relu_model, image_batch, make_model, run, save, tensor
 from onnx import helper, numpy_helper
 from test_sensitivity import D, fragile_model, near_constant
 
+from onnxq import qmath
 from onnxq.cli import main
+from onnxq.dynamic import rewrite_dynamic
 from onnxq.errors import UsageError
+from onnxq.ir import import_graph
 from onnxq.pipeline import DataOptions, QuantizeRequest, calibrated, quantize
-from onnxq.recipe import Recipe, Rule, Selector, parse_recipe
+from onnxq.recipe import Recipe, Rule, Selector, layer_options, node_list, parse_recipe
 from onnxq.sensitivity import Target
 
 
@@ -205,6 +208,24 @@ def test_dynamic_skips_float_rules_and_honours_exclude(tmp_path: Path) -> None:
     assert status == {"fragile": "float", "ordinary_a": "int8", "ordinary_b": "float"}
     ops = [n.op_type for n in onnx.load(tmp_path / "o.onnx").graph.node]
     assert ops.count("DynamicQuantizeMatMul") == 1 and ops.count("MatMul") == 2
+
+
+def test_layer_options_hand_the_rules_to_dynamic_mode_as_data() -> None:
+    model = fragile_model()
+    recipe = parse_recipe({"rules": [{"match": {"op_type": "MatMul"}, "weights": "int4"},
+                                     {"match": {"name": "fragile"}, "precision": "float", "reason": "too fragile"},
+                                     {"match": {"name": "ordinary_a"}, "per_channel": False, "weights": "int8"}]}, "r")
+    layers = layer_options(recipe.choices(node_list(import_graph(model))))
+    assert layers.keep_float == {"fragile": "too fragile"}
+    assert layers.per_channel == {"ordinary_a": False}
+    assert layers.weight_bits == {"fragile": 4, "ordinary_a": 8, "ordinary_b": 4}
+    written, decisions = rewrite_dynamic(model, qmath.INT8, True, layers)
+    assert {d.name: (d.status, d.reason) for d in decisions} == {
+        "fragile": ("float", "too fragile"), "ordinary_a": ("int8", "DynamicQuantizeMatMul"),
+        "ordinary_b": ("int8", "DynamicQuantizeMatMul")}
+    inits = {i.name: numpy_helper.to_array(i) for i in written.graph.initializer}
+    scales = {n.name: inits[n.input[2]].size for n in written.graph.node if n.op_type == "DynamicQuantizeMatMul"}
+    assert scales == {"ordinary_a": 1, "ordinary_b": 8}  # per tensor by the rule, per column by default
 
 
 # ---------------------------------------------------------------- effective recipe
