@@ -56,7 +56,7 @@ def collect_statistics(
     from_feed = [t for t in observed if t in input_names]
     from_model = [t for t in observed if t not in input_names]
     with tempfile.TemporaryDirectory(prefix="onnxq-calib-") as tmp:
-        session = session_for(model, Path(tmp), threads, outputs=from_model, spin=False)
+        session = session_for(model, Path(tmp), threads, outputs=from_model)
         groups, largest = _groups_and_largest(session, source, from_model, batch_size, memory_budget)
         ahead = 2 * largest <= min(PREFETCH_BYTES, memory_budget)
         bar = progress(len(source) * max(1, len(groups)), "calibrating")

@@ -132,8 +132,7 @@ def _agreements(measures: dict[str, task_agreement.OutputMeasure], names: list[s
     return {name: OutputAgreement(name, task=task_agreement.OutputAgreement(measures[name])) for name in names}
 
 
-EVAL_CHUNK = 16  # samples run through one model, then the other: sessions alternating per sample fight
-# over the cores (each one's thread pool spins after its run), which made evaluation 2-3x slower
+EVAL_CHUNK = 16  # samples run through one model, then the other (fewer switches between the two sessions)
 
 
 def compare_models(

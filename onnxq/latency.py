@@ -49,7 +49,7 @@ def measured_speedup(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[st
                      seconds: float = 1.0) -> dict:
     """fp32 median latency / int8 median latency on this machine: batch 1 (the feed), one thread, interleaved."""
     with tempfile.TemporaryDirectory(prefix="onnxq-speed-") as tmp:
-        sessions = [session_for(fp32, Path(tmp), 1), session_for(int8, Path(tmp), 1)]
+        sessions = [session_for(fp32, Path(tmp), 1, spin=True), session_for(int8, Path(tmp), 1, spin=True)]
         fp32_s, int8_s = interleaved_runs(sessions, feed, min_rounds=5, max_rounds=31, budget_s=seconds)
     return {"speedup": round(float(np.median(fp32_s) / np.median(int8_s)), 3), "runs": len(fp32_s), "threads": 1}
 
@@ -117,7 +117,8 @@ def compare_fp32_int8(fp32: Path, int8: Path, source: SampleSource | None, batch
     rows, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="onnxq-bench-") as tmp:
         for threads in thread_counts:
-            sessions = [session_for(fp32, Path(tmp), threads), session_for(int8, Path(tmp), threads)]
+            sessions = [session_for(fp32, Path(tmp), threads, spin=True),
+                        session_for(int8, Path(tmp), threads, spin=True)]
             for batch in batches:
                 batch_feed = batched(feed, specs, batch)
                 if batch_feed is None:

@@ -82,12 +82,14 @@ def progress_factory(quiet: bool) -> ProgressFactory:
     return TqdmProgress
 
 
-def session_options(*, level: str = "all", threads: int = 0, spin: bool = True) -> ort.SessionOptions:
+def session_options(*, level: str = "all", threads: int = 0, spin: bool = False) -> ort.SessionOptions:
     """onnxq's session options: optimization `level` (a LEVELS key), `threads` intra-op threads (0: all cores),
     one inter-op thread.
 
-    `spin=False`: idle onnxruntime threads sleep instead of spinning, leaving the cores to another
-    thread of this process (calibration folds statistics while the next batch runs).
+    Idle onnxruntime threads sleep instead of spinning: onnxq's own work between runs (statistics, agreement,
+    another model's session) then has the cores; a spinning pool made numpy's BLAS threads and a second
+    session wait (minilm-l6's evaluation 6.9-7.7 s spinning, 3.7-3.9 s not). `spin=True` for timing: a
+    deployment's sessions spin.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
@@ -102,8 +104,8 @@ def session_options(*, level: str = "all", threads: int = 0, spin: bool = True) 
 _saved = itertools.count()  # unique scratch names: a session may still map an earlier model's data file
 
 
-def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0,
-                outputs: Iterable[str] | None = None, *, spin: bool = True, level: str = "all") -> ort.InferenceSession:
+def session_for(model: onnx.ModelProto | Path, workdir: Path, threads: int = 0, outputs: Iterable[str] | None = None,
+                *, spin: bool = False, level: str = "all") -> ort.InferenceSession:
     """A CPU session for a model in memory (saved into `workdir`, also returning `outputs`) or on disk.
 
     `level="disabled"`: no graph optimization (Q/DQ pairs run as written; onnxq.emulation).

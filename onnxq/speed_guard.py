@@ -179,7 +179,7 @@ def compare_latency(current: onnx.ModelProto, trial: onnx.ModelProto, feed: dict
                     threads: int = 1) -> tuple[float, float]:
     """Median batch-1 latency (ms) of both models, runs interleaved so machine noise hits both alike."""
     with tempfile.TemporaryDirectory(prefix="onnxq-guard-") as tmp:
-        sessions = [session_for(m, Path(tmp), threads) for m in (current, trial)]
+        sessions = [session_for(m, Path(tmp), threads, spin=True) for m in (current, trial)]
         samples = interleaved_runs(sessions, feed, min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS,
                                    budget_s=ROUND_BUDGET_S)
     current_ms, trial_ms = (round(float(np.median(s)) * 1e3, 4) for s in samples)
