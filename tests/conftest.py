@@ -16,8 +16,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxq.cli import main as cli_main
 from onnxq.pipeline import DataOptions, QuantizeRequest, QuantizeResult, quantize
 
 OPSET = 13
@@ -389,3 +391,24 @@ def planned_precision_is_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         return report
 
     monkeypatch.setattr(pipeline, "check_fusion", checked)
+
+
+def cli_in(folder: Path, *args: str) -> tuple[int, str, str]:
+    """The onnxq command in `folder` (relative paths as a user types them): exit code, stdout, stderr."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        result = CliRunner().invoke(cli_main, list(args))
+    finally:
+        os.chdir(previous)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    """A folder with m.onnx (Conv-Relu-Conv), mm.onnx (MatMul-Add), calib/ (6 samples for m.onnx) and out/."""
+    save(conv_relu_model(), tmp_path / "m.onnx")
+    save(matmul_add_model(), tmp_path / "mm.onnx")
+    write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 6)
+    (tmp_path / "out").mkdir()
+    return tmp_path

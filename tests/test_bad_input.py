@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from conftest import (
-    conv_relu_model,
+    cli_in,
     image_batch,
     make_model,
-    matmul_add_model,
     quantize_simple,
     save,
     tensor,
@@ -22,31 +20,13 @@ from conftest import (
 )
 from onnx import helper
 
-from onnxq.cli import main
 from onnxq.dynamic import WeightOnlyOptions
 from onnxq.errors import EXIT_BAD_DATA, EXIT_BAD_MODEL, EXIT_USAGE, DataError, ModelError, first_line
 from onnxq.model_io import size_change
 from onnxq.report import format_summary
 from onnxq.statistics import Statistics
 
-
-@pytest.fixture
-def ws(tmp_path: Path) -> Path:
-    save(conv_relu_model(), tmp_path / "m.onnx")
-    save(matmul_add_model(), tmp_path / "mm.onnx")
-    write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 6)
-    (tmp_path / "out").mkdir()
-    return tmp_path
-
-
-def cli(ws: Path, *args: str) -> tuple[int, str, str]:
-    previous = os.getcwd()
-    os.chdir(ws)
-    try:
-        result = CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(previous)
-    return result.exit_code, result.stdout, result.stderr
+cli = cli_in
 
 
 def one_error_line(stderr: str) -> str:

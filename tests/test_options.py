@@ -13,8 +13,7 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-from click.testing import CliRunner
-from conftest import conv_relu_model, image_batch, save, write_npz_folder
+from conftest import cli_in
 
 from onnxq import option_table as options
 from onnxq import recipe
@@ -60,22 +59,7 @@ def test_request_rows_are_request_fields_of_the_same_name() -> None:
         assert missing == [], command
 
 
-@pytest.fixture
-def ws(tmp_path: Path) -> Path:
-    save(conv_relu_model(), tmp_path / "m.onnx")
-    write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 6)
-    (tmp_path / "out").mkdir()
-    return tmp_path
-
-
-def cli(ws: Path, *args: str) -> tuple[int, str, str]:
-    previous = os.getcwd()
-    os.chdir(ws)
-    try:
-        result = CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(previous)
-    return result.exit_code, result.stdout, result.stderr
+cli = cli_in
 
 
 @pytest.mark.parametrize("args", [

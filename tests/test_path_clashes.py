@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
-from conftest import conv_relu_model, image_batch, save, write_npz_folder
+from conftest import cli_in, conv_relu_model, image_batch, save, write_npz_folder
 
-from onnxq.cli import main
 from onnxq.errors import EXIT_OUTPUT, EXIT_USAGE, OutputError, UsageError
 from onnxq.paths import CACHE, DATA, INPUT, MODEL, MODEL_OUTPUT, OUTPUT, PathArg, check_paths
 
@@ -33,13 +31,8 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def cli(root: Path, *args: str) -> tuple[int, str]:
-    previous = os.getcwd()
-    os.chdir(root)
-    try:
-        result = CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(previous)
-    return result.exit_code, result.stderr
+    code, _, stderr = cli_in(root, *args)
+    return code, stderr
 
 
 CLASHES = [  # (arguments, the two options the message names)
