@@ -58,16 +58,16 @@ class FusionReport:
 LEVELS = ("basic", "extended", "all")  # onnxruntime optimization levels whose graphs onnxq.precision compares
 
 
-def optimized_graph(model: onnx.ModelProto, level: str = "all") -> onnx.ModelProto:
-    """The graph onnxruntime's CPU provider runs, after its optimizations at `level`."""
+def optimized_graphs(model: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
+    """The graphs onnxruntime's CPU provider runs, after its optimizations at each of LEVELS."""
     with tempfile.TemporaryDirectory(prefix="onnxq-fusion-") as tmp:
-        return session.optimized_graph(model, Path(tmp), level)
+        return session.optimized_graphs(model, Path(tmp), LEVELS)
 
 
 def check_fusion(model: onnx.ModelProto, planned: dict[str, str] | None = None) -> FusionReport:
     """Sort what onnxruntime left of the model's Q/DQ nodes (see the module docstring), and compare
     each layer's planned precision with what runs (onnxq.precision; `planned`: label -> plan status)."""
-    graphs = {level: optimized_graph(model, level) for level in LEVELS}
+    graphs = optimized_graphs(model)
     report = _sort_quantize_ops(graphs["all"].graph)
     report.precision = compare_precision(model, graphs, planned)
     return report

@@ -125,12 +125,18 @@ def write_optimized(source: Path, target: Path, level: str, *, external_data: st
     _open(source, options, hide=source)
 
 
-def optimized_graph(model: onnx.ModelProto, workdir: Path, level: str = "all") -> onnx.ModelProto:
-    """The graph onnxruntime's CPU provider runs after its optimizations at `level` (scratch files in `workdir`)."""
-    target = workdir / "optimized.onnx"
-    external = "optimized.onnx.data" if needs_external_data(model) else None
-    write_optimized(save_for_onnxruntime(model, workdir), target, level, external_data=external)
-    return onnx.load(str(target))
+def optimized_graphs(model: onnx.ModelProto, workdir: Path, levels: Iterable[str] = ("all",)
+                     ) -> dict[str, onnx.ModelProto]:
+    """The graphs onnxruntime's CPU provider runs after its optimizations at each of `levels` (the model is
+    written once into the scratch folder `workdir`)."""
+    source = save_for_onnxruntime(model, workdir)
+    graphs = {}
+    for level in levels:
+        target = workdir / f"optimized-{level}.onnx"
+        external = f"optimized-{level}.onnx.data" if needs_external_data(model) else None
+        write_optimized(source, target, level, external_data=external)
+        graphs[level] = onnx.load(str(target))
+    return graphs
 
 
 def _open(path: Path, options: ort.SessionOptions, hide: Path | None = None) -> ort.InferenceSession:
