@@ -178,7 +178,7 @@ def _check_writable(out: _File) -> None:
 
 
 def quantize_paths(request, writes_model: bool = True) -> list[PathArg]:
-    """The paths of a QuantizeRequest (onnxq.pipeline) with the options they come from."""
+    """The paths of a QuantizeRequest (onnxq.request) with the options they come from."""
     data = request.data
     return [PathArg("MODEL", request.model, MODEL), PathArg("--calib", data.calib, DATA),
             PathArg("--eval-data", data.eval_data, DATA), PathArg("--target-data", request.target_data, DATA),

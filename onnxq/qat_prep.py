@@ -23,11 +23,13 @@ from .ir import NameAllocator, export_model, import_graph
 from .model_io import save_model
 from .outputs import transaction
 from .paths import OUTPUT, PathArg, check_paths, quantize_paths
-from .pipeline import QuantizeRequest, calibrated, check_written_model
 from .plan import QuantPlan, TensorPlan, build_plan
 from .report import FP32_REFERENCE, TIMINGS, fidelity_section, json_safe, report_header
+from .request import QuantizeRequest, StageTimer
 from .rewrite_qdq import write_qdq
 from .session import ProgressFactory, no_progress
+from .stages import calibrated
+from .written import check_written_model
 
 
 @dataclass
@@ -50,31 +52,32 @@ def qat_prep(request: QuantizeRequest, params_path: Path | None = None,
 
 
 def _qat_prep(request: QuantizeRequest, params_path: Path, progress: ProgressFactory) -> PrepResult:
-    c = calibrated(replace(request, speed_guard="off"), progress)
-    timer = c.timer
+    timer = StageTimer()
+    c = calibrated(replace(request, speed_guard="off"), progress, timer=timer)
+    prepared, held, calib = c.prepared, c.samples.held, c.samples.calib
     with timer.stage("plan"):
-        full = build_plan(c.graph, c.placement, c.stats, c.settings, c.digest)
-        plan = QuantPlan(settings=full.settings, nodes=full.nodes, model_digest=c.digest,
+        full = build_plan(c.placed.graph, c.placed.placement, c.stats, c.setup.settings, prepared.digest)
+        plan = QuantPlan(settings=full.settings, nodes=full.nodes, model_digest=prepared.digest,
                          tensors={n: t for n, t in full.tensors.items() if t.role != "bias"})
     with timer.stage("rewrite"):
         activations = QuantPlan(settings=plan.settings, tensors={t.name: t for t in plan.by_role("activation")})
-        model = add_weight_fake_quant(write_qdq(c.prepared, activations), plan.by_role("weight"))
+        model = add_weight_fake_quant(write_qdq(prepared.model, activations), plan.by_role("weight"))
     with timer.stage("check"):
         fusion = check_written_model(model)
     fidelity = None
-    if c.held is not None:
+    if held is not None:
         with timer.stage("evaluate"):
-            fidelity = compare_models(c.reference, model, c.held, batch_size=request.data.batch_size,
+            fidelity = compare_models(prepared.reference, model, held, batch_size=request.data.batch_size,
                                       progress=progress)
     with timer.stage("write"):
         save_model(model, request.output)
         plan.save(params_path)
     report = {
         **report_header("qat-prep", request.model, request.output, __version__), "params": str(params_path),
-        "settings": plan.settings.__dict__, "weight_range_reason": c.weight_range_reason,
+        "settings": plan.settings.__dict__, "weight_range_reason": c.setup.weight_range_reason,
         "fake_quant": {"activations": len(plan.by_role("activation")), "weights": len(plan.by_role("weight"))},
         "int8_nodes": [d.name for d in plan.nodes if d.status == "int8"],
-        "calibration": {"source": c.calib.description, "samples": len(c.calib)} if c.calib is not None else None,
+        "calibration": {"source": calib.description, "samples": len(calib)} if calib is not None else None,
         "fidelity": fidelity_section(fidelity, FP32_REFERENCE),
         "notes": c.notes, "fusion": fusion.to_dict(), TIMINGS: timer.seconds,
     }

@@ -15,8 +15,8 @@ from .model_io import model_bytes, size_change
 if TYPE_CHECKING:
     from .data import SampleSource
     from .evaluate import Fidelity
-    from .pipeline import QuantizeRequest
     from .plan import QuantPlan
+    from .request import QuantizeRequest
     from .statistics import Statistics
 
 FP32_REFERENCE = "the fp32 model"

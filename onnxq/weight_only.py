@@ -35,13 +35,14 @@ from .ops import MATMUL_OPS, MS_DOMAIN
 from .placement import NodeDecision
 from .qmath import QType
 from .recipe import WEIGHT_BITS, NodeChoice, Rule, Selector, layer_options
+from .request import check_batch_size
 from .sensitivity import Target, measure_sensitivity, search_fallbacks
 from .session import ProgressFactory, no_progress
 from .smooth import _divide_activation, _find_groups, _scale_weight_rows
 from .weight_stats import InputStats, collect_input_stats
 
 if TYPE_CHECKING:
-    from .pipeline import QuantizeRequest
+    from .request import QuantizeRequest
 
 MIN_TABLE = 1024  # smaller Gather tables (token types) stay float: nothing to win
 CHUNK = 4096  # output columns rounded at a time: bounds the float64 temporaries of a large table
@@ -439,8 +440,6 @@ def run_weight_only(request: QuantizeRequest, model: onnx.ModelProto, reference:
         quantized, decisions = rewrite_weight_only(model, options, qtype, layer_options(choices))
         quantized, embedded = quantize_embeddings_int8(quantized, choices, options.block_size)
         return Int4Result(quantized, decisions + embedded, [], {"method": "rtn", "bits": 8})
-    from .pipeline import check_batch_size  # the pipeline imports this module
-
     specs = model_input_specs(model)
     data = request.data
     calib = open_calibration(data.calib, specs, data.images, data.max_samples) if data.calib is not None else None

@@ -358,11 +358,11 @@ def speed_guard_off_unless_asked(request: pytest.FixtureRequest, monkeypatch: py
     to a temporary folder, never the user's home."""
     monkeypatch.setenv("ONNXQ_CACHE_DIR", str(tmp_path_factory.mktemp("onnxq-cache")))
     if request.node.get_closest_marker("speed_guard") is None:
-        from onnxq import pipeline
+        from onnxq import static_flow
         from onnxq.speed_guard import GuardResult
 
-        monkeypatch.setattr(pipeline, "run_speed_guard", lambda *_args, **_kwargs: GuardResult(source="(tests)"))
-        monkeypatch.setattr(pipeline, "table_guard", lambda *_args, **_kwargs: GuardResult("table", "(tests)"))
+        monkeypatch.setattr(static_flow, "run_speed_guard", lambda *_args, **_kwargs: GuardResult(source="(tests)"))
+        monkeypatch.setattr(static_flow, "table_guard", lambda *_args, **_kwargs: GuardResult("table", "(tests)"))
 
 
 @pytest.fixture(autouse=True)
@@ -381,16 +381,16 @@ def plain_pass_unless_asked(request: pytest.FixtureRequest, monkeypatch: pytest.
 def planned_precision_is_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every model onnxq writes in a test must run, in onnxruntime's optimized graph at every level,
     at the precision its plan says (onnxq.precision): a disagreement fails the test that wrote it."""
-    from onnxq import pipeline
+    from onnxq import written
 
-    check = pipeline.check_fusion
+    check = written.check_fusion
 
     def checked(model: onnx.ModelProto, planned: dict[str, str] | None = None):
         report = check(model, planned)
         assert planned is None or not report.disagreements, report.disagreements
         return report
 
-    monkeypatch.setattr(pipeline, "check_fusion", checked)
+    monkeypatch.setattr(written, "check_fusion", checked)
 
 
 def cli_in(folder: Path, *args: str) -> tuple[int, str, str]:

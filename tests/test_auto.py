@@ -445,9 +445,9 @@ def test_holdout_is_refused_without_calibration_samples(tmp_path: Path) -> None:
 @pytest.mark.auto_search
 def test_a_chosen_model_slower_than_fp32_here_is_said_in_a_note(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxq import pipeline
+    from onnxq import static_flow
 
-    monkeypatch.setattr(pipeline, "measured_speedup", lambda *_args, **_kwargs: {"speedup": 0.6, "runs": 5,
+    monkeypatch.setattr(static_flow, "measured_speedup", lambda *_args, **_kwargs: {"speedup": 0.6, "runs": 5,
                                                                                  "threads": 1})
     model = save(conv_relu_model(), tmp_path / "m.onnx")
     calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 12)

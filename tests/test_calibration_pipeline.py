@@ -19,7 +19,7 @@ import onnx
 import pytest
 from conftest import conv_relu_model, feeds_for, quantize_simple, save, two_input_model, write_npz_folder
 
-from onnxq import pipeline
+from onnxq import stages
 from onnxq.calibrate import collect_statistics
 from onnxq.data import SampleSource, model_input_specs, open_source
 from onnxq.errors import DataError
@@ -226,20 +226,20 @@ def test_quantize_keeps_histograms_only_when_a_method_reads_them(tmp_path: Path,
     model_path = save(conv_relu_model(), tmp_path / "m.onnx")
     write_npz_folder(tmp_path / "calib", feeds_for(conv_relu_model()), 6)
     seen: list[bool] = []
-    real, real_needs = pipeline._statistics, pipeline.needs_histograms
+    real, real_needs = stages._statistics, stages.needs_histograms
 
     def spy(*args, **kwargs):
         seen.append(kwargs["histograms"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_statistics", spy)
+    monkeypatch.setattr(stages, "_statistics", spy)
     settings = QuantSettings(method=method)
     quantize_simple(model_path, tmp_path / "lean.onnx", tmp_path / "calib", settings=settings)
-    monkeypatch.setattr(pipeline, "needs_histograms", lambda *_: True)
+    monkeypatch.setattr(stages, "needs_histograms", lambda *_: True)
     quantize_simple(model_path, tmp_path / "full.onnx", tmp_path / "calib", settings=settings)
     assert seen == [method != "global", True]  # max clips: the report counts how much on the histogram
     assert (tmp_path / "lean.onnx").read_bytes() == (tmp_path / "full.onnx").read_bytes()
-    monkeypatch.setattr(pipeline, "needs_histograms", real_needs)
+    monkeypatch.setattr(stages, "needs_histograms", real_needs)
     quantize_simple(model_path, tmp_path / "saved.onnx", tmp_path / "calib", settings=settings,
                     save_stats=tmp_path / "s.npz")
     assert seen[-1] is True and Statistics.load(tmp_path / "s.npz").tensors  # saved statistics are whole

@@ -133,11 +133,11 @@ def test_without_isolation_onnxruntime_requantizes_and_the_check_says_so(
         tmp_path: Path, pattern: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check is not vacuous: with the writer's isolation off, onnxruntime quantizes the float
     layer's weight itself (per tensor), and the precision check names the node."""
-    from onnxq import pipeline
+    from onnxq import written
     from onnxq.fusion import check_fusion
 
     monkeypatch.setattr(rewrite_qdq, "isolate_float_layers", lambda *_args, **_kwargs: None)
-    monkeypatch.setattr(pipeline, "check_fusion", check_fusion)  # no conftest assertion: we look ourselves
+    monkeypatch.setattr(written, "check_fusion", check_fusion)  # no conftest assertion: we look ourselves
     build, exclude = PATTERNS[pattern]
     _, result = quantize_with(build(), tmp_path, exclude=exclude)
     problems = {d["node"]: d["problems"] for d in result.report["fusion"]["disagreements"]}

@@ -177,7 +177,7 @@ def test_pinned_int8_layers_are_not_offered_to_the_guard_or_the_target(tmp_path:
                                                                         conv_calib: Path) -> None:
     recipe = parse_recipe({"rules": [{"match": {"name": "conv1"}, "precision": "int8"}]}, "r")
     c = calibrated(conv_request(conv_model_path, conv_calib, tmp_path / "o.onnx", recipe))
-    assert set(c.int8_layers()) == {"conv2"}
+    assert set(c.placed.int8_layers()) == {"conv2"}
 
 
 # ---------------------------------------------------------------- weight-only and dynamic

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from conftest import IMAGE, bias, image_batch, make_model, quantize_simple, save, tensor, weight, write_npz_folder
 from onnx import helper
 
-from onnxq import pipeline
+from onnxq import pipeline, static_flow
 from onnxq.cli import main
 from onnxq.errors import DataError, ModelError
 from onnxq.ir import import_graph
@@ -80,7 +80,7 @@ class FakeTimer:
 
 
 def use_timer(monkeypatch: pytest.MonkeyPatch, timer: FakeTimer) -> None:
-    monkeypatch.setattr(pipeline, "run_speed_guard", functools.partial(run_speed_guard, compare=timer))
+    monkeypatch.setattr(static_flow, "run_speed_guard", functools.partial(run_speed_guard, compare=timer))
 
 
 def measured(model: Path, output: Path, calib: Path, **kwargs) -> pipeline.QuantizeResult:
