@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .data import InputSpec
 
 Shapes = dict[str, tuple[int, ...]]
 OPTION = "--input-shapes"
@@ -54,7 +51,12 @@ def _dims(dims: Sequence, entry: str) -> tuple[int, ...]:
     return parsed
 
 
-def check_input_shapes(shapes: Shapes, specs: list[InputSpec]) -> None:
+class ModelInput(Protocol):  # onnxq.data.InputSpec: what a model says of one input
+    name: str
+    shape: tuple[int | None, ...] | None
+
+
+def check_input_shapes(shapes: Shapes, specs: Sequence[ModelInput]) -> None:
     """Every named input exists, and each shape fits the model's rank and fixed dimensions."""
     by_name = {spec.name: spec for spec in specs}
     for name, dims in shapes.items():
