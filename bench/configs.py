@@ -84,7 +84,7 @@ def full(dynamic: bool, transformer: bool = False, weight_only: bool = False) ->
                        else "ORT quantize_dynamic: n/a (no MatMul/LSTM; Conv-only model)",
                        ("dynamic",) if dynamic else ()))
     cfgs.append(Config("nncf-default", "nncf", "nncf.quantize defaults"))
-    if transformer:  # SmoothQuant is for transformer activations' outlier channels (onnxq.smooth)
+    if transformer:  # SmoothQuant is for transformer activations' outlier channels (onnxq.passes.smooth)
         cfgs.append(Config("onnxq-smooth", "onnxq", "onnxq --smooth-alpha 0.7 (SmoothQuant, calibrates again)",
                            ("--smooth-alpha", "0.7")))
         cfgs.append(Config("onnxq-dynamic-smooth", "onnxq", "onnxq --mode dynamic --smooth-alpha 0.7",

@@ -2,7 +2,7 @@
 
 For every bench model and a MobileNetV2 (depthwise convolutions; bench/mobile_cnn_child.py, seeded
 weights, calibrated on real photos), onnxq quantizes the model all-int8 (speed guard off), then once
-per kind of layer the speed guard knows (onnxq.speed_table: conv-1x1, conv-3x3, conv-dw3, matmul, ...)
+per kind of layer the speed guard knows (onnxq.search.speed_table: conv-1x1, conv-3x3, conv-dw3, matmul, ...)
 with every layer of that kind kept float. Each model's output SQNR against fp32 on the held-back
 samples is compared with the all-int8 model's; with float layers really running in float, keeping
 layers float can only remove rounding error, so no row should be below the all-int8 one (beyond the
@@ -23,14 +23,14 @@ from pathlib import Path
 
 from bench import datasets, models, runners
 from bench.run import DEFAULT_SAMPLES
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from onnxq.cpu import host_cpu
-from onnxq.data import ImagePreprocessing, model_input_specs, open_source
 from onnxq.errors import OnnxqError
-from onnxq.ir import concrete_shapes, import_graph, node_label
 from onnxq.model_io import load_model
-from onnxq.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
-from onnxq.prepare import prepare_model
-from onnxq.speed_table import layer_class
+from onnxq.passes.prepare import prepare_model
+from onnxq.quant.ir import concrete_shapes, import_graph, node_label
+from onnxq.runtime.data import ImagePreprocessing, model_input_specs, open_source
+from onnxq.search.speed_table import layer_class
 
 RESULTS = models.REPO / "bench" / "results" / "fallback" / "fallback.json"
 MOBILENET = models.CACHE / "models" / "mobilenet-v2-seeded.onnx"
@@ -132,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     results = RESULTS
     if args.without_isolation:
-        from onnxq import rewrite_qdq
+        from onnxq.quant import rewrite_qdq
 
         rewrite_qdq.isolate_float_layers = lambda *_args, **_kwargs: None
         results = RESULTS.with_name("fallback-without-isolation.json")

@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import models, report
     from bench.quantize_time import _data
-    from onnxq.calibrate import collect_statistics
-    from onnxq.data import model_input_specs, open_source
-    from onnxq.distributed import RayOptions, collect_statistics_on_ray, fold_shard, merge_shards, shards
-    from onnxq.ir import import_graph
-    from onnxq.placement import tensors_to_observe, value_aliases
-    from onnxq.prepare import prepare_model
-    from onnxq.session import session_for, with_outputs
+    from onnxq.passes.prepare import prepare_model
+    from onnxq.quant.ir import import_graph
+    from onnxq.quant.placement import tensors_to_observe, value_aliases
+    from onnxq.runtime.calibrate import collect_statistics
+    from onnxq.runtime.data import model_input_specs, open_source
+    from onnxq.runtime.session import session_for, with_outputs
+    from onnxq.search.distributed import RayOptions, collect_statistics_on_ray, fold_shard, merge_shards, shards
 
     path, calib = _data(args.model)
     original = onnx.load(str(path))

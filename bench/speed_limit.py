@@ -52,7 +52,7 @@ from bench import datasets, metrics, models, report
 from bench.run import DEFAULT_SAMPLES, RESULTS, UNSEEN
 from onnxq.cpu import host_cpu
 from onnxq.model_io import load_model
-from onnxq.prepare import prepare_model
+from onnxq.passes.prepare import prepare_model
 
 LIMIT_RESULTS = RESULTS / "limit"
 HEAVY_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")

@@ -1,6 +1,6 @@
 """Measure the speed guard's decision table (onnxq/data/speed_table.json) on this machine.
 
-For every layer class (onnxq.speed_table: kind x channel bucket x size bucket) a small model is
+For every layer class (onnxq.search.speed_table: kind x channel bucket x size bucket) a small model is
 built around one representative layer: an int8 1x1 conv (or MatMul/Gemm) before it, one after
 it, so the layer sits between int8 neighbours as in a real network. onnxq quantizes it twice,
 with the middle layer in int8 and with it kept in float (`--exclude`), and onnxruntime times
@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bench.cpu_mask import SMALLER, cpuid_faulting_available, kernels_check, masked_env
 from onnxq.cpu import host_cpu
-from onnxq.speed_table import (
+from onnxq.search.speed_table import (
     CONV_KINDS,
     LayerClass,
     Row,
@@ -137,7 +137,7 @@ def sandwich(case: Case, seed: int = 0) -> onnx.ModelProto:
 
 
 def _quantize(fp32: Path, output: Path, calib: Path, cpu_class: str, keep_float: bool) -> None:
-    from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
+    from onnxq.commands.pipeline import DataOptions, QuantizeRequest, quantize
 
     result = quantize(QuantizeRequest(model=fp32, output=output, data=DataOptions(calib=calib),
                                       speed_guard="off", target_cpu=cpu_class,
@@ -156,7 +156,7 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def measure(case: Case, cpu_class: str, folder: Path) -> Row:
-    from onnxq.latency import interleaved_runs
+    from onnxq.runtime.latency import interleaved_runs
 
     fp32 = folder / "fp32.onnx"
     onnx.save(sandwich(case), str(fp32))

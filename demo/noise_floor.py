@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from demo.ocr import load_charset
 from demo.ocr_check import read_lines
-from onnxq.prepare import prepare_model
+from onnxq.passes.prepare import prepare_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "demo" / "ppocr_v4_rec.onnx"

@@ -7,8 +7,8 @@
 `quantize`, `calibrate`, `convert` and `inspect` take the options of their CLI commands as keyword
 arguments (onnxq.api); errors are the typed exceptions of onnxq.errors. They load on first use, so
 `import onnxq` stays light (the command line sets up signal handling before any heavy import).
-`onnxq.calibrate` and `onnxq.convert` are these functions although modules of the same names exist:
-reach the modules with `from onnxq.calibrate import ...` or `importlib.import_module`.
+The modules are grouped by stage (README, 'How it works'): onnxq.quant (what a quantized model
+is, no onnxruntime), onnxq.passes, onnxq.runtime, onnxq.search and onnxq.commands.
 """
 
 import sys
@@ -28,11 +28,11 @@ class _Package(types.ModuleType):
 
     def __getattribute__(self, name: str):
         if name in _API:
-            from . import api
+            from onnxq import api
 
             return getattr(api, name)
         if name in _ERRORS:
-            from . import errors
+            from onnxq import errors
 
             return getattr(errors, name)
         return super().__getattribute__(name)

@@ -1,5 +1,5 @@
 """`python -m onnxq`: the same as the `onnxq` command."""
 
-from .entry import run
+from onnxq.entry import run
 
 run()

@@ -3,7 +3,7 @@
 Each function takes its command's options as keyword arguments, named as the long option with `_`
 for `-` (`--weight-bits 4` is `weight_bits=4`, `--format qoperator` is `format="qoperator"`), with
 the same defaults, checks and environment variables (ONNXQ_FAST=1 is `fast=True`): they are read
-from the CLI's own declarations (onnxq.command_options) and go through the same function that turns
+from the CLI's own declarations (onnxq.commands.command_options) and go through the same function that turns
 options into the library's request (onnxq.cli), so a call and the command with the same inputs
 and options write byte-identical models. None means "not given". Failures raise the typed errors
 the CLI maps to exit codes (onnxq.errors: UsageError 2, ModelError 3, DataError 4, OutputError 5;
@@ -11,7 +11,7 @@ the CLI maps to exit codes (onnxq.errors: UsageError 2, ModelError 3, DataError 
 
 Data arguments (`calib`, `eval_data`, `target_data`) take any form `--calib` reads, a data loader
 script "FILE.py[:FUNCTION]", or an iterable of feed dicts (input name -> numpy array, or
-(feeds, label) pairs), read once (onnxq.loaders: each sample is kept in a temporary folder for
+(feeds, label) pairs), read once (onnxq.runtime.loaders: each sample is kept in a temporary folder for
 the call, which calibration, evaluation and the search read more than once).
 """
 
@@ -29,15 +29,16 @@ from typing import Any
 import click
 import onnx
 
-from . import cli, pipeline
-from .command_options import CommandOptions, defaults, keywords, resolve
-from .convert import convert as run_convert
-from .inspect_model import inspect_model
-from .loaders import close_all, data_argument, script_argument
-from .model_io import load_model, save_for_onnxruntime, save_model
-from .outputs import transaction
-from .plan import QuantPlan
-from .statistics import Statistics
+from onnxq import cli
+from onnxq.commands import pipeline
+from onnxq.commands.command_options import CommandOptions, defaults, keywords, resolve
+from onnxq.commands.convert import convert as run_convert
+from onnxq.commands.inspect_model import inspect_model
+from onnxq.model_io import load_model, save_for_onnxruntime, save_model
+from onnxq.outputs import transaction
+from onnxq.quant.plan import QuantPlan
+from onnxq.quant.statistics import Statistics
+from onnxq.runtime.loaders import close_all, data_argument, script_argument
 
 __all__ = ["Result", "calibrate", "convert", "inspect", "options", "quantize"]
 
@@ -157,7 +158,7 @@ def _call(name: str, model: ModelArg, output: str | os.PathLike | None, given: d
 
 
 def _data_arguments(command: click.Command, given: dict[str, Any]) -> dict[str, Any]:
-    """Data options as onnxq.loaders reads them (created here, so the call can close them)."""
+    """Data options as onnxq.runtime.loaders reads them (created here, so the call can close them)."""
     names = keywords(command)
     converted = {}
     for keyword, value in given.items():

@@ -1,4 +1,4 @@
-"""The `onnxq` command: thin wrappers over the library functions in onnxq.pipeline."""
+"""The `onnxq` command: thin wrappers over the library functions in onnxq.commands.pipeline."""
 
 from __future__ import annotations
 
@@ -12,22 +12,13 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .command_options import CommandOptions
-from .convert import ConvertRequest, convert, convert_paths
-from .data import DataArg, FeedLoader, ImagePreprocessing, model_input_specs, open_source
-from .distributed import RayOptions
-from .doctor import format_diagnosis, this_machine
-from .dynamic import WeightOnlyOptions
-from .enums import Mode
-from .errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError, first_line, one_line
-from .input_shapes import parse_input_shapes
-from .inspect_model import format_inspection, inspect_model
-from .interrupts import Interrupted
-from .latency import all_threads, compare_fp32_int8, format_comparison
-from .loaders import data_argument, script_argument
-from .model_io import atomic_write_bytes, load_model
-from .option_table import (
+from onnxq import __version__
+from onnxq.commands.command_options import CommandOptions
+from onnxq.commands.convert import ConvertRequest, convert, convert_paths
+from onnxq.commands.doctor import format_diagnosis, this_machine
+from onnxq.commands.dynamic import WeightOnlyOptions
+from onnxq.commands.inspect_model import format_inspection, inspect_model
+from onnxq.commands.option_table import (
     BENCH,
     CALIBRATE,
     CONVERT,
@@ -39,17 +30,26 @@ from .option_table import (
     request_fields,
     with_recipe_settings,
 )
-from .outputs import commit, interrupt_message, transaction
-from .paths import INPUT, OUTPUT, PathArg, check_paths, quantize_paths
-from .pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
-from .pipeline import sensitivity as run_sensitivity
-from .plan import QuantSettings
-from .qat_prep import params_path_for, qat_prep
-from .recipe import Recipe
-from .report import format_summary
-from .sensitivity import SensitivityResult, Target
-from .session import progress_factory
-from .statistics import Statistics
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
+from onnxq.commands.pipeline import sensitivity as run_sensitivity
+from onnxq.commands.qat_prep import params_path_for, qat_prep
+from onnxq.commands.recipe import Recipe
+from onnxq.commands.report import format_summary
+from onnxq.enums import Mode
+from onnxq.errors import EXIT_GATE_MISSED, EXIT_INTERNAL, DataError, OnnxqError, UsageError, first_line, one_line
+from onnxq.interrupts import Interrupted
+from onnxq.model_io import atomic_write_bytes, load_model
+from onnxq.outputs import commit, interrupt_message, transaction
+from onnxq.paths import INPUT, OUTPUT, PathArg, check_paths, quantize_paths
+from onnxq.quant.plan import QuantSettings
+from onnxq.quant.statistics import Statistics
+from onnxq.runtime.data import DataArg, FeedLoader, ImagePreprocessing, model_input_specs, open_source
+from onnxq.runtime.input_shapes import parse_input_shapes
+from onnxq.runtime.latency import all_threads, compare_fp32_int8, format_comparison
+from onnxq.runtime.loaders import data_argument, script_argument
+from onnxq.runtime.session import progress_factory
+from onnxq.search.distributed import RayOptions
+from onnxq.search.sensitivity import SensitivityResult, Target
 
 
 def handle_errors(func):

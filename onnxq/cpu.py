@@ -21,7 +21,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError, UsageError
+from onnxq.errors import DataError, UsageError
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "avx512vnni", "amx_int8")
 HOST_OVERRIDE_ENV = "ONNXQ_HOST_CPU"

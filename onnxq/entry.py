@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from . import interrupts
+from onnxq import interrupts
 
 interrupts.install()  # first of all: this module is only imported to run the command line
 
@@ -19,16 +19,16 @@ import tempfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager, suppress  # noqa: E402
 
-from .errors import one_line  # noqa: E402
-from .interrupts import Interrupted  # noqa: E402
-from .outputs import interrupt_message  # noqa: E402
+from onnxq.errors import one_line  # noqa: E402
+from onnxq.interrupts import Interrupted  # noqa: E402
+from onnxq.outputs import interrupt_message  # noqa: E402
 
 
 def run() -> None:
     """Run the command line and exit with its code."""
     try:
         with scratch_folder():
-            from .cli import run_click  # numpy, onnx, onnxruntime: a signal now exits at once
+            from onnxq.cli import run_click  # numpy, onnx, onnxruntime: a signal now exits at once
 
             interrupts.install(armed=True)  # from here on a signal unwinds: temporary files go, outputs are checked
             code = run_click()

@@ -35,7 +35,7 @@ class Format(StrEnum):
     """--format: how the int8 model is written."""
 
     QDQ = "qdq"  # QuantizeLinear/DequantizeLinear pairs onnxruntime fuses
-    QOPERATOR = "qoperator"  # integer operators (onnxq.rewrite_qop)
+    QOPERATOR = "qoperator"  # integer operators (onnxq.quant.rewrite_qop)
 
 
 class WeightRange(StrEnum):
@@ -51,7 +51,7 @@ RESOLVED_WEIGHT_RANGES = (WeightRange.FULL.value, WeightRange.REDUCED.value)
 
 
 class NodeStatus(StrEnum):
-    """What the plan makes of one node (onnxq.placement.NodeDecision.status)."""
+    """What the plan makes of one node (onnxq.quant.placement.NodeDecision.status)."""
 
     INT8 = "int8"
     INT16 = "int16"  # float compute on 16-bit quantized inputs
@@ -68,7 +68,7 @@ QUANTIZED_STATUSES = (NodeStatus.INT8, NodeStatus.INT4, NodeStatus.FOLDED, NodeS
 
 
 class SpeedGuard(StrEnum):
-    """--speed-guard: how int8 layers that do not pay are found (onnxq.speed_guard)."""
+    """--speed-guard: how int8 layers that do not pay are found (onnxq.search.speed_guard)."""
 
     TABLE = "table"
     MEASURE = "measure"

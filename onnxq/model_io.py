@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError, OnnxqError, OutputError, first_line
-from .outputs import staged
+from onnxq.errors import ModelError, OnnxqError, OutputError, first_line
+from onnxq.outputs import staged
 
 # protobuf cannot serialise a single message over 2 GiB; above this we use external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -54,7 +54,7 @@ def load_model(path: str | Path, lazy_weights: bool = False) -> onnx.ModelProto:
     """Load a model (and its external data), or raise ModelError with the reason in one line.
 
     `lazy_weights`: a model whose external data makes it over 2 GiB comes without its weights (they
-    stay on disk, checked to exist); onnxq.prepare.prepare_model reads them through onnxruntime.
+    stay on disk, checked to exist); onnxq.passes.prepare.prepare_model reads them through onnxruntime.
     """
     path = Path(path)
     if not path.exists():

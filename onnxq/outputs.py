@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputError
-from .interrupts import check, held
+from onnxq.errors import OutputError
+from onnxq.interrupts import check, held
 
 TEMP_PREFIX = ".onnxq-"
 TEMP_SUFFIX = ".tmp"

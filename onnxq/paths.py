@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from .errors import OutputError, UsageError
+from onnxq.errors import OutputError, UsageError
 
 MODEL = "model"  # an ONNX model read, with its external-data files
 DATA = "data"  # calibration/evaluation data: a file, or a folder whose files are read
@@ -74,7 +74,7 @@ def check_paths(args: Iterable[PathArg]) -> None:
 
 
 def _loader_script(arg: PathArg) -> PathArg:
-    """Data from code (onnxq.loaders): the script it runs is read; an iterable from Python has no path."""
+    """Data from code (onnxq.runtime.loaders): the script it runs is read; an iterable from Python has no path."""
     if arg.path is None or isinstance(arg.path, (str, os.PathLike)):
         return arg
     return PathArg(arg.option, getattr(arg.path, "script", None), INPUT)
@@ -178,7 +178,7 @@ def _check_writable(out: _File) -> None:
 
 
 def quantize_paths(request, writes_model: bool = True) -> list[PathArg]:
-    """The paths of a QuantizeRequest (onnxq.request) with the options they come from."""
+    """The paths of a QuantizeRequest (onnxq.commands.request) with the options they come from."""
     data = request.data
     return [PathArg("MODEL", request.model, MODEL), PathArg("--calib", data.calib, DATA),
             PathArg("--eval-data", data.eval_data, DATA), PathArg("--target-data", request.target_data, DATA),

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.cli import main as cli_main
-from onnxq.pipeline import DataOptions, QuantizeRequest, QuantizeResult, quantize
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, QuantizeResult, quantize
 
 OPSET = 13
 IMAGE = (1, 3, 16, 16)
@@ -358,8 +358,8 @@ def speed_guard_off_unless_asked(request: pytest.FixtureRequest, monkeypatch: py
     to a temporary folder, never the user's home."""
     monkeypatch.setenv("ONNXQ_CACHE_DIR", str(tmp_path_factory.mktemp("onnxq-cache")))
     if request.node.get_closest_marker("speed_guard") is None:
-        from onnxq import static_flow
-        from onnxq.speed_guard import GuardResult
+        from onnxq.commands import static_flow
+        from onnxq.search.speed_guard import GuardResult
 
         monkeypatch.setattr(static_flow, "run_speed_guard", lambda *_args, **_kwargs: GuardResult(source="(tests)"))
         monkeypatch.setattr(static_flow, "table_guard", lambda *_args, **_kwargs: GuardResult("table", "(tests)"))
@@ -380,8 +380,8 @@ def plain_pass_unless_asked(request: pytest.FixtureRequest, monkeypatch: pytest.
 @pytest.fixture(autouse=True)
 def planned_precision_is_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every model onnxq writes in a test must run, in onnxruntime's optimized graph at every level,
-    at the precision its plan says (onnxq.precision): a disagreement fails the test that wrote it."""
-    from onnxq import written
+    at the precision its plan says (onnxq.runtime.precision): a disagreement fails the test that wrote it."""
+    from onnxq.commands import written
 
     check = written.check_fusion
 

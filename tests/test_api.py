@@ -28,11 +28,11 @@ from conftest import (
 
 import onnxq
 from onnxq.cli import main, quantize_command
-from onnxq.command_options import keywords, resolve
-from onnxq.data import ImagePreprocessing, model_input_specs, open_source
-from onnxq.plan import QuantPlan
-from onnxq.ranges import DEFAULT_METHOD
-from onnxq.statistics import Statistics
+from onnxq.commands.command_options import keywords, resolve
+from onnxq.quant.plan import QuantPlan
+from onnxq.quant.ranges import DEFAULT_METHOD
+from onnxq.quant.statistics import Statistics
+from onnxq.runtime.data import ImagePreprocessing, model_input_specs, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -267,9 +267,10 @@ def test_an_iterable_is_read_once_and_its_samples_go_afterwards(tmp_path: Path, 
 
 
 def test_import_is_light_and_the_api_names_win_over_modules() -> None:
-    code = ("import sys, onnxq; assert 'numpy' not in sys.modules; import onnxq.calibrate, onnxq.convert; "
+    code = ("import sys, onnxq; assert 'numpy' not in sys.modules; "
+            "import onnxq.runtime.calibrate, onnxq.commands.convert; "
             "assert callable(onnxq.calibrate) and onnxq.convert.__module__ == 'onnxq.api'; "
-            "from onnxq.calibrate import collect_statistics; print(sorted(onnxq.__all__))")
+            "from onnxq.runtime.calibrate import collect_statistics; print(sorted(onnxq.__all__))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert done.returncode == 0, done.stderr

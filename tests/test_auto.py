@@ -1,4 +1,4 @@
-"""The automatic default (onnxq.auto): the task measure it steers by, the search order, the budget,
+"""The automatic default (onnxq.search.auto): the task measure it steers by, the search order, the budget,
 and the pipeline around it (held-back samples, the written recipe reproducing the choice)."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from conftest import conv_relu_model, image_batch, make_model, save, tensor, weight, write_npz_folder
 from onnx import helper
 
-from onnxq import auto
-from onnxq.agreement import NEAR_TIE, OutputAgreement, OutputMeasure
 from onnxq.cli import main
+from onnxq.runtime.agreement import NEAR_TIE, OutputAgreement, OutputMeasure
+from onnxq.search import auto
 
 # ------------------------------------------------------------------ near ties and decided agreement
 
@@ -53,7 +53,7 @@ def test_ctc_near_tie_counts_only_when_the_runner_up_changes_the_text() -> None:
 
 
 def test_a_space_that_pads_most_lines_is_read_as_padding_even_when_punctuation_ends_many() -> None:
-    from onnxq.agreement import _with_ctc
+    from onnxq.runtime.agreement import _with_ctc
 
     blank, space, dot = 0, 9, 8
     rng = np.random.default_rng(0)
@@ -211,7 +211,7 @@ def test_a_candidate_that_fails_to_build_is_a_row_with_its_error() -> None:
 
 class ShuffledScorer:
     """Scores a whole group, in a shuffled order, whatever meets the target: the most a parallel scorer
-    (onnxq.distributed.RayScorer) may do; the search must keep only what the serial one measures."""
+    (onnxq.search.distributed.RayScorer) may do; the search must keep only what the serial one measures."""
 
     where, width = "shuffled", 4
 
@@ -387,9 +387,9 @@ def test_inspect_names_the_answer_each_output_carries(tmp_path: Path) -> None:
 
 
 def test_emulated_dynamic_matmul_computes_what_the_kernel_computes() -> None:
-    from onnxq.dynamic import rewrite_dynamic
-    from onnxq.emulation import LEVEL, emulated
-    from onnxq.plan import QuantSettings
+    from onnxq.commands.dynamic import rewrite_dynamic
+    from onnxq.quant.plan import QuantSettings
+    from onnxq.runtime.emulation import LEVEL, emulated
 
     model = outlier_classifier()
     seven_bits = QuantSettings(weight_range="reduced").weight_qtype  # no pair of products saturates on any CPU
@@ -445,7 +445,7 @@ def test_holdout_is_refused_without_calibration_samples(tmp_path: Path) -> None:
 @pytest.mark.auto_search
 def test_a_chosen_model_slower_than_fp32_here_is_said_in_a_note(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxq import static_flow
+    from onnxq.commands import static_flow
 
     monkeypatch.setattr(static_flow, "measured_speedup", lambda *_args, **_kwargs: {"speedup": 0.6, "runs": 5,
                                                                                  "threads": 1})

@@ -20,11 +20,11 @@ from conftest import (
 )
 from onnx import helper
 
-from onnxq.dynamic import WeightOnlyOptions
+from onnxq.commands.dynamic import WeightOnlyOptions
+from onnxq.commands.report import format_summary
 from onnxq.errors import EXIT_BAD_DATA, EXIT_BAD_MODEL, EXIT_USAGE, DataError, ModelError, first_line
 from onnxq.model_io import size_change
-from onnxq.report import format_summary
-from onnxq.statistics import Statistics
+from onnxq.quant.statistics import Statistics
 
 cli = cli_in
 

@@ -19,21 +19,21 @@ import onnx
 import pytest
 from conftest import conv_relu_model, feeds_for, quantize_simple, save, two_input_model, write_npz_folder
 
-from onnxq import stages
-from onnxq.calibrate import collect_statistics
-from onnxq.data import SampleSource, model_input_specs, open_source
+from onnxq.commands import stages
+from onnxq.commands.pipeline import DataOptions
 from onnxq.errors import DataError
-from onnxq.evaluate import CachedReference, compare_models
-from onnxq.ir import import_graph
-from onnxq.pipeline import DataOptions
-from onnxq.placement import tensors_to_observe, value_aliases
-from onnxq.plan import QuantSettings
-from onnxq.prepare import prepare_model
-from onnxq.ranges import compute_range
-from onnxq.session import progress_factory, session_for, with_outputs
-from onnxq.statistics import BINS_PER_SIDE, Statistics, TensorStats, required_width_exp
+from onnxq.passes.prepare import prepare_model
+from onnxq.quant.ir import import_graph
+from onnxq.quant.placement import tensors_to_observe, value_aliases
+from onnxq.quant.plan import QuantSettings
+from onnxq.quant.ranges import compute_range
+from onnxq.quant.statistics import BINS_PER_SIDE, Statistics, TensorStats, required_width_exp
+from onnxq.runtime.calibrate import collect_statistics
+from onnxq.runtime.data import SampleSource, model_input_specs, open_source
+from onnxq.runtime.evaluate import CachedReference, compare_models
+from onnxq.runtime.session import progress_factory, session_for, with_outputs
 
-calibration = importlib.import_module("onnxq.calibrate")  # the module: onnxq.calibrate is the API function
+calibration = importlib.import_module("onnxq.runtime.calibrate")  # the module: onnxq.calibrate is the API function
 
 
 def oracle_fold(batches: list[np.ndarray]) -> TensorStats:

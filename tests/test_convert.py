@@ -32,18 +32,18 @@ from conftest import (
 )
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq import qmath
 from onnxq.cli import main
-from onnxq.convert import ConvertRequest, convert
+from onnxq.commands.convert import ConvertRequest, convert
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest
+from onnxq.commands.qat_prep import qat_prep
+from onnxq.commands.report import format_summary
 from onnxq.errors import EXIT_BAD_MODEL, EXIT_USAGE, UsageError
-from onnxq.pipeline import DataOptions, QuantizeRequest
-from onnxq.plan import QuantPlan, QuantSettings
-from onnxq.qat_prep import qat_prep
-from onnxq.report import format_summary
+from onnxq.quant import qmath
+from onnxq.quant.plan import QuantPlan, QuantSettings
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "qat_digits"
 NP_TYPES = {"uint8": np.uint8, "int8": np.int8}
-# Where a dropped pair's DequantizeLinear output name survives (the producer writes it; see onnxq.strip_qdq).
+# Where a dropped pair's DequantizeLinear output name survives (the producer writes it; see onnxq.passes.strip_qdq).
 KEPT_NAME = {"x": "x", "r1": "r1_dq"}
 
 

@@ -14,11 +14,11 @@ import pytest
 from conftest import bias, cosine, make_model, run, tensor, weight, write_npz_folder
 from onnx import helper
 
-from onnxq.convert import ConvertRequest, convert
-from onnxq.convert_plan import fit_pooling_scales
-from onnxq.ir import import_graph
-from onnxq.pipeline import DataOptions
-from onnxq.plan import QuantPlan, QuantSettings, TensorPlan
+from onnxq.commands.convert import ConvertRequest, convert
+from onnxq.commands.convert_plan import fit_pooling_scales
+from onnxq.commands.pipeline import DataOptions
+from onnxq.quant.ir import import_graph
+from onnxq.quant.plan import QuantPlan, QuantSettings, TensorPlan
 
 quantization = pytest.importorskip("onnxruntime.quantization")
 

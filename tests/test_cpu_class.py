@@ -17,13 +17,13 @@ from click.testing import CliRunner
 from conftest import bias, image_batch, make_model, quantize_simple, save, tensor, weight, write_npz_folder
 from onnx import helper
 
-from onnxq import speed_guard
 from onnxq.cli import main
 from onnxq.cpu import CPU_CLASSES, PRESETS, host_cpu, resolve_target
 from onnxq.cpu import cpu_class as classify
 from onnxq.errors import UsageError
-from onnxq.ir import concrete_shapes, import_graph
-from onnxq.speed_table import (
+from onnxq.quant.ir import concrete_shapes, import_graph
+from onnxq.search import speed_guard
+from onnxq.search.speed_table import (
     CONV_KINDS,
     FLOAT_MIN_GAIN,
     LayerClass,

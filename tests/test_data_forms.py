@@ -25,10 +25,10 @@ from onnx import helper, numpy_helper
 from PIL import Image
 
 from onnxq.cli import main
-from onnxq.data import ImagePreprocessing, batches, model_input_specs, open_source, split_holdout
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
 from onnxq.errors import UsageError
-from onnxq.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
-from onnxq.statistics import Statistics
+from onnxq.quant.statistics import Statistics
+from onnxq.runtime.data import ImagePreprocessing, batches, model_input_specs, open_source, split_holdout
 
 
 def cli(*args, fast: bool = True) -> dict:
@@ -370,7 +370,7 @@ def test_automatic_search_holds_back_a_quarter_and_never_chooses_on_eval_data(tm
 
 
 def test_split_holdout_limits() -> None:
-    from onnxq.data import SampleSource
+    from onnxq.runtime.data import SampleSource
 
     def source(n: int) -> SampleSource:
         return SampleSource("s", n, lambda i: {"x": np.full((1,), i, np.float32)}, "test")

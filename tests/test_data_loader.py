@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import conv_relu_model, dynamic_model, image_batch, save, write_npz_folder
 
-from onnxq import loaders
 from onnxq.cli import main
-from onnxq.data import model_input_specs
 from onnxq.errors import DataError, UsageError
-from onnxq.input_shapes import parse_input_shapes
-from onnxq.loaders import IterableLoader
+from onnxq.runtime import loaders
+from onnxq.runtime.data import model_input_specs
+from onnxq.runtime.input_shapes import parse_input_shapes
+from onnxq.runtime.loaders import IterableLoader
 
 LOADER = '''
 import numpy as np

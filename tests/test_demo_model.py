@@ -11,8 +11,8 @@ import pytest
 
 from demo.ocr import text_margin
 from demo.ocr_check import compare
-from onnxq.data import ImagePreprocessing
-from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, quantize
+from onnxq.runtime.data import ImagePreprocessing
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "demo" / "ppocr_v4_rec.onnx"

@@ -1,4 +1,4 @@
-"""Calibration and the accuracy search on a real Ray cluster (onnxq.distributed).
+"""Calibration and the accuracy search on a real Ray cluster (onnxq.search.distributed).
 
 A two-node cluster (ray.cluster_utils.Cluster: two raylets on this machine, 2 logical CPUs
 each) is started once for the module. Every check compares against the single-process
@@ -30,11 +30,17 @@ from conftest import CHANNELS, IMAGE, bias, feeds_for, make_model, save, tensor,
 from onnx import helper
 from test_auto import outlier_calibration, outlier_classifier
 
-import onnxq.distributed
-from onnxq import auto
-from onnxq.calibrate import collect_statistics
-from onnxq.data import SampleSource, model_input_specs, open_source
-from onnxq.distributed import (
+import onnxq.search.distributed
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
+from onnxq.errors import EXIT_BAD_DATA, OnnxqError, UsageError
+from onnxq.passes.prepare import prepare_model
+from onnxq.quant.ir import import_graph
+from onnxq.quant.placement import tensors_to_observe, value_aliases
+from onnxq.quant.statistics import Statistics
+from onnxq.runtime.calibrate import collect_statistics
+from onnxq.runtime.data import SampleSource, model_input_specs, open_source
+from onnxq.search import auto
+from onnxq.search.distributed import (
     RayOptions,
     ShardResult,
     _check_reachable,
@@ -44,13 +50,7 @@ from onnxq.distributed import (
     merge_shards,
     shards,
 )
-from onnxq.errors import EXIT_BAD_DATA, OnnxqError, UsageError
-from onnxq.ir import import_graph
-from onnxq.pipeline import DataOptions, QuantizeRequest, calibrate_only, quantize
-from onnxq.placement import tensors_to_observe, value_aliases
-from onnxq.prepare import prepare_model
-from onnxq.sensitivity import Target
-from onnxq.statistics import Statistics
+from onnxq.search.sensitivity import Target
 
 
 def conv_stack_model(layers: int = 4, seed: int = 21) -> onnx.ModelProto:
@@ -182,7 +182,7 @@ def test_calibration_on_ray_is_byte_identical_for_1_2_and_3_workers(work: Path,
     calibrate_only(work / "m.onnx", work / "local.npz", DataOptions(calib=work / "calib"))
     for workers, most in ((1, None), (2, None), (3, None), (2, 4)):  # 4: six shards of at most 4 samples
         if most:
-            monkeypatch.setattr(onnxq.distributed, "MAX_SHARD_BATCHES", most)
+            monkeypatch.setattr(onnxq.search.distributed, "MAX_SHARD_BATCHES", most)
         out = work / f"ray{workers}-{most}.npz"
         calibrate_only(work / "m.onnx", out, DataOptions(calib=work / "calib", ray=RayOptions(workers=workers)))
         assert out.read_bytes() == (work / "local.npz").read_bytes(), f"{workers} workers"
@@ -256,7 +256,7 @@ def test_quantize_with_ray_runs_the_automatic_search_there(cluster, tmp_path: Pa
 
 @pytest.mark.usefixtures("cluster")
 def test_a_search_task_that_keeps_dying_fails_with_one_line_naming_the_candidate() -> None:
-    from onnxq.distributed import RayScorer
+    from onnxq.search.distributed import RayScorer
 
     class DyingReference:  # defined here: Ray ships it by value (workers cannot import the tests)
         def fidelity_of(self, _model: onnx.ModelProto) -> None:
@@ -273,10 +273,10 @@ def test_a_search_task_that_keeps_dying_fails_with_one_line_naming_the_candidate
 
 @pytest.mark.usefixtures("cluster")
 def test_a_search_candidate_over_2_gb_is_refused_on_ray_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxq.distributed import RayScorer
+    from onnxq.search.distributed import RayScorer
 
     scorer = RayScorer(SimpleNamespace(feeds=[]), RayOptions(workers=2))
-    monkeypatch.setattr(onnxq.distributed, "needs_external_data", lambda model: model.graph.name == "big")
+    monkeypatch.setattr(onnxq.search.distributed, "needs_external_data", lambda model: model.graph.name == "big")
     big = conv_stack_model()
     big.graph.name = "big"
     space = auto.SearchSpace(build=lambda _c: big, int8_layers={}, dynamic_layers=frozenset(), methods=("global",),
@@ -344,7 +344,7 @@ def test_ctrl_c_cancels_the_tasks(work: Path) -> None:
 
 @pytest.mark.usefixtures("cluster")
 def test_ctrl_c_cancels_the_search_tasks(tmp_path: Path) -> None:
-    from onnxq.distributed import RayScorer
+    from onnxq.search.distributed import RayScorer
 
     started, finished = tmp_path / "started", tmp_path / "finished"
     started.mkdir()

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from onnxq.cli import main
+from onnxq.commands.doctor import this_machine
 from onnxq.cpu import read_cpu_description
-from onnxq.doctor import this_machine
 
 AVX2_ONLY = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse sse2 avx avx2 fma bmi2\n"
 VNNI = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"

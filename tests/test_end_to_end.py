@@ -45,16 +45,16 @@ from conftest import (
 )
 from onnx import numpy_helper
 
-import onnxq.distributed
-import onnxq.pipeline
+import onnxq.commands.pipeline
+import onnxq.search.distributed
 from onnxq.cli import main
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, quantize
 from onnxq.errors import EXIT_GATE_MISSED
-from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
-from onnxq.plan import QuantPlan
-from onnxq.prepare import prepare_model
-from onnxq.statistics import Statistics
+from onnxq.passes.prepare import prepare_model
+from onnxq.quant.plan import QuantPlan
+from onnxq.quant.statistics import Statistics
 
-calibration = importlib.import_module("onnxq.calibrate")  # the module: onnxq.calibrate is the API function
+calibration = importlib.import_module("onnxq.runtime.calibrate")  # the module: onnxq.calibrate is the API function
 
 MIN_COSINE = 0.98
 CALIB_SAMPLES = 16
@@ -95,7 +95,7 @@ class Quantized:
     model_path: Path
     output: Path
     model: onnx.ModelProto
-    result: onnxq.pipeline.QuantizeResult
+    result: onnxq.commands.pipeline.QuantizeResult
     calib: Path
 
 
@@ -173,7 +173,7 @@ def assert_agrees(original_path: Path, quantized_path: Path, feeds: list[dict[st
     return cosines
 
 
-def assert_report_fidelity(result: onnxq.pipeline.QuantizeResult, held_back: int) -> None:
+def assert_report_fidelity(result: onnxq.commands.pipeline.QuantizeResult, held_back: int) -> None:
     fidelity = result.report["fidelity"]
     assert fidelity is not None
     assert fidelity["samples"] == held_back
@@ -346,9 +346,9 @@ def test_load_stats_needs_no_inference(tmp_path: Path, conv_model_path: Path, co
     def no_inference(*_args, **_kwargs):
         raise AssertionError("an inference pass ran although statistics were loaded")
 
-    # onnxq.distributed (pipeline's way in) imported the function by name: patch both bindings, and the runner
+    # onnxq.search.distributed (pipeline's way in) imported the function by name: patch both bindings, and the runner
     monkeypatch.setattr(calibration, "collect_statistics", no_inference)
-    monkeypatch.setattr(onnxq.distributed, "collect_statistics", no_inference)
+    monkeypatch.setattr(onnxq.search.distributed, "collect_statistics", no_inference)
     monkeypatch.setattr(calibration, "run", no_inference)
     report = tmp_path / "report.json"
     code, _, err = _cli(["quantize", conv_model_path, "-o", tmp_path / "b.onnx", "--load-stats", stats,

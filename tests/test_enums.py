@@ -7,10 +7,10 @@ import json
 import click
 import pytest
 
-from onnxq import recipe
 from onnxq.cli import main
+from onnxq.commands import recipe
 from onnxq.enums import Format, Mode, NodeStatus, SpeedGuard, WeightRange
-from onnxq.placement import NodeDecision
+from onnxq.quant.placement import NodeDecision
 
 
 def _choices(command: str, option: str) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""onnxq.evaluate and onnxq.simplify on their own: numbers recomputed in numpy, rewrites checked against
+"""onnxq.runtime.evaluate and onnxq.passes.simplify on their own: numbers recomputed in numpy, rewrites checked against
 onnxruntime running the model before and after."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 from conftest import CHANNELS, IMAGE, bias, image_batch, make_model, tensor, weight, write_npz_folder
 from onnx import helper, numpy_helper
 
-from onnxq.data import model_input_specs, open_source
-from onnxq.evaluate import CachedReference, compare_models
-from onnxq.simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
+from onnxq.passes.simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
+from onnxq.runtime.data import model_input_specs, open_source
+from onnxq.runtime.evaluate import CachedReference, compare_models
 
 SAMPLES, ROWS, K, N = 6, 3, 12, 5
 

@@ -28,7 +28,7 @@ from conftest import (
 from onnx import helper
 
 from onnxq.cli import main
-from onnxq.prepare import prepare_model
+from onnxq.passes.prepare import prepare_model
 
 
 def spatial_mean_model(opset: int, keepdims: int, axes: list[int], seed: int = 20) -> onnx.ModelProto:

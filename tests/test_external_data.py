@@ -47,12 +47,12 @@ def test_external_data_model_in_and_out(tmp_path: Path, conv_calib: Path, monkey
 
 def test_memory_budget_splits_calibration_into_passes(conv_calib: Path, conv_model_path: Path) -> None:
     """A tiny budget forces one pass per tensor group; the statistics must equal the one-pass ones."""
-    from onnxq.calibrate import collect_statistics
-    from onnxq.data import model_input_specs, open_source
-    from onnxq.ir import import_graph
-    from onnxq.placement import tensors_to_observe
-    from onnxq.prepare import prepare_model
-    from onnxq.session import Progress
+    from onnxq.passes.prepare import prepare_model
+    from onnxq.quant.ir import import_graph
+    from onnxq.quant.placement import tensors_to_observe
+    from onnxq.runtime.calibrate import collect_statistics
+    from onnxq.runtime.data import model_input_specs, open_source
+    from onnxq.runtime.session import Progress
 
     prepared = prepare_model(onnx.load(str(conv_model_path))).model
     tensors = [t for t in tensors_to_observe(import_graph(prepared)) if t != "x"]
@@ -121,10 +121,10 @@ def test_large_model_in_every_mode(tmp_path: Path, mode: str) -> None:
 
 @pytest.mark.usefixtures("external_everything")
 def test_no_pass_changes_the_model_it_is_given(tmp_path: Path) -> None:
-    from onnxq.fusion import check_fusion
     from onnxq.model_io import save_model
-    from onnxq.prepare import prepare_model
-    from onnxq.session import session_for
+    from onnxq.passes.prepare import prepare_model
+    from onnxq.runtime.fusion import check_fusion
+    from onnxq.runtime.session import session_for
 
     model = deep_conv_model()
     before = model.SerializeToString(deterministic=True)

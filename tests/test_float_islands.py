@@ -1,7 +1,7 @@
-"""A layer onnxq keeps in float runs in float; an int16 layer runs on 16-bit inputs (onnxq.float_islands).
+"""A layer onnxq keeps in float runs in float; an int16 layer runs on 16-bit inputs (onnxq.quant.float_islands).
 
 Each pattern puts the layer between int8 neighbours and reads onnxruntime's optimized graph at the
-basic, extended and all levels (onnxq.precision). The conftest fixture already fails any test whose
+basic, extended and all levels (onnxq.runtime.precision). The conftest fixture already fails any test whose
 written model disagrees with its plan; these tests also say which node runs how, and show that the
 check catches onnxruntime's own re-quantization when onnxq's isolation is switched off.
 """
@@ -16,10 +16,10 @@ import pytest
 from conftest import bias, cosine, make_model, run, save, tensor, weight, write_npz_folder
 from onnx import helper
 
-from onnxq import rewrite_qdq
-from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
-from onnxq.plan import QuantSettings
-from onnxq.recipe import parse_recipe
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, quantize
+from onnxq.commands.recipe import parse_recipe
+from onnxq.quant import rewrite_qdq
+from onnxq.quant.plan import QuantSettings
 
 C = 16
 SHAPE = [1, C, 8, 8]
@@ -133,8 +133,8 @@ def test_without_isolation_onnxruntime_requantizes_and_the_check_says_so(
         tmp_path: Path, pattern: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check is not vacuous: with the writer's isolation off, onnxruntime quantizes the float
     layer's weight itself (per tensor), and the precision check names the node."""
-    from onnxq import written
-    from onnxq.fusion import check_fusion
+    from onnxq.commands import written
+    from onnxq.runtime.fusion import check_fusion
 
     monkeypatch.setattr(rewrite_qdq, "isolate_float_layers", lambda *_args, **_kwargs: None)
     monkeypatch.setattr(written, "check_fusion", check_fusion)  # no conftest assertion: we look ourselves

@@ -12,7 +12,7 @@ from conftest import IMAGE, make_model, quantize_simple, save, tensor, weight
 from onnx import TensorProto, helper
 
 from onnxq.cli import main
-from onnxq.fusion import check_fusion
+from onnxq.runtime.fusion import check_fusion
 
 
 def badly_placed_qdq_model() -> onnx.ModelProto:

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import conv_relu_model, image_batch, save, write_npz_folder
 
-import onnxq.qat_prep
+import onnxq.commands.qat_prep
 from onnxq.cli import main
 from onnxq.errors import EXIT_OUTPUT, OutputError
 from onnxq.interrupts import Interrupted
@@ -88,7 +88,7 @@ def test_failed_write_leaves_no_model(tmp_path: Path, monkeypatch: pytest.Monkey
     def unwritable(_self, path) -> None:
         raise OutputError(f"cannot write {path}: Permission denied")
 
-    monkeypatch.setattr(onnxq.qat_prep.QuantPlan, "save", unwritable)
+    monkeypatch.setattr(onnxq.commands.qat_prep.QuantPlan, "save", unwritable)
     result = CliRunner().invoke(main, ["qat-prep", str(model), "-o", str(out / "f.onnx"), "--calib", str(calib),
                                        "--params", str(out / "p.json")])
     assert result.exit_code == EXIT_OUTPUT and "Permission denied" in result.stderr

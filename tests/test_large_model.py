@@ -10,8 +10,8 @@ import pytest
 
 import onnxq.model_io
 from bench.robustness.large_model import agreement, generate, outputs, write_feeds
-from onnxq.dynamic import WeightOnlyOptions
-from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
+from onnxq.commands.dynamic import WeightOnlyOptions
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, quantize
 
 MODES = {"static": {"speed_guard": "off"}, "dynamic": {"mode": "dynamic"},
          "weight-only int4": {"mode": "weight-only", "weight_only": WeightOnlyOptions(bits=4, block_size=32)}}

@@ -13,9 +13,8 @@ from click.testing import CliRunner
 from conftest import cosine, run, save, tensor, write_npz_folder
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq import qmath
 from onnxq.cli import main
-from onnxq.dynamic import (
+from onnxq.commands.dynamic import (
     WeightOnlyOptions,
     pack_int4,
     quantize_columns,
@@ -23,8 +22,9 @@ from onnxq.dynamic import (
     rewrite_weight_only,
     unpack_int4,
 )
-from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
-from onnxq.plan import QuantSettings
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, quantize
+from onnxq.quant import qmath
+from onnxq.quant.plan import QuantSettings
 
 K, N = 40, 24
 

@@ -1,5 +1,5 @@
-"""The option table (onnxq.option_table): the CLI, recipes and requests all come from it, and --exclude-regex, the
-option added to show it (one row there, one field and one function in onnxq.pipeline)."""
+"""The option table (onnxq.commands.option_table): the CLI, recipes and requests all come from it; and
+--exclude-regex, the option added to show it (a row there, a request field and one function beside the recipe)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import pytest
 import yaml
 from conftest import cli_in
 
-from onnxq import option_table as options
-from onnxq import recipe
 from onnxq.cli import main
+from onnxq.commands import option_table as options
+from onnxq.commands import recipe
+from onnxq.commands.pipeline import QuantizeRequest
 from onnxq.errors import EXIT_USAGE
-from onnxq.pipeline import QuantizeRequest
 
 COMMANDS = (options.QUANTIZE, options.CALIBRATE, options.SENSITIVITY, options.CONVERT, options.QAT_PREP,
             options.BENCH)

@@ -1,4 +1,4 @@
-"""Properties of onnxq.qmath: scale/zero point, quantize/dequantize, bias, per channel, ORT parity.
+"""Properties of onnxq.quant.qmath: scale/zero point, quantize/dequantize, bias, per channel, ORT parity.
 
 Float32 slack used below. quantize computes r = fl32(x / s) and dequantize fl32(n · s) with
 n = q - z an exact small integer; u = 2**-24 is float32's unit roundoff. Then
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq import qmath
-from onnxq.plan import QuantSettings, weight_plan
+from onnxq.quant import qmath
+from onnxq.quant.plan import QuantSettings, weight_plan
 
 FAST = settings(max_examples=60, deadline=None)
 # Saturation probes divide values near FLT_MAX by scales < 1: the float32 quotient overflows to

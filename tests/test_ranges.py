@@ -1,4 +1,4 @@
-"""Calibration methods (onnxq.ranges.compute_range) on distributions with known answers.
+"""Calibration methods (onnxq.quant.ranges.compute_range) on distributions with known answers.
 
 Every expectation is computed in the test from the raw values (numpy percentiles, batch
 extremes, brute-force expected errors), never copied from a run of the code under test.
@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxq import qmath
-from onnxq.ranges import METHODS, RANGE_GRID, compute_range, stable_range
-from onnxq.statistics import BINS_PER_SIDE, TensorStats
+from onnxq.quant import qmath
+from onnxq.quant.ranges import METHODS, RANGE_GRID, compute_range, stable_range
+from onnxq.quant.statistics import BINS_PER_SIDE, TensorStats
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-LEVELS = 255  # what onnxq.plan passes for 8-bit types: qmax - qmin
+LEVELS = 255  # what onnxq.quant.plan passes for 8-bit types: qmax - qmin
 N = 200_000
 OUTLIER = 16.0
 
@@ -104,7 +104,7 @@ def expected_squared_error(x: np.ndarray, lo: float, hi: float, levels: int = LE
 
 
 def real_squared_error(x: np.ndarray, lo: float, hi: float) -> float:
-    """Squared error of an actual uint8 quantize -> dequantize with onnxq.qmath."""
+    """Squared error of an actual uint8 quantize -> dequantize with onnxq.quant.qmath."""
     scale, zp = qmath.asymmetric_params(np.float64(lo), np.float64(hi), qmath.UINT8)
     restored = qmath.dequantize(qmath.quantize(x, scale, zp, qmath.UINT8), scale, zp)
     return float(np.sum((restored.astype(np.float64) - x) ** 2))
@@ -443,11 +443,11 @@ def test_last_bit_differences_in_activations_give_the_same_plan() -> None:
     """Another CPU's fp32 kernels round differently (~1e-7 relative): the plan must not change."""
     from conftest import conv_relu_model
 
-    from onnxq.ir import import_graph
-    from onnxq.placement import PlacementOptions, place
-    from onnxq.plan import QuantSettings, build_plan
-    from onnxq.prepare import prepare_model
-    from onnxq.statistics import Statistics
+    from onnxq.passes.prepare import prepare_model
+    from onnxq.quant.ir import import_graph
+    from onnxq.quant.placement import PlacementOptions, place
+    from onnxq.quant.plan import QuantSettings, build_plan
+    from onnxq.quant.statistics import Statistics
 
     graph = import_graph(prepare_model(conv_relu_model()).model)
     placement = place(graph, PlacementOptions())

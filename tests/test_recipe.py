@@ -13,14 +13,14 @@ from conftest import conv_relu_model, image_batch, make_model, run, save, tensor
 from onnx import helper, numpy_helper
 from test_sensitivity import D, fragile_model, near_constant
 
-from onnxq import qmath
 from onnxq.cli import main
-from onnxq.dynamic import rewrite_dynamic
+from onnxq.commands.dynamic import rewrite_dynamic
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, calibrated, quantize
+from onnxq.commands.recipe import Recipe, Rule, Selector, layer_options, node_list, parse_recipe
 from onnxq.errors import UsageError
-from onnxq.ir import import_graph
-from onnxq.pipeline import DataOptions, QuantizeRequest, calibrated, quantize
-from onnxq.recipe import Recipe, Rule, Selector, layer_options, node_list, parse_recipe
-from onnxq.sensitivity import Target
+from onnxq.quant import qmath
+from onnxq.quant.ir import import_graph
+from onnxq.search.sensitivity import Target
 
 
 def write_recipe(path: Path, text: str) -> Path:

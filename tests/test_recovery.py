@@ -1,4 +1,4 @@
-"""Accuracy recovery (onnxq.recovery): equalization, bias correction and AdaRound, each against numpy."""
+"""Accuracy recovery (onnxq.passes.recovery): equalization, bias correction and AdaRound, each against numpy."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from click.testing import CliRunner
 from conftest import CHANNELS, IMAGE, conv_relu_model, make_model, run, save, tensor, weight, write_npz_folder
 from onnx import helper, numpy_helper
 
-from onnxq import qmath
 from onnxq.cli import main
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, quantize
 from onnxq.errors import UsageError
-from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
-from onnxq.plan import QuantSettings
-from onnxq.recovery import adaround, apply_equalization, equalization_scales, equalize_model, rounding_loss
-from onnxq.session import Progress, ProgressFactory, no_progress
+from onnxq.passes.recovery import adaround, apply_equalization, equalization_scales, equalize_model, rounding_loss
+from onnxq.quant import qmath
+from onnxq.quant.plan import QuantSettings
+from onnxq.runtime.session import Progress, ProgressFactory, no_progress
 
 QMAX = 127
 
@@ -304,9 +304,9 @@ def test_recovery_needs_calibration_samples(tmp_path: Path) -> None:
 @pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"pads": [0, 2, 1, 0], "strides": [2, 1]},
                                    {"pads": [2, 2, 2, 2], "dilations": [2, 2], "group": 2}])
 def test_conv_input_sums_equal_the_im2col_sums(attrs: dict) -> None:
-    from onnxq.ir import import_graph
-    from onnxq.placement import PlacementOptions, place
-    from onnxq.recovery import _window_sums, find_layers
+    from onnxq.passes.recovery import _window_sums, find_layers
+    from onnxq.quant.ir import import_graph
+    from onnxq.quant.placement import PlacementOptions, place
 
     rng = np.random.default_rng(0)
     group = attrs.get("group", 1)

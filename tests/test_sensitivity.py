@@ -20,12 +20,12 @@ from onnx import helper
 
 from onnxq import cli
 from onnxq.cli import main
-from onnxq.command_options import CommandOptions
+from onnxq.commands.command_options import CommandOptions
+from onnxq.commands.option_table import options_of
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, quantize, sensitivity
 from onnxq.errors import EXIT_USAGE, UsageError
-from onnxq.option_table import options_of
-from onnxq.pipeline import DataOptions, QuantizeRequest, quantize, sensitivity
-from onnxq.plan import QuantSettings
-from onnxq.sensitivity import Target
+from onnxq.quant.plan import QuantSettings
+from onnxq.search.sensitivity import Target
 
 D = 32
 

@@ -1,4 +1,4 @@
-"""SmoothQuant (onnxq.smooth): float-exact rewrites, where 1/s goes, the range it saves, int8 error."""
+"""SmoothQuant (onnxq.passes.smooth): float-exact rewrites, where 1/s goes, the range it saves, int8 error."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from conftest import make_model, quantize_simple, run, save, tensor, weight, wri
 from onnx import helper
 
 from onnxq.cli import main
-from onnxq.data import SampleSource, model_input_specs, open_source
 from onnxq.errors import UsageError
-from onnxq.prepare import prepare_model
-from onnxq.smooth import SmoothResult, channel_absmax, smooth_model, smoothing_factors
+from onnxq.passes.prepare import prepare_model
+from onnxq.passes.smooth import SmoothResult, channel_absmax, smooth_model, smoothing_factors
+from onnxq.runtime.data import SampleSource, model_input_specs, open_source
 
 TOKENS, K, N = 16, 32, 24
 OUTLIER = 5  # the activation channel 20x larger than the rest

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from conftest import IMAGE, bias, image_batch, make_model, quantize_simple, save, tensor, weight, write_npz_folder
 from onnx import helper
 
-from onnxq import pipeline, static_flow
 from onnxq.cli import main
+from onnxq.commands import pipeline, static_flow
 from onnxq.errors import DataError, ModelError
-from onnxq.ir import import_graph
-from onnxq.speed_guard import FLOAT_MIN_GAIN, LayerTiming, SpeedProfile, layer_kind, run_speed_guard
+from onnxq.quant.ir import import_graph
+from onnxq.search.speed_guard import FLOAT_MIN_GAIN, LayerTiming, SpeedProfile, layer_kind, run_speed_guard
 
 pytestmark = pytest.mark.speed_guard
 
@@ -118,7 +118,7 @@ def test_kind_where_float_is_faster_goes_float(tmp_path: Path, separable, monkey
 
 
 def pipeline_summary(result: pipeline.QuantizeResult) -> str:
-    from onnxq.report import format_summary
+    from onnxq.commands.report import format_summary
 
     return format_summary(result.report)
 

@@ -1,4 +1,4 @@
-"""Streaming statistics (onnxq.statistics): batching, growth, merge, save/load, bad input.
+"""Streaming statistics (onnxq.quant.statistics): batching, growth, merge, save/load, bad input.
 
 The reference histogram used throughout is computed in one shot from all the values:
 bin i covers [(i - BINS_PER_SIDE) * w, (i - BINS_PER_SIDE + 1) * w), so a value x lands in
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from onnxq.errors import DataError
-from onnxq.statistics import BINS_PER_SIDE, Statistics, TensorStats, required_width_exp
+from onnxq.quant.statistics import BINS_PER_SIDE, Statistics, TensorStats, required_width_exp
 
 FAST = settings(max_examples=40, deadline=None)
 

@@ -14,13 +14,13 @@ import pytest
 from onnx import numpy_helper
 from transformer_models import make_transformer, token_feeds, write_feeds
 
-from onnxq import weight_rounding as wr
-from onnxq.data import model_input_specs, open_source
-from onnxq.dynamic import WeightOnlyOptions
-from onnxq.pipeline import DataOptions, QuantizeRequest, quantize
-from onnxq.recipe import Recipe, Rule, Selector
-from onnxq.sensitivity import Target
-from onnxq.weight_stats import collect_input_stats, token_rows
+from onnxq.commands.dynamic import WeightOnlyOptions
+from onnxq.commands.pipeline import DataOptions, QuantizeRequest, quantize
+from onnxq.commands.recipe import Recipe, Rule, Selector
+from onnxq.quant import weight_rounding as wr
+from onnxq.runtime.data import model_input_specs, open_source
+from onnxq.runtime.weight_stats import collect_input_stats, token_rows
+from onnxq.search.sensitivity import Target
 
 ONNXQ = [sys.executable, "-m", "onnxq"]
 

@@ -1,4 +1,4 @@
-"""The writers on their own (onnxq.rewrite_qdq, onnxq.rewrite_qop): a tiny graph and a plan written by hand,
+"""The writers on their own (onnxq.quant.rewrite_qdq, onnxq.quant.rewrite_qop): a tiny graph and a plan written by hand,
 no calibration or placement. Checks the nodes written, and that onnxruntime runs the result and gives what
 a numpy reference of the same integer arithmetic gives."""
 
@@ -11,11 +11,11 @@ import pytest
 from conftest import make_model, tensor
 from onnx import helper, numpy_helper
 
-from onnxq.ops import MS_DOMAIN
-from onnxq.placement import NodeDecision
-from onnxq.plan import QuantPlan, QuantSettings, TensorPlan
-from onnxq.rewrite_qdq import write_qdq
-from onnxq.rewrite_qop import write_qoperator
+from onnxq.quant.ops import MS_DOMAIN
+from onnxq.quant.placement import NodeDecision
+from onnxq.quant.plan import QuantPlan, QuantSettings, TensorPlan
+from onnxq.quant.rewrite_qdq import write_qdq
+from onnxq.quant.rewrite_qop import write_qoperator
 
 ROWS, K, N = 4, 16, 8
 X_SCALE, X_ZERO = 4.0 / 255, 128  # x in [-2, 2) as uint8

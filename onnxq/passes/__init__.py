@@ -1,0 +1,2 @@
+"""Graph passes before quantization: preparation, simplification, SmoothQuant, accuracy
+recovery (equalization, bias correction, AdaRound)."""

@@ -1,0 +1,194 @@
+"""Float-exact graph simplifications that leave fewer places for quantization error.
+
+Per-channel affine ops right after a Conv (y = conv(x) * s + t, e.g. Paddle's
+"learnable affine blocks", or a BatchNorm exported as Mul/Add) are folded into
+the Conv's weights and bias. Otherwise each would sit between the int8 Conv and
+its consumer as a float op with its own quantize/dequantize round trip.
+
+A bias read by several Conv/Gemm nodes gets one copy per node: an int32 bias is
+quantized with its node's input scale, which differs between them (a Linear
+applied twice, or equal small biases onnxruntime's optimizer merged into one).
+
+A ReduceMean over every spatial axis is a GlobalAveragePool (PyTorch's dynamo
+exporter writes adaptive_avg_pool2d(x, 1) and x.mean((2, 3)) that way): as
+GlobalAveragePool it runs in int8 instead of forcing a dequantize/quantize.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxq.quant.ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_empty, is_float32
+from onnxq.quant.ops import BIASED_OPS
+
+
+def fold_affine_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Fold constant Mul/Add that follow a Conv into it; returns the model and how many ops went."""
+    if not _conv_feeds_one_mul_or_add(model.graph):
+        return model, 0  # importing the graph costs more than the rest of this pass
+    graph = import_graph(model)
+    outputs = {t.name for t in graph.outputs}
+    names = NameAllocator(graph)
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "Conv" or not _has_constant_params(node):
+            continue
+        while True:
+            consumer = _single_affine_consumer(node.outputs[0], outputs)
+            if consumer is None:
+                break
+            scale_or_shift = _per_channel(consumer, constant_values(node.inputs[1]).shape[0])
+            if scale_or_shift is None:
+                break
+            _absorb(node, consumer, scale_or_shift, names)
+            folded += 1
+    if not folded:
+        return model, 0
+    return export_model(graph, model), folded
+
+
+def _has_constant_params(conv: gs.Node) -> bool:
+    if len(conv.inputs) < 2 or not is_constant(conv.inputs[1]):
+        return False
+    return len(conv.inputs) < 3 or is_empty(conv.inputs[2]) or is_constant(conv.inputs[2])
+
+
+def _single_affine_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
+    if tensor.name in graph_outputs or len(tensor.outputs) != 1:
+        return None
+    consumer = tensor.outputs[0]
+    if consumer.op not in ("Mul", "Add") or len(consumer.inputs) != 2:
+        return None
+    constants = [t for t in consumer.inputs if is_constant(t)]
+    return consumer if len(constants) == 1 and constants[0].dtype == np.float32 else None
+
+
+def _per_channel(node: gs.Node, channels: int) -> np.ndarray | None:
+    """The constant operand as one value per output channel, or None if it varies otherwise."""
+    value = next(constant_values(t) for t in node.inputs if is_constant(t)).astype(np.float32)
+    if value.size == 1:
+        return np.full(channels, value.reshape(()), dtype=np.float32)
+    squeezed = value.reshape(-1)
+    if squeezed.size != channels:
+        return None
+    # Must broadcast along the channel axis of an NC... tensor: shapes [C,1,...] or [1,C,1,...].
+    dims = list(value.shape)
+    while dims and dims[0] == 1 and len(dims) > 1 and dims[0] != channels:
+        dims.pop(0)
+    if dims and dims[0] == channels and all(d == 1 for d in dims[1:]) and len(dims) >= 2:
+        return squeezed
+    return None
+
+
+def _absorb(conv: gs.Node, op: gs.Node, values: np.ndarray, names: NameAllocator) -> None:
+    weight = constant_values(conv.inputs[1]).astype(np.float32)
+    out_channels = weight.shape[0]
+    bias = (constant_values(conv.inputs[2]).astype(np.float32) if len(conv.inputs) > 2
+            and not is_empty(conv.inputs[2]) else np.zeros(out_channels, dtype=np.float32))
+    if op.op == "Mul":
+        weight = weight * values.reshape((-1,) + (1,) * (weight.ndim - 1))
+        bias = bias * values
+    else:
+        bias = bias + values
+    conv.inputs[1] = gs.Constant(names.new(f"{conv.inputs[1].name}_folded"), weight)
+    bias_const = gs.Constant(names.new(f"{conv.inputs[1].name}_bias"), bias.astype(np.float32))
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = bias_const
+    else:
+        conv.inputs.append(bias_const)
+    result = op.outputs[0]
+    op.outputs.clear()
+    op.inputs.clear()
+    conv.outputs[0] = result
+
+
+def means_to_global_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """ReduceMean over all spatial axes of a float N x C x ... tensor -> GlobalAveragePool (+ Flatten
+    when keepdims=0); returns the model and how many were replaced. Needs inferred ranks."""
+    if not any(node.op_type == "ReduceMean" for node in model.graph.node):
+        return model, 0
+    graph = import_graph(model)
+    names = NameAllocator(graph)
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.op != "ReduceMean" or not _spatial_mean(node) or _normalization_statistic(node):
+            continue
+        result = node.outputs[0]
+        node.outputs.clear()
+        keepdims = node.attrs.get("keepdims", 1)
+        pooled = result if keepdims else gs.Variable(names.new(f"{result.name}_pooled"), dtype=result.dtype)
+        graph.nodes.append(gs.Node("GlobalAveragePool", name=names.new(f"{node.name or 'mean'}_global_pool"),
+                                   inputs=[node.inputs[0]], outputs=[pooled]))
+        if not keepdims:  # N x C x 1 x 1 -> N x C
+            graph.nodes.append(gs.Node("Flatten", name=names.new(f"{node.name or 'mean'}_flatten"),
+                                       attrs={"axis": 1}, inputs=[pooled], outputs=[result]))
+        node.inputs.clear()
+        replaced += 1
+    if not replaced:
+        return model, 0
+    return export_model(graph, model), replaced
+
+
+def _normalization_statistic(node: gs.Node) -> bool:
+    """The mean or variance of a decomposed LayerNorm/InstanceNorm (x - mean(x), mean(d * d)): no pooling,
+    and its statistics stay float (a [batch, tokens, features] mean over features looks spatial by rank)."""
+    data, mean = node.inputs[0], node.outputs[0]
+    if any(user.op == "Sub" and user.inputs[0] is data and user.inputs[1] is mean for user in mean.outputs):
+        return True
+    producer = data.inputs[0] if data.inputs else None
+    return producer is not None and (producer.op == "Pow" or (producer.op == "Mul"
+                                                              and producer.inputs[0] is producer.inputs[1]))
+
+
+def _spatial_mean(node: gs.Node) -> bool:
+    """Reduces exactly axes 2 .. rank-1 of a float32 tensor of known rank >= 3."""
+    data = node.inputs[0]
+    rank = len(data.shape) if data.shape is not None else 0
+    if rank < 3 or not is_float32(data):
+        return False
+    if len(node.inputs) > 1 and not is_empty(node.inputs[1]):  # opset 18: axes are an input
+        if not is_constant(node.inputs[1]):
+            return False
+        axes = constant_values(node.inputs[1]).reshape(-1).tolist()
+    else:
+        axes = list(node.attrs.get("axes", []))
+    return sorted(a % rank for a in axes) == list(range(2, rank))
+
+
+def unshare_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Give every Conv/Gemm its own constant bias tensor; returns the model and how many copies were made."""
+    uses = _uses(model.graph)
+    if not any(node.op_type in BIASED_OPS and len(node.input) > 2 and uses[node.input[2]] > 1
+               for node in model.graph.node):
+        return model, 0
+    graph = import_graph(model)
+    names = NameAllocator(graph)
+    copies = 0
+    for node in graph.nodes:
+        if node.op not in BIASED_OPS or len(node.inputs) < 3 or not is_constant(node.inputs[2]):
+            continue
+        shared = node.inputs[2]
+        if len(shared.outputs) > 1 and shared.outputs[0] is not node:
+            node.inputs[2] = gs.Constant(names.new(f"{shared.name}_{node.name or 'copy'}"),
+                                         constant_values(shared).copy())
+            copies += 1
+    if not copies:
+        return model, 0
+    return export_model(graph, model), copies
+
+
+def _uses(graph: onnx.GraphProto) -> Counter[str]:
+    """How many node inputs of the top-level graph read each tensor name."""
+    return Counter(name for node in graph.node for name in node.input if name)
+
+
+def _conv_feeds_one_mul_or_add(graph: onnx.GraphProto) -> bool:
+    """Some Conv output is read by exactly one node, a Mul or an Add (what fold_affine_into_conv looks for)."""
+    uses = _uses(graph)
+    readers = {name: node.op_type for node in graph.node for name in node.input if name}
+    return any(node.op_type == "Conv" and node.output and uses[node.output[0]] == 1
+               and readers.get(node.output[0]) in ("Mul", "Add") for node in graph.node)
