@@ -11,9 +11,6 @@ The modules are grouped by stage (README, 'How it works'): onnxq.quant (what a q
 is, no onnxruntime), onnxq.passes, onnxq.runtime, onnxq.search and onnxq.commands.
 """
 
-import sys
-import types
-
 __version__ = "0.1.0"
 
 __all__ = ["DataError", "ModelError", "OnnxqError", "OutputError", "Result", "UsageError", "__version__",
@@ -23,22 +20,18 @@ _API = frozenset({"Result", "calibrate", "convert", "inspect", "options", "quant
 _ERRORS = frozenset({"DataError", "ModelError", "OnnxqError", "OutputError", "UsageError"})
 
 
-class _Package(types.ModuleType):
-    """The package whose API names win over the submodules the import system sets as attributes."""
+def __getattr__(name: str):
+    """The API's names, imported on first use (no submodule at the top shares their names)."""
+    if name in _API:
+        from onnxq import api
 
-    def __getattribute__(self, name: str):
-        if name in _API:
-            from onnxq import api
+        return getattr(api, name)
+    if name in _ERRORS:
+        from onnxq import errors
 
-            return getattr(api, name)
-        if name in _ERRORS:
-            from onnxq import errors
-
-            return getattr(errors, name)
-        return super().__getattribute__(name)
-
-    def __dir__(self) -> list[str]:
-        return sorted({*super().__dir__(), *__all__})
+        return getattr(errors, name)
+    raise AttributeError(f"module 'onnxq' has no attribute {name!r}")
 
 
-sys.modules[__name__].__class__ = _Package
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
