@@ -14,8 +14,14 @@ from pathlib import Path
 
 from onnxq.commands.checks import check_targets
 from onnxq.commands.dynamic_flow import quantize_without_calibration
-from onnxq.commands.request import RANDOM_SAMPLES, DataOptions, QuantizeRequest, QuantizeResult, check_batch_size
-from onnxq.commands.request_recipe import with_exclude_regex
+from onnxq.commands.request import (
+    RANDOM_SAMPLES,
+    DataOptions,
+    QuantizeRequest,
+    QuantizeResult,
+    check_batch_size,
+    with_exclude_regex,
+)
 from onnxq.commands.stages import calibrated, trial_builder
 from onnxq.commands.static_flow import quantize_static
 from onnxq.commands.written import check_written_model

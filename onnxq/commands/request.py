@@ -4,14 +4,15 @@ automatic search runs and what it may try."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from onnxq.commands.dynamic import WeightOnlyOptions
-from onnxq.commands.recipe import Recipe
+from onnxq.commands.recipe import Recipe, Rule, Selector
 from onnxq.cpu import TargetCpu, default_weight_range
 from onnxq.errors import UsageError
 from onnxq.quant.plan import QuantPlan, QuantSettings
@@ -186,3 +187,18 @@ def recovery_needs_data(request: QuantizeRequest) -> bool:
     samples."""
     return request.bias_correction or request.adaround_seconds is not None or any(
         rule.adaround for rule in request.recipe.rules)
+
+
+def with_exclude_regex(request: QuantizeRequest) -> QuantizeRequest:
+    """--exclude-regex R as recipe rules after the user's (precision: float for every node whose name R matches),
+    so placement, the saved recipe, the report and the notes on rules that select nothing all see them."""
+    rules = []
+    for pattern in request.exclude_regex:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"--exclude-regex {pattern!r} is not a regular expression: {exc}") from None
+        rules.append(Rule(Selector(name_regex=pattern), precision="float", reason=f"--exclude-regex {pattern}"))
+    if not rules:
+        return request
+    return replace(request, recipe=Recipe(request.recipe.settings, [*request.recipe.rules, *rules]), exclude_regex=())

@@ -3,9 +3,6 @@ effective recipe --save-recipe writes, which rebuilds the model without timing o
 
 from __future__ import annotations
 
-import re
-from dataclasses import replace
-
 from onnxq.commands.checks import unmatched_excludes
 from onnxq.commands.recipe import NodeChoice, Recipe, Rule, Selector, node_list
 from onnxq.commands.request import QuantizeRequest, holdout_fraction
@@ -14,21 +11,6 @@ from onnxq.passes.recovery import RecoveryOptions
 from onnxq.quant.ir import Graph
 from onnxq.quant.ops import DYNAMIC_OPS
 from onnxq.quant.plan import QuantSettings
-
-
-def with_exclude_regex(request: QuantizeRequest) -> QuantizeRequest:
-    """--exclude-regex R as recipe rules after the user's (precision: float for every node whose name R matches),
-    so placement, the saved recipe, the report and the notes on rules that select nothing all see them."""
-    rules = []
-    for pattern in request.exclude_regex:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise UsageError(f"--exclude-regex {pattern!r} is not a regular expression: {exc}") from None
-        rules.append(Rule(Selector(name_regex=pattern), precision="float", reason=f"--exclude-regex {pattern}"))
-    if not rules:
-        return request
-    return replace(request, recipe=Recipe(request.recipe.settings, [*request.recipe.rules, *rules]), exclude_regex=())
 
 
 def recipe_choices(request: QuantizeRequest, graph: Graph, *, with_exclude: bool = False

@@ -33,8 +33,9 @@ from onnxq.commands.request import (
     resolve_settings,
     search_methods,
     searches,
+    with_exclude_regex,
 )
-from onnxq.commands.request_recipe import recipe_choices, with_exclude_regex
+from onnxq.commands.request_recipe import recipe_choices
 from onnxq.cpu import TargetCpu, resolve_target
 from onnxq.errors import DataError, ModelError, UsageError
 from onnxq.model_io import load_model, model_digest
