@@ -8,19 +8,17 @@ import gc
 from collections import Counter
 
 from onnxq import __version__
-from onnxq.commands.checks import check_finite_weights, check_not_qdq
 from onnxq.commands.dynamic import rewrite_dynamic
 from onnxq.commands.recipe import layer_options
 from onnxq.commands.report import build_report, json_safe
 from onnxq.commands.request import QuantizeRequest, QuantizeResult, StageTimer, recovery_needs_data, resolve_settings
 from onnxq.commands.request_recipe import effective_recipe, recipe_choices
-from onnxq.commands.stages import already_quantized, smoothed_model
+from onnxq.commands.stages import already_quantized, load_checked, smoothed_model
 from onnxq.commands.weight_only import run_weight_only, target_gates
 from onnxq.commands.written import check_written_model
 from onnxq.cpu import resolve_target
 from onnxq.errors import ModelError, UsageError
-from onnxq.model_io import externalize, load_model, model_bytes, save_model
-from onnxq.passes.prepare import prepare_model
+from onnxq.model_io import externalize, model_bytes, save_model
 from onnxq.passes.smooth import validate_alpha
 from onnxq.paths import check_paths, quantize_paths
 from onnxq.quant.ir import import_graph
@@ -55,12 +53,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         settings = QuantSettings(**{**settings.__dict__, "weight_range": "full"})
         weight_range_reason = "weight-only: float compute, full 8-bit weights"
     request.weight_only.validate()
-    with timer.stage("load"):
-        original = load_model(request.model, lazy_weights=True)  # over 2 GiB: weights stay on disk
-        check_not_qdq(original, request.model)
-    with timer.stage("prepare"):
-        prepared = prepare_model(original, request.model)
-        check_finite_weights(prepared.model)
+    original, prepared = load_checked(request, timer)
     held_path = request.data.eval_data or request.data.calib
     held = open_source(held_path, model_input_specs(original), request.data.images) if held_path else None
     held_notes = [held.note("--eval-data" if request.data.eval_data else "--calib")] if held is not None else []

@@ -39,7 +39,7 @@ from onnxq.commands.request_recipe import recipe_choices
 from onnxq.cpu import TargetCpu, resolve_target
 from onnxq.errors import DataError, ModelError, UsageError
 from onnxq.model_io import load_model, model_digest
-from onnxq.passes.prepare import prepare_model
+from onnxq.passes.prepare import PreparedModel, prepare_model
 from onnxq.passes.recovery import equalize_model
 from onnxq.passes.smooth import smooth_model, validate_alpha
 from onnxq.paths import check_paths, quantize_paths
@@ -170,14 +170,21 @@ def resolve(request: QuantizeRequest, writes_model: bool = True) -> Setup:
     return Setup(target, settings, weight_range_reason)
 
 
-def load_and_prepare(request: QuantizeRequest, timer: StageTimer) -> Prepared:
-    """Load the model, prepare it (onnxq.passes.prepare) and equalize it when asked."""
+def load_checked(request: QuantizeRequest, timer: StageTimer) -> tuple[onnx.ModelProto, PreparedModel]:
+    """The model as loaded (refused if it is already quantized) and prepared (onnxq.passes.prepare; refused if a
+    weight holds NaN or Inf): every mode starts here."""
     with timer.stage("load"):
         original = load_model(request.model, lazy_weights=True)  # over 2 GiB: weights stay on disk
         check_not_qdq(original, request.model)
     with timer.stage("prepare"):
         prepared = prepare_model(original, request.model)
         check_finite_weights(prepared.model)
+    return original, prepared
+
+
+def load_and_prepare(request: QuantizeRequest, timer: StageTimer) -> Prepared:
+    """Load the model, prepare it and equalize it when asked."""
+    original, prepared = load_checked(request, timer)
     model, equalization = prepared.model, None
     if request.equalize:
         with timer.stage("equalize"):
