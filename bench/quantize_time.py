@@ -110,7 +110,8 @@ class Side:
 
 
 def _onnxq(python: Path | str, *args: str | Path) -> list[str]:
-    """`python -m onnxq ARGS` (the console script's code; the PYTHONPATH of the row picks the checkout)."""
+    """`python -m onnxq ARGS` (the console script's code). `-m` puts the working folder first on the path, so
+    a row runs in its checkout's folder (and with it first on PYTHONPATH): that checkout's onnxq runs."""
     return [str(python), "-m", "onnxq", *map(str, args)]
 
 
@@ -186,7 +187,7 @@ def row_commands(model: Path, calib: Path, methods: list[str], work: Path, befor
 def time_run(names: list[str], methods: list[str], rounds: int, before: Side = Side(), peers: bool = True,
              out: Path | None = None) -> dict:
     """Every row of every model `rounds` times; `out` gets the results after each model."""
-    from bench import models, report, runners
+    from bench import models, report
 
     result = {"machine": report.machine(), "before": str(before.source) if before.source else None,
               "before_commit": _commit(before.source) if before.source else None,
@@ -202,8 +203,7 @@ def time_run(names: list[str], methods: list[str], rounds: int, before: Side = S
                 for old in work.glob("*.onnx*"):
                     old.unlink()
                 (work / "stats.npz").unlink(missing_ok=True)
-                res = runners.run_child(cmd, log=work / f"{key.replace(' ', '-')}.log", timeout_s=1800,
-                                        rss_limit_mb=12_000, env=_env(source)).to_dict()
+                res = run_row(cmd, source, work / f"{key.replace(' ', '-')}.log")
                 if res["status"] == "ok" and key in PEERS and not any(work.glob(key.replace(" ", "-") + ".onnx")):
                     res["status"] = "failed"  # no model written
                 runs[key].append(res)
@@ -214,6 +214,14 @@ def time_run(names: list[str], methods: list[str], rounds: int, before: Side = S
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def run_row(cmd: list[str], source: Path | None, log: Path) -> dict:
+    """One timed child in `source`'s folder with it first on PYTHONPATH (None: this checkout)."""
+    from bench import models, runners
+
+    return runners.run_child(cmd, log=log, timeout_s=1800, rss_limit_mb=12_000, env=_env(source),
+                             cwd=source or models.REPO).to_dict()
 
 
 def summarise(runs: dict[str, list]) -> dict:

@@ -303,7 +303,7 @@ def quantize_time_lines(folder: Path) -> list[str]:
     m = res["machine"]
     rows = next(iter(res["models"].values()))
     methods = [k.split()[1] for k in rows if k.startswith("quantize ") and "(before)" not in k]
-    before = any("(before)" in k for k in rows)
+    before = any("(before)" in k for r in res["models"].values() for k in r)
     peers = [k for k in PEERS if any(k in r for r in res["models"].values())]
     where = "; ".join(f"{kind}: `{p['python']}` ({p['versions']})" for kind, p in res.get("pythons", {}).items())
     out = ["## Quantize time against its floor", "",
@@ -336,11 +336,13 @@ def quantize_time_lines(folder: Path) -> list[str]:
             return f"{ratio(was)} → {ratio(rows.get(key))}" if before and was else ratio(rows.get(key))
         keys = ["calibrate", *(f"quantize {x}" for x in methods)]
         rss = f"{max(rows[k]['peak_rss_mb'] for k in keys):.0f}"
-        rss_cell = f"{max(rows[k + ' (before)']['peak_rss_mb'] for k in keys):.0f} → {rss}" if before else rss
+        was = [rows[k + " (before)"]["peak_rss_mb"] for k in keys if k + " (before)" in rows]
+        rss_cell = f"{max(was):.0f} → {rss}" if was else rss
         peer_rss = " / ".join(f"{rows[k]['peak_rss_mb']:.0f}" if k in rows else "—" for k in peers)
         out.append(f"| {name} | {rows['floor']['median_s']:.2f} | " + " | ".join(cell(k) for k in [*keys, *peers])
                    + f" | {rss_cell} |" + (f" {peer_rss} |" if peers else ""))
-    return [*out, ""]
+    notes = folder / "NOTES.md"  # what the run's numbers mean, written by whoever ran it
+    return [*out, "", *([notes.read_text().strip(), ""] if notes.exists() else [])]
 
 
 PEER_TITLES = {"ort minmax": "ORT MinMax", "ort entropy": "ORT Entropy", "nncf": "NNCF"}

@@ -70,10 +70,22 @@ def test_table_has_peer_columns_before_and_now_and_failures(tmp_path: Path) -> N
              "ort entropy": row(1.1, "failed"), "nncf": row(6.0, rss=170.0)}
     result = {"machine": {"cpu": "cpu", "cores": 2, "vnni": True, "amx": False}, "rounds": 2,
               "before": "/old", "before_commit": "abc1234", "before_python": "/oldvenv/python",
-              "pythons": {"nncf": {"python": "/nncf/python", "versions": "ml_dtypes 0.7.0"}}, "models": {"m": model}}
+              "pythons": {"nncf": {"python": "/nncf/python", "versions": "ml_dtypes 0.7.0"}},
+              "models": {"m": model, "n": {k: v for k, v in model.items() if "before" not in k and k != "nncf"}}}
     (tmp_path / "quantize_time.json").write_text(json.dumps(result))
     lines = report.quantize_time_lines(tmp_path)
     header = next(line for line in lines if line.startswith("| model"))
     assert header.split(" | ")[3:7] == ["quantize global", "ORT MinMax", "ORT Entropy", "NNCF"]
     assert "| m | 1.00 | 3.00 → 2.00 | 4.00 → 1.50 | 1.80 | failed | 6.00 | 100 → 120 | 150 / 100 / 170 |" in lines
+    assert "| n | 1.00 | 2.00 | 1.50 | 1.80 | failed | — | 120 | 150 / 100 / — |" in lines  # a model run without them
     assert "--before <abc1234> --before-python" in lines[2] and "/nncf/python` (ml_dtypes 0.7.0)" in lines[2]
+
+
+def test_a_before_row_runs_the_onnxq_of_its_checkout(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    (old / "onnxq").mkdir(parents=True)
+    (old / "onnxq" / "__init__.py").write_text("")
+    (old / "onnxq" / "__main__.py").write_text("import onnxq\nprint('from', onnxq.__file__)\n")
+    res = quantize_time.run_row(quantize_time._onnxq(sys.executable, "--version"), old, tmp_path / "row.log")
+    assert res["status"] == "ok", res["log_tail"]
+    assert f"from {old / 'onnxq' / '__init__.py'}" in (tmp_path / "row.log").read_text()
