@@ -294,6 +294,8 @@ def limit_section(folder: Path) -> list[str]:
 
 def quantize_time_lines(folder: Path) -> list[str]:
     """The quantize-time table from bench/quantize_time.py's JSON, when there is one."""
+    from bench.quantize_time import PEERS
+
     path = folder / "quantize_time.json"
     if not path.exists():
         return []
@@ -301,28 +303,49 @@ def quantize_time_lines(folder: Path) -> list[str]:
     m = res["machine"]
     rows = next(iter(res["models"].values()))
     methods = [k.split()[1] for k in rows if k.startswith("quantize ") and "(before)" not in k]
-    before = any("(before)" in k for k in rows)
+    before = any("(before)" in k for r in res["models"].values() for k in r)
+    peers = [k for k in PEERS if any(k in r for r in res["models"].values())]
+    where = "; ".join(f"{kind}: `{p['python']}` ({p['versions']})" for kind, p in res.get("pythons", {}).items())
     out = ["## Quantize time against its floor", "",
            f"`python -m bench.quantize_time --rounds {res['rounds']}"
-           + (" --before <an earlier checkout>" if before else "") + "` on "
+           + (f" --before <{res.get('before_commit') or 'an earlier checkout'}>" if before else "")
+           + (" --before-python <another venv>" if res.get("before_python") else "") + "` on "
            f"{m['cpu']}, {m['cores']} cores, VNNI: {m['vnni']}, AMX: {m['amx']} (see bench/README.md). "
            "Floor: process start + model load + one plain "
            "fp32 onnxruntime pass over the calibration data. Each cell: median over rounds of (time ÷ the same "
            "round's floor)" + ("; before → now" if before else "") + ". quantize runs `--fast --method M` (the "
            "single pass, speed table included) and includes its evaluation of the held-back samples; calibrate "
-           "always keeps histograms (its statistics are saved).", "",
+           "always keeps histograms (its statistics are saved)."
+           + (" Peers, in the same rounds on the same calibration folder: onnxruntime.quantization's "
+              "quantize_static (QDQ, per-channel, after quant_pre_process; MinMax and Entropy calibration; "
+              "bench/peers.py) and nncf.quantize with its defaults (bench/nncf_child.py); a peer that did not "
+              "write a model shows its status." if peers else "")
+           + (f" Interpreters: {where}." if where else ""), "",
            "| model | floor s | calibrate | " + " | ".join(f"quantize {x}" for x in methods)
-           + " | peak RSS MB |", "|---|---|---|" + "---|" * len(methods) + "---|"]
+           + "".join(f" | {PEER_TITLES[k]}" for k in peers) + " | peak RSS MB |"
+           + (" peers' peak RSS MB (" + " / ".join(PEER_TITLES[k] for k in peers) + ") |" if peers else ""),
+           "|---|---|---|" + "---|" * (len(methods) + len(peers)) + "---|" + ("---|" if peers else "")]
     for name, rows in res["models"].items():
+        def ratio(row: dict | None) -> str:
+            if row is None:
+                return "—"
+            return f"{row['ratio_to_floor']:.2f}" if row["status"] == "ok" else row["status"]
+
         def cell(key: str, rows=rows) -> str:
-            now = rows[key]["ratio_to_floor"]
-            return (f"{rows[key + ' (before)']['ratio_to_floor']:.2f} → {now:.2f}" if before else f"{now:.2f}")
+            was = rows.get(key + " (before)")
+            return f"{ratio(was)} → {ratio(rows.get(key))}" if before and was else ratio(rows.get(key))
         keys = ["calibrate", *(f"quantize {x}" for x in methods)]
         rss = f"{max(rows[k]['peak_rss_mb'] for k in keys):.0f}"
-        rss_cell = f"{max(rows[k + ' (before)']['peak_rss_mb'] for k in keys):.0f} → {rss}" if before else rss
-        out.append(f"| {name} | {rows['floor']['median_s']:.2f} | " + " | ".join(cell(k) for k in keys)
-                   + f" | {rss_cell} |")
-    return [*out, ""]
+        was = [rows[k + " (before)"]["peak_rss_mb"] for k in keys if k + " (before)" in rows]
+        rss_cell = f"{max(was):.0f} → {rss}" if was else rss
+        peer_rss = " / ".join(f"{rows[k]['peak_rss_mb']:.0f}" if k in rows else "—" for k in peers)
+        out.append(f"| {name} | {rows['floor']['median_s']:.2f} | " + " | ".join(cell(k) for k in [*keys, *peers])
+                   + f" | {rss_cell} |" + (f" {peer_rss} |" if peers else ""))
+    notes = folder / "NOTES.md"  # what the run's numbers mean, written by whoever ran it
+    return [*out, "", *([notes.read_text().strip(), ""] if notes.exists() else [])]
+
+
+PEER_TITLES = {"ort minmax": "ORT MinMax", "ort entropy": "ORT Entropy", "nncf": "NNCF"}
 
 
 def fallback_section(path: Path) -> list[str]:

@@ -53,7 +53,7 @@ def _rss_mb(pid: int) -> tuple[float, float]:
 
 
 def run_child(cmd: list[str], *, log: Path, timeout_s: float, rss_limit_mb: float,
-              env: dict[str, str] | None = None) -> ChildResult:
+              env: dict[str, str] | None = None, cwd: Path = REPO) -> ChildResult:
     """Run ``cmd``; kill it past ``timeout_s`` or above ``rss_limit_mb``; measure its peak RSS.
 
     Peak RSS is the child's VmHWM (high-water mark since its exec), polled every 20 ms; the
@@ -65,7 +65,7 @@ def run_child(cmd: list[str], *, log: Path, timeout_s: float, rss_limit_mb: floa
     reason: list[str] = []
     peak = [0.0]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                 env=env, start_new_session=True)
     stop = threading.Event()
 
