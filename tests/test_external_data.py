@@ -45,6 +45,19 @@ def test_external_data_model_in_and_out(tmp_path: Path, conv_calib: Path, monkey
     assert result.report["fidelity"]["outputs"][0]["cosine"] > 0.98
 
 
+def test_small_model_with_external_data_gives_the_inline_models_bytes(tmp_path: Path, conv_calib: Path) -> None:
+    """Under 2 GiB the weights are read into memory; onnxruntime must not be pointed at a file whose weights
+    live beside it (its optimized copy would name that data file), and the result is the inline model's."""
+    inline, split = tmp_path / "inline.onnx", tmp_path / "split" / "m.onnx"
+    split.parent.mkdir()
+    onnx.save_model(conv_relu_model(), str(inline))
+    onnx.save_model(conv_relu_model(), str(split), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    quantize_simple(inline, tmp_path / "a.onnx", conv_calib)
+    quantize_simple(split, tmp_path / "b.onnx", conv_calib)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
 def test_memory_budget_splits_calibration_into_passes(conv_calib: Path, conv_model_path: Path) -> None:
     """A tiny budget forces one pass per tensor group; the statistics must equal the one-pass ones."""
     from onnxq.passes.prepare import prepare_model

@@ -179,8 +179,8 @@ def prepare_model(model: onnx.ModelProto, source: Path | None = None) -> Prepare
     dropped = drop_initializer_inputs(work)
     if dropped:
         notes.append(f"{len(dropped)} initializers were also listed as graph inputs; treated as constants")
-    # onnxruntime reads the file itself while the model is still what it holds (no serialized copy)
-    work = optimize_basic(work, source if on_disk or work is model else None)
+    # onnxruntime reads the file itself while the model is still all that file holds (no serialized copy)
+    work = optimize_basic(work, source if on_disk or (work is model and _whole_file(work, source)) else None)
     work, folded = fold_affine_into_conv(work)
     if folded:
         notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
@@ -194,6 +194,12 @@ def prepare_model(model: onnx.ModelProto, source: Path | None = None) -> Prepare
         notes.append(f"{pooled} ReduceMean ops over all spatial axes written as GlobalAveragePool")
         work = infer_types(work)
     return PreparedModel(work, work if lazy else reference, notes)
+
+
+def _whole_file(model: onnx.ModelProto, source: Path | None) -> bool:
+    """`source` is `model` serialized, weights and all: a file whose weights are external data beside it is
+    smaller than the model read with them (onnxruntime's optimized copy would refer to those files by name)."""
+    return source is not None and source.is_file() and source.stat().st_size == model.ByteSize()
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
