@@ -11,7 +11,6 @@ click options). Adding an option is a row here and the code that reads it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +67,6 @@ class Option:
     envvar: str | None = None
     hidden: bool = False
     flag_value: Any = None
-    callback: Callable | None = None
     recipe: RecipeSetting | None = None
     request: bool = False  # the value is the request field of the same name, as it is
     acts: Callable[[Mapping[str, Any]], bool] | None = None  # given the command's values: does it do something?
@@ -85,7 +83,7 @@ class Option:
 
     def click_option(self, command: str) -> Callable:
         extra: dict[str, Any] = {"help": self.helps.get(command, self.help), "hidden": self.hidden}
-        for key in ("type", "metavar", "envvar", "callback"):
+        for key in ("type", "metavar", "envvar"):
             if getattr(self, key) is not None:
                 extra[key] = getattr(self, key)
         if self.is_flag:
@@ -128,15 +126,6 @@ def _target_applies(v: Mapping[str, Any]) -> bool:
 
 TARGET_HELP = ("applies with an accuracy target (--target-sqnr, --target-cosine or --target-metric), in --mode static "
                "and weight-only")
-
-
-def _check_regex(_context: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-    for value in values:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise click.BadParameter(f"{value!r} is not a regular expression: {exc}") from None
-    return values
 
 
 def _path(**kwargs: Any) -> click.Path:
@@ -232,7 +221,7 @@ OPTIONS: tuple[Option, ...] = (
            request=True),
     Option(("--exclude-regex",), "Keep in float every node whose name this regular expression matches (repeatable; "
            "e.g. '^/encoder/layer\\.11/'); the saved recipe holds it as a rule.", SETTINGS_COMMANDS, multiple=True,
-           metavar="REGEX", callback=_check_regex, request=True),
+           metavar="REGEX", request=True),
     Option(("--recipe",), "YAML recipe: per-node precision (float, int8, int16 activations, int4 weights), per-channel "
            "and method by node name, regex or op type, and settings used as defaults for these options (see README).",
            (QUANTIZE, SENSITIVITY), dest="recipe_path", type=_path(), request=True),

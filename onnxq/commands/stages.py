@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import onnx
 
@@ -76,10 +77,14 @@ class Prepared:
     original: onnx.ModelProto
     model: onnx.ModelProto
     reference: onnx.ModelProto
-    digest: str
     notes: tuple[str, ...] = ()
     equalization: dict | None = None  # onnxq.passes.recovery's report, when --equalize was given
     smoothing: dict | None = None  # onnxq.passes.smooth's report, when --smooth-alpha was given
+
+    @cached_property
+    def digest(self) -> str:
+        """Hashed once, on first use: a smoothed copy (a new Prepared) hashes its own model."""
+        return model_digest(self.model)
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,7 @@ def load_and_prepare(request: QuantizeRequest, timer: StageTimer) -> Prepared:
     if request.equalize:
         with timer.stage("equalize"):
             model, equalization = equalize_model(model)
-    return Prepared(original, model, prepared.reference, model_digest(model), tuple(prepared.notes), equalization)
+    return Prepared(original, model, prepared.reference, tuple(prepared.notes), equalization)
 
 
 def smooth(request: QuantizeRequest, prepared: Prepared, calib: SampleSource | None, timer: StageTimer,
@@ -197,7 +202,7 @@ def smooth(request: QuantizeRequest, prepared: Prepared, calib: SampleSource | N
     """`prepared` with SmoothQuant applied (onnxq.passes.smooth): a new model, so a new digest."""
     with timer.stage("smooth"):
         model, report = smoothed_model(request, prepared.model, calib, progress)
-    return replace(prepared, model=model, digest=model_digest(model), smoothing=report)
+    return replace(prepared, model=model, smoothing=report)
 
 
 def smoothed_model(request: QuantizeRequest, model: onnx.ModelProto, calib: SampleSource | None,
