@@ -386,14 +386,23 @@ def ctrl_c_once_started(started: Path, call: Callable[[], object]) -> None:
     try:
         with pytest.raises(KeyboardInterrupt):
             call()
-        while presser.is_alive():
-            try:
-                stop.set()
-                presser.join()
-            except KeyboardInterrupt:  # one more press, already on its way
-                pass
     finally:
+        _swallow_late_presses()
+        stop.set()
+        presser.join()
+        time.sleep(0.05)  # a press already on its way runs the empty handler now, not in a later test
         signal.signal(signal.SIGINT, previous)
+
+
+def _swallow_late_presses() -> None:
+    """An empty SIGINT handler: a press the thread sent just before it stopped would otherwise reach pytest
+    itself after this test (a KeyboardInterrupt that ended `make test` once)."""
+    while True:
+        try:
+            signal.signal(signal.SIGINT, lambda *_: None)
+            return
+        except KeyboardInterrupt:  # one more press landed first
+            continue
 
 
 def assert_all_cpus_free() -> None:
