@@ -342,6 +342,21 @@ def test_ctrl_c_cancels_the_tasks(work: Path) -> None:
     assert_all_cpus_free()
 
 
+def test_a_second_ctrl_c_does_not_stop_the_cancelling() -> None:
+    cancelled: list[str] = []
+    presses = iter([True, False, True, False, False])  # Ctrl-C lands in the 1st and 3rd cancel calls
+
+    class PressedRay:
+        def cancel(self, ref: str, force: bool) -> None:
+            assert force
+            if next(presses):
+                raise KeyboardInterrupt
+            cancelled.append(ref)
+
+    onnxq.search.distributed.cancel_all(PressedRay(), ["a", "b", "c"])
+    assert cancelled == ["c", "b", "a"]
+
+
 @pytest.mark.usefixtures("cluster")
 def test_ctrl_c_cancels_the_search_tasks(tmp_path: Path) -> None:
     from onnxq.search.distributed import RayScorer

@@ -275,11 +275,21 @@ def _gather(ray, jobs: Iterable[tuple[object, Callable]], limit: int, total: int
                 del pending[ref]
             refill()
     except BaseException:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        cancel_all(ray, list(pending))
         raise
     finally:
         bar.close()
+
+
+def cancel_all(ray, refs: list) -> None:
+    """Force-cancel every task in `refs`, even if Ctrl-C is pressed again meanwhile (a second press that
+    broke this loop would leave the remaining tasks running on the cluster)."""
+    while refs:
+        try:
+            ray.cancel(refs[-1], force=True)
+        except KeyboardInterrupt:
+            continue  # the press that started the unwinding is already on its way up
+        refs.pop()
 
 
 def _where(item, total: int) -> str:
@@ -422,7 +432,7 @@ class _RayRanking:
         return ranking[0]
 
     def cancel(self) -> None:
-        self.scorer.ray.cancel(self.ref, force=True)
+        cancel_all(self.scorer.ray, [self.ref])
         self.scorer.probing = None
 
 
