@@ -29,6 +29,7 @@ from conftest import (
     float_initializers,
     fused_op_types,
     gemm_model,
+    hard_swish_model,
     if_model,
     image_batch,
     initializer_inputs_model,
@@ -86,6 +87,7 @@ CASES = {
     "dynamic_dims": Case(dynamic_model, {"QLinearConv": 2}, feeds=_sized),
     "opset11": Case(opset11_model, {"QLinearConv": 2}),
     "pass_through": Case(pass_through_model, {"QLinearConv": 3, "MatMulIntegerToFloat": 1}),
+    "hard_swish": Case(hard_swish_model, {"QLinearConv": 2}),  # the gates in float unless --int8-gates
 }
 
 
@@ -199,6 +201,35 @@ def test_graph_quantizes_runs_agrees_and_fuses(name: str, tmp_path: Path) -> Non
     assert_weights_stored_int8(q.original, q.model)
     assert_fused(q.output, case.kernels)
     assert q.result.report["nodes"]["quantized"] >= sum(case.kernels.values())
+
+
+def test_hard_swish_runs_in_int8_with_its_constants_stored_exactly(tmp_path: Path) -> None:
+    """Hard-swish's gate x + 3 runs as QLinearAdd (the Clip folded into its output), its / 6 moves onto the
+    gate as a QLinearMul by 1/6 (onnxq.passes.simplify), and x * gate is a QLinearMul; a constant tensor
+    keeps its Add float, and so does a single-value Mul outside a gate (8 bits would round its result)."""
+    q = quantize_case(CASES["hard_swish"], tmp_path, int8_gates=True)
+    assert_fused(q.output, {"QLinearConv": 2, "QLinearAdd": 1, "QLinearMul": 2})
+    assert_agrees(q.model_path, q.output, [feeds_for(q.original)(np.random.default_rng(7)) for _ in range(4)])
+    status = {row["node"]: row["planned"] for row in q.result.report["fusion"]["precision"]}
+    assert status["add3"] == status["mul"] == status["div6"] == "int8"
+    assert status["add_offsets"] == status["scale_half"] == "float"
+    inits = {t.name: numpy_helper.to_array(t) for t in q.model.graph.initializer}
+    nodes = {n.name: n for n in q.model.graph.node}
+    assert nodes["div6"].op_type == "Mul"
+    for name, value in (("add3", 3.0), ("div6", np.float32(1) / np.float32(6))):
+        operand = next(n for n in q.model.graph.node
+                       if n.op_type == "DequantizeLinear" and n.output[0] in nodes[name].input and n.input[0] in inits
+                       and inits[n.input[0]].size == 1)
+        stored, scale, zero = (inits[i] for i in operand.input)
+        assert stored.dtype == np.uint8  # the activations' type: onnxruntime fuses QLinearAdd/Mul only then
+        assert (stored.astype(np.float32) - zero.astype(np.float32)) * scale == pytest.approx(value, rel=1e-6)
+
+
+def test_hard_swish_stays_float_without_int8_gates(tmp_path: Path) -> None:
+    q = quantize_case(CASES["hard_swish"], tmp_path)
+    assert {n.name: n.op_type for n in q.model.graph.node}["div6"] == "Div"  # the graph as exported
+    ran = fused_op_types(q.output)
+    assert ran.count("QLinearConv") == 2 and "QLinearAdd" not in ran and "QLinearMul" not in ran
 
 
 def test_shared_weight_is_stored_once(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from conftest import CHANNELS, IMAGE, bias, image_batch, make_model, tensor, weight, write_npz_folder
 from onnx import helper, numpy_helper
 
-from onnxq.passes.simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
+from onnxq.passes.simplify import fold_affine_into_conv, means_to_global_pool, scale_gates_first, unshare_biases
 from onnxq.runtime.data import model_input_specs, open_source
 from onnxq.runtime.evaluate import CachedReference, compare_models
 
@@ -158,3 +158,36 @@ def test_a_shared_bias_gets_one_copy_per_node() -> None:
     np.testing.assert_array_equal(values[biases[0]], values[biases[1]])
     feed = {"x": image_batch(rng)}
     np.testing.assert_array_equal(run(unshared, feed)[0], run(model, feed)[0])
+
+
+def hard_swish_chain(scale_op: str = "Div", scale: float = 6.0, gate_readers: int = 1) -> onnx.ModelProto:
+    """x * Clip(x + 3, 0, 6) / 6 as Paddle writes it (Mul by 1/6 with scale_op='Mul'); with gate_readers=2
+    the gate is also a graph output."""
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"], name="add3"),
+             helper.make_node("Clip", ["a", "zero", "six"], ["gate"], name="clip"),
+             helper.make_node("Mul", ["x", "gate"], ["m"], name="mul"),
+             helper.make_node(scale_op, ["m", "scale"], ["y"], name="div6")]
+    outputs = [tensor("y", [1, CHANNELS, 5, 7])] + ([tensor("gate", [1, CHANNELS, 5, 7])] if gate_readers > 1 else [])
+    inits = {"three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32),
+             "scale": np.array(scale, np.float32)}
+    return make_model(nodes, [tensor("x", [1, CHANNELS, 5, 7])], outputs, inits, opset=13)
+
+
+@pytest.mark.parametrize("scale_op", ["Div", "Mul"])
+def test_a_gated_product_scales_the_gate_instead(scale_op: str) -> None:
+    scale = 6.0 if scale_op == "Div" else 1 / 6
+    model = hard_swish_chain(scale_op, scale)
+    moved, count = scale_gates_first(model)
+    assert count == 1
+    nodes = {n.name: n for n in moved.graph.node}
+    factor = {t.name: numpy_helper.to_array(t) for t in moved.graph.initializer}[nodes["div6"].input[1]]
+    assert nodes["div6"].op_type == "Mul" and nodes["div6"].input[0] == "gate"  # the scale moved onto the gate
+    assert float(factor) == pytest.approx(1 / 6, rel=1e-7)
+    assert list(nodes["mul"].input) == ["x", nodes["div6"].output[0]] and list(nodes["mul"].output) == ["y"]
+    feed = {"x": 4 * np.random.default_rng(5).standard_normal((1, CHANNELS, 5, 7)).astype(np.float32)}
+    np.testing.assert_allclose(run(moved, feed)[0], run(model, feed)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_a_gate_read_elsewhere_or_a_zero_scale_is_left_alone() -> None:
+    assert scale_gates_first(hard_swish_chain(gate_readers=2))[1] == 0
+    assert scale_gates_first(hard_swish_chain("Mul", 0.0))[1] == 0

@@ -81,6 +81,7 @@ class QuantizeRequest:
     holdout: float | None = None  # share of --calib never calibrated on; None: holdout_fraction's default
     save_recipe: Path | None = None  # write the effective recipe: reruns give the same model without searching
     smooth_alpha: float | None = None  # SmoothQuant before calibration (onnxq.passes.smooth); None: off
+    int8_gates: bool = False  # hard-swish gates in int8 (onnxq.passes.simplify.scale_gates_first, placement)
     smooth_mul: bool = False  # smoothing may insert a Mul where 1/s has nowhere to fold
     # accuracy recovery (onnxq.passes.recovery)
     equalize: bool = False

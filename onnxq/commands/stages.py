@@ -40,8 +40,9 @@ from onnxq.commands.request_recipe import recipe_choices
 from onnxq.cpu import TargetCpu, resolve_target
 from onnxq.errors import DataError, ModelError, UsageError
 from onnxq.model_io import load_model, model_digest
-from onnxq.passes.prepare import PreparedModel, prepare_model
+from onnxq.passes.prepare import PreparedModel, infer_types, prepare_model
 from onnxq.passes.recovery import equalize_model
+from onnxq.passes.simplify import scale_gates_first
 from onnxq.passes.smooth import smooth_model, validate_alpha
 from onnxq.paths import check_paths, quantize_paths
 from onnxq.quant.ir import Graph, import_graph
@@ -190,11 +191,17 @@ def load_checked(request: QuantizeRequest, timer: StageTimer) -> tuple[onnx.Mode
 def load_and_prepare(request: QuantizeRequest, timer: StageTimer) -> Prepared:
     """Load the model, prepare it and equalize it when asked."""
     original, prepared = load_checked(request, timer)
-    model, equalization = prepared.model, None
+    model, equalization, notes = prepared.model, None, list(prepared.notes)
+    if request.int8_gates:
+        model, gates = scale_gates_first(model)
+        if gates:
+            model = infer_types(model)  # the new gate tensors' types, as prepare left every other tensor's
+            notes.append(f"--int8-gates: {gates} gated products scaled by a constant (hard-swish) reassociated "
+                         f"to x * (gate / c)")
     if request.equalize:
         with timer.stage("equalize"):
             model, equalization = equalize_model(model)
-    return Prepared(original, model, prepared.reference, tuple(prepared.notes), equalization)
+    return Prepared(original, model, prepared.reference, tuple(notes), equalization)
 
 
 def smooth(request: QuantizeRequest, prepared: Prepared, calib: SampleSource | None, timer: StageTimer,
@@ -270,7 +277,7 @@ def place_nodes(request: QuantizeRequest, settings: QuantSettings, prepared: Pre
         exclude = frozenset(request.exclude)
         options = PlacementOptions(per_channel=settings.per_channel, fold_activations=not settings.symmetric,
                                    exclude_nodes=exclude | changes.pop("exclude_nodes"), exclude_op_types=exclude,
-                                   **changes)
+                                   int8_gates=request.int8_gates, **changes)
         placement = place(graph, options)
     return Placed(graph, options, placement, choices, tuple(recipe_notes))
 
@@ -324,7 +331,7 @@ def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[
             raise DataError(f"{request.load_stats} lacks statistics for {len(missing)} tensors (e.g. {missing[0]})")
         return stats
     assert calib is not None
-    observe = tensors_to_observe(graph)
+    observe = tensors_to_observe(graph, request.int8_gates)
     stats = collect(model, observe, calib, request.data.ray, batch_size=request.data.batch_size,
                     memory_budget=request.data.memory_budget, progress=progress, aliases=value_aliases(graph, observe),
                     histograms=histograms)

@@ -12,6 +12,13 @@ applied twice, or equal small biases onnxruntime's optimizer merged into one).
 A ReduceMean over every spatial axis is a GlobalAveragePool (PyTorch's dynamo
 exporter writes adaptive_avg_pool2d(x, 1) and x.mean((2, 3)) that way): as
 GlobalAveragePool it runs in int8 instead of forcing a dequantize/quantize.
+
+With --int8-gates (not part of prepare: it is a quantization choice), a product with a Clip gate that is
+then scaled by a constant, x * clip(x + 3, 0, 6) / 6 (hard-swish as Paddle and older exporters write it),
+is reassociated to x * (clip(x + 3, 0, 6) * (1 / 6)): in int8 the scaling then lands on the gate, whose
+[0, 6] grid divides exactly onto [0, 1], instead of re-rounding the product before it is scaled. The
+chain then runs in int8 (QLinearAdd with the Clip folded, two QLinearMul) between the convolutions with
+one rounding more than float would (the gate's own, to 8 bits).
 """
 
 from __future__ import annotations
@@ -104,6 +111,64 @@ def _absorb(conv: gs.Node, op: gs.Node, values: np.ndarray, names: NameAllocator
     op.outputs.clear()
     op.inputs.clear()
     conv.outputs[0] = result
+
+
+def scale_gates_first(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """(x * gate) / c and (x * gate) * c, with gate a Clip with constant bounds that only this product
+    reads and c one finite non-zero float32 constant -> x * (gate * k), k = 1 / c or c; returns the model
+    and how many were rewritten. Exact up to one float32 rounding."""
+    if not any(node.op_type == "Clip" for node in model.graph.node):
+        return model, 0  # importing the graph costs more than the rest of this pass
+    graph = import_graph(model)
+    outputs = {t.name for t in graph.outputs}
+    names = NameAllocator(graph)
+    moved = 0
+    for node in list(graph.nodes):
+        factor = _constant_factor(node)
+        product = _single_producer(node.inputs[0], outputs) if factor is not None else None
+        if product is None or product.op != "Mul" or len(product.inputs) != 2:
+            continue
+        gates = [i for i, t in enumerate(product.inputs) if _is_clip_gate(t, outputs)]
+        if len(gates) != 1:
+            continue
+        gate = product.inputs[gates[0]]
+        scaled = gs.Variable(names.new(f"{gate.name}_scaled"), dtype=gate.dtype, shape=gate.shape)
+        result = node.outputs[0]
+        node.op = "Mul"  # this node, now scaling the gate, keeps its name
+        node.inputs = [gate, gs.Constant(names.new(f"{node.name}_factor"), factor)]
+        node.outputs = [scaled]
+        product.inputs[gates[0]] = scaled
+        product.outputs = [result]
+        moved += 1
+    if not moved:
+        return model, 0
+    return export_model(graph, model), moved
+
+
+def _constant_factor(node: gs.Node) -> np.ndarray | None:
+    """What a Div(x, c) or Mul(x, c) multiplies x by, for c a single finite non-zero float32 constant."""
+    if node.op not in ("Div", "Mul") or len(node.inputs) != 2 or is_constant(node.inputs[0]):
+        return None
+    constant = node.inputs[1]
+    if not is_constant(constant) or not is_float32(constant):
+        return None
+    value = constant_values(constant).astype(np.float32)
+    if value.size != 1 or not np.isfinite(value).all() or (value == 0).any():
+        return None
+    return np.asarray(np.float32(1.0) / value if node.op == "Div" else value, dtype=np.float32).reshape(value.shape)
+
+
+def _single_producer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
+    """The node that makes `tensor`, when `tensor` is read by one node only and is not a graph output."""
+    if tensor.name in graph_outputs or len(tensor.outputs) != 1 or len(tensor.inputs) != 1:
+        return None
+    return tensor.inputs[0]
+
+
+def _is_clip_gate(tensor: gs.Tensor, graph_outputs: set[str]) -> bool:
+    clip = _single_producer(tensor, graph_outputs)
+    bounds = [t for t in clip.inputs[1:] if not is_empty(t)] if clip is not None and clip.op == "Clip" else None
+    return bool(bounds) and all(is_constant(t) for t in bounds)
 
 
 def means_to_global_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

@@ -39,6 +39,7 @@ class WeightTarget:
     name: str
     axis: int | None  # None: per-tensor
     full_range: bool = False  # all 8 bits even on CPUs that need 7 (the node computes in float: 16-bit inputs)
+    operand: bool = False  # the single-value constant of an Add/Mul: quantized like an activation (exactly)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class PlacementOptions:
     exclude_nodes: frozenset[str] = frozenset()
     exclude_op_types: frozenset[str] = frozenset()
     keep_float: dict[str, str] = field(default_factory=dict)  # node label -> why (e.g. the speed guard)
+    int8_gates: bool = False  # hard-swish gates' single-value Add/Mul in int8 (_gate_operand)
     # from a recipe (onnxq.commands.recipe), by node label:
     int16_nodes: frozenset[str] = frozenset()  # 16-bit activations around these nodes
     per_channel_nodes: dict[str, bool] = field(default_factory=dict)  # overrides per_channel
@@ -185,7 +187,7 @@ def _why_not_compute(node: gs.Node, options: PlacementOptions) -> str | None:
         problem = gemm_attribute_problem(node.attrs)
         if problem is not None:
             return problem
-    if node.op in ("Add", "Mul") and any(is_constant(t) for t in node.inputs):
+    if node.op in ("Add", "Mul") and any(is_constant(t) for t in node.inputs) and _gate_operand(node, options) is None:
         return "one operand is a constant (kept float for accuracy)"
     if node.op in ("MatMul",) and any(is_constant(t) and constant_values(t).ndim != 2 for t in node.inputs):
         return "constant operand is not a 2-D weight"
@@ -217,7 +219,34 @@ def _compute_roles(node: gs.Node, options: PlacementOptions) -> tuple[list[str],
         return activations, weights, []
     if op in ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"):
         return [node.inputs[0].name], [], []
+    operand = _gate_operand(node, options) if op in ("Add", "Mul") else None
+    if operand is not None:  # hard-swish's x + 3 and gate * (1 / 6): c is exact in 8 bits, x decides
+        return [t.name for t in node.inputs if t is not operand], [WeightTarget(operand.name, None, operand=True)], []
     return [t.name for t in node.inputs if not is_empty(t)], [], []
+
+
+def _gate_operand(node: gs.Node, options: PlacementOptions) -> gs.Constant | None:
+    """With --int8-gates, the single-value constant of a gate's Add (x + c feeding a Clip(0, hi)) or Mul
+    (Clip(0, hi) * c).
+
+    onnxruntime runs an Add/Mul as QLinearAdd / QLinearMul only with both inputs quantized; a single value
+    quantized alone is exact (it sits at the end of its own range). In a gate the Clip bounds the result,
+    so its 8-bit grid is fine and hard-swish (x * (clip(x + 3, 0, 6) * (1 / 6)), as onnxq.passes.simplify
+    writes it) stays int8 between its convolutions. Elsewhere (a normalization's `var + eps`, a scale
+    before a Softmax) the result's range is the input's and 8 bits cost accuracy, so those stay float.
+    """
+    constants = [t for t in node.inputs if is_constant(t)]
+    if not options.int8_gates or len(node.inputs) != 2 or len(constants) != 1 or not is_float32(constants[0]):
+        return None
+    if constant_values(constants[0]).size != 1:
+        return None
+    if node.op == "Add":
+        readers = node.outputs[0].outputs
+        gated = len(readers) == 1 and _is_relu6(readers[0])
+    else:
+        other = next(t for t in node.inputs if not is_constant(t))
+        gated = len(other.inputs) == 1 and _is_relu6(other.inputs[0])
+    return constants[0] if gated else None
 
 
 def _add_weight(known: dict[str, WeightTarget], target: WeightTarget) -> None:
@@ -232,7 +261,7 @@ def _add_weight(known: dict[str, WeightTarget], target: WeightTarget) -> None:
         known[target.name] = target
         return
     known[target.name] = WeightTarget(target.name, seen.axis if seen.axis == target.axis else None,
-                                      seen.full_range and target.full_range)
+                                      seen.full_range and target.full_range, seen.operand and target.operand)
 
 
 def _bias(node: gs.Node, index: int, weight: WeightTarget) -> list[BiasTarget]:
@@ -247,15 +276,15 @@ def _foldable_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | 
     consumer = tensor.outputs[0]
     if consumer.op not in FOLDABLE_ACTIVATIONS:
         return None
-    if consumer.op == "Clip" and any(not is_constant(t) for t in consumer.inputs[1:] if not is_empty(t)):
-        return None
-    if consumer.op == "Clip" and not _clip_lower_bound_is_zero(consumer):
+    if consumer.op == "Clip" and not _is_relu6(consumer):
         return None
     return consumer
 
 
-def _clip_lower_bound_is_zero(node: gs.Node) -> bool:
-    """Relu6-style Clip(0, hi): only then does the uint8 zero point absorb the clip."""
+def _is_relu6(node: gs.Node) -> bool:
+    """A Relu6-style Clip(0, hi) with constant bounds: only then does the uint8 zero point absorb the clip."""
+    if node.op != "Clip" or any(not is_constant(t) for t in node.inputs[1:] if not is_empty(t)):
+        return False
     if len(node.inputs) < 2 or is_empty(node.inputs[1]):
         return False
     return float(constant_values(node.inputs[1])) == 0.0
@@ -358,16 +387,17 @@ def widened_decisions(graph: gs.Graph, placement: Placement, wide_sources: set[s
     return decisions
 
 
-def tensors_to_observe(graph: gs.Graph) -> list[str]:
+def tensors_to_observe(graph: gs.Graph, int8_gates: bool = False) -> list[str]:
     """Statistics that cover every placement a later run may choose (any symmetry, no exclusions).
 
     Every activation is observed, not only the roots of shared-scale groups, because
     excluding a node can split a group and give it another root. Collecting this
     superset once lets a user switch method, symmetry or exclusions with
-    --load-stats and no new inference pass.
+    --load-stats and no new inference pass. --int8-gates rewrites the model (another digest), so its
+    gates' tensors are observed only on its own run.
     """
-    folded = place(graph, PlacementOptions(fold_activations=True))
-    unfolded = place(graph, PlacementOptions(fold_activations=False))
+    folded = place(graph, PlacementOptions(fold_activations=True, int8_gates=int8_gates))
+    unfolded = place(graph, PlacementOptions(fold_activations=False, int8_gates=int8_gates))
     return sorted(set(folded.activations) | set(unfolded.activations))
 
 

@@ -156,6 +156,9 @@ def build_plan(
         plan.tensors[name] = TensorPlan(**{**asdict(shared[source]), "name": name})
     constants = graph.tensors()
     for name, target in sorted(placement.weights.items()):
+        if target.operand:
+            plan.tensors[name] = operand_plan(name, constant_values(constants[name]), settings)
+            continue
         qtype = qmath.INT8 if target.full_range else settings.weight_qtype
         plan.tensors[name] = weight_plan(name, constant_values(constants[name]), target.axis, qtype)
     for name, target in sorted(placement.biases.items()):
@@ -203,6 +206,18 @@ def weight_plan(name: str, values: np.ndarray, axis: int | None, qtype: qmath.QT
     error = float(np.max(np.abs(restored - values), initial=0.0))
     return TensorPlan(name=name, role="weight", qtype="int8", scale=np.atleast_1d(scale).tolist(),
                       zero_point=np.atleast_1d(zero_point).astype(int).tolist(), axis=axis, max_abs_error=error)
+
+
+def operand_plan(name: str, values: np.ndarray, settings: QuantSettings) -> TensorPlan:
+    """A single-value Add/Mul operand in the activations' type, so onnxruntime fuses the op; its own range
+    [min(c, 0), max(c, 0)] puts c on the grid's end, so it is stored exactly."""
+    values = values.astype(np.float32)
+    qtype = settings.activation_qtype
+    params = qmath.symmetric_params if settings.symmetric else qmath.asymmetric_params
+    scale, zero_point = params(np.float64(values.min()), np.float64(values.max()), qtype)
+    restored = qmath.dequantize(qmath.quantize(values, scale, zero_point, qtype), scale, zero_point)
+    return TensorPlan(name=name, role="weight", qtype=qtype.name, scale=[float(scale)], zero_point=[int(zero_point)],
+                      max_abs_error=float(np.max(np.abs(restored - values), initial=0.0)))
 
 
 def bias_plan(name: str, values: np.ndarray, input_plan: TensorPlan, weight_plan: TensorPlan) -> TensorPlan:
