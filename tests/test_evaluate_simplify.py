@@ -13,7 +13,13 @@ import pytest
 from conftest import CHANNELS, IMAGE, bias, image_batch, make_model, tensor, weight, write_npz_folder
 from onnx import helper, numpy_helper
 
-from onnxq.passes.simplify import fold_affine_into_conv, means_to_global_pool, scale_gates_first, unshare_biases
+from onnxq.passes.simplify import (
+    fold_affine_into_conv,
+    fold_affine_into_next_conv,
+    means_to_global_pool,
+    scale_gates_first,
+    unshare_biases,
+)
 from onnxq.runtime.data import model_input_specs, open_source
 from onnxq.runtime.evaluate import CachedReference, compare_models
 
@@ -123,6 +129,51 @@ def test_a_mul_that_varies_within_a_channel_stays() -> None:
     model = conv_affine_model(scale_shape=(1, CHANNELS, 16, 16))
     folded, count = fold_affine_into_conv(model)
     assert count == 0 and folded is model
+
+
+def affine_conv_model(pads: int, scale: np.ndarray, shift: np.ndarray, also_read: bool = False) -> onnx.ModelProto:
+    """x -> Relu -> * s -> + t -> Conv(pads) (PP-LCNetV3's learnable affine block before the next Conv); with
+    also_read the shifted tensor is a graph output too."""
+    rng = np.random.default_rng(6)
+    kernel = 2 * pads + 1
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="act"),
+             helper.make_node("Mul", ["s", "r"], ["m"], name="scale"),  # the constant first, as Paddle writes it
+             helper.make_node("Add", ["m", "t"], ["a"], name="shift"),
+             helper.make_node("Conv", ["a", "w", "b"], ["y"], pads=[pads] * 4, name="conv")]
+    inits = {"w": weight(rng, (CHANNELS, 3, kernel, kernel)), "b": bias(rng, CHANNELS), "s": scale, "t": shift}
+    outputs = [tensor("y", [1, CHANNELS, 16, 16])] + ([tensor("a", IMAGE)] if also_read else [])
+    return make_model(nodes, [tensor("x", IMAGE)], outputs, inits)
+
+
+@pytest.mark.parametrize("per_input_channel", [False, True])
+def test_mul_and_add_before_an_unpadded_conv_fold_into_it(per_input_channel: bool) -> None:
+    rng = np.random.default_rng(7)
+    shape = (1, 3, 1, 1) if per_input_channel else (1,)
+    model = affine_conv_model(0, (0.5 + rng.random(shape)).astype(np.float32), rng.standard_normal(shape).astype(
+        np.float32))
+    folded, count = fold_affine_into_next_conv(model)
+    assert count == 2 and [n.op_type for n in folded.graph.node] == ["Relu", "Conv"]
+    feed = {"x": image_batch(np.random.default_rng(2))}
+    np.testing.assert_allclose(run(folded, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_before_a_padded_conv_only_the_scale_folds() -> None:
+    """Padding pads the shifted tensor with zeros: a shift folded into the bias would pad with -t instead."""
+    model = affine_conv_model(1, np.array([0.7], np.float32), np.array([0.3], np.float32))
+    folded, count = fold_affine_into_next_conv(model)
+    assert count == 0 and folded is model  # the Add, next to the Conv, stops the walk
+    scale_only = affine_conv_model(1, np.array([0.7], np.float32), np.array([0.0], np.float32))
+    scale_only.graph.node.remove(scale_only.graph.node[2])
+    scale_only.graph.node[2].input[0] = "m"
+    folded, count = fold_affine_into_next_conv(scale_only)
+    assert count == 1 and [n.op_type for n in folded.graph.node] == ["Relu", "Conv"]
+    feed = {"x": image_batch(np.random.default_rng(2))}
+    np.testing.assert_allclose(run(folded, feed)[0], run(scale_only, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_affine_result_read_elsewhere_stays() -> None:
+    model = affine_conv_model(0, np.array([0.7], np.float32), np.array([0.3], np.float32), also_read=True)
+    assert fold_affine_into_next_conv(model)[1] == 0
 
 
 @pytest.mark.parametrize("keepdims", [1, 0])

@@ -6,7 +6,7 @@
 - onnxruntime's provider-independent (basic) optimisations run (again, up to twice, while they
   fold more): Constant nodes become initializers, constants fold, BatchNormalization folds
   into Conv, no-ops go;
-- constant per-channel Mul/Add right after a Conv fold into it (onnxq.passes.simplify);
+- constant per-channel Mul/Add right after a Conv, or read only by a Conv, fold into it (onnxq.passes.simplify);
 - ReduceMean over all spatial axes becomes GlobalAveragePool, each Conv/Gemm gets its own bias (onnxq.passes.simplify);
 - shapes and types are inferred so every later stage knows which tensors are float.
 """
@@ -30,7 +30,12 @@ from onnxq.model_io import (
     spill_folder,
     weights_on_disk,
 )
-from onnxq.passes.simplify import fold_affine_into_conv, means_to_global_pool, unshare_biases
+from onnxq.passes.simplify import (
+    fold_affine_into_conv,
+    fold_affine_into_next_conv,
+    means_to_global_pool,
+    unshare_biases,
+)
 from onnxq.quant.ir import all_proto_nodes
 from onnxq.runtime.session import write_optimized
 
@@ -184,6 +189,9 @@ def prepare_model(model: onnx.ModelProto, source: Path | None = None) -> Prepare
     work, folded = fold_affine_into_conv(work)
     if folded:
         notes.append(f"{folded} constant Mul/Add ops after Conv folded into its weights and bias")
+    work, folded = fold_affine_into_next_conv(work)
+    if folded:
+        notes.append(f"{folded} constant Mul/Add ops before a Conv folded into its weights and bias")
     work, copies = unshare_biases(work)
     if copies:
         notes.append(f"{copies} Conv/Gemm biases shared with another node (or merged as equal by onnxruntime) "

@@ -5,6 +5,10 @@ Per-channel affine ops right after a Conv (y = conv(x) * s + t, e.g. Paddle's
 the Conv's weights and bias. Otherwise each would sit between the int8 Conv and
 its consumer as a float op with its own quantize/dequantize round trip.
 
+The same ops right before a Conv (PP-LCNetV3's learnable affine block, y = s * act(x) + b, read by the next
+convolution) fold into that Conv's input side: s scales its weights' input channels, b adds W·b to its
+bias. A shift folds only into an unpadded Conv (padding pads y with zeros, which would then stand for b).
+
 A bias read by several Conv/Gemm nodes gets one copy per node: an int32 bias is
 quantized with its node's input scale, which differs between them (a Linear
 applied twice, or equal small biases onnxruntime's optimizer merged into one).
@@ -58,6 +62,69 @@ def fold_affine_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
     return export_model(graph, model), folded
 
 
+def fold_affine_into_next_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Fold constant Mul/Add whose result only a Conv (group 1) reads into that Conv; returns the model and
+    how many ops went."""
+    if not _mul_or_add_feeds_a_conv(model.graph):
+        return model, 0  # importing the graph costs more than the rest of this pass
+    graph = import_graph(model)
+    outputs = {t.name for t in graph.outputs}
+    names = NameAllocator(graph)
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "Conv" or not _has_constant_params(node) or node.attrs.get("group", 1) != 1:
+            continue
+        while True:
+            producer = _single_producer(node.inputs[0], outputs)
+            if producer is None or not _affine(producer):
+                break
+            values = _per_channel(producer, constant_values(node.inputs[1]).shape[1])
+            if values is None or (producer.op == "Add" and not _unpadded(node)):
+                break
+            _absorb_input(node, producer, values, names)
+            folded += 1
+    if not folded:
+        return model, 0
+    return export_model(graph, model), folded
+
+
+def _mul_or_add_feeds_a_conv(graph: onnx.GraphProto) -> bool:
+    """Some Conv input is a Mul's or an Add's output read by it alone (what fold_affine_into_next_conv looks for)."""
+    uses = _uses(graph)
+    makers = {name: node.op_type for node in graph.node for name in node.output}
+    return any(node.op_type == "Conv" and node.input and uses[node.input[0]] == 1
+               and makers.get(node.input[0]) in ("Mul", "Add") for node in graph.node)
+
+
+def _unpadded(conv: gs.Node) -> bool:
+    return conv.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and not any(conv.attrs.get("pads", []))
+
+
+def _absorb_input(conv: gs.Node, op: gs.Node, values: np.ndarray, names: NameAllocator) -> None:
+    """conv(W, x * s) = conv(W * s, x) (s along W's input channels); conv(W, x + b) = conv(W, x) + sum W b
+    (unpadded only)."""
+    weight = constant_values(conv.inputs[1]).astype(np.float32)
+    out_channels = weight.shape[0]
+    bias = (constant_values(conv.inputs[2]).astype(np.float32) if len(conv.inputs) > 2
+            and not is_empty(conv.inputs[2]) else np.zeros(out_channels, dtype=np.float32))
+    along_inputs = values.reshape((1, -1) + (1,) * (weight.ndim - 2))
+    if op.op == "Mul":
+        weight = (weight * along_inputs).astype(np.float32)
+    else:
+        bias = (bias + (weight.astype(np.float64) * along_inputs).reshape(out_channels, -1).sum(axis=1)
+                ).astype(np.float32)
+    conv.inputs[1] = gs.Constant(names.new(f"{conv.inputs[1].name}_folded"), weight)
+    bias_const = gs.Constant(names.new(f"{conv.inputs[1].name}_bias"), bias)
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = bias_const
+    else:
+        conv.inputs.append(bias_const)
+    source = next(t for t in op.inputs if not is_constant(t))
+    op.inputs.clear()
+    op.outputs.clear()
+    conv.inputs[0] = source
+
+
 def _has_constant_params(conv: gs.Node) -> bool:
     if len(conv.inputs) < 2 or not is_constant(conv.inputs[1]):
         return False
@@ -68,10 +135,15 @@ def _single_affine_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.No
     if tensor.name in graph_outputs or len(tensor.outputs) != 1:
         return None
     consumer = tensor.outputs[0]
-    if consumer.op not in ("Mul", "Add") or len(consumer.inputs) != 2:
-        return None
-    constants = [t for t in consumer.inputs if is_constant(t)]
-    return consumer if len(constants) == 1 and constants[0].dtype == np.float32 else None
+    return consumer if _affine(consumer) else None
+
+
+def _affine(node: gs.Node) -> bool:
+    """A Mul or Add of an activation and one float32 constant."""
+    if node.op not in ("Mul", "Add") or len(node.inputs) != 2:
+        return False
+    constants = [t for t in node.inputs if is_constant(t)]
+    return len(constants) == 1 and constants[0].dtype == np.float32
 
 
 def _per_channel(node: gs.Node, channels: int) -> np.ndarray | None:
