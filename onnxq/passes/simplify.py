@@ -28,6 +28,7 @@ one rounding more than float would (the gate's own, to 8 bits).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -39,7 +40,23 @@ from onnxq.quant.ops import BIASED_OPS
 
 def fold_affine_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Fold constant Mul/Add that follow a Conv into it; returns the model and how many ops went."""
-    if not _conv_feeds_one_mul_or_add(model.graph):
+    return _fold_into_convs(model, _conv_feeds_one_mul_or_add, _affine_after, _absorb)
+
+
+def fold_affine_into_next_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Fold constant Mul/Add whose result only a Conv (group 1) reads into that Conv; returns the model and
+    how many ops went."""
+    return _fold_into_convs(model, _mul_or_add_feeds_a_conv, _affine_before, _absorb_input)
+
+
+Neighbour = Callable[[gs.Node, set[str]], tuple[gs.Node, np.ndarray] | None]
+Absorb = Callable[[gs.Node, gs.Node, np.ndarray, NameAllocator], None]
+
+
+def _fold_into_convs(model: onnx.ModelProto, worth_importing: Callable[[onnx.GraphProto], bool],
+                     neighbour: Neighbour, absorb: Absorb) -> tuple[onnx.ModelProto, int]:
+    """Absorb each Conv's foldable neighbours (found by `neighbour`, one at a time) into it."""
+    if not worth_importing(model.graph):
         return model, 0  # importing the graph costs more than the rest of this pass
     graph = import_graph(model)
     outputs = {t.name for t in graph.outputs}
@@ -48,44 +65,31 @@ def fold_affine_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
     for node in list(graph.nodes):
         if node.op != "Conv" or not _has_constant_params(node):
             continue
-        while True:
-            consumer = _single_affine_consumer(node.outputs[0], outputs)
-            if consumer is None:
-                break
-            scale_or_shift = _per_channel(consumer, constant_values(node.inputs[1]).shape[0])
-            if scale_or_shift is None:
-                break
-            _absorb(node, consumer, scale_or_shift, names)
+        while (found := neighbour(node, outputs)) is not None:
+            absorb(node, *found, names)
             folded += 1
     if not folded:
         return model, 0
     return export_model(graph, model), folded
 
 
-def fold_affine_into_next_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Fold constant Mul/Add whose result only a Conv (group 1) reads into that Conv; returns the model and
-    how many ops went."""
-    if not _mul_or_add_feeds_a_conv(model.graph):
-        return model, 0  # importing the graph costs more than the rest of this pass
-    graph = import_graph(model)
-    outputs = {t.name for t in graph.outputs}
-    names = NameAllocator(graph)
-    folded = 0
-    for node in list(graph.nodes):
-        if node.op != "Conv" or not _has_constant_params(node) or node.attrs.get("group", 1) != 1:
-            continue
-        while True:
-            producer = _single_producer(node.inputs[0], outputs)
-            if producer is None or not _affine(producer):
-                break
-            values = _per_channel(producer, constant_values(node.inputs[1]).shape[1])
-            if values is None or (producer.op == "Add" and not _unpadded(node)):
-                break
-            _absorb_input(node, producer, values, names)
-            folded += 1
-    if not folded:
-        return model, 0
-    return export_model(graph, model), folded
+def _affine_after(conv: gs.Node, outputs: set[str]) -> tuple[gs.Node, np.ndarray] | None:
+    """The Conv's only reader when it is a constant Mul/Add, with its constant per output channel."""
+    consumer = _single_affine_consumer(conv.outputs[0], outputs)
+    values = None if consumer is None else _per_channel(consumer, constant_values(conv.inputs[1]).shape[0])
+    return None if values is None else (consumer, values)
+
+
+def _affine_before(conv: gs.Node, outputs: set[str]) -> tuple[gs.Node, np.ndarray] | None:
+    """The constant Mul/Add whose result only this (group 1) Conv reads, with its constant per input channel;
+    an Add only before an unpadded Conv."""
+    if conv.attrs.get("group", 1) != 1:
+        return None
+    producer = _single_producer(conv.inputs[0], outputs)
+    if producer is None or not _affine(producer) or (producer.op == "Add" and not _unpadded(conv)):
+        return None
+    values = _per_channel(producer, constant_values(conv.inputs[1]).shape[1])
+    return None if values is None else (producer, values)
 
 
 def _mul_or_add_feeds_a_conv(graph: onnx.GraphProto) -> bool:
@@ -103,22 +107,13 @@ def _unpadded(conv: gs.Node) -> bool:
 def _absorb_input(conv: gs.Node, op: gs.Node, values: np.ndarray, names: NameAllocator) -> None:
     """conv(W, x * s) = conv(W * s, x) (s along W's input channels); conv(W, x + b) = conv(W, x) + sum W b
     (unpadded only)."""
-    weight = constant_values(conv.inputs[1]).astype(np.float32)
-    out_channels = weight.shape[0]
-    bias = (constant_values(conv.inputs[2]).astype(np.float32) if len(conv.inputs) > 2
-            and not is_empty(conv.inputs[2]) else np.zeros(out_channels, dtype=np.float32))
+    weight, bias = _weight_and_bias(conv)
     along_inputs = values.reshape((1, -1) + (1,) * (weight.ndim - 2))
     if op.op == "Mul":
-        weight = (weight * along_inputs).astype(np.float32)
+        weight = weight * along_inputs
     else:
-        bias = (bias + (weight.astype(np.float64) * along_inputs).reshape(out_channels, -1).sum(axis=1)
-                ).astype(np.float32)
-    conv.inputs[1] = gs.Constant(names.new(f"{conv.inputs[1].name}_folded"), weight)
-    bias_const = gs.Constant(names.new(f"{conv.inputs[1].name}_bias"), bias)
-    if len(conv.inputs) > 2:
-        conv.inputs[2] = bias_const
-    else:
-        conv.inputs.append(bias_const)
+        bias = bias + (weight.astype(np.float64) * along_inputs).reshape(weight.shape[0], -1).sum(axis=1)
+    _set_weight_and_bias(conv, weight, bias, names)
     source = next(t for t in op.inputs if not is_constant(t))
     op.inputs.clear()
     op.outputs.clear()
@@ -164,25 +159,35 @@ def _per_channel(node: gs.Node, channels: int) -> np.ndarray | None:
 
 
 def _absorb(conv: gs.Node, op: gs.Node, values: np.ndarray, names: NameAllocator) -> None:
-    weight = constant_values(conv.inputs[1]).astype(np.float32)
-    out_channels = weight.shape[0]
-    bias = (constant_values(conv.inputs[2]).astype(np.float32) if len(conv.inputs) > 2
-            and not is_empty(conv.inputs[2]) else np.zeros(out_channels, dtype=np.float32))
+    weight, bias = _weight_and_bias(conv)
     if op.op == "Mul":
         weight = weight * values.reshape((-1,) + (1,) * (weight.ndim - 1))
         bias = bias * values
     else:
         bias = bias + values
-    conv.inputs[1] = gs.Constant(names.new(f"{conv.inputs[1].name}_folded"), weight)
+    _set_weight_and_bias(conv, weight, bias, names)
+    result = op.outputs[0]
+    op.outputs.clear()
+    op.inputs.clear()
+    conv.outputs[0] = result
+
+
+def _weight_and_bias(conv: gs.Node) -> tuple[np.ndarray, np.ndarray]:
+    """The Conv's weight and bias as float32 (zeros when it has none)."""
+    weight = constant_values(conv.inputs[1]).astype(np.float32)
+    has_bias = len(conv.inputs) > 2 and not is_empty(conv.inputs[2])
+    bias = constant_values(conv.inputs[2]).astype(np.float32) if has_bias else np.zeros(weight.shape[0], np.float32)
+    return weight, bias
+
+
+def _set_weight_and_bias(conv: gs.Node, weight: np.ndarray, bias: np.ndarray, names: NameAllocator) -> None:
+    """New constants (others may read the old ones) named after the weight."""
+    conv.inputs[1] = gs.Constant(names.new(f"{conv.inputs[1].name}_folded"), weight.astype(np.float32))
     bias_const = gs.Constant(names.new(f"{conv.inputs[1].name}_bias"), bias.astype(np.float32))
     if len(conv.inputs) > 2:
         conv.inputs[2] = bias_const
     else:
         conv.inputs.append(bias_const)
-    result = op.outputs[0]
-    op.outputs.clear()
-    op.inputs.clear()
-    conv.outputs[0] = result
 
 
 def scale_gates_first(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
