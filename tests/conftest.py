@@ -220,8 +220,8 @@ def pass_through_model(seed: int = 9) -> onnx.ModelProto:
 
 
 def hard_swish_model(seed: int = 12) -> onnx.ModelProto:
-    """Conv -> hard-swish as exporters write it (x * Clip(x + 3, 0, 6) / 6) -> Add of a constant tensor
-    (not a single value) -> Mul by a single value outside a gate -> Conv."""
+    """Conv -> hard-swish as exporters write it (x * Clip(x + 3, 0, 6) / 6) -> Mul by a single value outside
+    a gate -> Add of a constant tensor that varies along the width (neither folds into the next Conv) -> Conv."""
     rng = np.random.default_rng(seed)
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
@@ -229,9 +229,9 @@ def hard_swish_model(seed: int = 12) -> onnx.ModelProto:
         helper.make_node("Clip", ["a1", "zero", "six"], ["h1"], name="clip"),
         helper.make_node("Mul", ["c1", "h1"], ["m1"], name="mul"),
         helper.make_node("Div", ["m1", "six"], ["d1"], name="div6"),
-        helper.make_node("Add", ["d1", "offsets"], ["o1"], name="add_offsets"),
-        helper.make_node("Mul", ["o1", "half"], ["h2"], name="scale_half"),
-        helper.make_node("Conv", ["h2", "w2", "b2"], ["y"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Mul", ["d1", "half"], ["h2"], name="scale_half"),
+        helper.make_node("Add", ["h2", "offsets"], ["o1"], name="add_offsets"),
+        helper.make_node("Conv", ["o1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1], name="conv2"),
     ]
     inits = {"w1": weight(rng, (CHANNELS, 3, 3, 3)), "b1": bias(rng, CHANNELS),
              "three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32),
