@@ -10,7 +10,9 @@ output is exit 5.
 
 from __future__ import annotations
 
+import functools
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,15 +102,25 @@ def _written_files(arg: PathArg) -> Iterator[_File]:
 
 
 def _external_locations(path: Path) -> list[str]:
-    """Files a model's tensors point to (the model itself is not loaded: unreadable ones fail later, clearly)."""
+    """Files a model's tensors point to (the model itself is not loaded: unreadable ones fail later, clearly).
+    Parsed once per file version: a command checks its paths at several layers (CLI, request, stages)."""
     try:
-        if not path.is_file():
-            return []
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
+        info = os.stat(path)
+    except OSError:
         return []
-    return sorted({e.value for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL
-                   for e in t.external_data if e.key == "location"})
+    if not stat.S_ISREG(info.st_mode):
+        return []
+    return list(_locations_in(str(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _locations_in(path: str, *_version: int) -> tuple[str, ...]:
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:
+        return ()
+    return tuple(sorted({e.value for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+                         for e in t.external_data if e.key == "location"}))
 
 
 def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

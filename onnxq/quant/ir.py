@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxq.model_io import is_spilled, read_tensor
+from onnxq.model_io import externalize, is_spilled, read_tensor
 
 Graph = gs.Graph
 
@@ -126,9 +126,9 @@ def all_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 def concrete_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
                     ) -> dict[str, tuple[int | None, ...]]:
     """Every tensor's inferred shape (None for unknown dims), with the graph inputs fixed to `input_shapes`
-    (a real sample's shapes, so dynamic models get concrete sizes too). The model is not changed."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    (a real sample's shapes, so dynamic models get concrete sizes too). The model is not changed; its
+    large weights are not copied (inference reads their types and dims only)."""
+    work = externalize(model, None, "shapes-only")
     for value in work.graph.input:
         shape = (input_shapes or {}).get(value.name)
         if shape is not None and value.type.HasField("tensor_type"):
