@@ -13,6 +13,7 @@ import pytest
 from conftest import CHANNELS, IMAGE, bias, image_batch, make_model, tensor, weight, write_npz_folder
 from onnx import helper, numpy_helper
 
+from onnxq.passes.prepare import infer_types
 from onnxq.passes.simplify import (
     fold_affine_into_conv,
     fold_affine_into_next_conv,
@@ -242,3 +243,23 @@ def test_a_gated_product_scales_the_gate_instead(scale_op: str) -> None:
 def test_a_gate_read_elsewhere_or_a_zero_scale_is_left_alone() -> None:
     assert scale_gates_first(hard_swish_chain(gate_readers=2))[1] == 0
     assert scale_gates_first(hard_swish_chain("Mul", 0.0))[1] == 0
+
+
+def test_type_inference_without_the_weights_is_onnx_own() -> None:
+    """infer_types hands onnx a weightless skeleton (dims and types only); the result, weights put back,
+    is what onnx infers on the whole model, byte for byte (a dynamic Reshape's shape computed from a
+    constant included)."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Shape", ["c"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "first"], ["n"], axis=0, name="batch"),
+             helper.make_node("Concat", ["n", "rest"], ["target"], axis=0, name="target_shape"),
+             helper.make_node("Reshape", ["c", "target"], ["flat"], name="flatten"),
+             helper.make_node("MatMul", ["flat", "m"], ["y"], name="fc")]
+    inits = {"w": weight(rng, (CHANNELS, 3, 3, 3)), "b": bias(rng, CHANNELS), "first": np.array([0], np.int64),
+             "rest": np.array([-1], np.int64), "m": weight(rng, (CHANNELS * 16 * 16, 10))}
+    model = make_model(nodes, [tensor("x", IMAGE)], [tensor("y", [1, 10])], inits)
+    expected = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    inferred = infer_types(model)
+    assert {v.name for v in inferred.graph.value_info} >= {"c", "flat"}
+    assert inferred.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)

@@ -140,19 +140,23 @@ def _keep_used_opsets(model: onnx.ModelProto) -> None:
 def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with inferred shapes and types (value_info).
 
-    Over 2 GiB (one protobuf message cannot hold it) inference runs on the model without its large
-    weights and the value_info of `model` itself is replaced: copying the weights would double memory.
+    Inference runs on the model without its large weights (it reads their types and dims only; handing it
+    the weights would serialize and parse them). Up to 2 GiB the result is a new model, the inferred graph
+    with the original initializers; over 2 GiB (one protobuf message cannot hold it) the value_info of
+    `model` itself is replaced: copying the weights would double memory.
     """
     try:
-        if not needs_external_data(model):
-            return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
         inferred = onnx.shape_inference.infer_shapes(externalize(model, None, "weights"), check_type=False,
                                                      strict_mode=False, data_prop=True)
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(inferred.graph.value_info)
-        return model
     except Exception:
         return model  # inference is a help, not a requirement: unknown tensors simply stay float
+    if not needs_external_data(model):
+        del inferred.graph.initializer[:]  # the skeleton's, in the same order: the real ones go back
+        inferred.graph.initializer.extend(model.graph.initializer)
+        return inferred
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def prepare_model(model: onnx.ModelProto, source: Path | None = None) -> PreparedModel:
