@@ -317,7 +317,7 @@ OPTIONS: tuple[Option, ...] = (
            acts_help="applies with --smooth-alpha"),
     Option(("--int8-gates",), "Run hard-swish gates (x * clip(x + 3, 0, 6) / 6) in int8 between int8 layers: "
            "the / 6 moves onto the gate and its Add and Muls become QLinearAdd/QLinearMul. Faster (no float island "
-           "per activation), one more 8-bit rounding per gate: see README, Performance.", SETTINGS_COMMANDS,
+           "per activation), one more 8-bit rounding per gate: see README, Performance.", (QUANTIZE, SENSITIVITY),
            is_flag=True, recipe=RecipeSetting("int8_gates", bool), request=True, acts=_static,
            acts_help="applies to static mode (dynamic and weight-only leave activations' ops in float)"),
     Option(("--equalize",), "Cross-layer equalization of Conv -> [Relu] -> Conv pairs before calibration (same float "
