@@ -13,11 +13,13 @@ from onnxq import interrupts
 
 interrupts.install()  # first of all: this module is only imported to run the command line
 
+import atexit  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager, suppress  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 from onnxq.errors import one_line  # noqa: E402
 from onnxq.interrupts import Interrupted  # noqa: E402
@@ -36,15 +38,28 @@ def run() -> None:
                 interrupts.check()  # a signal whose exception a library swallowed: still an interrupted run
     except Interrupted as exc:
         _say(interrupt_message(exc.verb))
-        code = exc.exit_code
-        sys.unraisablehook = _ignore
+        _exit_unfinalized(exc.exit_code)
     except KeyboardInterrupt:  # before the handler was installed
         interrupts.ignore()
         _say(interrupt_message("interrupted"))
-        code = 130
-        sys.unraisablehook = _ignore
+        _exit_unfinalized(130)
     interrupts.ignore()  # the run is over: a late signal changes nothing
     sys.exit(code)
+
+
+def _exit_unfinalized(code: int) -> NoReturn:
+    """Exit after an interrupt: atexit handlers run (Ray's shutdown, weight spill folders), then the process
+    ends without Python's finalization and C++ static destructors. An interrupt can leave a native library
+    mid-work (an onnxruntime thread pool whose run the signal cut short): its destructors at exit then abort
+    the process ("terminate called without an active exception", exit -6 instead of 130/143), and objects
+    the signal left half-built complain as they are freed; the one line already said what happened."""
+    interrupts.ignore()
+    sys.unraisablehook = _ignore
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 @contextmanager
@@ -71,7 +86,7 @@ def scratch_folder() -> Iterator[str]:
 
 def _ignore(_unraisable: object) -> None:
     """After an interrupt, objects the signal left half-built (a ZipFile opened mid-read) complain with a
-    traceback as they are freed; the one line already said what happened."""
+    traceback as they are freed (by an atexit handler); the one line already said what happened."""
 
 
 def _say(line: str) -> None:

@@ -161,6 +161,22 @@ def test_a_bad_sample_mid_way_stops_the_prefetching_thread(tmp_path: Path) -> No
     assert threading.active_count() == before
 
 
+def test_an_error_while_folding_stops_the_prefetching_thread(tmp_path: Path) -> None:
+    """The error comes from the loop's body (a NaN sample folded), not from the thread: the thread still
+    stops before the error leaves (a Ctrl-C there once aborted the process at exit, the thread inside
+    onnxruntime)."""
+    model = conv_relu_model()
+    write_npz_folder(tmp_path / "calib", feeds_for(model), 6)
+    nan = {name: np.full_like(value, np.nan) for name, value in np.load(tmp_path / "calib" / "s001.npz").items()}
+    np.savez(tmp_path / "calib" / "s001.npz", **nan)
+    prepared, tensors = prepared_and_tensors(model)
+    before = threading.active_count()
+    with pytest.raises(DataError, match="NaN or Inf") as raised:
+        collect_statistics(prepared, tensors, open_source(tmp_path / "calib", model_input_specs(model)))
+    assert raised.value.__traceback__ is not None  # still held here, with the loop's frame
+    assert threading.active_count() == before
+
+
 def test_evaluation_measures_the_first_n_samples_and_reuses_cached_fp32_outputs(tmp_path: Path) -> None:
     model_path = save(conv_relu_model(), tmp_path / "m.onnx")
     write_npz_folder(tmp_path / "calib", feeds_for(conv_relu_model()), 12)

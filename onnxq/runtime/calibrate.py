@@ -8,6 +8,7 @@ group is one pass over the data. Nothing is kept between batches but statistics.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import queue
 import tempfile
@@ -64,13 +65,17 @@ def collect_statistics(
             bar.note(f"activations exceed the memory budget; calibrating in {len(groups)} passes")
         try:
             for index, group in enumerate(groups or [[]]):
-                for feed, outputs, count in prefetched(session, source, batch_size, group, ahead=ahead):
-                    _fold(stats, [(name, feed[name]) for name in from_feed] if index == 0 else [])
-                    _fold(stats, zip(group, outputs, strict=True))
-                    del feed, outputs  # before the next batch's activations arrive
-                    bar.update(count)
-                    if index == 0 and batch_sizes is not None:
-                        batch_sizes.append(count)
+                # closed however the loop ends: an exception here (Ctrl-C, bad data) would otherwise leave the
+                # generator suspended until the traceback goes, its thread inside onnxruntime while Python
+                # exits ("terminate called without an active exception", an abort instead of exit 130/143)
+                with contextlib.closing(prefetched(session, source, batch_size, group, ahead=ahead)) as passes:
+                    for feed, outputs, count in passes:
+                        _fold(stats, [(name, feed[name]) for name in from_feed] if index == 0 else [])
+                        _fold(stats, zip(group, outputs, strict=True))
+                        del feed, outputs  # before the next batch's activations arrive
+                        bar.update(count)
+                        if index == 0 and batch_sizes is not None:
+                            batch_sizes.append(count)
         finally:
             bar.close()
     for alias, original in sorted(aliases.items()):
@@ -116,8 +121,8 @@ def prefetched(session: ort.InferenceSession, source: SampleSource, batch_size: 
             results.put(exc)
 
     worker = threading.Thread(target=produce, name="onnxq-calibrate", daemon=True)
-    worker.start()
     try:
+        worker.start()
         while (item := results.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
@@ -126,7 +131,21 @@ def prefetched(session: ort.InferenceSession, source: SampleSource, batch_size: 
             slots.release()
     finally:
         stop.set()
-        worker.join()
+        _join(worker)
+
+
+def _join(worker: threading.Thread) -> None:
+    """Wait for `worker` even if Ctrl-C or SIGTERM arrives meanwhile (then raised once it has stopped): a
+    thread left inside onnxruntime's run while Python exits aborts the process ("terminate called without
+    an active exception") instead of exiting 130/143."""
+    interrupted: BaseException | None = None
+    while worker.ident is not None and worker.is_alive():
+        try:
+            worker.join()
+        except BaseException as exc:  # onnxq.interrupts raises once, then ignores further signals
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def groups_within_budget(
