@@ -38,27 +38,40 @@ from onnxq.quant.ir import NameAllocator, constant_values, export_model, import_
 from onnxq.quant.ops import BIASED_OPS
 
 
+def _graph_pass(model: onnx.ModelProto, worth_importing: Callable[[onnx.GraphProto], bool],
+                rewrite: Callable[[gs.Graph], int]) -> tuple[onnx.ModelProto, int]:
+    """Run `rewrite` (it changes the graph in place and says how many times) on the imported graph; the
+    model itself when `worth_importing` finds nothing to do or nothing changed. Returns the model and the count."""
+    if not worth_importing(model.graph):
+        return model, 0  # importing the graph costs more than the rest of the pass
+    graph = import_graph(model)
+    changes = rewrite(graph)
+    return (export_model(graph, model), changes) if changes else (model, 0)
+
+
+def _has_op(op_type: str) -> Callable[[onnx.GraphProto], bool]:
+    return lambda graph: any(node.op_type == op_type for node in graph.node)
+
+
 def fold_affine_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Fold constant Mul/Add that follow a Conv into it; returns the model and how many ops went."""
-    return _fold_into_convs(model, _conv_feeds_one_mul_or_add, _affine_after, _absorb)
+    return _graph_pass(model, _conv_feeds_one_mul_or_add, lambda graph: _fold_into_convs(graph, _affine_after,
+                                                                                          _absorb))
 
 
 def fold_affine_into_next_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Fold constant Mul/Add whose result only a Conv (group 1) reads into that Conv; returns the model and
     how many ops went."""
-    return _fold_into_convs(model, _mul_or_add_feeds_a_conv, _affine_before, _absorb_input)
+    return _graph_pass(model, _mul_or_add_feeds_a_conv, lambda graph: _fold_into_convs(graph, _affine_before,
+                                                                                        _absorb_input))
 
 
 Neighbour = Callable[[gs.Node, set[str]], tuple[gs.Node, np.ndarray] | None]
 Absorb = Callable[[gs.Node, gs.Node, np.ndarray, NameAllocator], None]
 
 
-def _fold_into_convs(model: onnx.ModelProto, worth_importing: Callable[[onnx.GraphProto], bool],
-                     neighbour: Neighbour, absorb: Absorb) -> tuple[onnx.ModelProto, int]:
+def _fold_into_convs(graph: gs.Graph, neighbour: Neighbour, absorb: Absorb) -> int:
     """Absorb each Conv's foldable neighbours (found by `neighbour`, one at a time) into it."""
-    if not worth_importing(model.graph):
-        return model, 0  # importing the graph costs more than the rest of this pass
-    graph = import_graph(model)
     outputs = {t.name for t in graph.outputs}
     names = NameAllocator(graph)
     folded = 0
@@ -68,9 +81,7 @@ def _fold_into_convs(model: onnx.ModelProto, worth_importing: Callable[[onnx.Gra
         while (found := neighbour(node, outputs)) is not None:
             absorb(node, *found, names)
             folded += 1
-    if not folded:
-        return model, 0
-    return export_model(graph, model), folded
+    return folded
 
 
 def _affine_after(conv: gs.Node, outputs: set[str]) -> tuple[gs.Node, np.ndarray] | None:
@@ -194,9 +205,10 @@ def scale_gates_first(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """(x * gate) / c and (x * gate) * c, with gate a Clip with constant bounds that only this product
     reads and c one finite non-zero float32 constant -> x * (gate * k), k = 1 / c or c; returns the model
     and how many were rewritten. Exact up to one float32 rounding."""
-    if not any(node.op_type == "Clip" for node in model.graph.node):
-        return model, 0  # importing the graph costs more than the rest of this pass
-    graph = import_graph(model)
+    return _graph_pass(model, _has_op("Clip"), _scale_gates)
+
+
+def _scale_gates(graph: gs.Graph) -> int:
     outputs = {t.name for t in graph.outputs}
     names = NameAllocator(graph)
     moved = 0
@@ -217,9 +229,7 @@ def scale_gates_first(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         product.inputs[gates[0]] = scaled
         product.outputs = [result]
         moved += 1
-    if not moved:
-        return model, 0
-    return export_model(graph, model), moved
+    return moved
 
 
 def _constant_factor(node: gs.Node) -> np.ndarray | None:
@@ -251,9 +261,10 @@ def _is_clip_gate(tensor: gs.Tensor, graph_outputs: set[str]) -> bool:
 def means_to_global_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """ReduceMean over all spatial axes of a float N x C x ... tensor -> GlobalAveragePool (+ Flatten
     when keepdims=0); returns the model and how many were replaced. Needs inferred ranks."""
-    if not any(node.op_type == "ReduceMean" for node in model.graph.node):
-        return model, 0
-    graph = import_graph(model)
+    return _graph_pass(model, _has_op("ReduceMean"), _pool_means)
+
+
+def _pool_means(graph: gs.Graph) -> int:
     names = NameAllocator(graph)
     replaced = 0
     for node in list(graph.nodes):
@@ -270,9 +281,7 @@ def means_to_global_pool(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                                        attrs={"axis": 1}, inputs=[pooled], outputs=[result]))
         node.inputs.clear()
         replaced += 1
-    if not replaced:
-        return model, 0
-    return export_model(graph, model), replaced
+    return replaced
 
 
 def _normalization_statistic(node: gs.Node) -> bool:
@@ -303,11 +312,15 @@ def _spatial_mean(node: gs.Node) -> bool:
 
 def unshare_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Give every Conv/Gemm its own constant bias tensor; returns the model and how many copies were made."""
-    uses = _uses(model.graph)
-    if not any(node.op_type in BIASED_OPS and len(node.input) > 2 and uses[node.input[2]] > 1
-               for node in model.graph.node):
-        return model, 0
-    graph = import_graph(model)
+    return _graph_pass(model, _shares_a_bias, _copy_shared_biases)
+
+
+def _shares_a_bias(graph: onnx.GraphProto) -> bool:
+    uses = _uses(graph)
+    return any(node.op_type in BIASED_OPS and len(node.input) > 2 and uses[node.input[2]] > 1 for node in graph.node)
+
+
+def _copy_shared_biases(graph: gs.Graph) -> int:
     names = NameAllocator(graph)
     copies = 0
     for node in graph.nodes:
@@ -318,9 +331,7 @@ def unshare_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             node.inputs[2] = gs.Constant(names.new(f"{shared.name}_{node.name or 'copy'}"),
                                          constant_values(shared).copy())
             copies += 1
-    if not copies:
-        return model, 0
-    return export_model(graph, model), copies
+    return copies
 
 
 def _uses(graph: onnx.GraphProto) -> Counter[str]:

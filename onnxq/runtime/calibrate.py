@@ -8,7 +8,6 @@ group is one pass over the data. Nothing is kept between batches but statistics.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import queue
 import tempfile
@@ -65,17 +64,13 @@ def collect_statistics(
             bar.note(f"activations exceed the memory budget; calibrating in {len(groups)} passes")
         try:
             for index, group in enumerate(groups or [[]]):
-                # closed however the loop ends: an exception here (Ctrl-C, bad data) would otherwise leave the
-                # generator suspended until the traceback goes, its thread inside onnxruntime while Python
-                # exits ("terminate called without an active exception", an abort instead of exit 130/143)
-                with contextlib.closing(prefetched(session, source, batch_size, group, ahead=ahead)) as passes:
-                    for feed, outputs, count in passes:
-                        _fold(stats, [(name, feed[name]) for name in from_feed] if index == 0 else [])
-                        _fold(stats, zip(group, outputs, strict=True))
-                        del feed, outputs  # before the next batch's activations arrive
-                        bar.update(count)
-                        if index == 0 and batch_sizes is not None:
-                            batch_sizes.append(count)
+                for feed, outputs, count in prefetched(session, source, batch_size, group, ahead=ahead):
+                    _fold(stats, [(name, feed[name]) for name in from_feed] if index == 0 else [])
+                    _fold(stats, zip(group, outputs, strict=True))
+                    del feed, outputs  # before the next batch's activations arrive
+                    bar.update(count)
+                    if index == 0 and batch_sizes is not None:
+                        batch_sizes.append(count)
         finally:
             bar.close()
     for alias, original in sorted(aliases.items()):
