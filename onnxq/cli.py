@@ -236,7 +236,7 @@ def quantize_request(o: CommandOptions) -> QuantizeRequest:
         target=_target(v["target_sqnr"], v["target_cosine"], v["target_metric"]),
         target_data=data_argument(v["target_data"], "--target-data"),
         eval_samples=_count_or_all(v["eval_samples"], "--eval-samples"),
-        fallback=v["fallback"] or ("int8" if v["mode"] == "weight-only" else "float"),
+        fallback=v["fallback"] or ("int8" if v["mode"] == Mode.WEIGHT_ONLY else "float"),
         weight_only=WeightOnlyOptions(bits=int(v["weight_bits"]), block_size=v["block_size"],
                                       symmetric=not v["weight_zero_points"], method=v["weight_method"]),
         adaround_seconds=v["adaround_seconds"] if v["adaround"] else None, adaround_rules_seconds=v["adaround_seconds"],

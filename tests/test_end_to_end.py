@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import (
     IMAGE,
+    cli_in,
     constant_node_model,
     conv_relu_model,
     cosine,
@@ -223,6 +224,16 @@ def test_hard_swish_runs_in_int8_with_its_constants_stored_exactly(tmp_path: Pat
         stored, scale, zero = (inits[i] for i in operand.input)
         assert stored.dtype == np.uint8  # the activations' type: onnxruntime fuses QLinearAdd/Mul only then
         assert (stored.astype(np.float32) - zero.astype(np.float32)) * scale == pytest.approx(value, rel=1e-6)
+
+
+def test_int8_gates_are_saved_in_the_recipe_and_rebuilt(tmp_path: Path) -> None:
+    recipe = tmp_path / "gates.yaml"
+    q = quantize_case(CASES["hard_swish"], tmp_path, int8_gates=True, save_recipe=recipe)
+    assert "int8_gates: true" in recipe.read_text()
+    code, _, err = cli_in(tmp_path, "quantize", "model.onnx", "-o", "again.onnx", "--calib", "calib",
+                          "--recipe", "gates.yaml", "-q")
+    assert code == 0, err
+    assert (tmp_path / "again.onnx").read_bytes() == q.output.read_bytes()
 
 
 def test_hard_swish_stays_float_without_int8_gates(tmp_path: Path) -> None:

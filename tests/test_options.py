@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 import yaml
-from conftest import cli_in
+from conftest import cli_in, write_npz_folder
 
 from onnxq.cli import main
 from onnxq.commands import option_table as options
@@ -67,11 +68,23 @@ cli = cli_in
     ["qat-prep", "m.onnx", "-o", "out/q.onnx", "--calib", "calib", "--percentile", "99.9"],
     ["sensitivity", "m.onnx", "--calib", "calib", "--percentile", "99.9"],
     ["calibrate", "m.onnx", "-o", "out/s.npz", "--calib", "calib", "--workers", "2"],
+    ["quantize", "mm.onnx", "-o", "out/q.onnx", "--fast", "--weight-method", "gptq"],
+    ["quantize", "mm.onnx", "-o", "out/q.onnx", "--mode", "weight-only", "--per-tensor"],
+    ["quantize", "mm.onnx", "-o", "out/q.onnx", "--mode", "weight-only", "--weight-bits", "4", "--max-samples", "3"],
 ])
 def test_every_command_refuses_an_option_that_would_do_nothing(ws: Path, args: list[str]) -> None:
     code, _, stderr = cli(ws, *args)
     assert code == EXIT_USAGE and "does nothing here" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert os.listdir(ws / "out") == []
+
+
+@pytest.mark.parametrize("extra", [["--max-samples", "3"], ["--memory-budget", "64"]])
+def test_gptq_takes_the_calibration_options_it_reads(ws: Path, extra: list[str]) -> None:
+    """gptq/awq read --calib (its X^T X), so --max-samples and --memory-budget act there."""
+    write_npz_folder(ws / "calib_mm", lambda rng: {"x": rng.standard_normal((1, 4, 32)).astype(np.float32)}, 6)
+    code, _, stderr = cli(ws, "quantize", "mm.onnx", "-o", "out/q.onnx", "--mode", "weight-only", "--weight-bits", "4",
+                          "--weight-method", "gptq", "--calib", "calib_mm", *extra, "-q")
+    assert code == 0, stderr
 
 
 def test_exclude_regex_keeps_matching_nodes_float_and_the_saved_recipe_rebuilds_the_model(ws: Path) -> None:
@@ -112,3 +125,14 @@ def test_exclude_regex_in_the_python_api_and_every_command_that_takes_exclude(ws
     for command in (options.SENSITIVITY, options.QAT_PREP):
         assert isinstance(next(p for p in main.commands[command].params if p.name == "exclude_regex").type,
                           click.types.StringParamType)
+
+
+def test_statistics_from_calibrate_with_a_rewriting_option_say_why_they_do_not_fit(ws: Path) -> None:
+    """`calibrate` does not apply --equalize, so its statistics belong to another model: the one line says so."""
+    code, _, stderr = cli(ws, "calibrate", "m.onnx", "-o", "out/s.npz", "--calib", "calib", "-q")
+    assert code == 0, stderr
+    code, _, stderr = cli(ws, "quantize", "m.onnx", "-o", "out/q.onnx", "--load-stats", "out/s.npz", "--equalize",
+                          "--fast", "-q")
+    assert code != 0 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "--equalize change the model before calibration" in stderr and "--save-stats" in stderr
+    assert not (ws / "out" / "q.onnx").exists()

@@ -168,3 +168,16 @@ def test_quantize_needs_an_output_path(fragile) -> None:
     model, calib, _ = fragile
     with pytest.raises(UsageError, match="-o"):
         quantize(QuantizeRequest(model=model, data=DataOptions(calib=calib)))
+
+
+def test_sensitivity_notes_the_repairs_a_recipe_turns_on(tmp_path: Path, fragile) -> None:
+    """A recipe saved by quantize may turn on bias correction; the ranking measures plain int8 layers and says so."""
+    model, calib, _ = fragile
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("settings: {bias_correction: true, speed_guard: 'off', auto: false}\n")
+    result = CliRunner().invoke(main, ["sensitivity", str(model), "--calib", str(calib), "--recipe", str(recipe),
+                                       "--json"])
+    assert result.exit_code == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert [n for n in notes if "bias_correction: true is not applied" in n]
+    assert not [n for n in notes if "adaround" in n]

@@ -311,7 +311,7 @@ def test_int4_is_reproducible_and_takes_varying_token_lengths_in_batches(tmp_pat
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--mode", "weight-only", "--weight-bits", "4", "--weight-method", "gptq"], "give --calib"),
-    (["--mode", "weight-only", "--weight-method", "hqq"], "is for --weight-bits 4"),
+    (["--mode", "weight-only", "--weight-method", "hqq"], "applies to --mode weight-only --weight-bits 4"),
     (["--allow-random", "--fallback", "int8", "--target-cosine", "0.9"], "--fallback int8"),
     (["--mode", "weight-only", "--weight-bits", "4", "--weight-method", "awq", "--calib", "CALIB", "--batch-size", "4"],
      "fixed first dimension"),

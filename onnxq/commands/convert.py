@@ -37,7 +37,7 @@ from onnxq.commands.convert_plan import (
 from onnxq.commands.pipeline import DataOptions, check_written_model
 from onnxq.commands.report import TIMINGS, fidelity_section, json_safe, report_header
 from onnxq.cpu import default_weight_range, host_cpu
-from onnxq.enums import Format
+from onnxq.enums import Format, NodeStatus
 from onnxq.errors import ModelError, UsageError
 from onnxq.model_io import load_model, save_model
 from onnxq.passes.prepare import prepare_model
@@ -45,6 +45,7 @@ from onnxq.passes.strip_qdq import strip_qdq
 from onnxq.paths import DATA, MODEL, MODEL_OUTPUT, PathArg, check_paths
 from onnxq.quant import qmath
 from onnxq.quant.ir import import_graph
+from onnxq.quant.ops import QDQ_OPS
 from onnxq.quant.placement import PlacementOptions, place
 from onnxq.quant.plan import QuantPlan, QuantSettings
 from onnxq.quant.ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE
@@ -87,7 +88,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = no_progress) ->
         raise UsageError(f"--activations must be one of {', '.join(ACTIVATION_TYPES)}, got {request.activations!r}")
     check_paths(convert_paths(request))
     original = load_model(request.model)
-    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in original.graph.node):
+    if not any(n.op_type in QDQ_OPS for n in original.graph.node):
         raise ModelError(f"{request.model} has no QuantizeLinear/DequantizeLinear nodes; use `onnxq quantize` "
                          "for a float model")
     stripped = strip_qdq(original)
@@ -105,7 +106,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = no_progress) ->
     placement, kept_float = place(graph, options), {}
     if not request.calibrate_missing:
         placement, kept_float = respect_float_tensors(graph, options, stripped.learned)
-    if not any(d.status == "int8" for d in placement.nodes):
+    if not any(d.status == NodeStatus.INT8 for d in placement.nodes):
         hint = (" once the tensors the input model leaves float stay float (--calibrate-missing --calib DATA "
                 "quantizes them)") if kept_float else ""
         raise ModelError(f"nothing to convert: no Conv, MatMul or Gemm can run in int8{hint}")
@@ -115,7 +116,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = no_progress) ->
     plan, origins = build_convert_plan(graph, placement, stripped.learned, target, calibrated, weight_settings)
     fit_pooling_scales(graph, plan, set(origins.calibrated))
     quantized = write_qdq(prepared.model, plan)
-    if request.output_format == "qoperator":
+    if request.output_format == Format.QOPERATOR:
         quantized = write_qoperator(quantized)
     fusion = check_written_model(quantized, {d.name: d.status for d in plan.nodes})
     fidelity = None
@@ -127,7 +128,7 @@ def convert(request: ConvertRequest, progress: ProgressFactory = no_progress) ->
     report = {
         **report_header("convert", request.model, request.output, __version__),
         "format": request.output_format, "activations": request.activations,
-        "nodes": _node_counts(plan), "int8_nodes": [d.name for d in plan.nodes if d.status == "int8"],
+        "nodes": _node_counts(plan), "int8_nodes": [d.name for d in plan.nodes if d.status == NodeStatus.INT8],
         "weights": {"folded_fake_quant": len(stripped.folded_weights), "stored_integers": len(stripped.stored_weights)},
         "tensors": {"learned": origins.learned, "shared_learned": origins.shared, "calibrated": origins.calibrated,
                     "computed": origins.computed},

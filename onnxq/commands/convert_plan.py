@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq.commands.pipeline import DataOptions, check_batch_size
+from onnxq.enums import NodeStatus
 from onnxq.errors import ModelError, UsageError
 from onnxq.quant import qmath
 from onnxq.quant.ir import constant_values, is_constant, node_label
@@ -165,9 +166,9 @@ def respect_float_tensors(graph: gs.Graph, options: PlacementOptions, learned: d
         status = {d.name: d.status for d in placement.nodes}
         found = {}
         for node in graph.nodes:
-            if status.get(node_label(node)) != "int8":
+            if status.get(node_label(node)) != NodeStatus.INT8:
                 continue
-            written = [c for t in node.outputs for c in t.outputs if status.get(node_label(c)) == "folded"]
+            written = [c for t in node.outputs for c in t.outputs if status.get(node_label(c)) == NodeStatus.FOLDED]
             touched = [t.name for t in (*node.inputs, *node.outputs, *(o for c in written for o in c.outputs))
                        if t.name in tensors]
             if touched:

@@ -74,7 +74,7 @@ class WeightOnlyOptions:
                              "nearest per channel)")
 
 
-def _finish(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+def finish_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     for sub in all_graphs(graph):
         sub.cleanup(remove_unused_graph_inputs=False)
     model = export_model(graph, like)
@@ -83,7 +83,7 @@ def _finish(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
+def matmul_weight(node: gs.Node) -> tuple[np.ndarray, gs.Tensor | None] | str:
     """(weight as [K, N], bias or None) of a MatMul/Gemm that can run as a quantized matmul, else why not."""
     if len(node.inputs) < 2 or not is_constant(node.inputs[1]) or not is_float32(node.inputs[1]):
         return "weight is not a float constant"
@@ -137,7 +137,7 @@ def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: boo
         keep_float.update({node_label(node): "not a dynamic layer" for sub in all_graphs(graph) for node in sub.nodes
                            if node.op in DYNAMIC_OPS and node_label(node) not in only})
     for sub, node in _chosen_nodes(graph, MATMUL_OPS, keep_float, decisions):
-        found = _matmul_weight(node)
+        found = matmul_weight(node)
         if isinstance(found, str):
             decisions.append(NodeDecision(node_label(node), node.op, "float", found))
             continue
@@ -159,7 +159,7 @@ def rewrite_dynamic(model: onnx.ModelProto, qtype: qmath.QType, per_channel: boo
             if node.op in NO_DYNAMIC_KERNEL:
                 decisions.append(NodeDecision(node_label(node), node.op, "float",
                                               "no dynamic int8 kernel onnxruntime's CPU provider runs for it"))
-    return _finish(graph, model), decisions
+    return finish_model(graph, model), decisions
 
 
 DEFAULT_LSTM_ACTIVATIONS = ["Sigmoid", "Tanh", "Tanh"]
@@ -230,7 +230,7 @@ def rewrite_weight_only(model: onnx.ModelProto, options: WeightOnlyOptions, qtyp
             decisions.append(_int4_matmul(sub, node, names, options))
         else:
             decisions.append(_int8_weight(sub, node, names, qtype))
-    return _finish(graph, model), decisions
+    return finish_model(graph, model), decisions
 
 
 def _int8_weight(graph: gs.Graph, node: gs.Node, names: NameAllocator, qtype: qmath.QType) -> NodeDecision:
@@ -290,7 +290,7 @@ def _int4_matmul(graph: gs.Graph, node: gs.Node, names: NameAllocator, options: 
     label = node_label(node)
     if node.op != "MatMul":
         return NodeDecision(label, node.op, "float", "4-bit weights are for MatMul (MatMulNBits)")
-    found = _matmul_weight(node)
+    found = matmul_weight(node)
     if isinstance(found, str):
         return NodeDecision(label, node.op, "float", found)
     weight, _ = found

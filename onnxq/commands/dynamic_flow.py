@@ -14,9 +14,10 @@ from onnxq.commands.report import build_report, json_safe
 from onnxq.commands.request import QuantizeRequest, QuantizeResult, StageTimer, recovery_needs_data, resolve_settings
 from onnxq.commands.request_recipe import effective_recipe, recipe_choices
 from onnxq.commands.stages import already_quantized, load_checked, smoothed_model
-from onnxq.commands.weight_only import run_weight_only, target_gates
+from onnxq.commands.weight_only import int8_embedding_tables, run_weight_only, target_gates
 from onnxq.commands.written import check_written_model
 from onnxq.cpu import resolve_target
+from onnxq.enums import Format, Mode, NodeStatus
 from onnxq.errors import ModelError, UsageError
 from onnxq.model_io import externalize, model_bytes, save_model
 from onnxq.passes.smooth import validate_alpha
@@ -34,7 +35,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     """--mode dynamic or weight-only: weights are quantized ahead, activations (if at all) at run time."""
     if request.mode not in ("dynamic", "weight-only"):
         raise UsageError(f"unknown mode {request.mode!r}; choose static, dynamic or weight-only")
-    if request.output_format != "qdq" or request.load_stats or request.save_stats or request.save_plan:
+    if request.output_format != Format.QDQ or request.load_stats or request.save_stats or request.save_plan:
         raise UsageError(f"--mode {request.mode} takes no --format qoperator, --load-stats, --save-stats or "
                          "--save-plan (it needs no calibration)")
     if request.smooth_alpha is not None:
@@ -42,14 +43,14 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     if request.equalize or recovery_needs_data(request):
         raise UsageError("--equalize, --bias-correction and --adaround (also as recipe rules) apply to --mode static "
                          "only")
-    if request.target is not None and request.mode == "dynamic":
+    if request.target is not None and request.mode == Mode.DYNAMIC:
         raise UsageError("an accuracy target (--target-sqnr/--target-cosine/--target-metric) applies to --mode static "
                          "and weight-only")
     timer = StageTimer()
     check_paths(quantize_paths(request))
     target = resolve_target(request.target_cpu)
     settings, weight_range_reason = resolve_settings(request, target)
-    if request.mode == "weight-only":  # float compute: no int8 products, nothing can saturate
+    if request.mode == Mode.WEIGHT_ONLY:  # float compute: no int8 products, nothing can saturate
         settings = QuantSettings(**{**settings.__dict__, "weight_range": "full"})
         weight_range_reason = "weight-only: float compute, full 8-bit weights"
     request.weight_only.validate()
@@ -67,9 +68,10 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
     choices, recipe_notes = recipe_choices(request, graph, with_exclude=True)
     weight_only = None
     with timer.stage("rewrite"):
-        if request.mode == "dynamic":
+        if request.mode == Mode.DYNAMIC:
             quantized, decisions = rewrite_dynamic(prepared.model, settings.weight_qtype, settings.per_channel,
                                                    layer_options(choices))
+            quantized, decisions = int8_embedding_tables(quantized, choices, decisions)
         else:  # onnxq.commands.weight_only: int8 per channel, or int4 by --weight-method (+ embeddings, target search)
             weight_only = run_weight_only(request, prepared.model, prepared.reference, settings.weight_qtype,
                                           choices, held, progress)
@@ -83,7 +85,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         raise ModelError(f"nothing to quantize in --mode {request.mode}"
                          f"{already_quantized(n.op for n in graph.nodes)} ({detail})")
     with timer.stage("check"):  # only float nodes have a precision to keep here: int ones are rewritten ops
-        fusion = check_written_model(quantized, {d.name: d.status for d in decisions if d.status == "float"})
+        fusion = check_written_model(quantized, {d.name: d.status for d in decisions if d.status == NodeStatus.FLOAT})
     fidelity = None
     if held is not None:
         with timer.stage("evaluate"):
@@ -98,7 +100,7 @@ def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFac
         recipe.save(request.save_recipe)
     plan = QuantPlan(settings=settings, nodes=decisions)
     fusion_view = fusion.to_dict()
-    if request.mode == "weight-only":  # int8 weights feeding float ops are this mode's intended form
+    if request.mode == Mode.WEIGHT_ONLY:  # int8 weights feeding float ops are this mode's intended form
         fusion_view["expected_dequantized_weights"] = fusion_view.pop("dequantized_weights")
         fusion_view["avoidable"] = len(fusion.unfused_pairs)
     report = build_report(

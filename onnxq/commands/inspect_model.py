@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx
 
+from onnxq.enums import NodeStatus
 from onnxq.model_io import load_model
 from onnxq.passes.prepare import prepare_model
 from onnxq.quant.ir import import_graph
@@ -67,7 +68,7 @@ def _quantizable(model: onnx.ModelProto) -> dict:
     float_reasons = Counter()
     for node in placement.nodes:
         by_op.setdefault(node.op_type, Counter())[node.status] += 1
-        if node.status == "float" and node.op_type in HEAVY_OPS:
+        if node.status == NodeStatus.FLOAT and node.op_type in HEAVY_OPS:
             float_reasons[f"{node.op_type}: {node.reason}"] += 1
     return {"by_op_type": {op: dict(sorted(c.items())) for op, c in sorted(by_op.items())},
             "heavy_ops_int8": sum(c.get("int8", 0) for op, c in by_op.items() if op in HEAVY_OPS),

@@ -111,6 +111,11 @@ def _int4(v: Mapping[str, Any]) -> bool:
     return _mode(v) == Mode.WEIGHT_ONLY and v["weight_bits"] == "4"
 
 
+def _calibrates(v: Mapping[str, Any]) -> bool:
+    """Calibration data is read: static mode, or int4 weights rounded by gptq/awq from --calib's statistics."""
+    return _static(v) or (_int4(v) and v["weight_method"] in ("gptq", "awq") and v["calib"] is not None)
+
+
 def _has_target(v: Mapping[str, Any]) -> bool:
     return any(v.get(p) is not None for p in ("target_sqnr", "target_cosine", "target_metric"))
 
@@ -156,10 +161,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--batch-size",), "Samples per inference run (same-shaped samples are stacked on axis 0).", READS_DATA,
            type=click.IntRange(min=1), default=1, show_default=True),
     Option(("--max-samples",), "Use at most this many calibration samples.", READS_DATA, type=click.IntRange(min=1),
-           acts=_static, acts_help="limits static mode's calibration samples"),
+           acts=_calibrates, acts_help="limits the calibration samples of static mode (and of gptq/awq)"),
     Option(("--memory-budget",), "MB of exposed activations per inference run; above it calibration runs in several "
-           "passes.", READS_DATA, type=click.IntRange(min=16), default=2048, show_default=True, acts=_static,
-           acts_help="bounds static mode's calibration"),
+           "passes.", READS_DATA, type=click.IntRange(min=16), default=2048, show_default=True, acts=_calibrates,
+           acts_help="bounds the calibration of static mode (and of gptq/awq)"),
     # ---- images
     Option(("--image-size",), "Images: resize to WIDTHxHEIGHT (default: the model's input size).", READS_IMAGES),
     Option(("--layout",), "Images: tensor layout (default: from the model's input shape).", READS_IMAGES,
@@ -198,7 +203,8 @@ OPTIONS: tuple[Option, ...] = (
            acts_help="applies to --mode weight-only --weight-bits 4"),
     Option(("--weight-method",), "--weight-bits 4 rounding: rtn (nearest), gptq and awq (need --calib), hqq "
            "(data-free); see README.", (QUANTIZE,), type=click.Choice(WEIGHT_METHODS), default="rtn",
-           show_default=True, recipe=RecipeSetting("weight_method", str, WEIGHT_METHODS)),
+           show_default=True, recipe=RecipeSetting("weight_method", str, WEIGHT_METHODS), acts=_int4,
+           acts_help="applies to --mode weight-only --weight-bits 4"),
     # ---- how weights and activations are quantized
     Option(("--method",), "Calibration method (see README).", METHOD_COMMANDS, type=click.Choice(METHODS),
            default=DEFAULT_METHOD, show_default=True, recipe=RecipeSetting("method", str, tuple(METHODS)),
@@ -211,7 +217,9 @@ OPTIONS: tuple[Option, ...] = (
            acts_help="sets static mode's activation type (dynamic mode quantizes activations to uint8 at run time, "
                      "weight-only not at all)"),
     Option(("--per-tensor",), "One weight scale per tensor (default: per output channel).", SETTINGS_COMMANDS,
-           is_flag=True, recipe=RecipeSetting("per_channel", bool, None, _negated)),
+           is_flag=True, recipe=RecipeSetting("per_channel", bool, None, _negated),
+           acts=lambda v: _mode(v) != Mode.WEIGHT_ONLY,
+           acts_help="does nothing in weight-only mode (int8 weights are per channel, int4 per block)"),
     Option(("--weight-range",), "'reduced' keeps weights within 7 bits, needed on x86 CPUs without VNNI; 'auto' checks "
            "this CPU.", SETTINGS_COMMANDS, type=click.Choice(WeightRange.values()), default="auto", show_default=True,
            recipe=RecipeSetting("weight_range", str, WeightRange.values()), request=True,

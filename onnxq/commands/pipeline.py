@@ -20,11 +20,11 @@ from onnxq.commands.request import (
     QuantizeRequest,
     QuantizeResult,
     check_batch_size,
-    with_exclude_regex,
 )
 from onnxq.commands.stages import calibrated, trial_builder
 from onnxq.commands.static_flow import quantize_static
 from onnxq.commands.written import check_written_model
+from onnxq.enums import Mode
 from onnxq.errors import UsageError
 from onnxq.model_io import load_model, model_digest
 from onnxq.outputs import transaction
@@ -50,9 +50,8 @@ def quantize(request: QuantizeRequest, progress: ProgressFactory = no_progress) 
     check_paths(quantize_paths(request))
     target = request.target or Target()
     check_targets(request.min_cosine, request.min_sqnr, target.min_cosine, target.min_sqnr_db, target.min_metric)
-    request = with_exclude_regex(request)
     with transaction():
-        if request.mode != "static":
+        if request.mode != Mode.STATIC:
             return quantize_without_calibration(request, progress)
         return quantize_static(request, progress)
 
@@ -64,7 +63,15 @@ def sensitivity(request: QuantizeRequest, progress: ProgressFactory = no_progres
     c = calibrated(request, progress, writes_model=False)
     reference = CachedReference(c.prepared.reference, c.samples.held, request.sensitivity_samples)
     build = trial_builder(c.prepared, c.placed, c.stats, c.setup.settings, request.fallback)
-    return measure_sensitivity(build, c.placed.int8_layers(), reference, progress)
+    result = measure_sensitivity(build, c.placed.int8_layers(), reference, progress)
+    result.notes = [*c.notes, *_unapplied_repairs(request)]
+    return result
+
+
+def _unapplied_repairs(request: QuantizeRequest) -> list[str]:
+    """Repairs a recipe turns on that the ranking does not apply (it measures each layer as plain int8)."""
+    return [f"the recipe's {key}: true is not applied: each layer is measured as plain int8, before any repair"
+            for key in ("bias_correction", "adaround") if request.recipe.settings.get(key)]
 
 
 def calibrate_only(model_path: Path, output: Path | None, data: DataOptions,

@@ -22,6 +22,7 @@ from onnxq.commands.report import FP32_REFERENCE, TIMINGS, fidelity_section, jso
 from onnxq.commands.request import QuantizeRequest, StageTimer
 from onnxq.commands.stages import calibrated
 from onnxq.commands.written import check_written_model
+from onnxq.enums import NodeStatus
 from onnxq.model_io import save_model
 from onnxq.outputs import transaction
 from onnxq.paths import OUTPUT, PathArg, check_paths, quantize_paths
@@ -77,7 +78,7 @@ def _qat_prep(request: QuantizeRequest, params_path: Path, progress: ProgressFac
         **report_header("qat-prep", request.model, request.output, __version__), "params": str(params_path),
         "settings": plan.settings.__dict__, "weight_range_reason": c.setup.weight_range_reason,
         "fake_quant": {"activations": len(plan.by_role("activation")), "weights": len(plan.by_role("weight"))},
-        "int8_nodes": [d.name for d in plan.nodes if d.status == "int8"],
+        "int8_nodes": [d.name for d in plan.nodes if d.status == NodeStatus.INT8],
         "calibration": {"source": calib.description, "samples": len(calib)} if calib is not None else None,
         "fidelity": fidelity_section(fidelity, FP32_REFERENCE),
         "notes": c.notes, "fusion": fusion.to_dict(), TIMINGS: timer.seconds,

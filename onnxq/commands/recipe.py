@@ -235,10 +235,10 @@ def node_list(graph: gs.Graph) -> list[tuple[str, str]]:
 def placement_changes(choices: dict[str, NodeChoice]) -> dict:
     """PlacementOptions fields the rules set (float nodes are excluded like --exclude)."""
     return {
-        "exclude_nodes": frozenset(label for label, c in choices.items() if c.precision == "float"),
+        "exclude_nodes": frozenset(label for label, c in choices.items() if c.precision == NodeStatus.FLOAT),
         "keep_float": {label: "dynamic: int8 with activations quantized at run time (recipe)"
-                       for label, c in choices.items() if c.precision == "dynamic"},
-        "int16_nodes": frozenset(label for label, c in choices.items() if c.precision == "int16"),
+                       for label, c in choices.items() if c.precision == NodeStatus.DYNAMIC},
+        "int16_nodes": frozenset(label for label, c in choices.items() if c.precision == NodeStatus.INT16),
         "per_channel_nodes": {label: c.per_channel for label, c in choices.items() if c.per_channel is not None},
     }
 
@@ -246,7 +246,7 @@ def placement_changes(choices: dict[str, NodeChoice]) -> dict:
 def layer_options(choices: dict[str, NodeChoice]) -> LayerOptions:
     """What the rules decide per node in --mode dynamic and weight-only (placement_changes for static mode)."""
     return LayerOptions(
-        keep_float={label: c.why() for label, c in choices.items() if c.precision == "float"},
+        keep_float={label: c.why() for label, c in choices.items() if c.precision == NodeStatus.FLOAT},
         per_channel={label: c.per_channel for label, c in choices.items() if c.per_channel is not None},
         weight_bits={label: WEIGHT_BITS[c.weights] for label, c in choices.items() if c.weights is not None},
     )
@@ -254,7 +254,7 @@ def layer_options(choices: dict[str, NodeChoice]) -> LayerOptions:
 
 def dynamic_nodes(choices: dict[str, NodeChoice]) -> frozenset[str]:
     """Nodes a rule quantizes dynamically (static mode: MatMul/Gemm/LSTM beside static int8 layers)."""
-    return frozenset(label for label, c in choices.items() if c.precision == "dynamic")
+    return frozenset(label for label, c in choices.items() if c.precision == NodeStatus.DYNAMIC)
 
 
 def adaround_nodes(choices: dict[str, NodeChoice]) -> frozenset[str]:
@@ -264,7 +264,7 @@ def adaround_nodes(choices: dict[str, NodeChoice]) -> frozenset[str]:
 
 def pinned_int8(choices: dict[str, NodeChoice]) -> frozenset[str]:
     """Nodes a rule wants in int8: the speed guard and the accuracy target leave them alone."""
-    return frozenset(label for label, c in choices.items() if c.precision == "int8")
+    return frozenset(label for label, c in choices.items() if c.precision == NodeStatus.INT8)
 
 
 def activation_overrides(graph: gs.Graph, placement: Placement, choices: dict[str, NodeChoice]
@@ -279,8 +279,8 @@ def activation_overrides(graph: gs.Graph, placement: Placement, choices: dict[st
     for node in graph.nodes:
         label = node_label(node)
         choice = choices.get(label, NodeChoice())
-        wide = status.get(label) == "int16"  # by a rule or by the accuracy target's int16 fallback
-        if not wide and (status.get(label) != "int8" or (choice.method is None and choice.percentile is None)):
+        wide = status.get(label) == NodeStatus.INT16  # by a rule or by the accuracy target's int16 fallback
+        if not wide and (status.get(label) != NodeStatus.INT8 or (choice.method is None and choice.percentile is None)):
             continue
         for tensor in quantized_tensors_of(node, placement):
             source = placement.activations[tensor]

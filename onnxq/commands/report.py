@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from onnxq.enums import QUANTIZED_STATUSES
+from onnxq.enums import QUANTIZED_STATUSES, Mode, NodeStatus, SpeedGuard
 from onnxq.model_io import model_bytes, size_change
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
                      "exclude": list(request.exclude), "format": request.output_format,
                      "mode": request.mode},
         "recipe": {"rules": [rule.to_dict() for rule in request.recipe.rules],
-                   "int16_nodes": [n.name for n in plan.nodes if n.status == "int16"],
+                   "int16_nodes": [n.name for n in plan.nodes if n.status == NodeStatus.INT16],
                    "saved_to": str(request.save_recipe) if request.save_recipe else None},
         "data": {
             "calibration": _describe(calib, stats.samples if request.load_stats else None),
@@ -51,7 +51,7 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
         "fidelity": fidelity_section(fidelity, FP32_REFERENCE),
         "tensors": [_tensor_row(t) for t in plan.tensors.values()],
         "float_nodes": [{"name": n.name, "op_type": n.op_type, "reason": n.reason}
-                        for n in plan.nodes if n.status == "float"],
+                        for n in plan.nodes if n.status == NodeStatus.FLOAT],
         "speed_guard": speed_guard,
         "fusion": fusion,
         "recovery": recovery,
@@ -157,7 +157,7 @@ def _quantize_lines(report: dict) -> list[str]:
                      f"{target['speed_decisions']}")
     settings = report["settings"]
     if settings.get("mode", "static") != "static":
-        what = ("MatMul/Gemm/LSTM weights int8, activations quantized at run time" if settings["mode"] == "dynamic"
+        what = ("MatMul/Gemm/LSTM weights int8, activations quantized at run time" if settings["mode"] == Mode.DYNAMIC
                 else "integer weights, float compute")
         lines.append(f"  mode {settings['mode']}: {what}")
     else:
@@ -295,13 +295,14 @@ def _search_lines(search: dict | None) -> list[str]:
 def _speed_guard_lines(guard: dict) -> list[str]:
     if not guard.get("enabled"):
         return []
-    if guard["mode"] == "table":
-        kept = Counter(layer["class"].split(" ")[0] for layer in guard["layers"] if layer["decision"] == "float")
+    if guard["mode"] == SpeedGuard.TABLE:
+        kept = Counter(layer["class"].split(" ")[0] for layer in guard["layers"]
+                       if layer["decision"] == NodeStatus.FLOAT)
         if not kept:
             return [f"  speed guard (table): all {len(guard['layers'])} guarded layers are faster in int8"]
         return ["  speed guard (table): kept float " + ", ".join(f"{n} {kind}" for kind, n in sorted(kept.items()))
                 + f" of {len(guard['layers'])} guarded layers"]
-    kept = [t for t in guard["trials"] if t["decision"] == "float"]
+    kept = [t for t in guard["trials"] if t["decision"] == NodeStatus.FLOAT]
     return ["  speed guard (measured): " + ("; ".join(
         f"kept {t['layers']} {t['kind']} float (model {t['float_ms']:.2f} ms vs {t['int8_ms']:.2f} ms in int8)"
         for t in kept) if kept else f"all {len(guard['trials'])} kinds of layer are faster in int8")]

@@ -8,12 +8,13 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxq.commands.dynamic import WeightOnlyOptions
 from onnxq.commands.recipe import Recipe, Rule, Selector
 from onnxq.cpu import TargetCpu, default_weight_range
+from onnxq.enums import Format, Mode, SpeedGuard, WeightRange
 from onnxq.errors import UsageError
 from onnxq.quant.plan import QuantPlan, QuantSettings
 from onnxq.runtime.calibrate import DEFAULT_MEMORY_BUDGET
@@ -89,6 +90,14 @@ class QuantizeRequest:
     adaround_seconds: float | None = None  # AdaRound on every layer it can, with this budget; None: not on all
     adaround_rules_seconds: float = 60.0  # the budget for the layers recipe rules (adaround: true) name
 
+    def __post_init__(self) -> None:
+        """--exclude-regex R becomes recipe rules after the user's (precision: float for every node whose name R
+        matches), so placement, the saved recipe, the report and the notes on rules that select nothing all see
+        them; the field is then empty, so a copy (dataclasses.replace) does not add them twice."""
+        if self.exclude_regex:
+            self.recipe = Recipe(self.recipe.settings, [*self.recipe.rules, *_exclude_regex_rules(self.exclude_regex)])
+            self.exclude_regex = ()
+
 
 @dataclass
 class QuantizeResult:
@@ -117,7 +126,7 @@ class StageTimer:
 def resolve_settings(request: QuantizeRequest, target: TargetCpu) -> tuple[QuantSettings, str]:
     """Fill in the CPU-dependent weight range; returns the settings and why that range."""
     settings = request.settings
-    if request.weight_range == "auto":
+    if request.weight_range == WeightRange.AUTO:
         chosen = default_weight_range(target.features)
         which = f"target CPU class {target.cpu_class} ({target.source})"
         why = (f"{which}: x86 without VNNI, uint8 x int8 products can saturate, weights limited to 7 bits"
@@ -133,10 +142,10 @@ def check_speed_guard_options(request: QuantizeRequest, target: TargetCpu) -> No
     """Refuse speed-guard options that would do nothing, or decide for the wrong CPU."""
     if request.speed_guard not in MODES:
         raise UsageError(f"unknown --speed-guard {request.speed_guard!r}; choose one of {', '.join(MODES)}")
-    if request.speed_profile is not None and request.speed_guard != "measure":
+    if request.speed_profile is not None and request.speed_guard != SpeedGuard.MEASURE:
         raise UsageError("--speed-profile holds timings of --speed-guard measure; add --speed-guard measure "
                          "(the default table decides without timing)")
-    if request.speed_guard == "measure" and request.speed_profile is None and not target.is_host:
+    if request.speed_guard == SpeedGuard.MEASURE and request.speed_profile is None and not target.is_host:
         raise UsageError(f"--speed-guard measure times this machine, which says nothing about {target.source}: "
                          "use the default --speed-guard table, or a --speed-profile made on the target")
 
@@ -162,14 +171,14 @@ def search_methods(request: QuantizeRequest, method: str) -> tuple[str, ...]:
 def search_may_go_dynamic(request: QuantizeRequest) -> bool:
     """Whether the automatic search may quantize layers at run time: not when --mode was given, nor when
     the user asked for what only static mode makes (QOperator, statistics to load or save, a plan)."""
-    static_only = request.output_format != "qdq" or request.load_stats or request.save_stats or request.save_plan
+    static_only = request.output_format != Format.QDQ or request.load_stats or request.save_stats or request.save_plan
     return request.search and request.auto_dynamic and not static_only
 
 
 def searches(request: QuantizeRequest) -> bool:
     """Whether `quantize` runs the automatic search (onnxq.search.auto): static mode, no accuracy target of the
     user's."""
-    return request.search and request.mode == "static" and request.target is None
+    return request.search and request.mode == Mode.STATIC and request.target is None
 
 
 def check_batch_size(batch_size: int, specs: list[InputSpec]) -> None:
@@ -190,16 +199,12 @@ def recovery_needs_data(request: QuantizeRequest) -> bool:
         rule.adaround for rule in request.recipe.rules)
 
 
-def with_exclude_regex(request: QuantizeRequest) -> QuantizeRequest:
-    """--exclude-regex R as recipe rules after the user's (precision: float for every node whose name R matches),
-    so placement, the saved recipe, the report and the notes on rules that select nothing all see them."""
+def _exclude_regex_rules(patterns: tuple[str, ...]) -> list[Rule]:
     rules = []
-    for pattern in request.exclude_regex:
+    for pattern in patterns:
         try:
             re.compile(pattern)
         except re.error as exc:
             raise UsageError(f"--exclude-regex {pattern!r} is not a regular expression: {exc}") from None
         rules.append(Rule(Selector(name_regex=pattern), precision="float", reason=f"--exclude-regex {pattern}"))
-    if not rules:
-        return request
-    return replace(request, recipe=Recipe(request.recipe.settings, [*request.recipe.rules, *rules]), exclude_regex=())
+    return rules

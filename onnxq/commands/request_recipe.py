@@ -6,6 +6,7 @@ from __future__ import annotations
 from onnxq.commands.checks import unmatched_excludes
 from onnxq.commands.recipe import NodeChoice, Recipe, Rule, Selector, node_list
 from onnxq.commands.request import QuantizeRequest, holdout_fraction
+from onnxq.enums import Format, Mode, NodeStatus
 from onnxq.errors import UsageError
 from onnxq.passes.recovery import RecoveryOptions
 from onnxq.quant.ir import Graph
@@ -24,13 +25,14 @@ def recipe_choices(request: QuantizeRequest, graph: Graph, *, with_exclude: bool
     choices = Recipe(rules=rules).choices(nodes)
     notes = [f"recipe rule {n} ({request.recipe.rules[n - 1].match.to_dict()}) selects no node"
              for n in request.recipe.unmatched_rules(nodes)] + unmatched_excludes(request.exclude, nodes)
-    if request.output_format == "qoperator" and any(c.precision == "int16" for c in choices.values()):
+    if request.output_format == Format.QOPERATOR and any(c.precision == NodeStatus.INT16 for c in choices.values()):
         raise UsageError("16-bit activations (recipe precision: int16) have no integer operators: use --format qdq")
-    if request.mode == "static" and any(c.weights == "int4" for c in choices.values()):
+    if request.mode == Mode.STATIC and any(c.weights == "int4" for c in choices.values()):
         raise UsageError("int4 weights (recipe weights: int4) need --mode weight-only")
     ops = dict(nodes)
-    wrong = [label for label, c in choices.items() if c.precision == "dynamic" and ops.get(label) not in DYNAMIC_OPS]
-    if wrong or (request.mode == "weight-only" and any(c.precision == "dynamic" for c in choices.values())):
+    wrong = [label for label, c in choices.items()
+             if c.precision == NodeStatus.DYNAMIC and ops.get(label) not in DYNAMIC_OPS]
+    if wrong or (request.mode == Mode.WEIGHT_ONLY and any(c.precision == NodeStatus.DYNAMIC for c in choices.values())):
         what = f"{ops.get(wrong[0])} {wrong[0]}" if wrong else "--mode weight-only"
         raise UsageError(f"precision: dynamic applies to MatMul, Gemm and LSTM layers in static or dynamic mode, "
                          f"not to {what}")
@@ -57,14 +59,15 @@ def effective_recipe(request: QuantizeRequest, settings: QuantSettings, graph: G
         values["holdout"] = holdout_fraction(request)
     if request.smooth_alpha is not None:
         values.update(smooth_alpha=request.smooth_alpha, smooth_mul=request.smooth_mul)
-    if request.mode == "static":
+    if request.mode == Mode.STATIC:
         recovery = recovery or RecoveryOptions(request.bias_correction, request.adaround_seconds)
         values.update(method=settings.method, percentile=settings.percentile, symmetric=settings.symmetric,
                       speed_guard="off", format=request.output_format, equalize=request.equalize,
-                      bias_correction=recovery.bias_correction, adaround=request.adaround_seconds is not None)
+                      int8_gates=request.int8_gates, bias_correction=recovery.bias_correction,
+                      adaround=request.adaround_seconds is not None)
         if recovery.adaround_seconds is not None:
             values["adaround_seconds"] = recovery.adaround_seconds
-    elif request.mode == "weight-only":
+    elif request.mode == Mode.WEIGHT_ONLY:
         values.update(weight_bits=request.weight_only.bits, block_size=request.weight_only.block_size,
                       weight_zero_points=not request.weight_only.symmetric, weight_method=request.weight_only.method)
     rules = request.recipe.rules + exclude_rules(request, graph)

@@ -34,10 +34,10 @@ from onnxq.commands.request import (
     resolve_settings,
     search_methods,
     searches,
-    with_exclude_regex,
 )
 from onnxq.commands.request_recipe import recipe_choices
 from onnxq.cpu import TargetCpu, resolve_target
+from onnxq.enums import NodeStatus
 from onnxq.errors import DataError, ModelError, UsageError
 from onnxq.model_io import load_model, model_digest
 from onnxq.passes.prepare import PreparedModel, infer_types, prepare_model
@@ -127,7 +127,7 @@ class Placed:
         """Conv/MatMul/Gemm nodes int8 here that no recipe rule pins: label -> op type."""
         pinned = pinned_int8(self.choices)
         return {d.name: d.op_type for d in self.placement.nodes
-                if d.status == "int8" and d.op_type in HEAVY_OPS and d.name not in pinned}
+                if d.status == NodeStatus.INT8 and d.op_type in HEAVY_OPS and d.name not in pinned}
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,6 @@ def calibrated(request: QuantizeRequest, progress: ProgressFactory = no_progress
                timer: StageTimer | None = None) -> Calibrated:
     """The stages up to the statistics (timed in `timer`): what the speed guard, the searches and the plan
     build on."""
-    request = with_exclude_regex(request)
     timer = timer or StageTimer()
     setup = resolve(request, writes_model)
     prepared = load_and_prepare(request, timer)
@@ -317,6 +316,16 @@ def needs_histograms(request: QuantizeRequest, method: str, choices: dict[str, N
     return request.save_stats is not None or not methods <= CLIPS_NOTHING
 
 
+def _rewriting_options(request: QuantizeRequest) -> str:
+    """The options that change the model before calibration, which `onnxq calibrate` does not apply."""
+    given = [flag for flag, on in (("--smooth-alpha", request.smooth_alpha is not None),
+                                   ("--equalize", request.equalize), ("--int8-gates", request.int8_gates)) if on]
+    if not given:
+        return ""
+    return (f": {', '.join(given)} change the model before calibration and `onnxq calibrate` does not apply them; "
+            "save statistics with `quantize --save-stats` and the same options")
+
+
 def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[str], graph: Graph,
                 calib: SampleSource | None, digest: str, progress: ProgressFactory, *,
                 histograms: bool = True) -> Statistics:
@@ -325,7 +334,7 @@ def _statistics(request: QuantizeRequest, model: onnx.ModelProto, tensors: list[
         stats = Statistics.load(request.load_stats)
         if stats.model_digest and stats.model_digest != digest:
             raise DataError(f"{request.load_stats} was collected on a different model (digest {stats.model_digest}, "
-                            f"this model {digest})")
+                            f"this model {digest}){_rewriting_options(request)}")
         missing = [t for t in tensors if t not in stats.tensors]
         if missing:
             raise DataError(f"{request.load_stats} lacks statistics for {len(missing)} tensors (e.g. {missing[0]})")
@@ -365,7 +374,7 @@ def trial_builder(prepared: Prepared, placed: Placed, stats: Statistics, setting
     the trials the speed guard, the accuracy target and the sensitivity ranking measure (nothing is kept)."""
 
     def build(fallback_nodes: frozenset[str]) -> onnx.ModelProto:
-        if fallback == "int16":
+        if fallback == NodeStatus.INT16:
             trial = replace(placed.options, int16_nodes=placed.options.int16_nodes | fallback_nodes)
         else:
             trial = replace(placed.options, keep_float={**placed.options.keep_float,

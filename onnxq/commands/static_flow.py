@@ -45,8 +45,9 @@ from onnxq.commands.stages import (
     widen,
     write_model,
 )
-from onnxq.commands.weight_only import target_gates
+from onnxq.commands.weight_only import int8_embedding_tables, target_gates
 from onnxq.commands.written import check_written_model
+from onnxq.enums import Format, Mode, NodeStatus, SpeedGuard
 from onnxq.errors import ModelError, OnnxqError, UsageError
 from onnxq.model_io import model_bytes, save_model
 from onnxq.passes.recovery import RecoveryOptions, RecoveryResult, affordable_layers, find_layers, recover
@@ -136,7 +137,7 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = no_pro
     guarded = speed_guard_stage(request, c.setup, prepared, samples, c.placed, stats, timer, progress)
     searched = (search_stage(request, c.setup, prepared, samples, guarded.placed, stats, timer)
                 if searches(request) else Searched(guarded.placed, c.setup.settings))
-    if searched.outcome is not None and searched.outcome.chosen.candidate.mode == "dynamic":
+    if searched.outcome is not None and searched.outcome.chosen.candidate.mode == Mode.DYNAMIC:
         return _searched_dynamic(request, searched.outcome, timer, progress)
     settings = searched.settings
     targeted = (accuracy_target_stage(request, prepared, samples, searched.placed, stats, settings, timer, progress)
@@ -153,10 +154,11 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = no_pro
         _save_recipe(request, settings, placed, recovery, searched.repair)
     with timer.stage("rewrite"):
         quantized = write_model(recovered.model, plan, settings, placed.dynamic)
-        if request.output_format == "qoperator":
+        if request.output_format == Format.QOPERATOR:
             quantized = write_qoperator(quantized)
         plan.nodes = [NodeDecision(d.name, d.op_type, "dynamic", "int8, activations quantized at run time (recipe)")
                       if d.name in placed.dynamic else d for d in plan.nodes]
+        quantized, plan.nodes = int8_embedding_tables(quantized, _table_choices(placed), plan.nodes)
     with timer.stage("check"):
         fusion = check_written_model(quantized, {d.name: d.status for d in plan.nodes})
     fidelity = None
@@ -193,6 +195,13 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = no_pro
     return QuantizeResult(report, plan, fidelity)
 
 
+def _table_choices(placed: Placed) -> dict[str, NodeChoice]:
+    """The recipe's choices with --exclude's Gathers as float (static mode applies --exclude in placement)."""
+    excluded = {node_label(node): NodeChoice(precision="float") for node in placed.graph.nodes
+                if node.op == "Gather" and placed.options.excludes(node)}
+    return {**placed.choices, **excluded}
+
+
 def _save_recipe(request: QuantizeRequest, settings: QuantSettings, placed: Placed, recovery: RecoveryOptions,
                  repair: auto.Candidate | None) -> None:
     """--save-recipe: the final placement's automatic choices (speed guard, search, target) as rules."""
@@ -208,7 +217,7 @@ def _save_recipe(request: QuantizeRequest, settings: QuantSettings, placed: Plac
 
 def check_static_request(request: QuantizeRequest) -> None:
     """Refuse option combinations static mode cannot honour, before any stage runs."""
-    if request.fallback == "int8":
+    if request.fallback == NodeStatus.INT8:
         raise UsageError("--fallback int8 (int8 weights) is for --mode weight-only --weight-bits 4")
     if (request.target is not None and request.target_data is None and request.data.eval_data is None
             and request.data.calib is None):
@@ -228,12 +237,12 @@ def check_static_request(request: QuantizeRequest) -> None:
 def speed_guard_stage(request: QuantizeRequest, setup: Setup, prepared: Prepared, samples: Samples, placed: Placed,
                       stats: Statistics, timer: StageTimer, progress: ProgressFactory) -> Guarded:
     """Keep float the layers int8 would not make faster on the target (onnxq.search.speed_guard)."""
-    if request.speed_guard == "off":
+    if request.speed_guard == SpeedGuard.OFF:
         return Guarded(placed)
     feed = samples.timing_feed()
     nodes = guarded_nodes(placed.graph, placed.placement, pinned_int8(placed.choices))
     with timer.stage("speed guard"):
-        if request.speed_guard == "table":
+        if request.speed_guard == SpeedGuard.TABLE:
             shapes = concrete_shapes(prepared.model, {k: v.shape for k, v in feed.items()} if feed else None)
             guard = table_guard(nodes, shapes, setup.target)
         elif feed is None:
@@ -268,7 +277,7 @@ def search_stage(request: QuantizeRequest, setup: Setup, prepared: Prepared, sam
         outcome = auto.search(space, reference, target=request.auto_target, budget_s=request.budget_s,
                               scorer=scorer_for(request.data.ray, reference))
     chosen = outcome.chosen.candidate
-    if chosen.mode != "static":
+    if chosen.mode != Mode.STATIC:
         return Searched(placed, setup.settings, outcome, reference=reference, notes=tuple(outcome.notes))
     repair = chosen if chosen.bias_correction or chosen.adaround else None
     placed = replace(placed, searched_dynamic=chosen.dynamic)
@@ -288,7 +297,7 @@ def _search_space(request: QuantizeRequest, setup: Setup, prepared: Prepared, sa
     shapes = concrete_shapes(prepared.model, {k: v.shape for k, v in feed.items()} if feed else None)
     table = shipped_table()
     speed_model = auto.SpeedModel.of(placed.graph, shapes, table.row_class_for(setup.target.cpu_class)[0], table)
-    base_status = {d.name: ("int8" if d.status == "int8" else "float") for d in placed.placement.nodes}
+    base_status = {d.name: ("int8" if d.status == NodeStatus.INT8 else "float") for d in placed.placement.nodes}
     pinned = pinned_int8(choices)
     user_float = {label for label, choice in choices.items() if choice.precision in ("float", "int16")}
     eligible = frozenset(label for sub in all_graphs(placed.graph) for node in sub.nodes
@@ -299,9 +308,10 @@ def _search_space(request: QuantizeRequest, setup: Setup, prepared: Prepared, sa
         return emulation.emulated(written(candidate))
 
     def written(candidate: auto.Candidate) -> onnx.ModelProto:
-        if candidate.mode == "dynamic":
+        if candidate.mode == Mode.DYNAMIC:
+            static_choices = {k: v for k, v in choices.items() if v.precision != NodeStatus.DYNAMIC}
             return rewrite_dynamic(prepared.model, settings.weight_qtype, settings.per_channel,
-                                   layer_options({k: v for k, v in choices.items() if v.precision != "dynamic"}))[0]
+                                   layer_options(static_choices))[0]
         tried = replace(settings, method=candidate.method)
         moved = dict.fromkeys(candidate.keep_float | candidate.dynamic, "automatic search")
         options = replace(placed.options, keep_float={**placed.options.keep_float, **moved})
@@ -319,7 +329,7 @@ def _search_space(request: QuantizeRequest, setup: Setup, prepared: Prepared, sa
         return write_model(recovered, plan, settings, dynamic)
 
     def speed(candidate: auto.Candidate) -> float:
-        if candidate.mode == "dynamic":
+        if candidate.mode == Mode.DYNAMIC:
             return speed_model.speedup({label: ("dynamic" if label in eligible else "float")
                                         for label in {*base_status, *eligible}})
         status = {**base_status, **dict.fromkeys(candidate.keep_float, "float"),
@@ -434,7 +444,7 @@ def accuracy_target_stage(request: QuantizeRequest, prepared: Prepared, samples:
                                           evaluator=evaluator).ranked_nodes()
             limit = request.max_fallbacks if request.max_fallbacks is not None else len(ranking)
             result = search_fallbacks(build, ranking, target, reference, limit, progress, evaluator=evaluator)
-        if result.float_nodes and request.fallback == "int16":
+        if result.float_nodes and request.fallback == NodeStatus.INT16:
             placed = widen(placed, frozenset(result.float_nodes))
         elif result.float_nodes:
             placed = keep_float(placed, {node: f"accuracy target: kept float (sensitivity rank "

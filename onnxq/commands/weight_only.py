@@ -17,6 +17,7 @@ Flow (`quantize_int4`):
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,14 +25,27 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
-from onnxq.commands.dynamic import WeightOnlyOptions, _finish, _matmul_weight, rewrite_weight_only
+from onnxq.commands.dynamic import WeightOnlyOptions, finish_model, matmul_weight, rewrite_weight_only
 from onnxq.commands.recipe import WEIGHT_BITS, NodeChoice, Rule, Selector, layer_options
 from onnxq.commands.request import check_batch_size
+from onnxq.enums import NodeStatus
 from onnxq.errors import UsageError
-from onnxq.passes.smooth import _divide_activation, _find_groups, _scale_weight_rows
+from onnxq.model_io import is_spilled, read_tensor
+from onnxq.passes.smooth import divide_activation, find_groups, scale_weight_rows
 from onnxq.quant import weight_rounding as wr
-from onnxq.quant.ir import NameAllocator, all_graphs, constant_values, import_graph, is_constant, is_float32, node_label
+from onnxq.quant.ir import (
+    NameAllocator,
+    all_graphs,
+    all_proto_graphs,
+    constant_values,
+    import_domain,
+    import_graph,
+    is_constant,
+    is_float32,
+    node_label,
+)
 from onnxq.quant.ops import MATMUL_OPS, MS_DOMAIN
 from onnxq.quant.placement import NodeDecision
 from onnxq.quant.qmath import QType
@@ -90,7 +104,7 @@ def quantize_int4(model: onnx.ModelProto, options: WeightOnlyOptions, choices: d
             layers[label].stats = stats.get(name)
         if options.method == "awq":
             awq = fold_awq_scales(graph, layers, options)
-            model = _finish(graph, model)
+            model = finish_model(graph, model)
             graph = import_graph(model)
         missing = [label for label, layer in layers.items() if layer.op != "Gather" and layer.stats is None]
         if missing:
@@ -106,7 +120,7 @@ def quantize_int4(model: onnx.ModelProto, options: WeightOnlyOptions, choices: d
     target_report, rules = None, []
     if search is not None:
         target, reference, limit, fallback = search
-        to = 8 if fallback == "int8" else 0
+        to = 8 if fallback == NodeStatus.INT8 else 0
         candidates = {label: layers[label].op for label, b in bits.items() if b == 4}
         target_report, chosen = _search(lambda f: build(f, to), candidates, target, reference, limit, progress)
         bits.update(dict.fromkeys(chosen, to))
@@ -127,7 +141,7 @@ def quantize_int4(model: onnx.ModelProto, options: WeightOnlyOptions, choices: d
 def _chosen_bits(choice: NodeChoice | None, default: int) -> int:
     if choice is None:
         return default
-    if choice.precision == "float":
+    if choice.precision == NodeStatus.FLOAT:
         return 0
     return WEIGHT_BITS.get(choice.weights or "", default)
 
@@ -164,7 +178,7 @@ def find_layers(graph: gs.Graph, choices: dict[str, NodeChoice]) -> dict[str, La
     for _, node in _nodes(graph):
         label = node_label(node)
         if node.op in MATMUL_OPS:
-            found = _matmul_weight(node)
+            found = matmul_weight(node)
             if not isinstance(found, str):
                 layers[label] = Layer(label, node.op, found[0])
         elif (table := _gather_table(node)) is not None:
@@ -191,7 +205,7 @@ def fold_awq_scales(graph: gs.Graph, layers: dict[str, Layer], options: WeightOn
     """AWQ's per-input-channel scales, searched per activation shared by MatMul/Gemm layers and folded
     into the producer of the activation (the float function is unchanged)."""
     fmt = wr.BlockFormat(4, options.block_size, options.symmetric)
-    groups, _ = _find_groups(graph, insert_mul=False)
+    groups, _ = find_groups(graph, insert_mul=False)
     names = NameAllocator(graph)
     folded = {}
     for group in groups:
@@ -205,12 +219,12 @@ def fold_awq_scales(graph: gs.Graph, layers: dict[str, Layer], options: WeightOn
             continue
         for node, member in zip(group.consumers, members, strict=True):
             assert member is not None and member.stats is not None
-            _scale_weight_rows(node, s, names)
+            scale_weight_rows(node, s, names)
             member.weight = member.weight * s[:, None]
             member.stats = InputStats(member.stats.gram / np.outer(s, s), member.stats.abs_sum / s,
                                       member.stats.rows)
             member.awq_alpha = alpha
-        _divide_activation(graph, group, s, names)
+        divide_activation(graph, group, s, names)
         folded[group.activation.name] = {"alpha": alpha, "how": group.how,
                                          "consumers": [node_label(n) for n in group.consumers]}
     return folded
@@ -270,7 +284,7 @@ def build_model(model: onnx.ModelProto, cache: RoundingCache, bits: dict[str, in
         if node.op not in MATMUL_OPS:
             continue
         if layer is None:
-            why = _matmul_weight(node)
+            why = matmul_weight(node)
             decisions.append(NodeDecision(label, node.op, "float", why if isinstance(why, str) else "recipe"))
             continue
         width = bits.get(label, 4)
@@ -291,11 +305,11 @@ def build_model(model: onnx.ModelProto, cache: RoundingCache, bits: dict[str, in
                 decisions.append(NodeDecision(label, node.op, "float", "kept float"))
             continue
         decisions.append(_gather(sub, node, cache.get(label, width), names))
-    return _finish(graph, model), decisions
+    return finish_model(graph, model), decisions
 
 
 def _matmul_nbits(graph: gs.Graph, node: gs.Node, quant: wr.BlockQuant, names: NameAllocator) -> list[gs.Constant]:
-    found = _matmul_weight(node)
+    found = matmul_weight(node)
     assert not isinstance(found, str)
     _, bias = found
     packed, scales, zeros = wr.pack(quant)
@@ -426,7 +440,88 @@ def quantize_embeddings_int8(model: onnx.ModelProto, choices: dict[str, NodeChoi
             decisions.append(NodeDecision(node_label(node), "Gather", "float", "recipe"))
             continue
         decisions.append(_gather(sub, node, wr.rtn(np.ascontiguousarray(table.T), fmt), names))
-    return (_finish(graph, model) if decisions else model), decisions
+    return (finish_model(graph, model) if decisions else model), decisions
+
+
+def int8_embedding_tables(model: onnx.ModelProto, choices: dict[str, NodeChoice],
+                          decisions: list[NodeDecision]) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+    """Static and dynamic modes: each embedding table one Gather alone reads becomes an 8-bit
+    GatherBlockQuantized (symmetric, rounded to nearest, blocks of 32 along a row, 16 where 32 do not
+    fill it: 39-46 dB SQNR on MiniLM's and mpnet's tables, where blocks of 128 give 34-44 dB). The
+    plan's decisions for those Gathers are replaced. A table other nodes also read (a tied LM head)
+    stays float: a second, quantized copy would make the file larger. --exclude and a recipe's
+    `precision: float` keep a table float. Edits the proto in place (no graph import: the model is large).
+    """
+    graphs = list(all_proto_graphs(model.graph))
+    uses = Counter(name for graph in graphs for node in graph.node for name in node.input)
+    uses.update(v.name for graph in graphs for v in [*graph.input, *graph.output])  # a table also an input
+    names = NameAllocator.for_proto(model.graph)
+    changed: dict[str, NodeDecision] = {}
+    for graph in graphs:
+        tables = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            table = _proto_table(node, tables)
+            label = node.name or f"Gather({', '.join(node.output)})"
+            if table is None or _chosen_bits(choices.get(label), 8) == 0:
+                continue
+            width = table.dims[1]
+            if uses[node.input[0]] != 1:
+                changed[label] = NodeDecision(label, "Gather", "float", "its table is also read by another node")
+            elif width % 16:
+                changed[label] = NodeDecision(label, "Gather", "float", f"rows of {width} values fill no block of 16")
+            else:
+                changed[label] = _table_to_gbq(graph, node, label, table, names)
+    if not any(d.status == NodeStatus.INT8 for d in changed.values()):
+        return model, decisions
+    import_domain(model, MS_DOMAIN)
+    kept = [changed.pop(d.name, d) for d in decisions]
+    return model, kept + list(changed.values())
+
+
+def _proto_table(node: onnx.NodeProto, tables: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
+    """The constant 2-D float table a Gather on axis 0 reads with run-time indices (as `_gather_table`)."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    if any(a.name == "axis" and a.i != 0 for a in node.attribute) or node.input[1] in tables:
+        return None
+    table = tables.get(node.input[0])
+    if table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2:
+        return None
+    if table.data_location == onnx.TensorProto.EXTERNAL and not is_spilled(table):
+        return None  # its file is not where this process could read it
+    return table if table.dims[0] * table.dims[1] >= MIN_TABLE else None
+
+
+def _table_to_gbq(graph: onnx.GraphProto, node: onnx.NodeProto, label: str, table: onnx.TensorProto,
+                  names: NameAllocator) -> NodeDecision:
+    width = table.dims[1]
+    block = 32 if width % 32 == 0 else 16
+    data, scales = _symmetric_rows(read_tensor(table).astype(np.float32, copy=False), block)
+    base = table.name
+    data_name, scales_name = names.new(f"{base}_int8"), names.new(f"{base}_scales")
+    graph.initializer.remove(table)
+    graph.initializer.extend([numpy_helper.from_array(data, data_name), numpy_helper.from_array(scales, scales_name)])
+    indices = node.input[1]
+    del node.input[:]
+    node.input.extend([data_name, indices, scales_name])
+    del node.attribute[:]
+    node.attribute.extend([onnx.helper.make_attribute(k, v) for k, v in
+                           (("bits", 8), ("block_size", block), ("gather_axis", 0), ("quantize_axis", 1))])
+    node.op_type, node.domain = "GatherBlockQuantized", MS_DOMAIN
+    return NodeDecision(label, "Gather", "int8", f"8-bit table, blocks of {block} (GatherBlockQuantized)")
+
+
+def _symmetric_rows(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit codes [V, D] and scales [V, D / block] in GatherBlockQuantized's symmetric form (zero point
+    128, as weight_rounding's minmax_params: the value of largest magnitude is code 0), in float32:
+    a 30k-row table in 0.2 s, where the float64 block rounding of the int4 path takes 2 s."""
+    rows, width = table.shape
+    blocks = table.reshape(rows, width // block, block)
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    scales = (largest / np.float32(-128)).astype(np.float32)
+    scales[scales == 0] = 1
+    codes = np.clip(np.rint(blocks / scales[..., None]) + 128, 0, 255).astype(np.uint8)
+    return codes.reshape(rows, width), scales
 
 
 def run_weight_only(request: QuantizeRequest, model: onnx.ModelProto, reference: onnx.ModelProto, qtype: QType,

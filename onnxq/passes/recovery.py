@@ -30,10 +30,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from numpy.lib.stride_tricks import sliding_window_view
 
+from onnxq.enums import NodeStatus
 from onnxq.errors import UsageError
 from onnxq.quant import qmath
 from onnxq.quant.ir import NameAllocator, constant_values, export_model, import_graph, is_constant, is_empty, node_label
-from onnxq.quant.ops import HEAVY_OPS
+from onnxq.quant.ops import BIASED_OPS, HEAVY_OPS
 from onnxq.quant.placement import Placement
 from onnxq.quant.plan import QuantPlan
 from onnxq.runtime.calibrate import groups_within_budget
@@ -222,7 +223,7 @@ class Layer:
 
 def find_layers(graph: gs.Graph, placement: Placement) -> tuple[list[Layer], dict[str, str]]:
     """The int8 heavy layers recovery can work on, and why the others are skipped (label -> reason)."""
-    int8 = {d.name for d in placement.nodes if d.status == "int8" and d.op_type in HEAVY_OPS}
+    int8 = {d.name for d in placement.nodes if d.status == NodeStatus.INT8 and d.op_type in HEAVY_OPS}
     layers, skipped = [], {}
     for node in graph.nodes:
         label = node_label(node)
@@ -357,7 +358,7 @@ def _bias_target(graph: gs.Graph, layer: Layer, names: NameAllocator) -> gs.Cons
     """The float bias to adjust: Conv/Gemm's own (added when missing) or the constant Add after a MatMul."""
     out = int(np.prod(layer.matrix().shape[:2]))
     node = layer.node
-    if node.op in ("Conv", "Gemm"):
+    if node.op in BIASED_OPS:
         if len(node.inputs) > 2 and not is_empty(node.inputs[2]):
             bias = node.inputs[2]
             if len(bias.outputs) > 1:  # shared: give this layer its own copy

@@ -85,7 +85,7 @@ def validate_alpha(alpha: float) -> None:
 
 
 @dataclass
-class _Group:
+class SmoothGroup:
     activation: gs.Variable
     consumers: list[gs.Node]
     how: str
@@ -96,7 +96,7 @@ def smooth_model(model: onnx.ModelProto, alpha: float, source: SampleSource, *, 
     """The model with every smoothable MatMul/Gemm input smoothed (outputs unchanged up to rounding)."""
     validate_alpha(alpha)
     graph = import_graph(model)
-    groups, skipped = _find_groups(graph, insert_mul)
+    groups, skipped = find_groups(graph, insert_mul)
     if not groups:
         return SmoothResult(model, alpha, skipped=skipped)
     absmax = channel_absmax(model, [g.activation.name for g in groups], source, batch_size, progress)
@@ -107,8 +107,8 @@ def smooth_model(model: onnx.ModelProto, alpha: float, source: SampleSource, *, 
         w = np.max([np.abs(_weight_kn(node)).max(axis=1) for node in group.consumers], axis=0)
         s = smoothing_factors(a, w, alpha)
         for node in group.consumers:
-            _scale_weight_rows(node, s, names)
-        _divide_activation(graph, group, s, names)
+            scale_weight_rows(node, s, names)
+        divide_activation(graph, group, s, names)
         layers.append(SmoothedLayer(group.activation.name, [node_label(n) for n in group.consumers], group.how,
                                     float(a.max()), float((a / s).max())))
     return SmoothResult(export_model(graph, model), alpha, layers, skipped)
@@ -163,7 +163,7 @@ def _smoothable(node: gs.Node) -> bool:
     return node.op == "MatMul" or not node.attrs.get("transA", 0)
 
 
-def _find_groups(graph: gs.Graph, insert_mul: bool) -> tuple[list[_Group], dict[str, str]]:
+def find_groups(graph: gs.Graph, insert_mul: bool) -> tuple[list[SmoothGroup], dict[str, str]]:
     by_activation: dict[str, list[gs.Node]] = {}
     tensors = graph.tensors()
     for node in graph.nodes:  # the main graph only: subgraph bodies are not calibrated per channel here
@@ -179,7 +179,7 @@ def _find_groups(graph: gs.Graph, insert_mul: bool) -> tuple[list[_Group], dict[
         if how.startswith("no:"):
             skipped[name] = how[3:].strip()
         else:
-            groups.append(_Group(activation, consumers, how))
+            groups.append(SmoothGroup(activation, consumers, how))
     return groups, skipped
 
 
@@ -262,14 +262,14 @@ def _new_constant(names: NameAllocator, base: str, values: np.ndarray) -> gs.Con
     return gs.Constant(names.new(f"{base}_smoothed"), np.ascontiguousarray(values.astype(np.float32)))
 
 
-def _scale_weight_rows(node: gs.Node, s: np.ndarray, names: NameAllocator) -> None:
+def scale_weight_rows(node: gs.Node, s: np.ndarray, names: NameAllocator) -> None:
     """W' = diag(s) W (a fresh constant: the original may be shared with other nodes)."""
     weight = constant_values(node.inputs[1]).astype(np.float32)
     scaled = weight * s[None, :] if node.op == "Gemm" and node.attrs.get("transB", 0) else weight * s[:, None]
     node.inputs[1] = _new_constant(names, node.inputs[1].name, scaled)
 
 
-def _divide_activation(graph: gs.Graph, group: _Group, s: np.ndarray, names: NameAllocator) -> None:
+def divide_activation(graph: gs.Graph, group: SmoothGroup, s: np.ndarray, names: NameAllocator) -> None:
     activation, how = group.activation, group.how
     producer = activation.inputs[0] if activation.inputs else None
     if how in ("layernorm", "layernorm-copy"):
@@ -322,6 +322,6 @@ def _divide_activation(graph: gs.Graph, group: _Group, s: np.ndarray, names: Nam
         _rewire(group, divided)
 
 
-def _rewire(group: _Group, tensor: gs.Variable) -> None:
+def _rewire(group: SmoothGroup, tensor: gs.Variable) -> None:
     for node in group.consumers:
         node.inputs[0] = tensor

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxq.enums import NodeStatus
 from onnxq.quant import qmath
 from onnxq.quant.ir import NameAllocator, constant_values, is_constant, is_empty, node_label
 from onnxq.quant.ops import DQ_PROPAGATING_OPS, MATMUL_OPS, REQUANTIZED_BY_ONNXRUNTIME, WEIGHT_REQUANTIZED_OPS
@@ -36,10 +37,10 @@ def isolate_float_layers(graph: gs.Graph, decisions: list[NodeDecision], names: 
     """Rewire the inputs of float nodes in a freshly written QDQ graph (in place)."""
     status = {d.name: d.status for d in decisions}
     for node in list(graph.nodes):
-        if status.get(node_label(node)) == "float":
+        if status.get(node_label(node)) == NodeStatus.FLOAT:
             _read_raw_floats(node, status)
     for node in list(graph.nodes):
-        if node.op in MATMUL_OPS and status.get(node_label(node)) == "int16":
+        if node.op in MATMUL_OPS and status.get(node_label(node)) == NodeStatus.INT16:
             _store_rounded_weight(node, names)
     views: dict[tuple[str, int, int], gs.Variable] = {}
     for node in list(graph.nodes):
@@ -96,7 +97,7 @@ def _read_raw_floats(node: gs.Node, status: dict[str, str]) -> None:
             continue
         raw = pair[0].inputs[0]
         producer = raw.inputs[0] if raw.inputs else None
-        if producer is None or status.get(node_label(producer)) == "float":
+        if producer is None or status.get(node_label(producer)) == NodeStatus.FLOAT:
             node.inputs[index] = raw
 
 
@@ -112,7 +113,8 @@ def _dequantize_entry(node: gs.Node, index: int, status: dict[str, str]) -> tupl
         if pair is not None:
             return consumer, index, pair[1]
         producer = tensor.inputs[0] if tensor.inputs else None
-        if producer is None or producer.op not in DQ_PROPAGATING_OPS or status.get(node_label(producer)) != "float":
+        if (producer is None or producer.op not in DQ_PROPAGATING_OPS
+                or status.get(node_label(producer)) != NodeStatus.FLOAT):
             return None
         consumer, index = producer, 0
 

@@ -77,6 +77,18 @@ class NameAllocator:
             self.used.update(sub.tensors().keys())
             self.used.update(n.name for n in sub.nodes if n.name)
 
+    @classmethod
+    def for_proto(cls, graph: onnx.GraphProto) -> NameAllocator:
+        """The same, for a protobuf graph (and its bodies) edited without importing it."""
+        allocator = cls.__new__(cls)
+        allocator.used = {v.name for v in [*graph.input, *graph.output]}
+        for sub in all_proto_graphs(graph):
+            allocator.used.update(t.name for t in sub.initializer)
+            allocator.used.update(v.name for v in sub.value_info)
+            for node in sub.node:
+                allocator.used.update([*node.input, *node.output, node.name])
+        return allocator
+
     def new(self, base: str) -> str:
         name, index = base, 1
         while name in self.used:
@@ -121,6 +133,15 @@ def all_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                 yield from all_proto_nodes(attr.g)
             for sub in attr.graphs:
                 yield from all_proto_nodes(sub)
+
+
+def all_proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A protobuf graph and its If/Loop/Scan bodies, depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from all_proto_graphs(body)
 
 
 def concrete_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None

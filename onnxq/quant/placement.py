@@ -29,6 +29,8 @@ from onnxq.quant.ops import (
     FOLDABLE_ACTIVATIONS,
     HEAVY_OPS,
     PASS_THROUGH_OPS,
+    QLINEAR_BINARY,
+    QLINEAR_UNARY,
     VALUE_PRESERVING_OPS,
     gemm_attribute_problem,
 )
@@ -217,9 +219,9 @@ def _compute_roles(node: gs.Node, options: PlacementOptions) -> tuple[list[str],
             else:
                 activations.append(tensor.name)
         return activations, weights, []
-    if op in ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"):
+    if op in QLINEAR_UNARY:
         return [node.inputs[0].name], [], []
-    operand = _gate_operand(node, options) if op in ("Add", "Mul") else None
+    operand = _gate_operand(node, options) if op in QLINEAR_BINARY else None
     if operand is not None:  # hard-swish's x + 3 and gate * (1 / 6): c is exact in 8 bits, x decides
         return [t.name for t in node.inputs if t is not operand], [WeightTarget(operand.name, None, operand=True)], []
     return [t.name for t in node.inputs if not is_empty(t)], [], []
@@ -380,7 +382,8 @@ def widened_decisions(graph: gs.Graph, placement: Placement, wide_sources: set[s
     decisions = []
     for decision in placement.nodes:
         node = nodes.get(decision.name)
-        if decision.status == "int8" and node is not None and wide.intersection(quantized_tensors_of(node, placement)):
+        if (decision.status == NodeStatus.INT8 and node is not None
+                and wide.intersection(quantized_tensors_of(node, placement))):
             decision = NodeDecision(decision.name, decision.op_type, "int16",
                                     "reads or writes a 16-bit activation of an int16 neighbour: computes in float")
         decisions.append(decision)

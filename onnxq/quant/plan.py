@@ -54,7 +54,7 @@ class QuantSettings:
 
     @property
     def weight_qtype(self) -> qmath.QType:
-        if self.weight_range == "reduced":
+        if self.weight_range == WeightRange.REDUCED:
             return qmath.QType("int8", np.dtype(np.int8), -64, 63, qmath.INT8.onnx_type)
         return qmath.INT8
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import numpy_helper
 
+from onnxq.enums import NodeStatus
 from onnxq.quant.ops import (
     COMPUTE_OPS,
     FOLDABLE_ACTIVATIONS,
@@ -91,7 +92,7 @@ def compare_precision(written: onnx.ModelProto, optimized: dict[str, onnx.ModelP
         if status not in ("int8", "int16", "float", "dynamic"):
             continue
         rows.append(NodePrecision(label, node.op_type, status,
-                                  planned_weights=view.weight_granularity(node) if status == "int8" else None))
+                                  planned_weights=view.weight_granularity(node) if status == NodeStatus.INT8 else None))
     for level, model in optimized.items():
         executed = GraphView(model.graph)
         for row, node in zip(rows, _nodes_of(written, rows), strict=True):

@@ -56,8 +56,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxq.enums import NodeStatus
 from onnxq.quant.ir import all_graphs, constant_values, is_constant, node_label
-from onnxq.quant.ops import HEAVY_OPS
+from onnxq.quant.ops import HEAVY_OPS, MATMUL_OPS
 from onnxq.runtime.evaluate import CachedReference, Fidelity
 from onnxq.search.speed_table import SpeedTable, layer_class, shipped_table
 
@@ -449,7 +450,7 @@ def layer_macs(node: gs.Node, shapes: dict[str, tuple[int | None, ...]]) -> floa
         return None
     if node.op == "Conv":
         return float(np.prod(output) * np.prod(weight[1:]))
-    if node.op in ("MatMul", "Gemm") and len(weight) == 2:
+    if node.op in MATMUL_OPS and len(weight) == 2:
         return float(np.prod(output) * (weight[1] if node.op == "Gemm" and node.attrs.get("transB", 0) else weight[0]))
     return None
 
@@ -493,9 +494,9 @@ class SpeedModel:
         for label, (macs, int8) in self.layers.items():
             status = statuses.get(label, "int8")
             fp32 += macs
-            cost += macs / int8 if status == "int8" else macs / (int8 * DYNAMIC_SPEED) if status == "dynamic" \
-                else macs
-        lstm = [label for label in self.lstms if statuses.get(label) == "dynamic"]
+            cost += (macs / int8 if status == NodeStatus.INT8
+                     else macs / (int8 * DYNAMIC_SPEED) if status == NodeStatus.DYNAMIC else macs)
+        lstm = [label for label in self.lstms if statuses.get(label) == NodeStatus.DYNAMIC]
         if lstm and fp32 == 0.0:
             return LSTM_DYNAMIC_SPEEDUP
         return fp32 / cost if cost > 0 else 1.0

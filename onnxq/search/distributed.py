@@ -41,8 +41,7 @@ from onnxq.runtime.calibrate import DEFAULT_MEMORY_BUDGET, collect_statistics
 from onnxq.runtime.data import SampleSource
 from onnxq.runtime.evaluate import CachedReference, Fidelity
 from onnxq.runtime.layer_errors import probe_errors
-from onnxq.runtime.session import ProgressFactory
-from onnxq.runtime.session import no_progress as _no_progress
+from onnxq.runtime.session import ProgressFactory, no_progress
 from onnxq.search import auto
 
 TASK_RETRIES = 3  # a worker that dies mid-task (killed, out of memory, node lost) is retried this often
@@ -211,7 +210,7 @@ def _one_protobuf(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def collect_statistics_on_ray(model: onnx.ModelProto, tensors: list[str], source: SampleSource,
                               options: RayOptions, *, batch_size: int = 1,
-                              memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: ProgressFactory = _no_progress,
+                              memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: ProgressFactory = no_progress,
                               aliases: dict[str, str] | None = None) -> Statistics:
     """collect_statistics over shards of `source` as Ray tasks; byte-identical to collect_statistics."""
     if needs_external_data(model):

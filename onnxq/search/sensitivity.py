@@ -81,13 +81,14 @@ class SensitivityResult:
     all_int8_sqnr_db: float
     samples: int
     layers: list[LayerSensitivity] = field(default_factory=list)  # most sensitive first
+    notes: list[str] = field(default_factory=list)
 
     def ranked_nodes(self) -> list[str]:
         return [layer.node for layer in self.layers]
 
     def to_dict(self) -> dict:
         return {"all_int8_sqnr_db": _finite(self.all_int8_sqnr_db), "samples": self.samples,
-                "layers": [layer.to_dict() for layer in self.layers]}
+                "layers": [layer.to_dict() for layer in self.layers], "notes": list(self.notes)}
 
     def save_json(self, path: Path) -> None:
         from onnxq.model_io import atomic_write_bytes
@@ -126,6 +127,7 @@ class SensitivityResult:
         for rank, layer in enumerate(self.layers[:top], 1):
             lines.append(f"{rank:>4}  {layer.only_this_sqnr_db:>12.2f}  "
                          f"{layer.all_but_this_sqnr_db - self.all_int8_sqnr_db:>12.2f}  {layer.node} ({layer.op})")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 

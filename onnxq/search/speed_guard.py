@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from onnxq.cpu import INT8_FEATURES, TargetCpu, host_cpu
-from onnxq.enums import SpeedGuard
+from onnxq.enums import NodeStatus, SpeedGuard
 from onnxq.errors import DataError, OutputError
 from onnxq.quant.ir import constant_values, is_constant, node_label
 from onnxq.quant.ops import HEAVY_OPS
@@ -122,7 +122,7 @@ def layer_kind(node: gs.Node) -> str:
 
 def guarded_nodes(graph: gs.Graph, placement: Placement, pinned: frozenset[str] = frozenset()) -> list[gs.Node]:
     """int8 Conv/MatMul/Gemm nodes with a constant weight that no recipe pins: what the guard may keep float."""
-    int8 = {d.name for d in placement.nodes if d.status == "int8"}
+    int8 = {d.name for d in placement.nodes if d.status == NodeStatus.INT8}
     return [node for node in graph.nodes
             if node.op in HEAVY_OPS and node_label(node) in int8 and node_label(node) not in pinned
             and len(node.inputs) > 1 and is_constant(node.inputs[1])]
@@ -156,7 +156,7 @@ def table_guard(nodes: list[gs.Node], shapes: dict[str, tuple[int | None, ...]],
             unmeasured.add(layer.kind)
             continue
         result.layers.append({"node": node_label(node), **decision.to_dict()})
-        if decision.precision == "float":
+        if decision.precision == NodeStatus.FLOAT:
             result.keep_float[node_label(node)] = (
                 f"speed guard ({row_class} table, {decision.row_key}): a model took {decision.row.float_ms:.3f} ms "
                 f"with such a layer in float, {decision.row.int8_ms:.3f} ms in int8")
@@ -199,7 +199,7 @@ class GuardResult:
     def to_report(self) -> dict:
         report = {"enabled": True, "mode": self.mode, "source": self.source,
                   "kept_float": dict(sorted(self.keep_float.items()))}
-        if self.mode == "table":
+        if self.mode == SpeedGuard.TABLE:
             report["layers"] = self.layers
         else:
             report.update(trials=self.trials, trials_timed_now=self.timed_now)
@@ -247,7 +247,7 @@ def run_speed_guard(
                    f"{timing.float_ms:.2f} ms in float")
             result.trials.append({"kind": kind, "layers": len(nodes), "decision": decision,
                                   "int8_ms": timing.int8_ms, "float_ms": timing.float_ms})
-            if decision == "float":
+            if decision == NodeStatus.FLOAT:
                 kept_float.update(nodes)
                 current = None
                 result.keep_float.update({n: f"speed guard ({kind}): float is faster on this CPU; {why}"
