@@ -41,14 +41,17 @@ def test_infinite_sqnr_summaries() -> None:
     """Reports write inf as the string "inf" (JSON has none); the text summaries used to format it as a float."""
     fidelity = {"samples": 3, "source": "calib", "outputs": [{"name": "y", "cosine": 1.0, "worst_sample_cosine": 1.0,
                                                              "sqnr_db": "inf", "top1_agreement": None}]}
-    prep = {"command": "qat-prep", "output": "f.onnx", "params": "p.json",
-            "fake_quant": {"activations": 2, "weights": 2}, "fidelity": fidelity}
+    settings = {"method": "global", "percentile": 99.99, "symmetric": False, "per_channel": True,
+                "weight_range": "full", "weight_range_reason": "set by --weight-range", "format": "qdq"}
+    nodes = {"total": 1, "quantized": 1, "float": 0, "by_status": {"int8": 1}, "by_op_type": {"Conv": {"int8": 1}}}
+    core = {"model": "a", "output": "b", "settings": settings, "fidelity": fidelity, "nodes": nodes, "float_nodes": [],
+            "size": {"input_bytes": 2000, "output_bytes": 1000, "ratio": 2.0},
+            "fusion": {"int8_kernels": {}, "avoidable": 0}}
+    prep = {**core, "command": "qat-prep", "params": "p.json", "fake_quant": {"activations": 2, "weights": 2}}
     assert "SQNR inf dB" in format_summary(prep)
-    converted = {"command": "convert", "model": "a", "output": "b", "format": "qdq", "int8_nodes": ["c"],
-                 "converted_types": [],
-                 "dropped": [], "kept_float": [], "fidelity": fidelity,
-                 "tensors": {"learned": [], "shared_learned": [], "calibrated": [], "computed": []},
-                 "fusion": {"int8_kernels": {}, "avoidable": 0}}
+    origins = {"learned": [], "shared_learned": [], "calibrated": [], "computed": []}
+    converted = {**core, "command": "convert", "settings": {**settings, "activations": "uint8"}, "converted_types": [],
+                 "dropped": [], "tensor_origins": origins}
     assert "SQNR inf dB" in format_summary(converted)
 
 

@@ -155,7 +155,7 @@ def test_weights_keep_learned_integers_and_scales(tmp_path: Path, per_channel: b
         expected = originals[f"{name}_int8"] if stored_weights else qmath.quantize(
             originals[name], params[name][0], params[name][1], qmath.INT8, 0 if per_channel else None)
         np.testing.assert_array_equal(stored, expected)
-    assert result.report["tensors"]["calibrated"] == []
+    assert result.report["tensor_origins"]["calibrated"] == []
     assert fused_op_types(output).count("QLinearConv") == 2
     reference, converted = run(source, feed())[0], run(output, feed())[0]
     assert cosine(reference, converted) > 0.999
@@ -196,7 +196,7 @@ def test_shared_scale_tensor_is_read_once_per_pair(tmp_path: Path) -> None:
     result, _, output = convert_model(model, tmp_path)
     written = dequantize_params(onnx.load(str(output)))
     assert float(written["x_quantized"][0]) == float(written["r1_dq_quantized"][0]) == float(params["x"][0])
-    assert {"x", "r1_dq"} <= set(result.report["tensors"]["learned"])
+    assert {"x", "r1_dq"} <= set(result.report["tensor_origins"]["learned"])
 
 
 def test_bias_gets_int32_with_input_times_weight_scale(tmp_path: Path) -> None:
@@ -212,17 +212,18 @@ def test_bias_gets_int32_with_input_times_weight_scale(tmp_path: Path) -> None:
 def test_tensor_the_input_leaves_float_stays_float_unless_calibrated(tmp_path: Path) -> None:
     model, _ = qdq_model(input_pair=False)
     result, _, output = convert_model(model, tmp_path)  # default: respect the input model's decision
-    assert [k["node"] for k in result.report["kept_float"]] == ["conv1"]
-    assert "leaves x float" in result.report["kept_float"][0]["reason"] and "x" not in dequantize_params(
-        onnx.load(str(output)))
-    assert result.report["tensors"]["calibrated"] == [] and "conv2" in result.report["int8_nodes"]
+    reasons = {k["name"]: k["reason"] for k in result.report["float_nodes"]}
+    assert set(reasons) == {"conv1", "relu1"}  # relu1: its producer stays float
+    assert "leaves x float" in reasons["conv1"] and "x" not in dequantize_params(onnx.load(str(output)))
+    assert result.report["tensor_origins"]["calibrated"] == []
+    assert {"name": "conv2", "op_type": "Conv", "status": "int8"} in result.report["quantized_nodes"]
     assert "1 nodes kept float" in format_summary(result.report)
     with pytest.raises(UsageError, match=r"need calibration data \(--calib\): x"):
         convert_model(model, tmp_path, calibrate_missing=True)
     calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": image_batch(rng)}, 6)
     result, _, output = convert_model(model, tmp_path, data=DataOptions(calib=calib), calibrate_missing=True)
-    assert result.report["kept_float"] == []
-    assert result.report["tensors"]["calibrated"] == ["x"]
+    assert result.report["float_nodes"] == []
+    assert result.report["tensor_origins"]["calibrated"] == ["x"]
     scale, zero, _ = dequantize_params(onnx.load(str(output)))["x_quantized"]
     lo = min(float(np.load(p)["x"].min()) for p in sorted(calib.iterdir()))
     hi = max(float(np.load(p)["x"].max()) for p in sorted(calib.iterdir()))
@@ -396,7 +397,7 @@ def test_qat_prep_then_convert_equals_quantize(prepped, tmp_path: Path) -> None:
     converted = convert(ConvertRequest(model=request.output, output=tmp_path / "rt.int8.onnx"))
     direct = quantize_simple(source, tmp_path / "direct.int8.onnx", calib, speed_guard="off",
                              settings=QuantSettings())
-    assert converted.report["tensors"]["calibrated"] == []
+    assert converted.report["tensor_origins"]["calibrated"] == []
     assert set(converted.plan.tensors) == set(direct.plan.tensors)
     for name, entry in direct.plan.tensors.items():
         got = converted.plan.tensors[name]
@@ -451,7 +452,7 @@ def test_pytorch_qat_digits_converts_with_its_accuracy(tmp_path: Path, output_fo
                                        "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["tensors"]["calibrated"] == [] and len(report["int8_nodes"]) == 4
+    assert report["tensor_origins"]["calibrated"] == [] and report["nodes"]["by_status"]["int8"] == 4
     assert report["weights"]["folded_fake_quant"] == 4
     accuracy = digits_accuracy(output)
     assert abs(accuracy - recorded["qat_fakequant_accuracy"]) <= 0.011, (accuracy, recorded)

@@ -71,9 +71,9 @@ def test_float_tensors_of_the_input_stay_float(tmp_path: Path, ort_qdq: tuple[Pa
     source, calib = ort_qdq
     out = tmp_path / "c.onnx"
     result = convert(ConvertRequest(model=source, output=out, data=DataOptions(eval_data=calib)))
-    kept = {k["node"] for k in result.report["kept_float"]}
+    kept = {k["name"] for k in result.report["float_nodes"]}
     assert {"reduce", "fc"} <= kept  # what quantize_static excluded stays float
-    assert result.report["tensors"]["calibrated"] == []
+    assert result.report["tensor_origins"]["calibrated"] == []
     assert result.report["fidelity"]["outputs"][0]["cosine"] > 0.9999  # the same model, int8 where it was
     feed = {"x": np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)}
     assert cosine(run(source, feed)[0], run(out, feed)[0]) > 0.9999
@@ -84,8 +84,8 @@ def test_calibrating_them_is_opt_in_and_runs(tmp_path: Path, ort_qdq: tuple[Path
     out = tmp_path / "c.onnx"
     result = convert(ConvertRequest(model=source, output=out, data=DataOptions(calib=calib),
                                     calibrate_missing=True))
-    assert result.report["kept_float"] == [] and "sq" in result.report["tensors"]["calibrated"]
-    assert {"reduce", "fc"} <= set(result.report["int8_nodes"])
+    assert result.report["float_nodes"] == [] and "sq" in result.report["tensor_origins"]["calibrated"]
+    assert {"reduce", "fc"} <= {n["name"] for n in result.report["quantized_nodes"] if n["status"] == "int8"}
     feed = {"x": np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)}
     assert cosine(run(source, feed)[0], run(out, feed)[0]) > 0.8
 

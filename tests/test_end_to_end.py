@@ -476,9 +476,9 @@ def test_report_json(tmp_path: Path, conv_model_path: Path, conv_calib: Path) ->
     assert nodes["by_op_type"] == {"Conv": {"int8": 2}, "Relu": {"folded": 1}}
 
     size = report["size"]
-    assert size["fp32_bytes"] == conv_model_path.stat().st_size
-    assert size["int8_bytes"] == output.stat().st_size
-    assert size["ratio"] == round(size["fp32_bytes"] / size["int8_bytes"], 3)
+    assert size["input_bytes"] == conv_model_path.stat().st_size
+    assert size["output_bytes"] == output.stat().st_size
+    assert size["ratio"] == round(size["input_bytes"] / size["output_bytes"], 3)
     assert size["ratio"] > 1.0
 
     assert {"load", "prepare", "place", "calibrate", "plan", "rewrite", "check", "evaluate", "write"} \

@@ -23,6 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime import quantization
 
+from onnxq.commands.report import LEFT_FLOAT_BY_INPUT
+
 DEFAULT_ONLY = ["resnet18__ts17", "mobilenet_v3_small__ts17", "efficientnet_b0__ts17", "shufflenet_v2_x0_5__ts17",
                 "regnet_y_400mf__ts17"]
 
@@ -69,7 +71,8 @@ def one(name: str, root: Path, work: Path) -> list[dict]:
                    "error": done.stderr.strip()[:200]}
             if done.returncode == 0:
                 report = json.loads(done.stdout)
-                row.update(kept_float=len(report["kept_float"]), calibrated=len(report["tensors"]["calibrated"]),
+                left = [n for n in report["float_nodes"] if n["reason"].startswith(LEFT_FLOAT_BY_INPUT)]
+                row.update(kept_float=len(left), calibrated=len(report["tensor_origins"]["calibrated"]),
                            int8_kernels=sum(report["fusion"]["int8_kernels"].values()),
                            cosine_to_qdq=round(cosine(reference, outputs(out, calib)), 5))
             rows.append(row)

@@ -35,11 +35,18 @@ from onnxq.commands.convert_plan import (
     roots_without_params,
 )
 from onnxq.commands.pipeline import DataOptions, check_written_model
-from onnxq.commands.report import TIMINGS, fidelity_section, json_safe, report_header
+from onnxq.commands.report import (
+    data_section,
+    describe_source,
+    fidelity_section,
+    json_safe,
+    report_core,
+    settings_section,
+)
 from onnxq.cpu import default_weight_range, host_cpu
 from onnxq.enums import Format, NodeStatus
 from onnxq.errors import ModelError, UsageError
-from onnxq.model_io import load_model, save_model
+from onnxq.model_io import load_model, model_bytes, save_model
 from onnxq.passes.prepare import prepare_model
 from onnxq.passes.strip_qdq import strip_qdq
 from onnxq.paths import DATA, MODEL, MODEL_OUTPUT, PathArg, check_paths
@@ -111,32 +118,35 @@ def convert(request: ConvertRequest, progress: ProgressFactory = no_progress) ->
                 "quantizes them)") if kept_float else ""
         raise ModelError(f"nothing to convert: no Conv, MatMul or Gemm can run in int8{hint}")
     missing = roots_without_params(graph, placement, stripped.learned)
-    calibrated = calibrate_missing(prepared.model, missing, request.data, request.method, request.percentile,
-                                   qmath.qtype_by_name(calib_type), progress)
+    calibrated, calib_source = calibrate_missing(prepared.model, missing, request.data, request.method,
+                                                 request.percentile, qmath.qtype_by_name(calib_type), progress)
     plan, origins = build_convert_plan(graph, placement, stripped.learned, target, calibrated, weight_settings)
     fit_pooling_scales(graph, plan, set(origins.calibrated))
     quantized = write_qdq(prepared.model, plan)
     if request.output_format == Format.QOPERATOR:
         quantized = write_qoperator(quantized)
     fusion = check_written_model(quantized, {d.name: d.status for d in plan.nodes})
-    fidelity = None
+    fidelity, held = None, None
     held_path = request.data.eval_data or request.data.calib
     if held_path is not None:
         held = open_source(held_path, model_input_specs(original), request.data.images).first(EVAL_LIMIT)
         fidelity = compare_models(original, quantized, held, batch_size=request.data.batch_size, progress=progress)
     save_model(quantized, request.output)
     report = {
-        **report_header("convert", request.model, request.output, __version__),
-        "format": request.output_format, "activations": request.activations,
-        "nodes": _node_counts(plan), "int8_nodes": [d.name for d in plan.nodes if d.status == NodeStatus.INT8],
+        **report_core(command="convert", model=request.model, output=request.output, version=__version__, plan=plan,
+                      settings=settings_section(weight_settings, _weight_range_reason(weight_settings),
+                                                request.output_format, activations=request.activations,
+                                                calibrate_missing=request.calibrate_missing),
+                      data=data_section(calibration=describe_source(calib_source), evaluation=held,
+                                        batch_size=request.data.batch_size),
+                      sizes=(model_bytes(original), model_bytes(quantized)),
+                      fidelity=fidelity_section(fidelity, "the input (fake-quant) model"), fusion=fusion.to_dict(),
+                      notes=stripped.notes + prepared.notes,
+                      timings={"convert": round(time.perf_counter() - start, 3)}),
         "weights": {"folded_fake_quant": len(stripped.folded_weights), "stored_integers": len(stripped.stored_weights)},
-        "tensors": {"learned": origins.learned, "shared_learned": origins.shared, "calibrated": origins.calibrated,
-                    "computed": origins.computed},
+        "tensor_origins": {"learned": origins.learned, "shared_learned": origins.shared,
+                           "calibrated": origins.calibrated, "computed": origins.computed},
         "converted_types": origins.converted, "dropped": origins.dropped,
-        "kept_float": [{"node": node, "reason": why} for node, why in sorted(kept_float.items())],
-        "fusion": fusion.to_dict(), "notes": stripped.notes + prepared.notes,
-        "fidelity": fidelity_section(fidelity, "the input (fake-quant) model"),
-        TIMINGS: {"convert": round(time.perf_counter() - start, 3)},
     }
     return ConvertResult(json_safe(report), plan)
 
@@ -146,6 +156,8 @@ def convert_paths(request: ConvertRequest) -> list[PathArg]:
             PathArg("--eval-data", request.data.eval_data, DATA), PathArg("-o", request.output, MODEL_OUTPUT)]
 
 
-
-def _node_counts(plan: QuantPlan) -> dict[str, int]:
-    return dict(sorted(Counter(d.status for d in plan.nodes).items()))
+def _weight_range_reason(settings: QuantSettings) -> str:
+    """Why the range of the weights onnxq quantizes itself (the learned ones keep their integers)."""
+    why = ("x86 without VNNI, uint8 x int8 products can saturate, weights limited to 7 bits"
+           if settings.weight_range == "reduced" else "accumulates int8 products without saturation")
+    return f"this machine: {why} (weights without learned parameters only; learned weights keep their integers)"

@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq.commands.pipeline import DataOptions, check_batch_size
+from onnxq.commands.report import LEFT_FLOAT_BY_INPUT
 from onnxq.enums import NodeStatus
 from onnxq.errors import ModelError, UsageError
 from onnxq.quant import qmath
@@ -24,7 +25,7 @@ from onnxq.quant.placement import Placement, PlacementOptions, place
 from onnxq.quant.plan import QuantPlan, QuantSettings, TensorPlan, activation_plan, bias_plan, weight_plan
 from onnxq.quant.qdq_params import Learned
 from onnxq.runtime.calibrate import collect_statistics
-from onnxq.runtime.data import model_input_specs, open_calibration
+from onnxq.runtime.data import SampleSource, model_input_specs, open_calibration
 from onnxq.runtime.session import ProgressFactory
 
 
@@ -129,13 +130,15 @@ def _drop_reason(graph: gs.Graph, name: str) -> str:
 
 
 def calibrate_missing(prepared: onnx.ModelProto, roots: list[str], data: DataOptions, method: str,
-                      percentile: float, qtype: qmath.QType, progress: ProgressFactory) -> dict[str, TensorPlan]:
-    """Activation parameters for the tensors the QAT model left without (asymmetric, in `qtype`).
+                      percentile: float, qtype: qmath.QType, progress: ProgressFactory
+                      ) -> tuple[dict[str, TensorPlan], SampleSource | None]:
+    """Activation parameters for the tensors the QAT model left without (asymmetric, in `qtype`), and the
+    samples they were calibrated on (None: none needed it).
 
     Their ranges are used as calibrated, not rounded outward as `quantize` rounds them (stable=False).
     """
     if not roots:
-        return {}
+        return {}, None
     if data.calib is None:
         shown = ", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")
         raise UsageError(f"--calibrate-missing: {len(roots)} tensors have no learned parameters and need calibration "
@@ -146,7 +149,7 @@ def calibrate_missing(prepared: onnx.ModelProto, roots: list[str], data: DataOpt
     stats = collect_statistics(prepared, roots, source, batch_size=data.batch_size, memory_budget=data.memory_budget,
                                progress=progress)
     return {root: activation_plan(root, stats.tensors[root], qtype, method, percentile, symmetric=False, stable=False)
-            for root in roots}
+            for root in roots}, source
 
 
 def respect_float_tensors(graph: gs.Graph, options: PlacementOptions, learned: dict[str, Learned]
@@ -172,7 +175,7 @@ def respect_float_tensors(graph: gs.Graph, options: PlacementOptions, learned: d
             touched = [t.name for t in (*node.inputs, *node.outputs, *(o for c in written for o in c.outputs))
                        if t.name in tensors]
             if touched:
-                found[node_label(node)] = (f"the input model leaves {touched[0]} float (no QuantizeLinear/"
+                found[node_label(node)] = (f"{LEFT_FLOAT_BY_INPUT} {touched[0]} float (no QuantizeLinear/"
                                            "DequantizeLinear on it)")
         if not found:
             raise ModelError(f"cannot keep the tensors the input model leaves float ({sorted(missing)[0]}, ...) "

@@ -18,12 +18,18 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxq import __version__
-from onnxq.commands.report import FP32_REFERENCE, TIMINGS, fidelity_section, json_safe, report_header
+from onnxq.commands.report import (
+    FP32_REFERENCE,
+    fidelity_section,
+    json_safe,
+    quantize_data,
+    report_core,
+    settings_section,
+)
 from onnxq.commands.request import QuantizeRequest, StageTimer
 from onnxq.commands.stages import calibrated
 from onnxq.commands.written import check_written_model
-from onnxq.enums import NodeStatus
-from onnxq.model_io import save_model
+from onnxq.model_io import model_bytes, save_model
 from onnxq.outputs import transaction
 from onnxq.paths import OUTPUT, PathArg, check_paths, quantize_paths
 from onnxq.quant import qmath
@@ -75,13 +81,15 @@ def _qat_prep(request: QuantizeRequest, params_path: Path, progress: ProgressFac
         save_model(model, request.output)
         plan.save(params_path)
     report = {
-        **report_header("qat-prep", request.model, request.output, __version__), "params": str(params_path),
-        "settings": plan.settings.__dict__, "weight_range_reason": c.setup.weight_range_reason,
+        **report_core(command="qat-prep", model=request.model, output=request.output, version=__version__,
+                      plan=plan, settings=settings_section(plan.settings, c.setup.weight_range_reason, "qdq",
+                                                           exclude=list(request.exclude)),
+                      data=quantize_data(request, c.stats, calib, held),
+                      sizes=(model_bytes(prepared.original), model_bytes(model)),
+                      fidelity=fidelity_section(fidelity, FP32_REFERENCE), fusion=fusion.to_dict(), notes=c.notes,
+                      timings=timer.seconds),
+        "params": str(params_path),
         "fake_quant": {"activations": len(plan.by_role("activation")), "weights": len(plan.by_role("weight"))},
-        "int8_nodes": [d.name for d in plan.nodes if d.status == NodeStatus.INT8],
-        "calibration": {"source": calib.description, "samples": len(calib)} if calib is not None else None,
-        "fidelity": fidelity_section(fidelity, FP32_REFERENCE),
-        "notes": c.notes, "fusion": fusion.to_dict(), TIMINGS: timer.seconds,
     }
     return PrepResult(json_safe(report), plan)
 

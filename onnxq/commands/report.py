@@ -1,5 +1,6 @@
-"""The reports of quantize, convert and qat-prep: JSON-ready dicts that share their header, fidelity and
-timing keys, and the one text summary (format_summary) that reads any of them."""
+"""The reports of quantize, convert and qat-prep: JSON-ready dicts built on one core (report_core: the same
+keys, with the same meaning and shape, in every command's report) plus each command's own keys, and the
+one text summary (format_summary) that reads any of them."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from onnxq.model_io import model_bytes, size_change
 
 if TYPE_CHECKING:
     from onnxq.commands.request import QuantizeRequest
-    from onnxq.quant.plan import QuantPlan
+    from onnxq.quant.plan import QuantPlan, QuantSettings
     from onnxq.quant.statistics import Statistics
     from onnxq.runtime.data import SampleSource
     from onnxq.runtime.evaluate import Fidelity
 
 FP32_REFERENCE = "the fp32 model"
 TIMINGS = "timings_s"  # stage -> seconds, in every report
+# How a float node's reason starts when convert keeps it float because the input model leaves its tensors float.
+LEFT_FLOAT_BY_INPUT = "the input model leaves"
 
 
 def build_report(*, request: QuantizeRequest, version: str, original: onnx.ModelProto, quantized_bytes: int,
@@ -28,38 +31,74 @@ def build_report(*, request: QuantizeRequest, version: str, original: onnx.Model
                  fidelity: Fidelity | None, notes: list[str], weight_range_reason: str,
                  timings: dict[str, float], speed_guard: dict, fusion: dict, recovery: dict | None = None,
                  target: dict | None = None) -> dict:
-    original_bytes = model_bytes(original)
-    nodes = _node_summary(plan)
+    """quantize's report: the keys every report has (report_core), then quantize's own."""
     report = {
-        **report_header("quantize", request.model, request.output, version),
+        **report_core(command="quantize", model=request.model, output=request.output, version=version, plan=plan,
+                      settings=settings_section(plan.settings, weight_range_reason, request.output_format,
+                                                exclude=list(request.exclude), mode=request.mode),
+                      data=quantize_data(request, stats, calib, held),
+                      sizes=(model_bytes(original), quantized_bytes),
+                      fidelity=fidelity_section(fidelity, FP32_REFERENCE), fusion=fusion, notes=notes,
+                      timings=timings),
         "target_cpu": None if target is None else {**target, "speed_decisions": _speed_decisions(speed_guard)},
-        "settings": {**plan.settings.__dict__, "weight_range_reason": weight_range_reason,
-                     "exclude": list(request.exclude), "format": request.output_format,
-                     "mode": request.mode},
         "recipe": {"rules": [rule.to_dict() for rule in request.recipe.rules],
                    "int16_nodes": [n.name for n in plan.nodes if n.status == NodeStatus.INT16],
                    "saved_to": str(request.save_recipe) if request.save_recipe else None},
-        "data": {
-            "calibration": _describe(calib, stats.samples if request.load_stats else None),
-            "statistics_file": str(request.load_stats) if request.load_stats else None,
-            "evaluation": _describe(held),
-            "batch_size": request.data.batch_size,
-        },
-        "nodes": nodes,
-        "size": {"fp32_bytes": original_bytes, "int8_bytes": quantized_bytes,
-                 "ratio": round(original_bytes / quantized_bytes, 3) if quantized_bytes else None},
-        "fidelity": fidelity_section(fidelity, FP32_REFERENCE),
-        "tensors": [_tensor_row(t) for t in plan.tensors.values()],
+        "speed_guard": speed_guard,
+        "recovery": recovery,
+        "gates": _gates(request, fidelity),
+    }
+    return json_safe(report)
+
+
+def report_core(*, command: str, model: object, output: object, version: str, plan: QuantPlan, settings: dict,
+                data: dict, sizes: tuple[int, int], fidelity: dict | None, fusion: dict, notes: list[str],
+                timings: dict[str, float]) -> dict:
+    """The keys every command's report has, with the same meaning and shape in each: what ran on what, with
+    which settings and data; what the plan made of each node and tensor; the written model's size, how
+    closely it follows its reference, what onnxruntime fuses in it; notes and the seconds per stage.
+    `sizes`: the input and the written model's bytes."""
+    return {
+        **report_header(command, model, output, version),
+        "settings": settings,
+        "data": data,
+        "nodes": _node_summary(plan),
+        "quantized_nodes": [{"name": n.name, "op_type": n.op_type, "status": n.status}
+                            for n in plan.nodes if n.status in QUANTIZED_STATUSES],
         "float_nodes": [{"name": n.name, "op_type": n.op_type, "reason": n.reason}
                         for n in plan.nodes if n.status == NodeStatus.FLOAT],
-        "speed_guard": speed_guard,
+        "tensors": [_tensor_row(t) for t in plan.tensors.values()],
+        "size": size_section(*sizes),
+        "fidelity": fidelity,
         "fusion": fusion,
-        "recovery": recovery,
         "notes": notes,
         TIMINGS: timings,
     }
-    report["gates"] = _gates(request, fidelity)
-    return json_safe(report)
+
+
+def settings_section(settings: QuantSettings, weight_range_reason: str, output_format: str, **extra) -> dict:
+    """The plan's settings, why that weight range, the written format, and a command's own settings."""
+    return {**settings.__dict__, "weight_range_reason": weight_range_reason, "format": output_format, **extra}
+
+
+def data_section(*, calibration: dict | None, evaluation: SampleSource | None, batch_size: int,
+                 statistics_file: object = None) -> dict:
+    """Where the calibration and evaluation samples came from (None: not used)."""
+    return {"calibration": calibration, "statistics_file": None if statistics_file is None else str(statistics_file),
+            "evaluation": describe_source(evaluation), "batch_size": batch_size}
+
+
+def quantize_data(request: QuantizeRequest, stats: Statistics, calib: SampleSource | None,
+                  held: SampleSource | None) -> dict:
+    """data_section for quantize and qat-prep: calibrated on `calib`, or on statistics loaded from a file."""
+    samples = stats.samples if request.load_stats else None
+    return data_section(calibration=describe_source(calib, samples), evaluation=held,
+                        batch_size=request.data.batch_size, statistics_file=request.load_stats)
+
+
+def size_section(input_bytes: int, output_bytes: int) -> dict:
+    return {"input_bytes": input_bytes, "output_bytes": output_bytes,
+            "ratio": round(input_bytes / output_bytes, 3) if output_bytes else None}
 
 
 def report_header(command: str, model: object, output: object, version: str) -> dict:
@@ -87,7 +126,7 @@ def _metric_change(target: dict) -> str:
     return f", metric {number(target['start']['metric'], 4)} -> {number(target['final']['metric'], 4)}"
 
 
-def _describe(source: SampleSource | None, samples: int | None = None) -> dict | None:
+def describe_source(source: SampleSource | None, samples: int | None = None) -> dict | None:
     if source is None:
         return None if samples is None else {"samples": samples}
     info = {"source": source.description, "kind": source.kind, "samples": len(source)}
@@ -106,6 +145,7 @@ def _node_summary(plan: QuantPlan) -> dict:
         "total": len(plan.nodes),
         "quantized": quantized,
         "float": len(plan.nodes) - quantized,
+        "by_status": dict(sorted(Counter(n.status for n in plan.nodes).items())),
         "by_op_type": {op: dict(sorted(c.items())) for op, c in sorted(by_op.items())},
     }
 
@@ -149,7 +189,6 @@ def format_summary(report: dict) -> str:
 
 
 def _quantize_lines(report: dict) -> list[str]:
-    nodes, size = report["nodes"], report["size"]
     lines = [f"onnxq {report['onnxq_version']}: {report['model']} -> {report['output']}"]
     target = report.get("target_cpu")
     if target:
@@ -166,14 +205,7 @@ def _quantize_lines(report: dict) -> list[str]:
     if calib:
         origin = calib.get("source", report["data"]["statistics_file"])
         lines.append(f"  calibration: {calib['samples']} samples from {origin}")
-    lines.append(f"  nodes: {nodes['quantized']} of {nodes['total']} quantized, {nodes['float']} kept float")
-    ops = []
-    for op, counts in nodes["by_op_type"].items():
-        quantized = sum(v for k, v in counts.items() if k in QUANTIZED_STATUSES)
-        ops.append(f"{op} {quantized}/{sum(counts.values())}")
-    lines.append("    " + ", ".join(ops))
-    lines.append(f"  size: {size['fp32_bytes'] / 1e6:.2f} MB -> {size['int8_bytes'] / 1e6:.2f} MB "
-                 f"({size_change(size['fp32_bytes'], size['int8_bytes'])})")
+    lines += [*_node_lines(report["nodes"]), _size_line(report["size"])]
     lines.extend(_fidelity_lines(report["fidelity"]))
     lines.extend(_fusion_lines(report.get("fusion")))
     lines.extend(_search_lines(report.get("auto")))
@@ -199,27 +231,45 @@ def _quantize_lines(report: dict) -> list[str]:
 
 
 def _convert_lines(report: dict) -> list[str]:
-    tensors = report["tensors"]
-    lines = [f"onnxq: converted {report['model']} -> {report['output']} ({report['format']}): "
-             f"{len(report['int8_nodes'])} int8 nodes; {len(tensors['learned']) + len(tensors['shared_learned'])} "
-             f"tensors keep learned parameters, {len(tensors['calibrated'])} calibrated, "
-             f"{len(tensors['computed'])} weights/biases quantized by onnxq (biases: int32, input x weight scale)"]
+    origins = report["tensor_origins"]
+    lines = [f"onnxq: converted {report['model']} -> {report['output']} ({report['settings']['format']}): "
+             f"{len(origins['learned']) + len(origins['shared_learned'])} tensors keep learned parameters, "
+             f"{len(origins['calibrated'])} calibrated, {len(origins['computed'])} weights/biases quantized by onnxq "
+             "(biases: int32, input x weight scale)"]
+    lines += [*_node_lines(report["nodes"]), _size_line(report["size"])]
     if report["converted_types"]:
-        lines.append(f"  {len(report['converted_types'])} activations converted to {report['activations']}")
+        lines.append(f"  {len(report['converted_types'])} activations converted to "
+                     f"{report['settings']['activations']}")
     if report["dropped"]:
         lines.append(f"  {len(report['dropped'])} learned parameters not used (see the report's 'dropped')")
-    if report["kept_float"]:
-        lines.append(f"  {len(report['kept_float'])} nodes kept float, as the input model leaves their tensors float "
-                     "(see the report's 'kept_float'; --calibrate-missing --calib DATA quantizes them)")
+    left = [n for n in report["float_nodes"] if n["reason"].startswith(LEFT_FLOAT_BY_INPUT)]
+    if left:
+        lines.append(f"  {len(left)} nodes kept float, as the input model leaves their tensors float "
+                     "(see the report's 'float_nodes'; --calibrate-missing --calib DATA quantizes them)")
     return lines + _fusion_lines(report["fusion"]) + _fidelity_lines(report["fidelity"]) + _closing_lines(report)
 
 
 def _prep_lines(report: dict) -> list[str]:
     counts = report["fake_quant"]
     lines = [f"onnxq: fake-quant model {report['output']}: {counts['activations']} activations and "
-             f"{counts['weights']} weights behind QuantizeLinear->DequantizeLinear; parameters -> {report['params']}"]
+             f"{counts['weights']} weights behind QuantizeLinear->DequantizeLinear; parameters -> {report['params']}",
+             _static_settings_line(report["settings"]), *_node_lines(report["nodes"]), _size_line(report["size"])]
     lines += _fidelity_lines(report["fidelity"]) + _closing_lines(report)
     return [*lines, f"  after training: onnxq convert {report['output']} -o MODEL.int8.onnx"]
+
+
+def _node_lines(nodes: dict) -> list[str]:
+    ops = []
+    for op, counts in nodes["by_op_type"].items():
+        quantized = sum(v for k, v in counts.items() if k in QUANTIZED_STATUSES)
+        ops.append(f"{op} {quantized}/{sum(counts.values())}")
+    return [f"  nodes: {nodes['quantized']} of {nodes['total']} quantized, {nodes['float']} kept float",
+            "    " + ", ".join(ops)]
+
+
+def _size_line(size: dict) -> str:
+    return (f"  size: {size['input_bytes'] / 1e6:.2f} MB -> {size['output_bytes'] / 1e6:.2f} MB "
+            f"({size_change(size['input_bytes'], size['output_bytes'])})")
 
 
 def _fidelity_lines(fidelity: dict | None) -> list[str]:

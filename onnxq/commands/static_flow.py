@@ -21,7 +21,7 @@ from onnxq import __version__
 from onnxq.commands.dynamic import rewrite_dynamic
 from onnxq.commands.dynamic_flow import quantize_without_calibration
 from onnxq.commands.recipe import NodeChoice, activation_overrides, adaround_nodes, layer_options, pinned_int8
-from onnxq.commands.report import build_report, json_safe
+from onnxq.commands.report import TIMINGS, build_report, json_safe
 from onnxq.commands.request import (
     QuantizeRequest,
     QuantizeResult,
@@ -394,8 +394,8 @@ def _searched_dynamic(request: QuantizeRequest, outcome: auto.SearchOutcome, tim
     result = quantize_without_calibration(replace(request, mode="dynamic"), progress)
     result.report["auto"] = json_safe(outcome.to_report())
     result.report["notes"] += outcome.notes
-    result.report["timings_s"] = {**{f"{k} (static)" if k in result.report["timings_s"] else k: v
-                                     for k, v in timer.seconds.items()}, **result.report["timings_s"]}
+    result.report[TIMINGS] = {**{f"{k} (static)" if k in result.report[TIMINGS] else k: v
+                                 for k, v in timer.seconds.items()}, **result.report[TIMINGS]}
     return result
 
 
