@@ -158,7 +158,7 @@ def test_calibration_options_rejected_without_calibration(tmp_path: Path) -> Non
     calib = write_npz_folder(tmp_path / "calib", lambda rng: {"x": rng.standard_normal((2, K)).astype(np.float32)}, 2)
     result = CliRunner().invoke(main, ["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--mode", "dynamic",
                                        "--save-stats", str(tmp_path / "s.npz"), "--calib", str(calib)])
-    assert result.exit_code == 2 and "needs no calibration" in result.stderr
+    assert result.exit_code == 2 and "--save-stats" in result.stderr and "no calibration" in result.stderr
 
 
 SEQ, BATCH, INPUT, HIDDEN = 5, 2, 8, 16

@@ -32,8 +32,11 @@ from onnxq.runtime.session import ProgressFactory, no_progress
 
 def quantize_without_calibration(request: QuantizeRequest, progress: ProgressFactory = no_progress
                                  ) -> QuantizeResult:
-    """--mode dynamic or weight-only: weights are quantized ahead, activations (if at all) at run time."""
-    if request.mode not in ("dynamic", "weight-only"):
+    """--mode dynamic or weight-only: weights are quantized ahead, activations (if at all) at run time.
+
+    The command line refuses these modes' inert flags from the option table (exit 2); the checks here
+    cover the same settings when a recipe or the Python API sets them."""
+    if request.mode not in (Mode.DYNAMIC, Mode.WEIGHT_ONLY):
         raise UsageError(f"unknown mode {request.mode!r}; choose static, dynamic or weight-only")
     if request.output_format != Format.QDQ or request.load_stats or request.save_stats or request.save_plan:
         raise UsageError(f"--mode {request.mode} takes no --format qoperator, --load-stats, --save-stats or "

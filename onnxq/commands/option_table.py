@@ -111,6 +111,9 @@ def _int4(v: Mapping[str, Any]) -> bool:
     return _mode(v) == Mode.WEIGHT_ONLY and v["weight_bits"] == "4"
 
 
+STATIC_ONLY = "applies to --mode static only (dynamic and weight-only modes need no calibration)"
+
+
 def _calibrates(v: Mapping[str, Any]) -> bool:
     """Calibration data is read: static mode, or int4 weights rounded by gptq/awq from --calib's statistics."""
     return _static(v) or (_int4(v) and v["weight_method"] in ("gptq", "awq") and v["calib"] is not None)
@@ -185,7 +188,7 @@ OPTIONS: tuple[Option, ...] = (
                            "if given).",
                   QAT_PREP: "Held-back data to compare with fp32 on (default: the last 10% of --calib)."}),
     Option(("--load-stats",), "Reuse statistics saved by --save-stats or `onnxq calibrate` (no inference pass).",
-           (QUANTIZE, SENSITIVITY), type=_path(), request=True),
+           (QUANTIZE, SENSITIVITY), type=_path(), request=True, acts=_static, acts_help=STATIC_ONLY),
     # ---- mode
     Option(("--mode",), "static: activation ranges from calibration; dynamic: MatMul/Gemm/LSTM activations quantized "
            "at run time (no calibration); weight-only: integer weights, float compute (no calibration).", (QUANTIZE,),
@@ -236,7 +239,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--format",), "qdq: QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels; "
            "qoperator: integer operators (QLinearConv, MatMulIntegerToFloat, QGemm, ...), same parameters.",
            (QUANTIZE, CONVERT), dest="output_format", type=click.Choice(Format.values()), default="qdq",
-           show_default=True, recipe=RecipeSetting("format", str, Format.values()), request=True,
+           show_default=True, recipe=RecipeSetting("format", str, Format.values()), request=True, acts=_static,
+           acts_help=STATIC_ONLY,
            helps={CONVERT: "qdq: Q/DQ pairs placed for onnxruntime's int8 kernels; qoperator: integer operators."}),
     Option(("--save-recipe",), "Write the effective recipe (settings as used, rules, the speed guard's and the "
            "accuracy target's choices): --recipe with it rebuilds this model.", (QUANTIZE,), type=_path(),
@@ -260,8 +264,10 @@ OPTIONS: tuple[Option, ...] = (
            acts=lambda v: _mode(v) != Mode.WEIGHT_ONLY,
            acts_help="sets the int8 weight range (static and dynamic modes; weight-only computes in float)"),
     # ---- saved stages
-    Option(("--save-stats",), "Save the calibration statistics.", (QUANTIZE,), type=_path(), request=True),
-    Option(("--save-plan",), "Save the per-tensor quantization plan (JSON).", (QUANTIZE,), type=_path(), request=True),
+    Option(("--save-stats",), "Save the calibration statistics.", (QUANTIZE,), type=_path(), request=True,
+           acts=_static, acts_help=STATIC_ONLY),
+    Option(("--save-plan",), "Save the per-tensor quantization plan (JSON).", (QUANTIZE,), type=_path(), request=True,
+           acts=_static, acts_help=STATIC_ONLY),
     Option(("--report",), "Write the full report as JSON.", REPORTS, dest="report_path", type=_path()),
     Option(("--json",), "Print the report as JSON on stdout.", (*REPORTS, SENSITIVITY, BENCH), dest="as_json",
            is_flag=True, helps={SENSITIVITY: "Print the ranking as JSON on stdout.",
@@ -330,12 +336,13 @@ OPTIONS: tuple[Option, ...] = (
            acts_help="applies to static mode (dynamic and weight-only leave activations' ops in float)"),
     Option(("--equalize",), "Cross-layer equalization of Conv -> [Relu] -> Conv pairs before calibration (same float "
            "function, more even per-channel weight ranges).", (QUANTIZE, SENSITIVITY), is_flag=True,
-           recipe=RecipeSetting("equalize", bool), request=True),
+           recipe=RecipeSetting("equalize", bool), request=True, acts=_static, acts_help=STATIC_ONLY),
     Option(("--bias-correction",), "Remove the per-channel output mean shift weight rounding causes, measured on the "
            "calibration samples.", (QUANTIZE,), is_flag=True, recipe=RecipeSetting("bias_correction", bool),
-           request=True),
+           request=True, acts=_static, acts_help=STATIC_ONLY),
     Option(("--adaround",), "Learned rounding: pick floor or ceil per weight to minimise each layer's output error on "
-           "the calibration samples.", (QUANTIZE,), is_flag=True, recipe=RecipeSetting("adaround", bool)),
+           "the calibration samples.", (QUANTIZE,), is_flag=True, recipe=RecipeSetting("adaround", bool),
+           acts=_static, acts_help=STATIC_ONLY),
     Option(("--adaround-seconds",), "--adaround: approximate optimisation budget over all layers.", (QUANTIZE,),
            type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
            recipe=RecipeSetting("adaround_seconds", float),
