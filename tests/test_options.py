@@ -136,3 +136,15 @@ def test_statistics_from_calibrate_with_a_rewriting_option_say_why_they_do_not_f
     assert code != 0 and len(stderr.strip().splitlines()) == 1, stderr
     assert "--equalize change the model before calibration" in stderr and "--save-stats" in stderr
     assert not (ws / "out" / "q.onnx").exists()
+
+
+def test_request_fields_default_to_their_rows_defaults() -> None:
+    """A request made in Python behaves as the command line with the option left out."""
+    fields = {f.name: f for f in dataclasses.fields(QuantizeRequest)}
+    for row in options.OPTIONS:
+        if not row.request:
+            continue
+        field = fields[row.name]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        expected = False if row.is_flag else (() if row.multiple else row.default)
+        assert default == expected, row.name

@@ -378,6 +378,11 @@ BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 RECIPE_SETTINGS: dict[str, RecipeSetting] = {o.recipe.key: o.recipe for o in OPTIONS if o.recipe is not None}
 
 
+def default_of(name: str) -> Any:
+    """An option's default as its row declares it (the request's fields take theirs from here)."""
+    return next(option.default for option in OPTIONS if option.name == name)
+
+
 def options_of(command: str) -> list[Option]:
     return [option for option in OPTIONS if command in option.commands]
 

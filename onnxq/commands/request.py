@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxq.commands.dynamic import WeightOnlyOptions
+from onnxq.commands.option_table import default_of
 from onnxq.commands.recipe import Recipe, Rule, Selector
 from onnxq.cpu import TargetCpu, default_weight_range
 from onnxq.enums import Format, Mode, SpeedGuard, WeightRange
@@ -26,7 +27,6 @@ from onnxq.search.sensitivity import Target
 from onnxq.search.speed_guard import MODES
 
 RANDOM_SAMPLES = 16  # --allow-random: samples drawn
-TARGET_SAMPLES = 32  # held-back samples the target search measures on (default)
 EVAL_SAMPLES = 32  # held-back samples the fidelity report measures on (default; None: all)
 HOLDOUT = 0.1  # share of --calib held back for the fidelity report without the automatic search
 
@@ -50,24 +50,24 @@ class QuantizeRequest:
     output: Path | None = None  # where quantize writes the model (sensitivity and calibrate write none)
     settings: QuantSettings = field(default_factory=QuantSettings)
     data: DataOptions = field(default_factory=DataOptions)
-    weight_range: str = "auto"  # "auto" picks by this CPU (see onnxq.cpu)
+    weight_range: str = default_of("weight_range")  # "auto" picks by this CPU (see onnxq.cpu)
     load_stats: Path | None = None
     save_stats: Path | None = None
     save_plan: Path | None = None
     exclude: tuple[str, ...] = ()
     exclude_regex: tuple[str, ...] = ()  # nodes whose name matches stay float (folded into the recipe's rules)
-    speed_guard: str = "table"  # "table", "measure" (time on this machine) or "off" (see onnxq.search.speed_guard)
+    speed_guard: str = default_of("speed_guard")  # table, measure (time this machine), off (onnxq.search.speed_guard)
     speed_profile: Path | None = None  # --speed-guard measure: None is the per-machine cache
     target_cpu: str | None = None  # a CPU class (avx2, avx512-vnni, amx, arm64, host) or a file describing it
-    output_format: str = "qdq"  # or "qoperator": integer operators (onnxq.quant.rewrite_qop)
+    output_format: str = default_of("output_format")  # or "qoperator": integer operators (onnxq.quant.rewrite_qop)
     target: Target | None = None  # accuracy target: fall back to float until it holds (onnxq.search.sensitivity)
     metric: Path | None = None  # a Python file with score(references, candidates, feeds) for Target.min_metric
-    target_samples: int = TARGET_SAMPLES
+    target_samples: int = default_of("target_samples")
     eval_samples: int | None = EVAL_SAMPLES  # the fidelity report's first N held-back samples; None: all
     target_data: DataArg | None = None  # samples the target is measured on (default: the held-back ones)
     max_fallbacks: int | None = None
     sensitivity_samples: int = 16
-    mode: str = "static"  # or "dynamic" / "weight-only" (onnxq.commands.dynamic; no calibration)
+    mode: str = default_of("mode")  # or "dynamic" / "weight-only" (onnxq.commands.dynamic; no calibration)
     weight_only: WeightOnlyOptions = field(default_factory=WeightOnlyOptions)
     min_cosine: float | None = None
     min_sqnr: float | None = None
