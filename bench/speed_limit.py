@@ -648,8 +648,8 @@ def run_model(name: str, tmp: Path, *, budget_s: float, rounds: int, extra: dict
     # a row measured on another CPU class (the bench's peers under a cpuid mask: AVX2's int8 kernel saturates
     # where VNNI's does not) has its agreement with fp32 measured again here, on this class's kernels
     here = host_cpu().cpu_class
-    elsewhere = {cid: candidates[cid] for cid in speedups
-                 if cid in rows and rows[cid].get("status") == "ok" and rows[cid].get("cpu_class") != here}
+    elsewhere = {cid: candidates[cid] for cid in speedups if cid != "fp32" and cid in rows
+                 and rows[cid].get("status") == "ok" and rows[cid].get("cpu_class") != here}
     measured = task_agreement(spec, data, fp32, elsewhere) if elsewhere else {}
     agreement.update({cid: m["fp32_agreement"] for cid, m in measured.items()})
     result = {
