@@ -625,7 +625,9 @@ def run_model(name: str, tmp: Path, *, budget_s: float, rounds: int, extra: dict
     flush = np.zeros(FLUSH_BYTES // 4, np.float32) if cold else None
     skipped = []
     for layer in layers:
-        if any(n not in values for n in (*layer.inputs, layer.output)):
+        # no value, or one a uint8 range cannot hold (MPNet's relative-position buckets take log(0) = -inf):
+        # that op stays fp32, at its cost in the fp32 model
+        if any(n not in values or not np.isfinite(values[n]).all() for n in (*layer.inputs, layer.output)):
             skipped.append(layer.name)
             continue
         key = _shape_key(layer, consts, values)
