@@ -208,7 +208,7 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
            "- Made by: " + "; ".join(f"`{c}`" for c in commands) + " (`make bench` runs `python -m bench.run`)", "",
            "## Headline", "", headline(results), "",
            *unseen_section(results_dir / "unseen"),
-           *limit_section(results_dir / "limit"),
+           *limit_section(results_dir / "limit", results_dir / "limit-avx2"),
            "onnxq default = `onnxq quantize MODEL --calib DATA` (the automatic search, README 'The automatic "
            "default'); --fast = the single pass that was the default before it. Quantize s ÷ floor: the quantize "
            "child's wall time (without its evaluation on --eval-data) ÷ (process start + model load + one plain "
@@ -252,12 +252,15 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
     path.write_text("\n".join(out))
 
 
-def limit_section(folder: Path) -> list[str]:
-    """The speed limit per model (bench/speed_limit.py), when it was run."""
-    results = [r for r in _results(folder) if "limit_speedup" in r]  # not the --compare-only runs
+def limit_section(*folders: Path) -> list[str]:
+    """The speed limit per model (bench/speed_limit.py), when it was run: one folder per CPU class (the host's,
+    then classes measured under bench/cpu_mask)."""
+    results = [r for folder in folders for r in _results(folder) if "limit_speedup" in r]  # not --compare-only
     if not results:
         return []
-    commands = sorted({r["command"].strip() for r in results})
+    commands = sorted({r["command"].strip() for r in results}, key=lambda c: ("cpu_mask" in c, c))
+    built = sorted({r["onnxq_models_command"] for r in results if r.get("onnxq_models_command")})
+    masked = sorted({r["cpu_class"] for r in results if r.get("cpuid_mask")})
     lines = ["## Speed limit per model", "",
              "Made by " + "; ".join(f"`{c}`" for c in commands) + " (bench/README.md, 'Speed limit'). "
              "Limit: every op onnxruntime has an int8 kernel for timed alone in fp32 and in fused int8 QDQ form at "
@@ -268,7 +271,12 @@ def limit_section(folder: Path) -> list[str]:
              "2-core machine (fp32 ms moves with its load). Best peer: the fastest ORT/NNCF model of that run whose "
              "agreement with fp32 (the headline's measure, from the bench's results) is at least 0.9 × onnxq "
              "default's, else the most agreeing one; % of limit: the default's speedup ÷ the limit (the "
-             "peer's in brackets). Above 100%: the limit misses a form that model uses (bench/README.md).", "",
+             "peer's in brackets). Above 100%: the limit misses a form that model uses (bench/README.md)."
+             + (f" Rows of class {', '.join(masked)}: this machine with cpuid masked to that class (bench/cpu_mask; "
+                "MLAS runs that class's kernels), agreement measured under the mask, onnxq's models made for that "
+                "class under the mask by " + "; ".join(f"`{c}`" for c in built) + ", the peers' models the bench's "
+                "cached ones (onnxruntime.quantization and NNCF write the same model whatever the host)."
+                if masked else ""), "",
              "| model | CPU class | fp32 ms | limit × | limit, heavy ops only × | onnxq default × | onnxq --fast × "
              "| best peer × (which, agreement) | onnxq default as % of limit |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -5,6 +5,8 @@ python -m bench.run --quick              # one small model, onnxq default + one 
 python -m bench.run --models ppocr-cls --n-calib 16 --n-eval 16
 python -m bench.run --configs onnxq-target,onnxq-adaround --merge   # add rows to the saved results
 python -m bench.run --set new --configs fp32,onnxq-default,ort-qdq-minmax   # the unseen suite only
+python -m bench.run --models ppocr-det --configs onnxq-default,onnxq-fast --results DIR --work DIR/work \
+    --markdown DIR/BENCH.md    # under bench.cpu_mask.masked_env("avx2"): onnxq's models for that class
 
 The ``new`` suite (models nobody tuned onnxq on, and the main models on wider data) writes its
 results to bench/results/unseen/ and its own UNSEEN.md there; BENCHMARKS.md shows its headline.
@@ -35,6 +37,7 @@ RESULTS = models.REPO / "bench" / "results"
 METRICS = {"sentence-emb": (models.REPO / "bench" / "metric_sentence.py", "0.99", "eval"),  # embedding cosine
            "asr-decoder": (models.REPO / "bench" / "metric_decoder.py", "0.97", "calib")}  # fp32 / int4 perplexity
 MARKDOWN = models.REPO / "BENCHMARKS.md"
+WORK = models.CACHE / "work"  # the quantized models of each run, <model>-<calib>-<eval>/<config id>.onnx
 UNSEEN = RESULTS / "unseen"  # the new suite's results (BENCHMARKS.md shows their headline)
 DEFAULT_SAMPLES = {"ppocr-rec": (64, 48), "ppocr-cls": (64, 48), "ppocr-det": (24, 24),
                    "nudenet-320n": (32, 32), "silero-vad": (256, 256),
@@ -42,6 +45,12 @@ DEFAULT_SAMPLES = {"ppocr-rec": (64, 48), "ppocr-cls": (64, 48), "ppocr-det": (2
                    "whisper-tiny-en": (64, 48),
                    "efficientnet-lite0": (96, 96), "ddddocr-captcha": (96, 96), "mpnet-base": (64, 64),
                    "picodet-layout": (24, 24), "ppocr-rec-photos": (64, 96), "ppocr-det-pages": (24, 24)}
+
+
+def uses_stats(cfg: Config) -> bool:
+    """An onnxq row that quantizes from the one `onnxq calibrate` run's statistics (--load-stats)."""
+    return (cfg.tool == "onnxq" and bool(cfg.args) and "--mode" not in cfg.args
+            and not any(a in cfg.args for a in ("--equalize", "--smooth-alpha", "--fast")))
 
 
 def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats: Path | None,
@@ -59,8 +68,8 @@ def quantize(cfg: Config, model: Path, data: datasets.DataSet, work: Path, stats
                 script, value, samples = METRICS[task]
                 src += ("--metric", script, "--target-metric", value)
                 src += ("--target-data", data.calib) if samples == "calib" else ()
-        elif any(a in cfg.args for a in ("--equalize", "--smooth-alpha", "--fast")):  # own statistics (--fast: timed
-            src = ("--calib", data.calib)  # as a user runs it)
+        elif not uses_stats(cfg):  # own statistics (--fast: timed as a user runs it; the default: no args)
+            src = ("--calib", data.calib)
         else:
             src = ("--load-stats", stats) if stats and cfg.args else ("--calib", data.calib)
             if stats and any(a in cfg.args for a in ("--bias-correction", "--adaround")):
@@ -160,13 +169,19 @@ def task_metrics(spec: models.ModelSpec, path: Path, ref: list[np.ndarray], got:
     return metrics.vad_metrics(probs if ref_extra is None else ref_extra, probs), probs
 
 
+def kernel_class() -> str:
+    """The CPU class whose kernels onnxruntime runs here: the class bench/cpu_mask masks cpuid to, else the host's."""
+    return os.environ.get("ONNXQ_CPUID_MASK") or report.machine()["cpu_class"]
+
+
 def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval: int,
-                rss_limit_mb: float, rounds: int, log=print) -> dict:
-    """Benchmark one model with ``cfgs``; return its result dict."""
+                rss_limit_mb: float, rounds: int, log=print, work_root: Path = WORK) -> dict:
+    """Benchmark one model with ``cfgs`` (quantized models in ``work_root``/<model>-<calib>-<eval>/); return its
+    result dict."""
     t_start = time.perf_counter()
     model = models.prepare(spec)
     data = datasets.build(spec.name, spec.task, model, n_calib, n_eval, data=spec.data)
-    work = models.CACHE / "work" / f"{spec.name}-{n_calib}-{n_eval}"
+    work = work_root / f"{spec.name}-{n_calib}-{n_eval}"
     work.mkdir(parents=True, exist_ok=True)
     calib_feeds, eval_feeds = datasets.load_feeds(data.calib), datasets.load_feeds(data.eval)
     sess = metrics.session(model)
@@ -179,7 +194,7 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
 
     stats = None
     calibrate_row = None
-    if any(c.tool == "onnxq" and c.args for c in cfgs):
+    if any(uses_stats(c) for c in cfgs):
         stats = work / "onnxq.stats.npz"
         res = runners.run_child(runners.onnxq_cmd("calibrate", model, "-o", stats, "--calib", data.calib, "-q"),
                                 log=work / "onnxq-calibrate.log", timeout_s=spec.timeout_s, rss_limit_mb=rss_limit_mb)
@@ -217,7 +232,7 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
         rows.append(row)
 
     lat = {t: metrics.latency(paths, eval_feeds[0], threads=n, rounds=rounds) for t, n in (("1", 1), ("all", 0))}
-    cpu_class = report.machine()["cpu_class"]
+    cpu_class = kernel_class()
     for row in rows:
         row["cpu_class"] = cpu_class  # merged rows may come from another machine: each row says where it ran
         if row["id"] in paths:
@@ -231,7 +246,8 @@ def bench_model(spec: models.ModelSpec, cfgs: list[Config], n_calib: int, n_eval
             "data": {"n_calib": data.n_calib, "n_eval": data.n_eval, **data.meta},
             "fp32_calib_pass_s": round(fp32_calib_pass_s, 3), "quantize_floor_s": round(floor_s, 3),
             "onnxq_calibrate": calibrate_row,
-            "rows": rows, "machine": report.machine(), "elapsed_s": round(time.perf_counter() - t_start, 1)}
+            "rows": rows, "machine": report.machine(), "work": str(work),
+            "elapsed_s": round(time.perf_counter() - t_start, 1)}
 
 
 def merge_rows(path: Path, new: dict) -> dict:
@@ -255,7 +271,7 @@ def merge_rows(path: Path, new: dict) -> dict:
 
 def run(names: list[str], cfg_fn, samples: dict[str, tuple[int, int]], results: Path, markdown: Path | None,
         command: str, rss_limit_mb: float = 12_000, rounds: int = 7, log=print, merge: bool = False,
-        title: str = "# onnxq benchmarks") -> list[dict]:
+        title: str = "# onnxq benchmarks", work: Path | None = None) -> list[dict]:
     """Benchmark ``names``; write results/<model>.json (and the markdown when given)."""
     results.mkdir(parents=True, exist_ok=True)
     out = []
@@ -264,7 +280,8 @@ def run(names: list[str], cfg_fn, samples: dict[str, tuple[int, int]], results: 
         n_calib, n_eval = samples[name]
         log(f"== {name} ({n_calib} calib / {n_eval} eval)")
         try:
-            res = bench_model(spec, cfg_fn(spec), n_calib, n_eval, rss_limit_mb, rounds, log=log)
+            res = bench_model(spec, cfg_fn(spec), n_calib, n_eval, rss_limit_mb, rounds, log=log,
+                              work_root=work or WORK)
         except Exception:  # one broken model must not lose the others' results
             log(traceback.format_exc())
             res = {"model": name, "task": spec.task, "primary_metric": metrics.PRIMARY[spec.task], "rows": [],
@@ -297,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, help="evaluation samples (default: per model)")
     p.add_argument("--results", type=Path, help="folder for <model>.json (default bench/results[/quick])")
     p.add_argument("--markdown", type=Path, help="write this markdown (default BENCHMARKS.md; quick: none)")
+    p.add_argument("--work", type=Path, help="folder for the quantized models (default bench/.cache/work; another "
+                   "one keeps the cache's models, e.g. for models made under bench/cpu_mask for another CPU class)")
     p.add_argument("--rss-limit-mb", type=float, default=12_000, help="kill a quantizer above this RSS")
     p.add_argument("--report-only", action="store_true", help="only regenerate the markdown from results")
     p.add_argument("--configs", help="only these configuration ids (fp32 always runs as the reference)")
@@ -327,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         if mine:
             folder, markdown = suite_outputs(suite)
             run(mine, chosen, samples, a.results or folder, a.markdown or markdown, command.strip(), a.rss_limit_mb,
-                merge=a.merge, title=SUITE_TITLES[suite])
+                merge=a.merge, title=SUITE_TITLES[suite], work=a.work)
     return 0
 
 

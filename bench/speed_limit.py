@@ -29,12 +29,15 @@ and after).
     .venv/bin/python -m bench.speed_limit                   # every model -> bench/results/limit/<model>.json
     .venv/bin/python -m bench.speed_limit --models ppocr-cls,ppocr-det
     .venv/bin/python -m bench.speed_limit --models ppocr-det --compare-only --extra ppocr-det:new=/tmp/new.onnx
+    .venv/bin/python -m bench.cpu_mask avx2 -- .venv/bin/python -m bench.speed_limit --onnxq-results DIR \
+        --results bench/results/limit-avx2     # AVX2 kernels; onnxq's models from bench.run --results DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -541,19 +544,33 @@ def saved_rows(name: str) -> dict[str, dict]:
     return {row["id"]: row for row in json.loads(path.read_text()).get("rows", [])}
 
 
-def candidate_models(name: str, fp32: Path) -> dict[str, Path]:
-    """fp32, onnxq's rows and the peers' models the bench left in the work folder (rows that ran ok)."""
+def candidate_models(name: str, fp32: Path, onnxq_results: Path | None = None) -> tuple[dict[str, Path], dict]:
+    """fp32, onnxq's rows and the peers' models the bench left in the work folder (rows that ran ok), and the
+    bench's rows of them. ``onnxq_results``: a `bench.run --results DIR --work W` folder whose onnxq rows and
+    models (in W) replace the bench's (e.g. made under bench/cpu_mask for another CPU class)."""
     rows, work = saved_rows(name), work_dir(name)
+    if onnxq_results is not None:
+        res = json.loads((onnxq_results / f"{name}.json").read_text())
+        theirs = {row["id"]: {**row, "model_file": str(models.REPO / res["work"] / f"{row['id']}.onnx")}
+                  for row in res.get("rows", []) if row["id"] in MODEL_ROWS}
+        rows = {**{cid: row for cid, row in rows.items() if cid not in MODEL_ROWS}, **theirs}
     found = {"fp32": fp32}
-    for path in sorted(work.glob("*.onnx")):
-        cid = path.stem
-        if (cid in MODEL_ROWS or cid.startswith(PEER_PREFIXES)) and rows.get(cid, {}).get("status") == "ok":
+    for cid in sorted(rows):
+        path = Path(rows[cid].get("model_file") or work / f"{cid}.onnx")
+        if (cid in MODEL_ROWS or cid.startswith(PEER_PREFIXES)) and rows[cid].get("status") == "ok" and path.exists():
             found[cid] = path
-    return found
+    return found, rows
+
+
+def command() -> str:
+    """This run's command line, with the bench/cpu_mask prefix when it runs under a mask."""
+    mask = os.environ.get("ONNXQ_CPUID_MASK")
+    return (f"python -m bench.cpu_mask {mask} -- " if mask else "") + "python -m bench.speed_limit " + " ".join(
+        sys.argv[1:])
 
 
 def run_model(name: str, tmp: Path, *, budget_s: float, rounds: int, extra: dict[str, Path] | None = None,
-              compare_only: bool = False, log=print) -> dict:
+              compare_only: bool = False, onnxq_results: Path | None = None, log=print) -> dict:
     spec = models.MODELS[name]
     fp32 = models.prepare(spec)
     n_calib, n_eval = DEFAULT_SAMPLES[name]
@@ -562,7 +579,10 @@ def run_model(name: str, tmp: Path, *, budget_s: float, rounds: int, extra: dict
     t0 = time.perf_counter()
 
     # 1. side by side: fp32, onnxq, peers (1 thread, batch 1): wall-clock medians, then onnxruntime's profile
-    candidates = {"fp32": fp32, **(extra or {})} if compare_only else {**candidate_models(name, fp32), **(extra or {})}
+    found, rows = candidate_models(name, fp32, onnxq_results)
+    onnxq_command = (json.loads((onnxq_results / f"{name}.json").read_text())["command"]
+                     if onnxq_results is not None else None)
+    candidates = {"fp32": fp32, **(extra or {})} if compare_only else {**found, **(extra or {})}
     wall = metrics.latency(candidates, feed, threads=1, rounds=rounds)
     wall_speedups = {cid: round(wall["fp32"] / ms, 3) for cid, ms in wall.items()}
     inputs = {i.name for i in session(fp32).get_inputs()}
@@ -577,8 +597,8 @@ def run_model(name: str, tmp: Path, *, budget_s: float, rounds: int, extra: dict
         + ", ".join(f"{k} {v:.2f}x (wall {wall_speedups.get(k, 0):.2f}x)" for k, v in speedups.items() if k != "fp32"))
 
     if compare_only:
-        return {"model": name, "cpu_class": host_cpu().cpu_class, "command": "python -m bench.speed_limit "
-                + " ".join(sys.argv[1:]), "threads": 1, "batch": 1, "fp32_ms": fp32_ms, "kernel_ms": kernel_ms,
+        return {"model": name, "cpu_class": host_cpu().cpu_class, "command": command(), "threads": 1, "batch": 1,
+                "fp32_ms": fp32_ms, "kernel_ms": kernel_ms,
                 "speedup": speedups, "wall_ms": wall, "wall_speedup": wall_speedups,
                 "task": task_agreement(spec, data, fp32, extra or {}),
                 "profile_by_op": {cid: by_op(nodes) for cid, nodes in profiles.items()}}
@@ -605,7 +625,9 @@ def run_model(name: str, tmp: Path, *, budget_s: float, rounds: int, extra: dict
     flush = np.zeros(FLUSH_BYTES // 4, np.float32) if cold else None
     skipped = []
     for layer in layers:
-        if any(n not in values for n in (*layer.inputs, layer.output)):
+        # no value, or one a uint8 range cannot hold (MPNet's relative-position buckets take log(0) = -inf):
+        # that op stays fp32, at its cost in the fp32 model
+        if any(n not in values or not np.isfinite(values[n]).all() for n in (*layer.inputs, layer.output)):
             skipped.append(layer.name)
             continue
         key = _shape_key(layer, consts, values)
@@ -622,16 +644,24 @@ def run_model(name: str, tmp: Path, *, budget_s: float, rounds: int, extra: dict
     log(f"{name}: {len(layers)} layers ({len(cache)} shapes timed), limit {limit['limit_speedup']:.2f}x "
         f"(heavy layers only: {heavy_limit['limit_speedup']:.2f}x), {time.perf_counter() - t0:.0f} s")
 
-    rows = saved_rows(name)
     peers = {cid: s for cid, s in speedups.items() if cid.startswith(PEER_PREFIXES)}
     best_peer = max(peers, key=peers.get) if peers else None
     agreement = {cid: report.fp32_agreement(rows.get(cid), spec.task) for cid in speedups}
+    # a row measured on another CPU class (the bench's peers under a cpuid mask: AVX2's int8 kernel saturates
+    # where VNNI's does not) has its agreement with fp32 measured again here, on this class's kernels
+    here = host_cpu().cpu_class
+    elsewhere = {cid: candidates[cid] for cid in speedups if cid != "fp32" and cid in rows
+                 and rows[cid].get("status") == "ok" and rows[cid].get("cpu_class") != here}
+    measured = task_agreement(spec, data, fp32, elsewhere) if elsewhere else {}
+    agreement.update({cid: m["fp32_agreement"] for cid, m in measured.items()})
     result = {
         "model": name, "cpu_class": host_cpu().cpu_class, "machine": report.machine(),
-        "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.speed_limit " + " ".join(sys.argv[1:]),
+        "cpuid_mask": os.environ.get("ONNXQ_CPUID_MASK"), "date": time.strftime("%Y-%m-%d"), "command": command(),
+        "onnxq_models_command": onnxq_command,
         "feed": {k: list(v.shape) for k, v in feed.items()}, "threads": 1, "batch": 1,
         "fp32_ms": fp32_ms, "kernel_ms": kernel_ms, "speedup": speedups, "wall_ms": wall,
-        "wall_speedup": wall_speedups, "fp32_agreement": agreement,
+        "wall_speedup": wall_speedups, "fp32_agreement": agreement, "agreement_measured_here": sorted(measured),
+        "models": {cid: str(path) for cid, path in candidates.items()},
         "best_peer": best_peer, "best_peer_speedup": peers.get(best_peer),
         "cold_weights": cold, "heavy_share_of_fp32": round(heavy_share, 4),
         "covered_share_of_fp32": round(covered_share, 4), "reorder_share_of_fp32": round(reorder_share, 4), **limit,
@@ -677,6 +707,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-budget-s", type=float, default=0.3, help="timing budget per layer shape")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the whole-model timing")
     parser.add_argument("--results", type=Path, default=LIMIT_RESULTS)
+    parser.add_argument("--onnxq-results", type=Path, metavar="DIR",
+                        help="onnxq's default and --fast rows and models from this `bench.run --results DIR --work W` "
+                        "folder instead of the bench's (e.g. made under bench/cpu_mask for another CPU class); peers "
+                        "stay the bench's")
     parser.add_argument("--compare-only", action="store_true",
                         help="only fp32 and the --extra models side by side, with their task metrics (no limit)")
     parser.add_argument("--extra", action="append", default=[], metavar="MODEL:LABEL=PATH",
@@ -698,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="onnxq-limit-") as tmp:
             try:
                 result = run_model(name, Path(tmp), budget_s=args.layer_budget_s, rounds=args.rounds,
-                                   extra=extras.get(name), compare_only=args.compare_only)
+                                   extra=extras.get(name), compare_only=args.compare_only,
+                                   onnxq_results=args.onnxq_results)
             except Exception as exc:  # one model's failure is reported, the others still run
                 print(f"{name}: failed: {type(exc).__name__}: {exc}"[:2000], file=sys.stderr)
                 failed.append(name)
