@@ -209,13 +209,13 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
            "## Headline", "", headline(results), "",
            *unseen_section(results_dir / "unseen"),
            *limit_section(results_dir / "limit", results_dir / "limit-avx2"),
-           "onnxq default = `onnxq quantize MODEL --calib DATA` (the automatic search, README 'The automatic "
+           "## How to read the tables", "",
+           "- onnxq default = `onnxq quantize MODEL --calib DATA` (the automatic search, README 'The automatic "
            "default'); --fast = the single pass that was the default before it. Quantize s ÷ floor: the quantize "
            "child's wall time (without its evaluation on --eval-data) ÷ (process start + model load + one plain "
            "fp32 pass over the calibration data), both in the same run. "
            "Best ORT config = the onnxruntime.quantization row with the best task metric (ties: faster). "
-           "Speedup = fp32 median latency ÷ int8 median latency at batch 1, interleaved runs.", "",
-           "## How to read the tables", "",
+           "Speedup = fp32 median latency ÷ int8 median latency at batch 1, interleaved runs.",
            "- Task metric on held-back data (split from calibration by source). ocr-rec: character accuracy vs "
            "ground truth (greedy CTC); ocr-cls: 0°/180° accuracy; detectors: F1 of boxes vs fp32 boxes at IoU 0.5; "
            "VAD: speech/non-speech decision agreement with fp32 (each model carries its own state); sentence "
@@ -297,7 +297,8 @@ def limit_section(*folders: Path) -> list[str]:
                      f"| {r['heavy_only']['limit_speedup']:.2f} | {_fmt(speed.get('onnxq-default'), '.2f')} "
                      f"| {_fmt(speed.get('onnxq-fast'), '.2f')} | {peer_cell} "
                      f"| {'—' if share is None else f'{100 * share:.0f}%'}{peer_share} |")
-    return [*lines, ""]
+    notes = folders[0] / "NOTES.md"  # how the rows were made and the before/after runs, written by who ran them
+    return [*lines, "", *([notes.read_text().strip(), ""] if notes.exists() else [])]
 
 
 def quantize_time_lines(folder: Path) -> list[str]:
