@@ -192,7 +192,8 @@ def time_run(names: list[str], methods: list[str], rounds: int, before: Side = S
     result = {"machine": report.machine(), "before": str(before.source) if before.source else None,
               "before_commit": _commit(before.source) if before.source else None,
               "before_python": str(before.python) if before.python else None, "pythons": pythons(before),
-              "rounds": rounds, "models": {}}
+              "rounds": rounds, "models": {},
+              "kernels": os.environ.get("ONNXQ_CPUID_MASK")}  # bench/cpu_mask: the class whose kernels ran
     for name in names:
         work = models.CACHE / "work" / f"quantize-time-{name}"
         work.mkdir(parents=True, exist_ok=True)

@@ -249,6 +249,7 @@ def write_markdown(results_dir: Path, path: Path, title: str = "# onnxq benchmar
         out += weight_only_lines(res)
         out += target_lines(res)
     out += quantize_time_lines(results_dir / "timing")
+    out += quantize_time_lines(results_dir / "timing-avx2")
     path.write_text("\n".join(out))
 
 
@@ -315,8 +316,10 @@ def quantize_time_lines(folder: Path) -> list[str]:
     before = any("(before)" in k for r in res["models"].values() for k in r)
     peers = [k for k in PEERS if any(k in r for r in res["models"].values())]
     where = "; ".join(f"{kind}: `{p['python']}` ({p['versions']})" for kind, p in res.get("pythons", {}).items())
-    out = ["## Quantize time against its floor", "",
-           f"`python -m bench.quantize_time --rounds {res['rounds']}"
+    masked = res.get("kernels")
+    out = [f"## Quantize time against its floor{f', {masked} kernels (cpuid masked)' if masked else ''}", "",
+           (f"`python -m bench.cpu_mask {masked} -- python -m bench.quantize_time --rounds {res['rounds']}" if masked
+            else f"`python -m bench.quantize_time --rounds {res['rounds']}")
            + (f" --before <{res.get('before_commit') or 'an earlier checkout'}>" if before else "")
            + (" --before-python <another venv>" if res.get("before_python") else "") + "` on "
            f"{m['cpu']}, {m['cores']} cores, VNNI: {m['vnni']}, AMX: {m['amx']} (see bench/README.md). "
