@@ -86,3 +86,20 @@ def test_one_summary_reads_every_report(reports: dict[str, dict]) -> None:
         summary = format_summary(report)
         assert "  nodes: 3 of 3 quantized" in summary and "  size: " in summary, (command, summary)
         assert "cosine" in summary and "  time: " in summary, (command, summary)
+
+
+def test_a_per_tensor_collapse_is_noted() -> None:
+    """The demo recogniser with --per-tensor answers as fp32 on 0 of 200 lines; the report says why."""
+    from onnxq.commands.static_flow import _per_tensor_note
+    from onnxq.quant.plan import QuantSettings
+    from onnxq.runtime.evaluate import Fidelity
+
+    def fidelity(agreement: float) -> Fidelity:
+        task = {"kind": "class", "agreement": agreement, "decided_agreement": agreement}
+        return Fidelity(samples=8, source="held", outputs=[{"name": "y", "cosine": 0.4, "sqnr_db": 0.0, "task": task}])
+
+    per_tensor, per_channel = QuantSettings(per_channel=False), QuantSettings(per_channel=True)
+    assert "--per-tensor" in _per_tensor_note(per_tensor, fidelity(0.1))[0]
+    assert _per_tensor_note(per_tensor, fidelity(0.9)) == []
+    assert _per_tensor_note(per_channel, fidelity(0.1)) == []
+    assert _per_tensor_note(per_tensor, None) == []

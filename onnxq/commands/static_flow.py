@@ -60,7 +60,7 @@ from onnxq.quant.rewrite_qop import write_qoperator
 from onnxq.quant.statistics import Statistics
 from onnxq.runtime import emulation
 from onnxq.runtime.data import model_input_specs, open_source
-from onnxq.runtime.evaluate import CachedReference, compare_models, load_metric
+from onnxq.runtime.evaluate import CachedReference, Fidelity, compare_models, load_metric
 from onnxq.runtime.latency import measured_speedup
 from onnxq.runtime.layer_errors import probe_errors, probe_model
 from onnxq.runtime.session import ProgressFactory, no_progress
@@ -178,7 +178,7 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = no_pro
     report = build_report(
         request=request, version=__version__, original=prepared.original, quantized_bytes=model_bytes(quantized),
         plan=plan, stats=stats, calib=samples.calib, held=samples.held, fidelity=fidelity,
-        notes=[*c.notes, *guarded.notes, *searched.notes, *measured_notes],
+        notes=[*c.notes, *guarded.notes, *searched.notes, *measured_notes, *_per_tensor_note(settings, fidelity)],
         weight_range_reason=c.setup.weight_range_reason, timings=timer.seconds,
         speed_guard=guarded.guard.to_report() if guarded.guard is not None else {"enabled": False},
         fusion=fusion.to_dict(), recovery={**equalization, **recovered.report} or None,
@@ -193,6 +193,18 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = no_pro
         report["accuracy_target"] = json_safe(targeted.report)
         report["gates"] += target_gates(targeted.report)
     return QuantizeResult(report, plan, fidelity)
+
+
+def _per_tensor_note(settings: QuantSettings, fidelity: Fidelity | None) -> list[str]:
+    """Per-tensor weight scales can erase a layer's small channels (depthwise convolutions with folded
+    batch norm): say so when the answers collapse, since the user chose it."""
+    agreement = fidelity.agreement if fidelity is not None else None
+    if settings.per_channel or agreement is None or agreement >= 0.5:
+        return []
+    return [f"--per-tensor: the int8 model gives fp32's answer on only {agreement:.0%} of the held-back samples; "
+            "one weight scale per tensor can erase the small output channels of a layer whose channels differ "
+            "widely (depthwise convolutions with folded batch norm often do): per-channel weights (the default) "
+            "keep them"]
 
 
 def _table_choices(placed: Placed) -> dict[str, NodeChoice]:
