@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python -m demo.ocr_check $(DEMO_MODEL) $(OUT)/ppocr_v4_rec.int8.onnx $(DEMO_EVAL)
 
 lint: $(STAMP)
-	$(BIN)/ruff check onnxq tests demo
+	$(BIN)/ruff check onnxq tests demo bench
 
 test: lint
 	$(BIN)/pytest
