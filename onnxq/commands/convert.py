@@ -44,7 +44,7 @@ from onnxq.commands.report import (
     settings_section,
 )
 from onnxq.cpu import default_weight_range, host_cpu
-from onnxq.enums import Format, NodeStatus
+from onnxq.enums import Format, NodeStatus, WeightRange
 from onnxq.errors import ModelError, UsageError
 from onnxq.model_io import load_model, model_bytes, save_model
 from onnxq.passes.prepare import prepare_model
@@ -159,5 +159,5 @@ def convert_paths(request: ConvertRequest) -> list[PathArg]:
 def _weight_range_reason(settings: QuantSettings) -> str:
     """Why the range of the weights onnxq quantizes itself (the learned ones keep their integers)."""
     why = ("x86 without VNNI, uint8 x int8 products can saturate, weights limited to 7 bits"
-           if settings.weight_range == "reduced" else "accumulates int8 products without saturation")
+           if settings.weight_range == WeightRange.REDUCED else "accumulates int8 products without saturation")
     return f"this machine: {why} (weights without learned parameters only; learned weights keep their integers)"

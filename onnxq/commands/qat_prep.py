@@ -29,6 +29,7 @@ from onnxq.commands.report import (
 from onnxq.commands.request import QuantizeRequest, StageTimer
 from onnxq.commands.stages import calibrated
 from onnxq.commands.written import check_written_model
+from onnxq.enums import Format
 from onnxq.model_io import model_bytes, save_model
 from onnxq.outputs import transaction
 from onnxq.paths import OUTPUT, PathArg, check_paths, quantize_paths
@@ -82,7 +83,7 @@ def _qat_prep(request: QuantizeRequest, params_path: Path, progress: ProgressFac
         plan.save(params_path)
     report = {
         **report_core(command="qat-prep", model=request.model, output=request.output, version=__version__,
-                      plan=plan, settings=settings_section(plan.settings, c.setup.weight_range_reason, "qdq",
+                      plan=plan, settings=settings_section(plan.settings, c.setup.weight_range_reason, Format.QDQ,
                                                            exclude=list(request.exclude)),
                       data=quantize_data(request, c.stats, calib, held),
                       sizes=(model_bytes(prepared.original), model_bytes(model)),
