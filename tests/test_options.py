@@ -134,7 +134,7 @@ def test_statistics_from_calibrate_with_a_rewriting_option_say_why_they_do_not_f
     code, _, stderr = cli(ws, "quantize", "m.onnx", "-o", "out/q.onnx", "--load-stats", "out/s.npz", "--equalize",
                           "--fast", "-q")
     assert code != 0 and len(stderr.strip().splitlines()) == 1, stderr
-    assert "--equalize change the model before calibration" in stderr and "--save-stats" in stderr
+    assert "--equalize changes the model before calibration" in stderr and "--save-stats" in stderr
     assert not (ws / "out" / "q.onnx").exists()
 
 

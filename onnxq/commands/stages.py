@@ -322,7 +322,8 @@ def _rewriting_options(request: QuantizeRequest) -> str:
                                    ("--equalize", request.equalize), ("--int8-gates", request.int8_gates)) if on]
     if not given:
         return ""
-    return (f": {', '.join(given)} change the model before calibration and `onnxq calibrate` does not apply them; "
+    verb, them = ("change", "them") if len(given) > 1 else ("changes", "it")
+    return (f": {', '.join(given)} {verb} the model before calibration and `onnxq calibrate` does not apply {them}; "
             "save statistics with `quantize --save-stats` and the same options")
 
 
