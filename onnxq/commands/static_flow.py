@@ -31,7 +31,7 @@ from onnxq.commands.request import (
     search_methods,
     searches,
 )
-from onnxq.commands.request_recipe import effective_recipe
+from onnxq.commands.request_recipe import effective_recipe, recipe_choices
 from onnxq.commands.stages import (
     NothingToQuantize,
     Placed,
@@ -158,7 +158,8 @@ def quantize_static(request: QuantizeRequest, progress: ProgressFactory = no_pro
             quantized = write_qoperator(quantized)
         plan.nodes = [NodeDecision(d.name, d.op_type, "dynamic", "int8, activations quantized at run time (recipe)")
                       if d.name in placed.dynamic else d for d in plan.nodes]
-        quantized, plan.nodes = int8_embedding_tables(quantized, _table_choices(placed), plan.nodes)
+        table_choices, _ = recipe_choices(request, placed.graph, with_exclude=True)  # --exclude as float rules
+        quantized, plan.nodes = int8_embedding_tables(quantized, table_choices, plan.nodes)
     with timer.stage("check"):
         fusion = check_written_model(quantized, {d.name: d.status for d in plan.nodes})
     fidelity = None
@@ -205,13 +206,6 @@ def _per_tensor_note(settings: QuantSettings, fidelity: Fidelity | None) -> list
             "one weight scale per tensor can erase the small output channels of a layer whose channels differ "
             "widely (depthwise convolutions with folded batch norm often do): per-channel weights (the default) "
             "keep them"]
-
-
-def _table_choices(placed: Placed) -> dict[str, NodeChoice]:
-    """The recipe's choices with --exclude's Gathers as float (static mode applies --exclude in placement)."""
-    excluded = {node_label(node): NodeChoice(precision="float") for node in placed.graph.nodes
-                if node.op == "Gather" and placed.options.excludes(node)}
-    return {**placed.choices, **excluded}
 
 
 def _save_recipe(request: QuantizeRequest, settings: QuantSettings, placed: Placed, recovery: RecoveryOptions,

@@ -453,29 +453,42 @@ def int8_embedding_tables(model: onnx.ModelProto, choices: dict[str, NodeChoice]
     `precision: float` keep a table float. Edits the proto in place (no graph import: the model is large).
     """
     graphs = list(all_proto_graphs(model.graph))
+    found = list(_tables_to_quantize(graphs, choices))
+    if not found:  # most models: nothing more to read
+        return model, decisions
     uses = Counter(name for graph in graphs for node in graph.node for name in node.input)
     uses.update(v.name for graph in graphs for v in [*graph.input, *graph.output])  # a table also an input
     names = NameAllocator.for_proto(model.graph)
     changed: dict[str, NodeDecision] = {}
-    for graph in graphs:
-        tables = {t.name: t for t in graph.initializer}
-        for node in graph.node:
-            table = _proto_table(node, tables)
-            label = node.name or f"Gather({', '.join(node.output)})"
-            if table is None or _chosen_bits(choices.get(label), 8) == 0:
-                continue
-            width = table.dims[1]
-            if uses[node.input[0]] != 1:
-                changed[label] = NodeDecision(label, "Gather", "float", "its table is also read by another node")
-            elif width % 16:
-                changed[label] = NodeDecision(label, "Gather", "float", f"rows of {width} values fill no block of 16")
-            else:
-                changed[label] = _table_to_gbq(graph, node, label, table, names)
+    for graph, node, label, table in found:
+        width = table.dims[1]
+        if uses[node.input[0]] != 1:
+            changed[label] = NodeDecision(label, "Gather", "float", "its table is also read by another node")
+        elif width % 16:
+            changed[label] = NodeDecision(label, "Gather", "float", f"rows of {width} values fill no block of 16")
+        else:
+            changed[label] = _table_to_gbq(graph, node, label, table, names)
     if not any(d.status == NodeStatus.INT8 for d in changed.values()):
         return model, decisions
     import_domain(model, MS_DOMAIN)
     kept = [changed.pop(d.name, d) for d in decisions]
     return model, kept + list(changed.values())
+
+
+def _tables_to_quantize(graphs: list[onnx.GraphProto], choices: dict[str, NodeChoice]
+                        ) -> Iterator[tuple[onnx.GraphProto, onnx.NodeProto, str, onnx.TensorProto]]:
+    """(graph, Gather, its label, its table) for each embedding table no recipe rule or --exclude keeps float."""
+    for graph in graphs:
+        if not any(node.op_type == "Gather" for node in graph.node):
+            continue
+        tables = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            table = _proto_table(node, tables)
+            if table is None:
+                continue
+            label = node.name or f"Gather({', '.join(node.output)})"
+            if _chosen_bits(choices.get(label), 8) != 0:
+                yield graph, node, label, table
 
 
 def _proto_table(node: onnx.NodeProto, tables: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:

@@ -125,14 +125,9 @@ def import_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None
 
 
 def all_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of a protobuf graph and of its If/Loop/Scan bodies."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from all_proto_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from all_proto_nodes(sub)
+    """Every node of a protobuf graph and of its If/Loop/Scan bodies (graph by graph)."""
+    for sub in all_proto_graphs(graph):
+        yield from sub.node
 
 
 def all_proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
